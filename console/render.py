@@ -1,0 +1,309 @@
+"""Rendering: pure functions from the core's plain return values (dicts, lists) to rich renderables.
+
+Nothing here does I/O or reads the clock except through the `now` argument, so every table and event
+line is testable without a terminal. Colours are chosen here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+FOREVER_AFTER_S = 20 * 365 * 24 * 3600  # `ollama ps` shows "Forever" beyond 20 years
+
+EVENT_STYLE = {
+    "node_up": ("node", "green"),
+    "node_down": ("node", "red"),
+    "node_added": ("node", "cyan"),
+    "node_removed": ("node", "cyan"),
+    "move_started": ("move", "yellow"),
+    "move_finished": ("move", "green"),
+    "move_failed": ("move", "red"),
+    "pass_started": ("optimizer", "dim"),
+    "pass_finished": ("optimizer", "dim"),
+    "optimizer_started": ("optimizer", "bold green"),
+    "optimizer_stopped": ("optimizer", "yellow"),
+}
+
+
+def short_url(url: str | None) -> str:
+    """`http://127.0.0.1:11434` -> `127.0.0.1:11434`: the scheme is noise in a narrow table."""
+    if not url:
+        return "-"
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+def human_mb(megabytes: float | int | None) -> str:
+    """Sizes as people read them: 705 MB, 4.7 GB."""
+    if megabytes is None:
+        return "-"
+    if megabytes >= 1024:
+        return f"{megabytes / 1024:.1f} GB"
+    return f"{megabytes:.0f} MB"
+
+
+def human_seconds(seconds: float) -> str:
+    """12s, 4m 12s, 2h 05m: short enough for the toolbar and the expiry column."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+
+
+def _timestamp(value: Any) -> float | None:
+    """Accept epoch seconds, a datetime, or an RFC3339 string (Ollama sends nanoseconds; we cut them)."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, datetime):
+        return value.timestamp()
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return None
+
+
+def expiry_text(model: Mapping[str, Any], now: float) -> str:
+    """The UNTIL column of `ollama ps`: Forever, Stopping..., or the time left."""
+    if model.get("keep_forever"):
+        return "forever"
+    expires = _timestamp(model.get("expires_at"))
+    if expires is None:
+        return "-"
+    left = expires - now
+    if left > FOREVER_AFTER_S:
+        return "forever"
+    if left <= 0:
+        return "stopping..."
+    return f"in {human_seconds(left)}"
+
+
+def placement_text(model: Mapping[str, Any]) -> Text:
+    """GPU / CPU / split with both percentages, coloured: the one thing the user is looking for."""
+    location = str(model.get("location") or "")
+    gpu = model.get("gpu_percent")
+    if location.startswith("GPU"):
+        return Text("GPU 100%", style="green")
+    if location.startswith("CPU"):
+        return Text("CPU 100%", style="red")
+    if location.startswith("Split") and isinstance(gpu, int | float):
+        return Text(f"split {gpu:.0f}% GPU / {100 - gpu:.0f}% CPU", style="yellow")
+    return Text(location or model.get("processor") or "unknown", style="magenta")
+
+
+def node_title(entry: Mapping[str, Any]) -> Text:
+    """`127.0.0.1:11434  online 3 ms` or `... offline (stale: last known state)`."""
+    title = Text(short_url(entry.get("node_url") or entry.get("url")), style="bold")
+    if entry.get("error") or entry.get("stale"):
+        title.append("  offline", style="bold red")
+        if entry.get("stale"):
+            title.append("  STALE: last known state", style="red")
+        if entry.get("error"):
+            title.append(f"  ({entry['error']})", style="dim red")
+    else:
+        title.append("  online", style="green")
+        if entry.get("latency_ms") is not None:
+            title.append(f"  {entry['latency_ms']:.0f} ms", style="dim")
+    return title
+
+
+def vram_report(report: Iterable[Mapping[str, Any]], now: float | None = None) -> RenderableType:
+    """One table per node: model, placement, VRAM, RAM, expiry; offline nodes marked stale."""
+    now = time.time() if now is None else now
+    parts: list[RenderableType] = []
+    for entry in report:
+        stale = bool(entry.get("stale") or entry.get("error"))
+        table = Table(title=node_title(entry), title_justify="left", expand=False, show_edge=False)
+        for column in ("model", "placement", "VRAM", "RAM", "expires"):
+            justify = "right" if column in ("VRAM", "RAM") else "left"
+            table.add_column(column, justify=justify, style="dim" if stale else None)
+        models = entry.get("models") or []
+        for model in models:
+            table.add_row(
+                str(model.get("name", "?")),
+                placement_text(model),
+                human_mb(model.get("vram_mb")),
+                human_mb(model.get("ram_mb")),
+                expiry_text(model, now),
+            )
+        if not models:
+            table.add_row(Text("no model loaded" if not stale else "no models known", style="dim"))
+        parts.append(table)
+    return Group(*parts) if parts else Text("no nodes configured (add one with `add_node URL`)")
+
+
+def _gpu_word(has_gpu: Any) -> Text:
+    if has_gpu is True:
+        return Text("GPU", style="green")
+    if has_gpu is False:
+        return Text("CPU only", style="yellow")
+    return Text("unknown", style="dim")
+
+
+def _vram_models(models: Iterable[Any]) -> str:
+    """Names of models holding VRAM (GPU or split); accepts status dicts or plain names."""
+    names = []
+    for model in models or []:
+        if isinstance(model, str):
+            names.append(model)
+        elif (model.get("vram_mb") or 0) > 0 or str(model.get("location", "")).startswith(("GPU", "Split")):
+            names.append(str(model.get("name")))
+    return ", ".join(names) or "-"
+
+
+def optimizer_line(status: Mapping[str, Any], now: float | None = None) -> Text:
+    """`optimizer: on, every 5m 00s, next pass in 2m 10s, last pass 1 move` (used by lb_stats too)."""
+    now = time.time() if now is None else now
+    running = bool(status.get("running"))
+    text = Text("optimizer: ")
+    text.append("on" if running else "off", style="bold green" if running else "bold yellow")
+    if status.get("interval"):
+        text.append(f", every {human_seconds(float(status['interval']))}")
+    if running and status.get("next_pass_in") is not None:
+        text.append(f", next pass in {human_seconds(float(status['next_pass_in']))}")
+    last = status.get("last_pass")
+    if isinstance(last, Mapping):
+        when = _timestamp(last.get("finished") or last.get("time") or last.get("started"))
+        summary = ", ".join(
+            f"{k} {v}" for k, v in last.items() if isinstance(v, int) and not isinstance(v, bool)
+        )
+        text.append(", last pass")
+        if when is not None:
+            text.append(f" {human_seconds(now - when)} ago")
+        if summary:
+            text.append(f" ({summary})", style="dim")
+    elif last:
+        text.append(f", last pass {last}")
+    return text
+
+
+def lb_stats(stats: Mapping[str, Any], now: float | None = None) -> RenderableType:
+    """Per node: online, GPU capability, latency, requests, errors, in flight, models in VRAM."""
+    table = Table(title="load balancer", title_justify="left", show_edge=False)
+    for column in ("node", "state", "GPU", "latency", "requests", "errors", "in flight", "in VRAM"):
+        table.add_column(
+            column, justify="right" if column in ("latency", "requests", "errors", "in flight") else "left"
+        )
+    for node in stats.get("nodes", []):
+        online = bool(node.get("online"))
+        state = Text("online", style="green") if online else Text("offline", style="red")
+        if node.get("stale"):
+            state.append(" (stale)", style="dim")
+        latency = node.get("latency_ms")
+        table.add_row(
+            short_url(node.get("url") or node.get("node_url")),
+            state,
+            _gpu_word(node.get("has_gpu")),
+            f"{latency:.0f} ms" if isinstance(latency, int | float) else "-",
+            str(node.get("requests", 0)),
+            str(node.get("errors", 0)),
+            str(node.get("in_flight", 0)),
+            _vram_models(node.get("models") or []),
+        )
+    return Group(table, optimizer_line(stats.get("optimizer") or {}, now))
+
+
+def nodes_table(states: Iterable[Mapping[str, Any]], now: float | None = None) -> RenderableType:
+    """The `nodes` command: who is there, up or down, GPU or not, last error."""
+    now = time.time() if now is None else now
+    table = Table(show_edge=False)
+    for column in ("node", "state", "GPU", "latency", "last seen", "last error"):
+        table.add_column(column)
+    for node in states:
+        online = bool(node.get("online"))
+        seen = _timestamp(node.get("last_seen"))
+        latency = node.get("latency_ms")
+        table.add_row(
+            short_url(node.get("url")),
+            Text("online", style="green") if online else Text("offline", style="red"),
+            _gpu_word(node.get("has_gpu")),
+            f"{latency:.0f} ms" if isinstance(latency, int | float) else "-",
+            f"{human_seconds(now - seen)} ago" if seen else "never",
+            Text(str(node.get("last_error") or ""), style="dim red"),
+        )
+    return table
+
+
+def move_results(model: str, target: str, results: Iterable[Mapping[str, Any]]) -> RenderableType:
+    """force_gpu / force_cpu: one line per node, skipped, moved, already there, or failed with why."""
+    lines = [Text(f"{model} -> {target}", style="bold")]
+    for item in results:
+        result = item.get("result") or {}
+        line = Text(f"  {short_url(item.get('node'))}  ")
+        reason = result.get("reason", "")
+        if result.get("skipped"):
+            line.append(f"skipped ({reason or 'not applicable'})", style="dim")
+        elif result.get("success"):
+            word = "already there" if reason == "already" else "done"
+            line.append(f"{word}: {result.get('location') or target}", style="green")
+            if result.get("vram_mb"):
+                line.append(f"  {human_mb(result['vram_mb'])} VRAM", style="dim")
+        else:
+            line.append(f"failed ({reason or 'error'}): {result.get('message', '')}", style="red")
+            if result.get("restored"):
+                line.append("  (put back where it was)", style="dim")
+        lines.append(line)
+    if len(lines) == 1:
+        lines.append(Text("  no node to act on", style="dim"))
+    return Group(*lines)
+
+
+def pass_actions(actions: Iterable[Mapping[str, Any]]) -> RenderableType:
+    """`optimizer now`: what the pass did, one line per action."""
+    lines = []
+    for action in actions:
+        result = action.get("result") or {}
+        ok = result.get("success", action.get("success"))
+        style = "green" if ok else "red" if ok is False else ""
+        node = short_url(action.get("node") or action.get("node_url"))
+        what = action.get("message") or result.get("message") or action.get("action") or ""
+        lines.append(Text(f"  {node}  {action.get('model', '')}  {what}".rstrip(), style=style))
+    return Group(
+        Text("optimizer pass done", style="bold"), *(lines or [Text("  nothing to do", style="dim")])
+    )
+
+
+def string_list(title: str, items: Iterable[str]) -> Text:
+    """`priority list` and similar: a title and the items, or (none)."""
+    items = list(items)
+    return Text(f"{title}: " + (", ".join(items) if items else "(none)"))
+
+
+def help_table(commands: Iterable[Any]) -> RenderableType:
+    """Built from the command registry, so help can never drift from what dispatch accepts."""
+    table = Table(show_header=False, show_edge=False, box=None, padding=(0, 2, 0, 0))
+    table.add_column(style="bold cyan")
+    table.add_column()
+    for command in commands:
+        table.add_row(command.usage, command.description)
+    return table
+
+
+def error_line(message: str) -> Text:
+    """Every failure the user caused or met is one red line; the console carries on."""
+    return Text(message, style="red")
+
+
+def event_line(event: Any) -> Text:
+    """`03:41:07 move  <message>`: one short line per core Event, time-stamped, coloured by kind."""
+    kind = getattr(event, "kind", "event")
+    tag, style = EVENT_STYLE.get(kind, ("event", ""))
+    stamp = time.strftime("%H:%M:%S", time.localtime(getattr(event, "time", time.time())))
+    message = getattr(event, "message", "") or " ".join(
+        part
+        for part in (kind, getattr(event, "model", None), short_url(getattr(event, "node", None)))
+        if part
+    )
+    line = Text(f"{stamp} ", style="dim")
+    line.append(f"{tag:<9} ", style="bold " + style if style else "bold")
+    line.append(message, style=style)
+    return line

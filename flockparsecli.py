@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""FlockParse console: keep an Ollama cluster's models on GPU, interactively or one command at a time.
+
+    python3 flockparsecli.py [--nodes URL,...] [--config FILE]        # interactive console
+    python3 flockparsecli.py [flags] COMMAND [ARGS] [--json]          # one command, for scripts and cron
+    python3 flockparsecli.py --demo                                   # a simulated three-node cluster
+
+The console is a client of the core (balancer.OllamaLoadBalancer): it renders what the core returns and
+the Events it emits, and never reaches into private state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from balancer import OllamaLoadBalancer
+from console import render
+from console.commands import REGISTRY, CommandError, Context, Outcome, dispatch, parse_line
+from console.config import Config, ConfigError, config_dir, load_config
+from gpu_controller import GPUController
+
+__all__ = ["OllamaLoadBalancer", "GPUController", "main"]
+
+PROMPT = "⚡ Enter command: "
+SHUTDOWN_DRAIN_S = 2.0
+ONE_SHOT_PROGRESS = ("move_started", "move_finished", "move_failed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flockparsecli.py",
+        description="Keep an Ollama cluster's models on GPU. Without COMMAND: the interactive console.",
+        epilog=f"commands: {', '.join(REGISTRY)}. Config dir: $FLOCKPARSE_CONFIG_DIR or {config_dir()}.",
+    )
+    parser.add_argument(
+        "--nodes", help="comma-separated node URLs (default: config, $OLLAMA_HOST, localhost)"
+    )
+    parser.add_argument("--priority", help="comma-separated models the optimizer keeps on GPU (globs, *)")
+    parser.add_argument("--interval", type=float, help="seconds between optimizer passes (default 300)")
+    parser.add_argument(
+        "--health-interval", type=float, help="seconds between node health checks (default 5)"
+    )
+    parser.add_argument("--no-optimizer", action="store_true", help="do not start the background optimizer")
+    parser.add_argument("--config", help="TOML config file (default: <config dir>/config.toml)")
+    parser.add_argument("--demo", action="store_true", help="start a simulated 3-node cluster in-process")
+    parser.add_argument("--json", action="store_true", help="one-shot: print the result as JSON")
+    parser.add_argument("command", nargs="*", help="run one command and exit (e.g. vram_report --json)")
+    return parser
+
+
+def make_balancer(config: Config, optimize: bool) -> OllamaLoadBalancer:
+    """The core, built from the effective config; the optimizer is started by the caller if wanted."""
+    return OllamaLoadBalancer(
+        config.nodes,
+        auto_optimize_gpu=optimize,
+        gpu_priority_models=config.priority_models,
+        check_interval=config.interval,
+        health_interval=config.health_interval,
+        gpu_capability=config.gpu or None,
+        keep_alive=config.keep_alive,
+        start=False,
+    )
+
+
+class EventPrinter:
+    """Core Events -> one rendered line each, printed by our own thread so the core never waits on a tty."""
+
+    def __init__(self, console: Console, kinds: Sequence[str] | None = None) -> None:
+        self.console, self.kinds = console, kinds
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="event-printer", daemon=True)
+        self._thread.start()
+
+    def __call__(self, event: Any) -> None:
+        if self.kinds is None or event.kind in self.kinds:
+            self._idle.clear()
+            self._queue.put(event)
+
+    def _run(self) -> None:
+        while True:
+            event = self._queue.get()
+            if event is None:
+                return
+            self.console.print(render.event_line(event), soft_wrap=True, highlight=False)
+            if self._queue.empty():
+                self._idle.set()
+
+    def drain(self, timeout: float) -> None:
+        """Wait (bounded) until queued lines are printed, e.g. the `optimizer stopped` line at exit."""
+        self._idle.wait(timeout)
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+def health_warnings(balancer: OllamaLoadBalancer, config: Config) -> list[str]:
+    """One bounded round of /api/ps over all nodes (concurrent, per-node timeout): who is unreachable."""
+    report = balancer.vram_report()
+    down = [entry for entry in report if entry.get("error")]
+    lines = [f"cannot reach {entry.get('node_url')}: {entry['error']}" for entry in down]
+    if down and len(down) == len(report):
+        where = "the default node" if config.nodes_from_default else "any node"
+        lines.append(
+            f"no Ollama answered at {where}. Start Ollama, pass --nodes URL,..., or try "
+            "`python3 flockparsecli.py --demo` for a simulated cluster."
+        )
+    return lines
+
+
+def print_outcome(console: Console, outcome: Outcome) -> None:
+    if outcome.renderable is not None:
+        console.print(outcome.renderable)
+
+
+def run_line(ctx: Context, line: str) -> Outcome:
+    """Parse and dispatch one line; every CommandError becomes one red line and the console carries on."""
+    try:
+        outcome = dispatch(ctx, parse_line(line))
+    except CommandError as exc:
+        ctx.console.print(render.error_line(str(exc)))
+        return Outcome(ok=False)
+    print_outcome(ctx.console, outcome)
+    return outcome
+
+
+def one_shot(ctx: Context, words: list[str], as_json: bool) -> int:
+    """Run one command; exit 0 on success, 1 when it failed or a node was unreachable, 2 on usage errors."""
+    errors = Console(stderr=True, highlight=False)
+    try:
+        outcome = dispatch(ctx, words)
+    except CommandError as exc:
+        errors.print(render.error_line(str(exc)))
+        return exc.exit_code
+    if as_json:
+        sys.stdout.write(json.dumps(outcome.data, default=str, indent=2) + "\n")
+    else:
+        print_outcome(ctx.console, outcome)
+    return 0 if outcome.ok else 1
+
+
+def make_interactive_console() -> Console:
+    """Rich writes raw ANSI (colours detected on the real terminal) into patch_stdout's proxy."""
+    probe = Console()
+    return Console(force_terminal=True, color_system=probe.color_system or "standard", highlight=False)
+
+
+def interactive(balancer: OllamaLoadBalancer, config: Config, optimize: bool, banner: str | None) -> int:
+    """The prompt_toolkit loop; background lines appear above the prompt, the typed line stays intact."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    from console.completion import ConsoleCompleter, ModelNameRefresher
+    from console.toolbar import TOOLBAR_STYLE, toolbar_fragments, toolbar_state
+
+    console = make_interactive_console()
+    ctx = Context(balancer=balancer, console=console, config=config)
+    printer = EventPrinter(console)
+    unsubscribe = balancer.subscribe(printer)
+    refresher = ModelNameRefresher(balancer.known_models).start()
+    history_dir = config_dir()
+    history_dir.mkdir(parents=True, exist_ok=True)
+    session: PromptSession[str] = PromptSession(
+        history=FileHistory(str(history_dir / "history")),
+        completer=ConsoleCompleter(
+            {
+                "MODEL": lambda: refresher.names,
+                "NODE": lambda: balancer.nodes,
+                "PRIORITY": lambda: balancer.gpu_priority_models,
+            }
+        ),
+        complete_while_typing=True,
+        bottom_toolbar=lambda: toolbar_fragments(toolbar_state(balancer)),
+        style=TOOLBAR_STYLE,
+        refresh_interval=1.0,
+    )
+    try:
+        with patch_stdout(raw=True):
+            if banner:
+                console.print(Text(banner, style="cyan"))
+            for warning in health_warnings(balancer, config):
+                console.print(render.error_line(warning))
+            balancer.start() if hasattr(balancer, "start") else None
+            if optimize:
+                balancer._start_gpu_optimization()
+            while True:
+                try:
+                    line = session.prompt(PROMPT)
+                except KeyboardInterrupt:
+                    continue  # Ctrl-C clears the half-typed line, like a shell
+                except EOFError:
+                    break
+                if run_line(ctx, line).exit:
+                    break
+            balancer.stop_gpu_optimization()
+            printer.drain(SHUTDOWN_DRAIN_S)
+    finally:
+        unsubscribe()
+        printer.close()
+        refresher.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    cluster, banner = None, None
+    try:
+        if args.demo:
+            from console.demo import demo_banner, demo_config, start_demo_cluster
+
+            cluster = start_demo_cluster()
+            config = demo_config(cluster.urls)
+            banner = demo_banner(cluster.urls)
+        else:
+            config = load_config(args.config, args.nodes, args.priority, args.interval, args.health_interval)
+    except ConfigError as exc:
+        Console(stderr=True).print(render.error_line(str(exc)))
+        return 2
+    words = list(args.command)
+    optimize_in_background = not words and not args.no_optimizer
+    balancer = make_balancer(config, optimize_in_background)
+    try:
+        if words:
+            ctx = Context(balancer=balancer, console=Console(highlight=False), config=config)
+            if not args.json:
+                balancer.subscribe(EventPrinter(Console(stderr=True), ONE_SHOT_PROGRESS))
+            return one_shot(ctx, words, args.json)
+        return interactive(balancer, config, optimize_in_background, banner)
+    finally:
+        balancer.close()
+        if cluster is not None:
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
