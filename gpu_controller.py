@@ -1,0 +1,662 @@
+"""GPUController: read and change where models sit on one Ollama node at a time.
+
+Ollama has no "move to GPU" call. A model is placed when it is loaded, and a load with an explicit
+`options.num_gpu` (layers to offload) that differs from the loaded runner's value forces a reload.
+So a move is: a load-only request (empty prompt, or empty embed input) with `num_gpu` = all layers
+(GPU) or 0 (CPU), then polling `/api/ps` until the placement is seen. Nothing here trusts a reply
+code alone: success means `/api/ps` shows the model where it was asked to go.
+
+Facts used here are in shared/spec/ollama-api.md (sections 1-3); the mistakes avoided are in
+shared/spec/prior-art.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+log = logging.getLogger(__name__)
+
+LOCATION_GPU = "GPU (VRAM)"
+LOCATION_CPU = "CPU (RAM)"
+LOCATION_UNKNOWN = "Unknown"
+
+MIB = 1024 * 1024
+FOREVER_AFTER = timedelta(days=365 * 20)  # `ollama ps` shows "Forever" beyond 20 years
+ALL_LAYERS_FALLBACK = 999  # llama.cpp clamps an explicit layer count to the model's layers
+POLL_INTERVAL = 0.025  # seconds between /api/ps polls while verifying a placement
+MIN_KEEP_ALIVE_S = 30  # a model moved with seconds left must live long enough to be verified
+_MEMORY_ERROR = re.compile(r"memory|cudamalloc|\boom\b|vram", re.IGNORECASE)
+_BARE_NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
+def canonical_name(name: str) -> str:
+    """`llama3.1` -> `llama3.1:latest`: the form /api/ps and /api/tags use.
+
+    Case is kept (it is what gets sent to Ollama); compare names with `same_model` or
+    `canonical_name(x).casefold()`. Never compare by substring: `llama3` is not `llama3.1:70b`.
+    """
+    name = name.strip()
+    if not name:
+        return name
+    last_segment = name.rsplit("/", 1)[-1]
+    return name if ":" in last_segment else f"{name}:latest"
+
+
+def same_model(a: str, b: str) -> bool:
+    """True when two spellings name the same model (`LLaMA3.1` == `llama3.1:latest`)."""
+    return canonical_name(a).casefold() == canonical_name(b).casefold()
+
+
+def placement(size: int, size_vram: int) -> tuple[str, int, str]:
+    """(location, gpu_percent, PROCESSOR text) exactly as `ollama ps` decides it (cmd/cmd.go).
+
+    A split is judged by the rounded CPU share, so `Split (52% GPU)` matches `48%/52% CPU/GPU`.
+    """
+    if size_vram == 0:
+        return LOCATION_CPU, 0, "100% CPU"
+    if size_vram == size:
+        return LOCATION_GPU, 100, "100% GPU"
+    if size_vram > size or size == 0:
+        return LOCATION_UNKNOWN, 0, "Unknown"
+    cpu = math.floor((size - size_vram) / size * 100 + 0.5)  # Go math.Round: half away from zero
+    gpu = 100 - cpu
+    return f"Split ({gpu}% GPU)", gpu, f"{cpu}%/{gpu}% CPU/GPU"
+
+
+def normalize_url(node_url: str) -> str:
+    """`127.0.0.1:11434/` -> `http://127.0.0.1:11434`, so one node has one session and one lock."""
+    url = node_url.strip().rstrip("/")
+    return url if "://" in url else f"http://{url}"
+
+
+def parse_expires_at(text: Any) -> datetime | None:
+    """RFC3339Nano in the node's zone -> aware datetime; None when absent or unreadable."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+class NodeError(Exception):
+    """A call that got no usable answer. `reason` is one of the result reasons."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class _Reply:
+    status: int
+    body: Any  # parsed JSON, or None when the body was not JSON
+    text: str
+
+    def error_text(self) -> str:
+        """Ollama's `{"error": ...}` text, or the start of the raw body."""
+        if isinstance(self.body, dict) and isinstance(self.body.get("error"), str):
+            return self.body["error"]
+        return self.text.strip()[:200] or f"HTTP {self.status}"
+
+
+@dataclass
+class _Loaded:
+    """One /api/ps entry, checked for shape."""
+
+    name: str
+    size: int
+    size_vram: int
+    expires: datetime | None
+    expires_at: str | None
+    context_length: int | None
+    digest: str
+
+    @property
+    def stopping(self) -> bool:
+        """Unload requested (expiry now or past): it is about to leave /api/ps."""
+        return self.expires is not None and self.expires <= datetime.now(UTC)
+
+    @property
+    def keep_forever(self) -> bool:
+        return self.expires is not None and self.expires - datetime.now(UTC) > FOREVER_AFTER
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.size > 0 and self.size_vram >= self.size
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.size_vram == 0
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_ps(body: Any) -> list[_Loaded]:
+    """Validate an /api/ps body; raise ValueError (with the reason) on any wrong shape."""
+    if not isinstance(body, dict):
+        raise ValueError("not a JSON object")
+    entries = body.get("models")
+    if entries is None:
+        entries = [] if "models" in body else None
+    if not isinstance(entries, list):
+        raise ValueError("no 'models' list")
+    loaded = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ValueError(f"entry {index} is not an object")
+        name = entry.get("name") or entry.get("model")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"entry {index} has no name")
+        if not _is_int(entry.get("size")) or not _is_int(entry.get("size_vram")):
+            raise ValueError(f"entry {index} lacks integer size/size_vram")
+        context_length = entry.get("context_length")
+        loaded.append(
+            _Loaded(
+                name=name,
+                size=entry["size"],
+                size_vram=entry["size_vram"],
+                expires=parse_expires_at(entry.get("expires_at")),
+                expires_at=entry.get("expires_at") if isinstance(entry.get("expires_at"), str) else None,
+                context_length=context_length if _is_int(context_length) else None,
+                digest=entry.get("digest") if isinstance(entry.get("digest"), str) else "",
+            )
+        )
+    return loaded
+
+
+def _find(loaded: list[_Loaded], model: str, include_stopping: bool = False) -> _Loaded | None:
+    """The live entry for `model` by canonical name (never by substring)."""
+    for entry in loaded:
+        if same_model(entry.name, model) and (include_stopping or not entry.stopping):
+            return entry
+    return None
+
+
+def _model_row(entry: _Loaded) -> dict:
+    location, gpu_percent, processor = placement(entry.size, entry.size_vram)
+    ram = max(entry.size - entry.size_vram, 0) if location != LOCATION_UNKNOWN else 0
+    return {
+        "name": entry.name,
+        "location": location,
+        "processor": processor,
+        "gpu_percent": gpu_percent,
+        "size_mb": round(entry.size / MIB, 1),
+        "vram_mb": round(entry.size_vram / MIB, 1),
+        "ram_mb": round(ram / MIB, 1),
+        "expires_at": entry.expires_at,
+        "keep_forever": entry.keep_forever,
+        "stopping": entry.stopping,
+        "context_length": entry.context_length,
+        "digest": entry.digest,
+    }
+
+
+def _go_keep_alive(value: str | int | float) -> str | int | float:
+    """Ollama reads a JSON number as seconds, a string as a Go duration: `"300"` is a 400."""
+    if isinstance(value, str) and _BARE_NUMBER.fullmatch(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() else number
+    return value
+
+
+@dataclass
+class _ModelInfo:
+    """What /api/show tells us that a load needs."""
+
+    embedding_only: bool
+    all_layers: int
+
+
+class GPUController:
+    """One node at a time: status, and verified moves to GPU or CPU.
+
+    Thread-safe. One `requests.Session` per node (connection reuse); every call has a
+    (connect, read) timeout; only one move of a given model on a given node runs at once.
+    """
+
+    def __init__(
+        self,
+        timeout: float = 5.0,
+        load_timeout: float = 300.0,
+        verify_timeout: float = 30.0,
+        keep_alive: str | int | float | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.load_timeout = load_timeout
+        self.verify_timeout = verify_timeout
+        self.keep_alive = keep_alive
+        self._sessions: dict[str, requests.Session] = {}
+        self._move_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._lock = threading.Lock()  # guards the two dicts above, never held during I/O
+
+    # ----------------------------------------------------------------------------- transport
+
+    def _session(self, node_url: str) -> requests.Session:
+        with self._lock:
+            session = self._sessions.get(node_url)
+            if session is None:
+                session = requests.Session()
+                session.trust_env = False  # no proxy from the environment: nodes are reached directly
+                adapter = HTTPAdapter(pool_connections=1, pool_maxsize=8, max_retries=0)
+                session.mount("http://", adapter)
+                session.mount("https://", adapter)
+                self._sessions[node_url] = session
+            return session
+
+    def _call(
+        self, node_url: str, method: str, path: str, payload: dict | None = None, read_timeout: float = 0
+    ) -> _Reply:
+        """One HTTP call; raises NodeError when no reply came (refused, dropped, timed out)."""
+        read_timeout = read_timeout or self.timeout
+        try:
+            response = self._session(node_url).request(
+                method, node_url + path, json=payload, timeout=(self.timeout, read_timeout)
+            )
+        except requests.Timeout as exc:
+            raise NodeError("timeout", f"{node_url} did not answer {path} within {read_timeout:g}s") from exc
+        except requests.ConnectionError as exc:
+            raise NodeError("unreachable", f"{node_url} is unreachable ({_short_cause(exc)})") from exc
+        except requests.RequestException as exc:
+            raise NodeError("error", f"{node_url}: {path} failed ({_short_cause(exc)})") from exc
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        return _Reply(response.status_code, body, response.text)
+
+    def _get_json(self, node_url: str, path: str) -> Any:
+        """GET a JSON document; any non-200 or non-JSON reply becomes a one-line NodeError."""
+        reply = self._call(node_url, "GET", path)
+        if reply.status == 503:
+            raise NodeError("error", f"{node_url} is busy (503)")
+        if reply.status != 200:
+            raise NodeError("error", f"{node_url} answered {path} with {reply.status}: {reply.error_text()}")
+        if reply.body is None:
+            raise NodeError("error", f"{node_url} returned a malformed {path} reply (not JSON)")
+        return reply.body
+
+    def _ps(self, node_url: str) -> list[_Loaded]:
+        body = self._get_json(node_url, "/api/ps")
+        try:
+            return _parse_ps(body)
+        except ValueError as exc:
+            raise NodeError("error", f"{node_url} returned a malformed /api/ps reply ({exc})") from exc
+
+    def close(self) -> None:
+        """Close every node's connections. The controller can still be used afterwards."""
+        with self._lock:
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            session.close()
+
+    # ----------------------------------------------------------------------------- reading
+
+    def get_model_status(self, node_url: str) -> dict:
+        """Where each loaded model sits on one node. Never raises: failures give 'error'."""
+        node_url = normalize_url(node_url)
+        status: dict[str, Any] = {
+            "node_url": node_url,
+            "models": [],
+            "gpu_count": 0,
+            "cpu_count": 0,
+            "split_count": 0,
+            "latency_ms": None,
+        }
+        started = time.monotonic()
+        try:
+            loaded = self._ps(node_url)
+        except NodeError as exc:
+            status["error"] = exc.message
+            status["reason"] = exc.reason
+            return status
+        status["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
+        status["models"] = [_model_row(entry) for entry in loaded]
+        for row in status["models"]:
+            if row["location"] == LOCATION_GPU:
+                status["gpu_count"] += 1
+            elif row["location"] == LOCATION_CPU:
+                status["cpu_count"] += 1
+            elif row["location"].startswith("Split"):
+                status["split_count"] += 1
+        return status
+
+    def list_installed(self, node_url: str) -> dict:
+        """Canonical names of the models on the node's disk (/api/tags). Never raises."""
+        node_url = normalize_url(node_url)
+        try:
+            body = self._get_json(node_url, "/api/tags")
+        except NodeError as exc:
+            return {"models": [], "error": exc.message}
+        entries = body.get("models") if isinstance(body, dict) else None
+        if entries is None and isinstance(body, dict) and "models" in body:
+            entries = []
+        if not isinstance(entries, list):
+            return {"models": [], "error": f"{node_url} returned a malformed /api/tags reply"}
+        names = [e.get("name") or e.get("model") for e in entries if isinstance(e, dict)]
+        return {"models": [canonical_name(n) for n in names if isinstance(n, str) and n]}
+
+    def _show(self, node_url: str, model: str) -> _ModelInfo:
+        """Embedding-only or not, and the all-layers count, from /api/show."""
+        reply = self._call(node_url, "POST", "/api/show", {"model": model})
+        if reply.status == 404:
+            raise NodeError("not_found", f"{model} is not installed on {node_url}")
+        if reply.status != 200 or not isinstance(reply.body, dict):
+            what = reply.error_text() if reply.status != 200 else "malformed reply"
+            raise NodeError("error", f"{node_url} could not describe {model} ({reply.status}: {what})")
+        capabilities = reply.body.get("capabilities") or []
+        embedding_only = "embedding" in capabilities and "completion" not in capabilities
+        info = reply.body.get("model_info") if isinstance(reply.body.get("model_info"), dict) else {}
+        arch = info.get("general.architecture")
+        block_count = info.get(f"{arch}.block_count") if isinstance(arch, str) else None
+        all_layers = block_count + 1 if _is_int(block_count) and block_count > 0 else ALL_LAYERS_FALLBACK
+        return _ModelInfo(embedding_only=embedding_only, all_layers=all_layers)
+
+    # ----------------------------------------------------------------------------- moving
+
+    def force_gpu_load(self, node_url: str, model_name: str, cancel: threading.Event | None = None) -> dict:
+        """Reload `model_name` with all layers on the GPU and verify it in /api/ps.
+
+        Success only when /api/ps shows it 100% in VRAM. If it does not fit, the model is put
+        back where it was (see 'restored'), so a failed move never loses a loaded model.
+        """
+        return self._move(normalize_url(node_url), model_name, "gpu", cancel or threading.Event())
+
+    def force_cpu_load(self, node_url: str, model_name: str, cancel: threading.Event | None = None) -> dict:
+        """Reload `model_name` with num_gpu 0 (all in RAM, frees its VRAM) and verify it."""
+        return self._move(normalize_url(node_url), model_name, "cpu", cancel or threading.Event())
+
+    def _move_lock(self, node_url: str, model: str) -> threading.Lock:
+        key = (node_url, canonical_name(model).casefold())
+        with self._lock:
+            return self._move_locks.setdefault(key, threading.Lock())
+
+    def _move(self, node_url: str, model_name: str, target: str, cancel: threading.Event) -> dict:
+        model = canonical_name(model_name)
+        if not model:
+            return _result(False, "no model name given", "error")
+        lock = self._move_lock(node_url, model)
+        # Serialises moves of one model on one node (not memory): a second caller waits here,
+        # then finds the model already in place. Polled so that `cancel` is honoured.
+        deadline = time.monotonic() + self.load_timeout + 3 * self.verify_timeout
+        while not lock.acquire(timeout=POLL_INTERVAL):
+            if cancel.is_set():
+                return _result(False, f"move of {model} on {node_url} cancelled", "cancelled")
+            if time.monotonic() > deadline:
+                return _result(False, f"another move of {model} on {node_url} is still running", "timeout")
+        try:
+            return self._move_locked(node_url, model, target, cancel)
+        except NodeError as exc:
+            return _result(False, exc.message, exc.reason)
+        finally:
+            lock.release()
+
+    def _move_locked(self, node_url: str, model: str, target: str, cancel: threading.Event) -> dict:
+        where = "GPU" if target == "gpu" else "CPU"
+        if cancel.is_set():
+            return _result(False, f"move of {model} to {where} on {node_url} cancelled", "cancelled")
+        before_all = self._ps(node_url)
+        before = _find(before_all, model)
+        if before is not None:
+            model = before.name  # the spelling Ollama uses
+            if (target == "gpu" and before.on_gpu) or (target == "cpu" and before.on_cpu):
+                return _result(True, f"{model} is already on {where} on {node_url}", "already", before)
+        info = self._show(node_url, model)
+        keep_alive = self._keep_alive_for(before)
+        num_ctx = before.context_length if before is not None else None
+        num_gpu = info.all_layers if target == "gpu" else 0
+        if cancel.is_set():
+            return _result(False, f"move of {model} to {where} on {node_url} cancelled", "cancelled")
+        log.debug("moving %s to %s on %s (num_gpu=%s)", model, where, node_url, num_gpu)
+        reply = self._load(node_url, model, info, num_gpu, keep_alive, num_ctx)
+        if reply.status != 200:
+            return self._failed_load(node_url, model, target, reply, before, before_all, keep_alive, num_ctx)
+        after = self._wait_listed(node_url, model, cancel)
+        if isinstance(after, dict):  # cancelled or timed out while verifying
+            return after
+        return self._judge(node_url, model, target, after)
+
+    def _keep_alive_for(self, before: _Loaded | None) -> str | int | float | None:
+        """Keep the model's lifetime across a move: forever stays forever (-1)."""
+        if before is not None and before.keep_forever:
+            return -1
+        if self.keep_alive is not None:
+            return _go_keep_alive(self.keep_alive)
+        if before is not None and before.expires is not None:
+            remaining = (before.expires - datetime.now(UTC)).total_seconds()
+            return f"{max(math.ceil(remaining), MIN_KEEP_ALIVE_S)}s"
+        return None
+
+    def _load(
+        self,
+        node_url: str,
+        model: str,
+        info: _ModelInfo,
+        num_gpu: int | None,
+        keep_alive: str | int | float | None,
+        num_ctx: int | None,
+    ) -> _Reply:
+        """Send one load-only request (no generation). `num_gpu` None = automatic placement."""
+        options: dict[str, int] = {}
+        if num_gpu is not None:
+            options["num_gpu"] = num_gpu
+        if num_ctx:
+            options["num_ctx"] = num_ctx
+        if info.embedding_only:
+            path, payload = "/api/embed", {"model": model, "input": ""}
+        else:
+            path, payload = "/api/generate", {"model": model, "prompt": "", "stream": False}
+        if keep_alive is not None:
+            payload["keep_alive"] = keep_alive
+        if options:
+            payload["options"] = options
+        reply = self._call(node_url, "POST", path, payload, read_timeout=self.load_timeout)
+        if path == "/api/generate" and reply.status == 400 and "does not support" in reply.error_text():
+            # capabilities were missing from /api/show (older Ollama): it is an embedding model
+            return self._load(
+                node_url, model, _ModelInfo(True, info.all_layers), num_gpu, keep_alive, num_ctx
+            )
+        return reply
+
+    def _wait_listed(self, node_url: str, model: str, cancel: threading.Event) -> _Loaded | dict:
+        """Poll /api/ps until the model is listed (and not stopping), bounded by verify_timeout."""
+        deadline = time.monotonic() + self.verify_timeout
+        last_problem = "it was not listed"
+        while True:
+            try:
+                entry = _find(self._ps(node_url), model)
+                if entry is not None:
+                    return entry
+            except NodeError as exc:
+                last_problem = exc.message
+            if time.monotonic() >= deadline:
+                message = (
+                    f"{model} was loaded on {node_url} but its placement could not be verified "
+                    f"within {self.verify_timeout:g}s: {last_problem}"
+                )
+                return _result(False, message, "timeout")
+            if cancel.wait(POLL_INTERVAL):
+                message = f"verification of {model} on {node_url} cancelled; the load was already sent"
+                return _result(False, message, "cancelled")
+
+    def _judge(self, node_url: str, model: str, target: str, after: _Loaded) -> dict:
+        """Turn the verified placement into a result: success only if it is where we asked."""
+        location, gpu_percent, _ = placement(after.size, after.size_vram)
+        if target == "cpu":
+            if after.on_cpu:
+                return _result(True, f"{model} now on CPU on {node_url}", "moved", after)
+            message = f"{model} still holds {after.size_vram / MIB:.0f} MB of VRAM on {node_url} ({location})"
+            return _result(False, message, "error", after)
+        if after.on_gpu:
+            message = f"{model} now on GPU on {node_url} ({after.size_vram / MIB:.0f} MB VRAM)"
+            return _result(True, message, "moved", after)
+        if after.on_cpu:
+            message = f"{node_url} has no usable GPU: {model} landed in RAM"
+            return _result(False, message, "no_gpu", after)
+        message = (
+            f"{model} does not fit in VRAM on {node_url}: only {gpu_percent}% fits in VRAM; "
+            f"left as Ollama placed it ({location})"
+        )
+        return _result(False, message, "out_of_memory", after)
+
+    def _failed_load(
+        self,
+        node_url: str,
+        model: str,
+        target: str,
+        reply: _Reply,
+        before: _Loaded | None,
+        before_all: list[_Loaded],
+        keep_alive: str | int | float | None,
+        num_ctx: int | None,
+    ) -> dict:
+        """A load was refused: say why, then put back whatever the attempt unloaded."""
+        error = reply.error_text()
+        if reply.status == 404:
+            return _result(False, f"{model} is not installed on {node_url}", "not_found")
+        if reply.status == 503:
+            reason, message = "error", f"{node_url} is busy (503), {model} was not moved"
+        elif reply.status >= 500 and _MEMORY_ERROR.search(error):
+            where = "VRAM" if target == "gpu" else "RAM"
+            reason, message = "out_of_memory", f"{model} does not fit in {where} on {node_url} ({error})"
+        else:
+            reason, message = "error", f"{node_url} refused to load {model} ({reply.status}: {error})"
+        result = _result(False, message, reason)
+        self._restore(node_url, model, before, keep_alive, num_ctx, result)
+        self._restore_evicted(node_url, before_all, exclude=model, result=result)
+        return result
+
+    def _restore(
+        self,
+        node_url: str,
+        model: str,
+        before: _Loaded | None,
+        keep_alive: str | int | float | None,
+        num_ctx: int | None,
+        result: dict,
+    ) -> None:
+        """Put a model that a failed move unloaded back where it was; update `result` to say so."""
+        try:
+            now = _find(self._ps(node_url), model)
+        except NodeError as exc:
+            result["message"] += f"; could not check where it is now: {exc.message}"
+            return
+        if now is not None:
+            _set_location(result, now)
+            result["message"] += f"; it is still loaded ({result['location']})"
+            return
+        if before is None:
+            result["message"] += "; it was not loaded before and is not loaded now"
+            return
+        num_gpu = 0 if before.on_cpu else None  # a split or GPU model goes back to automatic placement
+        restored = self._reload(node_url, model, num_gpu, keep_alive, num_ctx)
+        if isinstance(restored, _Loaded):
+            _set_location(result, restored)
+            result["restored"] = True
+            result["message"] += f"; restored to {result['location']}"
+        else:
+            result["message"] += f"; could not restore it: {restored}"
+
+    def _reload(
+        self,
+        node_url: str,
+        model: str,
+        num_gpu: int | None,
+        keep_alive: str | int | float | None,
+        num_ctx: int | None,
+    ) -> _Loaded | str:
+        """Load a model back and wait until it is listed; the entry, or why not."""
+        try:
+            info = self._show(node_url, model)
+            reply = self._load(node_url, model, info, num_gpu, keep_alive, num_ctx)
+        except NodeError as exc:
+            return exc.message
+        if reply.status != 200:
+            return f"{reply.status}: {reply.error_text()}"
+        listed = self._wait_listed(node_url, model, threading.Event())
+        return listed if isinstance(listed, _Loaded) else listed["message"]
+
+    def _restore_evicted(self, node_url: str, before_all: list[_Loaded], exclude: str, result: dict) -> None:
+        """A failed big load makes Ollama evict every other model first: load those back.
+
+        A model another thread is moving right now is left to that thread (no lock waits here,
+        so two failing moves can never wait on each other).
+        """
+        try:
+            now = self._ps(node_url)
+        except NodeError:
+            return
+        missing = [e for e in before_all if not same_model(e.name, exclude) and _find(now, e.name) is None]
+        brought_back = []
+        for entry in missing:
+            lock = self._move_lock(node_url, entry.name)
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                keep_alive = -1 if entry.keep_forever else self._keep_alive_for(entry)
+                num_gpu = 0 if entry.on_cpu else None
+                if isinstance(
+                    self._reload(node_url, entry.name, num_gpu, keep_alive, entry.context_length), _Loaded
+                ):
+                    brought_back.append(entry.name)
+            finally:
+                lock.release()
+        if missing:
+            result["restored_others"] = brought_back
+            result["message"] += f"; reloaded {len(brought_back)} of {len(missing)} models it evicted"
+
+
+def _set_location(result: dict, entry: _Loaded) -> None:
+    result["location"] = placement(entry.size, entry.size_vram)[0]
+    result["vram_mb"] = round(entry.size_vram / MIB, 1)
+
+
+def _result(success: bool, message: str, reason: str, entry: _Loaded | None = None) -> dict:
+    """The result shape of force_gpu_load / force_cpu_load (ARCHITECTURE.md section 2)."""
+    result = {
+        "success": success,
+        "message": message,
+        "location": None,
+        "vram_mb": 0.0,
+        "reason": reason,
+        "restored": False,
+    }
+    if entry is not None:
+        _set_location(result, entry)
+    return result
+
+
+_CAUSES = {
+    "Connection refused": "connection refused",
+    "Remote end closed connection": "closed the connection without a reply",
+    "Connection reset": "connection reset",
+    "Connection aborted": "connection aborted",
+}
+
+
+def _short_cause(exc: Exception) -> str:
+    """The innermost useful words of a requests/urllib3 exception: 'Connection refused'."""
+    text = str(exc)
+    for marker in (
+        "Connection refused",
+        "Remote end closed connection",
+        "Connection reset",
+        "Read timed out",
+    ):
+        if marker in text:
+            return marker.lower() if marker != "Remote end closed connection" else "closed without a reply"
+    return text.splitlines()[0][:120] if text else type(exc).__name__
