@@ -1,0 +1,641 @@
+"""OllamaLoadBalancer: the public API of the core.
+
+It keeps one `NodeState` per node (online, latency, last error, GPU evidence, last good model list), a
+health monitor that checks every node concurrently, request routing with fail-over, cluster-wide
+force-GPU/force-CPU, and owns the `GPUOptimizer`. It never prints: everything it has to say is an `Event`.
+
+Locking rule: `self._lock` guards the node states and nothing else; no network call runs while it is held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+
+from events import Event, EventBus
+from gpu_controller import LOCATION_GPU, GPUController
+from optimizer import GPUOptimizer, canonical_model_name, is_off_gpu, matches_priority
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRIORITY_MODELS = ["mxbai-embed-large", "llama3.1"]
+INSTALLED_REFRESH_SECONDS = 180.0  # how often the monitor re-reads /api/tags (for completion only)
+MAX_WORKERS = 64  # threads are created lazily; 200 nodes x 50 ms still finish in well under a second
+EVIDENCE_VRAM = "model seen in VRAM"
+EVIDENCE_RAM = "all-layers load landed in RAM"
+EVIDENCE_DECLARED = "declared in configuration"
+
+
+class AllNodesFailedError(RuntimeError):
+    """No node could serve a routed request; `errors` lists (node, reason) for every node tried."""
+
+    def __init__(self, model: str, errors: list[tuple[str, str]]) -> None:
+        self.model = model
+        self.errors = errors
+        tried = "; ".join(f"{node}: {reason}" for node, reason in errors) or "no node is online"
+        super().__init__(f"no node could serve {model}: {tried}")
+
+
+class RequestRejectedError(RuntimeError):
+    """The node answered with a client error (4xx other than 404): another node would say the same."""
+
+    def __init__(self, node: str, status_code: int, message: str) -> None:
+        self.node = node
+        self.status_code = status_code
+        super().__init__(f"{node} rejected the request ({status_code}): {message}")
+
+
+@dataclass
+class NodeState:
+    """What the balancer knows about one node; handed out as copies (see `node_states`)."""
+
+    url: str
+    online: bool | None = None  # None until the first check
+    has_gpu: bool | None = None  # None = unknown: only evidence or configuration decides
+    declared_gpu: bool | None = None
+    gpu_evidence: str = ""
+    latency_ms: float | None = None
+    last_error: str | None = None
+    last_seen: float | None = None  # time.time() of the last good reply
+    stale: bool = False  # models are the last known ones, the node is not answering
+    requests: int = 0
+    errors: int = 0
+    in_flight: int = 0
+    models: list[dict] = field(default_factory=list)
+    installed: list[str] = field(default_factory=list)
+    installed_checked_at: float = 0.0  # time.monotonic(); 0 = never
+
+    def snapshot(self) -> NodeState:
+        return dataclasses.replace(
+            self, models=[dict(m) for m in self.models], installed=list(self.installed)
+        )
+
+
+def normalise_node_url(url: str) -> str:
+    """`http://host:port` without a trailing slash; a missing scheme means http; anything else is refused."""
+    text = str(url).strip()
+    if "://" not in text:
+        text = f"http://{text}"
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as error:
+        raise ValueError(f"invalid node URL {url!r}: {error}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid node URL {url!r}: expected http://host:port")
+    if parts.query or parts.fragment:
+        raise ValueError(f"invalid node URL {url!r}: no query or fragment allowed")
+    netloc = parts.hostname.lower() if port is None else f"{parts.hostname.lower()}:{port}"
+    if ":" in parts.hostname:  # IPv6 literal
+        netloc = f"[{parts.hostname}]" + (f":{port}" if port is not None else "")
+    return f"{parts.scheme.lower()}://{netloc}{parts.path.rstrip('/')}"
+
+
+class OllamaLoadBalancer:
+    """Nodes, health, routing, cluster-wide placement and the background GPU optimizer."""
+
+    def __init__(
+        self,
+        nodes: Iterable[str] = (),
+        auto_optimize_gpu: bool = True,
+        gpu_priority_models: list[str] | None = None,
+        check_interval: float = 300,
+        health_interval: float = 5.0,
+        gpu_capability: dict[str, bool] | None = None,
+        keep_alive: str | int | float | None = None,
+        controller: GPUController | None = None,
+        start: bool = True,
+        request_timeout: float = 300.0,
+    ) -> None:
+        self.events = EventBus()
+        self.controller = controller if controller is not None else GPUController(keep_alive=keep_alive)
+        self.gpu_priority_models: list[str] = list(
+            DEFAULT_PRIORITY_MODELS if gpu_priority_models is None else gpu_priority_models
+        )
+        self.health_interval = float(health_interval)
+        self.request_timeout = float(request_timeout)
+        self._lock = threading.Lock()  # guards _states, _sessions, _checks_in_flight; never held during I/O
+        self._states: dict[str, NodeState] = {}
+        self._sessions: dict[str, requests.Session] = {}
+        self._checks_in_flight: set[str] = set()
+        self._closed = threading.Event()
+        self._monitor_stop = threading.Event()
+        self._monitor_thread: threading.Thread | None = None
+        self._check_pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="lb-check")
+        self._work_pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="lb-work")
+        self._optimizer = GPUOptimizer(self, interval=check_interval)
+        self._auto_optimize_gpu = bool(auto_optimize_gpu)
+        self._started = False
+        declared = {normalise_node_url(url): gpu for url, gpu in (gpu_capability or {}).items()}
+        for url in dict.fromkeys(normalise_node_url(u) for u in nodes):
+            self.add_node(url, has_gpu=declared.get(url))
+        if start:
+            self.start()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the health monitor and, if `auto_optimize_gpu`, the optimizer (`__init__` does it)."""
+        if self._started or self._closed.is_set():
+            return
+        self._started = True
+        self._monitor_stop.clear()
+        self._monitor_thread = threading.Thread(target=self._monitor_loop, name="lb-health", daemon=True)
+        self._monitor_thread.start()
+        if self._auto_optimize_gpu:
+            self._start_gpu_optimization()
+
+    def close(self) -> None:
+        """Stop the threads, drop connections and close the controller; safe to call twice."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._optimizer.stop()
+        self._monitor_stop.set()
+        if self._monitor_thread is not None:
+            self._monitor_thread.join(1.0)
+        self._check_pool.shutdown(wait=False, cancel_futures=True)
+        self._work_pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+        for session in sessions:
+            session.close()
+        self.controller.close()
+
+    def __enter__(self) -> OllamaLoadBalancer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ optimizer facade
+    @property
+    def auto_optimize_gpu(self) -> bool:
+        return self._auto_optimize_gpu
+
+    @auto_optimize_gpu.setter
+    def auto_optimize_gpu(self, enabled: bool) -> None:
+        """Setting it really switches the optimizer on or off (the old code only had a dead flag)."""
+        self._auto_optimize_gpu = bool(enabled)
+        if not self._started:
+            return
+        if enabled:
+            self._start_gpu_optimization()
+        else:
+            self.stop_gpu_optimization()
+
+    @property
+    def optimization_running(self) -> bool:
+        return self._optimizer.running
+
+    @property
+    def check_interval(self) -> float:
+        return self._optimizer.interval
+
+    @check_interval.setter
+    def check_interval(self, seconds: float) -> None:
+        self._optimizer.interval = seconds
+
+    @property
+    def optimizer(self) -> GPUOptimizer:
+        return self._optimizer
+
+    def _start_gpu_optimization(self) -> bool:
+        """Start the background optimizer (a full pass runs at once); False if it was already running."""
+        if self._closed.is_set():
+            return False
+        self._auto_optimize_gpu = True
+        return self._optimizer.start()
+
+    def stop_gpu_optimization(self) -> bool:
+        """Stop the optimizer within a second, also mid-wait or mid-pass; True if its thread ended."""
+        self._auto_optimize_gpu = False
+        return self._optimizer.stop()
+
+    def optimize_gpu_once(self) -> list[dict]:
+        """One pass now over all nodes (works with the optimizer off); returns the actions taken."""
+        return self._optimizer.run_pass(None, cancel=self._closed)
+
+    def optimizer_status(self) -> dict:
+        return self._optimizer.status()
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        return self.events.subscribe(callback)
+
+    # ------------------------------------------------------------------ nodes
+    @property
+    def nodes(self) -> list[str]:
+        with self._lock:
+            return list(self._states)
+
+    def add_node(self, url: str, has_gpu: bool | None = None) -> NodeState:
+        """Add a node at run time; it is checked at once and gets an optimizer pass when it answers."""
+        node = normalise_node_url(url)
+        with self._lock:
+            if node in self._states:
+                raise ValueError(f"node already in the cluster: {node}")
+            state = NodeState(url=node, declared_gpu=has_gpu)
+            _reset_gpu_evidence(state)
+            self._states[node] = state
+            self._sessions[node] = requests.Session()
+            snapshot = state.snapshot()
+        self.events.emit(Event("node_added", node=node, message=f"added node {node}"))
+        if self._started:
+            self._schedule_check(node)
+        return snapshot
+
+    def remove_node(self, url: str) -> bool:
+        """Forget a node (its pins and back-offs too); False if it was not in the cluster."""
+        try:
+            node = normalise_node_url(url)
+        except ValueError:
+            return False
+        with self._lock:
+            state = self._states.pop(node, None)
+            session = self._sessions.pop(node, None)
+        if state is None:
+            return False
+        if session is not None:
+            session.close()
+        self._optimizer.forget_node(node, keep_pins=False)
+        self.events.emit(Event("node_removed", node=node, message=f"removed node {node}"))
+        return True
+
+    def node_state(self, url: str) -> NodeState | None:
+        with self._lock:
+            state = self._states.get(url)
+            return state.snapshot() if state is not None else None
+
+    def node_states(self) -> list[NodeState]:
+        with self._lock:
+            return [state.snapshot() for state in self._states.values()]
+
+    # ------------------------------------------------------------------ health monitor
+    def _monitor_loop(self) -> None:
+        """Check every node now, then every `health_interval`; a slow node only delays itself."""
+        while True:
+            for node in self.nodes:
+                self._schedule_check(node)
+            if self._monitor_stop.wait(self.health_interval):
+                return
+
+    def _schedule_check(self, node: str) -> None:
+        with self._lock:
+            if node in self._checks_in_flight or node not in self._states or self._closed.is_set():
+                return
+            self._checks_in_flight.add(node)
+        try:
+            self._check_pool.submit(self._check_node, node)
+        except RuntimeError:  # pool shut down by close()
+            with self._lock:
+                self._checks_in_flight.discard(node)
+
+    def _check_node(self, node: str) -> None:
+        try:
+            status = self.controller.get_model_status(node)
+            self._record_status(node, status)
+            if "error" not in status and self._installed_due(node):
+                self._record_installed(node, self.controller.list_installed(node))
+        except Exception as error:  # the controller promises not to raise; never let the monitor die
+            logger.exception("health check of %s failed", node)
+            self._record_status(node, {"node_url": node, "models": [], "error": f"check failed: {error}"})
+        finally:
+            with self._lock:
+                self._checks_in_flight.discard(node)
+
+    def _installed_due(self, node: str) -> bool:
+        with self._lock:
+            state = self._states.get(node)
+            return state is not None and (
+                state.installed_checked_at == 0.0
+                or time.monotonic() - state.installed_checked_at >= INSTALLED_REFRESH_SECONDS
+            )
+
+    def _record_installed(self, node: str, reply: dict) -> None:
+        with self._lock:
+            state = self._states.get(node)
+            if state is None:
+                return
+            state.installed_checked_at = time.monotonic()
+            if "error" not in reply:
+                state.installed = [canonical_model_name(name) for name in reply.get("models", [])]
+
+    def _record_status(self, node: str, status: dict, trigger: bool = True) -> None:
+        """Fold one get_model_status reply into the node's state; emit up/down; maybe trigger a pass.
+
+        A node that comes (back) online gets its no-GPU evidence reset (the GPU may be back after a
+        restart) and an immediate optimizer pass; so does a priority model newly seen off GPU.
+        """
+        events: list[Event] = []
+        came_back = needs_pass = False
+        with self._lock:
+            state = self._states.get(node)
+            if state is None:
+                return
+            was_online = state.online
+            if "error" in status:
+                error = str(status["error"])
+                state.online, state.last_error = False, error
+                state.stale = state.last_seen is not None
+                if was_online is not False:
+                    events.append(Event("node_down", node=node, message=f"{node} is down: {error}",
+                                        data={"error": error}))  # fmt: skip
+            else:
+                previous = {canonical_model_name(m["name"]): m.get("location") for m in state.models}
+                state.online, state.last_error, state.stale = True, None, False
+                state.last_seen = time.time()
+                state.latency_ms = status.get("latency_ms", state.latency_ms)
+                state.models = [dict(m) for m in status.get("models", [])]
+                if was_online is not True:
+                    came_back = was_online is False
+                    if came_back:
+                        _reset_gpu_evidence(state)
+                        state.installed_checked_at = 0.0
+                    needs_pass = True
+                    events.append(Event("node_up", node=node, message=f"{node} is online",
+                                        data={"latency_ms": state.latency_ms}))  # fmt: skip
+                if any(_in_vram(m) for m in state.models):
+                    state.has_gpu, state.gpu_evidence = True, EVIDENCE_VRAM
+                needs_pass = needs_pass or self._priority_model_fell_off_gpu(previous, state.models)
+        if came_back:
+            self._optimizer.forget_node(node)
+        for event in events:
+            self.events.emit(event)
+        if trigger and needs_pass:
+            self._optimizer.trigger(node)
+
+    def _priority_model_fell_off_gpu(self, previous: dict[str, str | None], models: list[dict]) -> bool:
+        """A priority model not on GPU that was on GPU before, or that we see for the first time."""
+        patterns = list(self.gpu_priority_models)
+        for model in models:
+            name = canonical_model_name(model["name"])
+            if not is_off_gpu(model) or not matches_priority(name, patterns):
+                continue
+            if name not in previous or previous[name] == LOCATION_GPU:
+                return True
+        return False
+
+    def _record_move_result(self, node: str, result: dict) -> None:
+        """Moves are evidence too: landing in VRAM proves a GPU, an all-layers load in RAM proves none."""
+        with self._lock:
+            state = self._states.get(node)
+            if state is None:
+                return
+            if result.get("reason") == "no_gpu":
+                state.has_gpu, state.gpu_evidence = False, EVIDENCE_RAM
+            elif result.get("success") and result.get("location") == LOCATION_GPU:
+                state.has_gpu, state.gpu_evidence = True, EVIDENCE_VRAM
+        if result.get("reason") in ("unreachable", "timeout"):
+            self._schedule_check(node)
+
+    # ------------------------------------------------------------------ reports
+    def vram_report(self) -> list[dict]:
+        """Fresh placement of every model on every node, nodes concurrently, bounded by the timeout.
+
+        A node that does not answer keeps its last known models, marked `stale`.
+        """
+        nodes = self.nodes
+        futures = {node: self._check_pool.submit(self.controller.get_model_status, node) for node in nodes}
+        wait(futures.values(), timeout=float(getattr(self.controller, "timeout", 5.0)) + 1.0)
+        late: set[str] = set()
+        for node, future in futures.items():
+            if not future.done():
+                late.add(node)
+                continue
+            try:
+                self._record_status(node, future.result())
+            except Exception as error:
+                self._record_status(node, {"node_url": node, "models": [], "error": str(error)})
+        report = []
+        for state in self.node_states():
+            if state.url not in futures:
+                continue
+            error = "no reply within the timeout" if state.url in late else state.last_error
+            report.append({
+                "node": state.url,
+                "online": state.online,
+                "stale": state.stale or state.url in late,
+                "last_seen": state.last_seen,
+                "error": error,
+                "has_gpu": state.has_gpu,
+                "gpu_evidence": state.gpu_evidence,
+                "latency_ms": state.latency_ms,
+                "models": state.models,
+            })  # fmt: skip
+        return report
+
+    def get_stats(self) -> dict:
+        """Per-node counters and evidence plus the optimizer's status (no network call)."""
+        nodes = [
+            {
+                "node": s.url,
+                "online": s.online,
+                "has_gpu": s.has_gpu,
+                "gpu_evidence": s.gpu_evidence,
+                "latency_ms": s.latency_ms,
+                "requests": s.requests,
+                "errors": s.errors,
+                "in_flight": s.in_flight,
+                "last_error": s.last_error,
+                "last_seen": s.last_seen,
+                "stale": s.stale,
+                "models_loaded": len(s.models),
+                "models_on_gpu": sum(m.get("location") == LOCATION_GPU for m in s.models),
+            }
+            for s in self.node_states()
+        ]
+        return {"nodes": nodes, "optimizer": self.optimizer_status()}
+
+    def known_models(self) -> list[str]:
+        """Canonical names installed or loaded on any node (for completion); no network call."""
+        names: set[str] = set()
+        for state in self.node_states():
+            names.update(state.installed)
+            names.update(canonical_model_name(m["name"]) for m in state.models)
+        return sorted(names)
+
+    # ------------------------------------------------------------------ placement
+    def force_gpu_all_nodes(self, model: str, cancel: threading.Event | None = None) -> list[dict]:
+        """Move `model` to GPU on every node (concurrently); lifts a CPU pin and any back-off."""
+        self._optimizer.release_model(model)
+        return self._force_all_nodes(model, "GPU", cancel)
+
+    def force_cpu_all_nodes(self, model: str, cancel: threading.Event | None = None) -> list[dict]:
+        """Move `model` to CPU on every node and pin it there, so the optimizer leaves it alone."""
+        self._optimizer.release_model(model)
+        for node in self.nodes:
+            self._optimizer.pin_cpu(node, model)
+        return self._force_all_nodes(model, "CPU", cancel)
+
+    def _force_all_nodes(self, model: str, target: str, cancel: threading.Event | None) -> list[dict]:
+        nodes = self.nodes
+        futures = [self._work_pool.submit(self._force_one, node, model, target, cancel) for node in nodes]
+        return [
+            {"node": node, "result": future.result()} for node, future in zip(nodes, futures, strict=True)
+        ]
+
+    def _force_one(self, node: str, model: str, target: str, cancel: threading.Event | None) -> dict:
+        state = self.node_state(node)
+        if state is None:
+            return _skipped("removed", f"{node} was removed from the cluster")
+        if state.online is False:
+            return _skipped("offline", f"skipped {node}: offline ({state.last_error})")
+        if target == "GPU" and state.has_gpu is False:
+            return _skipped("no_gpu", f"skipped {node}: no GPU ({state.gpu_evidence})")
+        return self._move(node, model, target, cancel=cancel, source="user")
+
+    def _move(self, node: str, model: str, target: str, cancel: threading.Event | None, source: str) -> dict:
+        """One verified move through the controller (which serialises moves per node and model)."""
+        name = canonical_model_name(model)
+        data: dict[str, Any] = {"target": target, "source": source}
+        self.events.emit(Event("move_started", node=node, model=name, data=dict(data),
+                               message=f"moving {name} to {target} on {node}"))  # fmt: skip
+        mover = self.controller.force_gpu_load if target == "GPU" else self.controller.force_cpu_load
+        try:
+            result = mover(node, model, cancel=cancel)
+        except Exception as error:  # the controller promises not to raise; report it as a failed move
+            logger.exception("move of %s on %s failed", name, node)
+            result = {"success": False, "message": str(error), "location": None, "vram_mb": 0.0,
+                      "reason": "error", "restored": False}  # fmt: skip
+        self._record_move_result(node, result)
+        data.update(
+            location=result.get("location"), reason=result.get("reason"), vram_mb=result.get("vram_mb")
+        )
+        kind = "move_finished" if result.get("success") else "move_failed"
+        self.events.emit(
+            Event(kind, node=node, model=name, data=data, message=str(result.get("message", "")))
+        )
+        return result
+
+    # ------------------------------------------------------------------ routing
+    def pick_node(self, model: str | None = None, exclude: Iterable[str] = ()) -> str | None:
+        """Best node for `model`: where it is in VRAM, then loaded anywhere, then GPU, unknown, CPU-only.
+
+        Ties go to the fewest requests in flight, then the lowest latency. Nodes not checked yet come
+        after every online node; offline nodes are never chosen.
+        """
+        excluded = set(exclude)
+        name = canonical_model_name(model) if model else None
+        with self._lock:
+            candidates = [s for s in self._states.values() if s.online is not False and s.url not in excluded]
+            if not candidates:
+                return None
+            return min(candidates, key=lambda s: _route_rank(s, name)).url
+
+    def generate(self, model: str, prompt: str, **options: Any) -> dict:
+        """POST /api/generate (stream false) on the best node, failing over to other nodes.
+
+        Extra keyword arguments go into the request body as they are (options={...}, keep_alive=...).
+        """
+        return self._routed_post("/api/generate", model, {"model": model, "prompt": prompt, **options})
+
+    def embed(self, model: str, input: str | list[str], **options: Any) -> dict:
+        """POST /api/embed on the best node, failing over to other nodes."""
+        return self._routed_post("/api/embed", model, {"model": model, "input": input, **options})
+
+    def _routed_post(self, path: str, model: str, body: dict) -> dict:
+        body = {**body, "stream": False}
+        tried: list[str] = []
+        errors: list[tuple[str, str]] = []
+        while (node := self.pick_node(model, exclude=tried)) is not None:
+            tried.append(node)
+            reply, error = self._post_once(node, path, body)
+            if error is None:
+                return reply
+            errors.append((node, error))
+        raise AllNodesFailedError(model, errors)
+
+    def _post_once(self, node: str, path: str, body: dict) -> tuple[dict, str | None]:
+        """One attempt; returns (reply, None) or ({}, reason to fail over). 4xx other than 404 raises."""
+        with self._lock:
+            state, session = self._states.get(node), self._sessions.get(node)
+            if state is None or session is None:
+                return {}, "removed from the cluster"
+            state.requests += 1
+            state.in_flight += 1
+        error: str | None = None
+        reply: dict = {}
+        try:
+            timeout = (float(getattr(self.controller, "timeout", 5.0)), self.request_timeout)
+            response = session.post(f"{node}{path}", json=body, timeout=timeout)
+            if response.status_code >= 500 or response.status_code == 404:
+                error = f"HTTP {response.status_code}: {_error_text(response)}"
+            elif response.status_code >= 400:
+                error = f"HTTP {response.status_code}: {_error_text(response)}"
+                raise RequestRejectedError(node, response.status_code, _error_text(response))
+            else:
+                reply = response.json()
+                if not isinstance(reply, dict):
+                    error, reply = "reply is not a JSON object", {}
+        except requests.RequestException as exc:  # connection refused/reset, timeout, ...
+            error = f"{type(exc).__name__}: {exc}"
+        except ValueError:  # requests' JSONDecodeError
+            error = "reply is not JSON"
+        finally:
+            self._finish_request(node, error)
+        if error is not None and not isinstance(error, str):
+            error = str(error)
+        return reply, error
+
+    def _finish_request(self, node: str, error: str | None) -> None:
+        with self._lock:
+            state = self._states.get(node)
+            if state is None:
+                return
+            state.in_flight -= 1
+            if error is not None:
+                state.errors += 1
+                state.last_error = error
+        if error is not None:
+            self._schedule_check(node)  # let the monitor confirm up/down now rather than in 5 s
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _reset_gpu_evidence(state: NodeState) -> None:
+    """Back to what configuration says, or unknown: evidence must be gathered again."""
+    state.has_gpu = state.declared_gpu
+    state.gpu_evidence = EVIDENCE_DECLARED if state.declared_gpu is not None else ""
+
+
+def _in_vram(model: dict) -> bool:
+    return float(model.get("vram_mb") or 0) > 0 or float(model.get("gpu_percent") or 0) > 0
+
+
+def _route_rank(state: NodeState, model: str | None) -> tuple:
+    location = None
+    if model is not None:
+        location = next(
+            (m.get("location") for m in state.models if canonical_model_name(m["name"]) == model), None
+        )
+    if location == LOCATION_GPU:
+        tier = 0
+    elif location is not None:
+        tier = 1
+    else:
+        tier = {True: 2, None: 3, False: 4}[state.has_gpu]
+    latency = state.latency_ms if state.latency_ms is not None else float("inf")
+    return (state.online is not True, tier, state.in_flight, latency)
+
+
+def _skipped(reason: str, message: str) -> dict:
+    return {"success": False, "skipped": True, "reason": reason, "message": message, "location": None,
+            "vram_mb": 0.0, "restored": False}  # fmt: skip
+
+
+def _error_text(response: requests.Response) -> str:
+    try:
+        body = response.json()
+        if isinstance(body, dict) and "error" in body:
+            return str(body["error"])
+    except ValueError:
+        pass
+    return response.text[:200].strip() or response.reason or "no body"
