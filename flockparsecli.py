@@ -177,7 +177,6 @@ def interactive(balancer: OllamaLoadBalancer, config: Config, optimize: bool, ba
             {
                 "MODEL": lambda: refresher.names,
                 "NODE": lambda: balancer.nodes,
-                "PRIORITY": lambda: balancer.gpu_priority_models,
             }
         ),
         complete_while_typing=True,

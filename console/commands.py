@@ -340,13 +340,13 @@ def cmd_optimizer(ctx: Context, args: list[str]) -> Outcome:
     elif sub == "now":
         ctx.console.print(Text("running one optimizer pass over all nodes... (Ctrl-C cancels)", style="dim"))
         actions = ctx.run_cancellable(lambda cancel: balancer.optimize_gpu_once())
-        ok = all((a.get("result") or a).get("success", True) is not False for a in actions)
+        ok = not any(action.get("action") == "failed" for action in actions)
         return Outcome(data=actions, renderable=render.pass_actions(actions), ok=ok)
     status = balancer.optimizer_status()
-    return Outcome(data=status, renderable=render.optimizer_line(status))
+    return Outcome(data=status, renderable=render.optimizer_status(status))
 
 
-PRIORITY_SUBCOMMANDS = {"list": (), "add": ("MODEL",), "remove": ("PRIORITY",)}
+PRIORITY_SUBCOMMANDS = {"list": (), "add": ("MODEL",), "remove": ("MODEL",)}
 
 
 @command(

@@ -59,7 +59,7 @@ def config_dir(env: dict[str, str] | None = None) -> Path:
 
 def normalize_url(raw: str) -> str:
     """Accept `host`, `host:port` or a full URL (as OLLAMA_HOST does); raise ConfigError if unusable."""
-    text = raw.strip().rstrip("/")
+    text = raw.strip()
     if not text:
         raise ConfigError("empty node URL")
     if "://" not in text:
@@ -72,7 +72,7 @@ def normalize_url(raw: str) -> str:
     except ValueError as exc:
         raise ConfigError(f"bad node URL {raw!r}: {exc}") from None
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}:{port or 11434}{parts.path}"
+    return f"{parts.scheme}://{host}:{port or 11434}{parts.path.rstrip('/')}"
 
 
 def read_file(path: Path) -> dict[str, Any]:

@@ -122,7 +122,7 @@ def vram_report(report: Iterable[Mapping[str, Any]], now: float | None = None) -
     parts: list[RenderableType] = []
     for entry in report:
         stale = bool(entry.get("stale") or entry.get("error"))
-        table = Table(title=node_title(entry), title_justify="left", expand=False, show_edge=False)
+        table = Table(expand=False, show_edge=False)
         for column in ("model", "placement", "VRAM", "RAM", "expires"):
             justify = "right" if column in ("VRAM", "RAM") else "left"
             table.add_column(column, justify=justify, style="dim" if stale else None)
@@ -137,8 +137,8 @@ def vram_report(report: Iterable[Mapping[str, Any]], now: float | None = None) -
             )
         if not models:
             table.add_row(Text("no model loaded" if not stale else "no models known", style="dim"))
-        parts.append(table)
-    return Group(*parts) if parts else Text("no nodes configured (add one with `add_node URL`)")
+        parts += [node_title(entry), table, Text("")]
+    return Group(*parts[:-1]) if parts else Text("no nodes configured (add one with `add_node URL`)")
 
 
 def _gpu_word(has_gpu: Any) -> Text:
@@ -172,7 +172,7 @@ def optimizer_line(status: Mapping[str, Any], now: float | None = None) -> Text:
         text.append(f", next pass in {human_seconds(float(status['next_pass_in']))}")
     last = status.get("last_pass")
     if isinstance(last, Mapping):
-        when = _timestamp(last.get("finished") or last.get("time") or last.get("started"))
+        when = _timestamp(last.get("started_at") or last.get("finished") or last.get("time"))
         summary = ", ".join(
             f"{k} {v}" for k, v in last.items() if isinstance(v, int) and not isinstance(v, bool)
         )
@@ -257,19 +257,39 @@ def move_results(model: str, target: str, results: Iterable[Mapping[str, Any]]) 
     return Group(*lines)
 
 
+ACTION_STYLE = {"moved": "green", "failed": "red", "skipped": "dim"}
+
+
 def pass_actions(actions: Iterable[Mapping[str, Any]]) -> RenderableType:
-    """`optimizer now`: what the pass did, one line per action."""
+    """`optimizer now`: what the pass did, one line per action (moved / failed / skipped, and why)."""
     lines = []
     for action in actions:
-        result = action.get("result") or {}
-        ok = result.get("success", action.get("success"))
-        style = "green" if ok else "red" if ok is False else ""
-        node = short_url(action.get("node") or action.get("node_url"))
-        what = action.get("message") or result.get("message") or action.get("action") or ""
-        lines.append(Text(f"  {node}  {action.get('model', '')}  {what}".rstrip(), style=style))
+        kind = str(action.get("action", ""))
+        node = short_url(action.get("node"))
+        line = Text(f"  {kind:<8}", style=ACTION_STYLE.get(kind, ""))
+        line.append(f" {node}  {action.get('model') or ''}  {action.get('message', '')}".rstrip())
+        lines.append(line)
     return Group(
         Text("optimizer pass done", style="bold"), *(lines or [Text("  nothing to do", style="dim")])
     )
+
+
+def optimizer_status(status: Mapping[str, Any], now: float | None = None) -> RenderableType:
+    """`optimizer status`: the one-line summary plus CPU pins and back-offs in force."""
+    lines: list[RenderableType] = [optimizer_line(status, now)]
+    for pin in status.get("pinned_cpu") or []:
+        lines.append(
+            Text(f"  pinned to CPU: {pin.get('model')} on {short_url(pin.get('node'))}", style="dim")
+        )
+    for backoff in status.get("backed_off") or []:
+        lines.append(
+            Text(
+                f"  backed off: {backoff.get('model')} on {short_url(backoff.get('node'))} "
+                f"({backoff.get('reason')}, skips {backoff.get('passes_to_skip')} pass(es))",
+                style="yellow",
+            )
+        )
+    return Group(*lines)
 
 
 def string_list(title: str, items: Iterable[str]) -> Text:
@@ -284,7 +304,7 @@ def help_table(commands: Iterable[Any]) -> RenderableType:
     table.add_column(style="bold cyan")
     table.add_column()
     for command in commands:
-        table.add_row(command.usage, command.description)
+        table.add_row(Text(command.usage), Text(command.description))
     return table
 
 

@@ -1,0 +1,325 @@
+"""The console's pure parts: config, registry/arity, renderers, toolbar, completion. No network needed."""
+
+from __future__ import annotations
+
+import io
+import tomllib
+from pathlib import Path
+
+import pytest
+from prompt_toolkit.document import Document
+from rich.console import Console
+
+from console import render
+from console.commands import REGISTRY, UsageError, canonical, check_arity, parse_line, resolve
+from console.completion import ConsoleCompleter, argument_kind
+from console.config import ConfigError, dumps, load_config, normalize_url, save_nodes
+from console.toolbar import toolbar_fragments
+from events import Event
+
+NOW = 1_800_000_000.0
+
+
+def text_of(renderable: object, width: int = 140) -> str:
+    """What a user would read: the renderable printed without colour."""
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None, force_terminal=False).print(renderable)
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------ config
+
+
+def test_precedence_flags_over_file_over_env_over_default(tmp_path: Path) -> None:
+    env = {"FLOCKPARSE_CONFIG_DIR": str(tmp_path)}
+    assert load_config(env=env).nodes == ["http://localhost:11434"]
+    assert load_config(env=env).nodes_from_default
+    env["OLLAMA_HOST"] = "127.0.0.1:5000"
+    assert load_config(env=env).nodes == ["http://127.0.0.1:5000"]
+    (tmp_path / "config.toml").write_text('nodes = ["http://127.0.0.1:6000"]\ninterval = 42\n')
+    from_file = load_config(env=env)
+    assert from_file.nodes == ["http://127.0.0.1:6000"] and from_file.interval == 42
+    flagged = load_config(nodes_flag="127.0.0.1:7000,http://127.0.0.1:7001", interval_flag=5, env=env)
+    assert flagged.nodes == ["http://127.0.0.1:7000", "http://127.0.0.1:7001"]
+    assert flagged.interval == 5
+
+
+def test_config_file_keys_and_gpu_table(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'nodes = ["http://127.0.0.1:1"]\npriority_models = ["mxbai-embed-large", "*"]\n'
+        'keep_alive = "30m"\nhealth_interval = 0.5\n[gpu]\n"http://127.0.0.1:1" = false\n'
+    )
+    config = load_config(config_file=str(path), env={})
+    assert config.priority_models == ["mxbai-embed-large", "*"]
+    assert config.keep_alive == "30m" and config.health_interval == 0.5
+    assert config.gpu == {"http://127.0.0.1:1": False}
+    assert config.path == path
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["interval = -1\n", 'nodes = "http://x"\n', "nodes = [\n", '[gpu]\n"http://127.0.0.1:1" = "yes"\n'],
+)
+def test_bad_config_gives_one_line_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file=str(path), env={})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["", "ftp://127.0.0.1:1", "http://", "http://127.0.0.1:notaport"])
+def test_bad_urls_are_refused(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        normalize_url(bad)
+
+
+def test_save_nodes_is_atomic_and_keeps_other_keys(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "config.toml"
+    path.parent.mkdir()
+    path.write_text('interval = 60\nkeep_alive = "1h"\nnodes = ["http://127.0.0.1:1"]\n')
+    save_nodes(path, ["http://127.0.0.1:1", "http://127.0.0.1:2"], {"http://127.0.0.1:2": True})
+    table = tomllib.loads(path.read_text())
+    assert table == {
+        "interval": 60,
+        "keep_alive": "1h",
+        "nodes": ["http://127.0.0.1:1", "http://127.0.0.1:2"],
+        "gpu": {"http://127.0.0.1:2": True},
+    }
+    save_nodes(path, ["http://127.0.0.1:1"])  # removing a node drops its GPU declaration too
+    assert tomllib.loads(path.read_text()) == {
+        "interval": 60,
+        "keep_alive": "1h",
+        "nodes": ["http://127.0.0.1:1"],
+    }
+    assert sorted(p.name for p in path.parent.iterdir()) == ["config.toml"]  # no temp file left behind
+
+
+def test_toml_writer_round_trips_awkward_strings() -> None:
+    table = {
+        "keep_alive": 'a "quoted"\\ value\n',
+        "nodes": ["http://127.0.0.1:1"],
+        "gpu": {"http://[::1]:2": True},
+    }
+    assert tomllib.loads(dumps(table)) == table
+
+
+# ------------------------------------------------------------------ registry
+
+
+def test_every_issue_command_is_registered() -> None:
+    for name in ("force_gpu", "force_cpu", "vram_report", "lb_stats", "help", "nodes", "add_node"):
+        assert resolve(name).name == name
+    for name in ("remove_node", "optimizer", "priority", "exit"):
+        assert resolve(name).name == name
+    assert resolve("quit").name == "exit"
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        (["force_gpu"], "missing argument MODEL"),
+        (["force_gpu", "a", "b"], "extra argument `b`"),
+        (["vram_report", "x"], "extra argument `x`"),
+        (["optimizer"], "missing argument"),
+        (["optimizer", "fast"], "unknown subcommand `fast`"),
+        (["optimizer", "interval"], "missing argument SECONDS"),
+        (["priority", "add"], "missing argument MODEL"),
+        (["priority", "list", "x"], "extra argument `x`"),
+    ],
+)
+def test_arity_errors_are_uniform_one_liners(words: list[str], expected: str) -> None:
+    with pytest.raises(UsageError) as info:
+        check_arity(resolve(words[0]), words[1:])
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_command_suggests_the_closest() -> None:
+    with pytest.raises(
+        UsageError, match=r"unknown command `force_gup` \(did you mean `force_gpu`\? try `help`\)"
+    ):
+        resolve("force_gup")
+    with pytest.raises(UsageError, match=r"unknown command `zzz` \(try `help`\)"):
+        resolve("zzz")
+
+
+def test_parse_line_reports_unbalanced_quotes() -> None:
+    assert parse_line("force_gpu 'llama3.1:8b'") == ["force_gpu", "llama3.1:8b"]
+    with pytest.raises(UsageError):
+        parse_line("force_gpu 'llama")
+
+
+def test_canonical_names() -> None:
+    assert canonical("Llama3.1") == "llama3.1:latest"
+    assert canonical("llama3.1:8b") == "llama3.1:8b"
+    assert canonical("hf.co/x/y") == "hf.co/x/y:latest"
+
+
+def test_help_lists_every_command_from_the_registry() -> None:
+    shown = text_of(render.help_table(REGISTRY.values()))
+    for cmd in REGISTRY.values():
+        assert cmd.usage in shown
+    assert "optimizer on|off|status|now|interval SECONDS" in shown
+
+
+# ------------------------------------------------------------------ renderers
+
+
+def model_row(name: str, location: str, gpu: int, vram: float, ram: float, expires: object = None) -> dict:
+    return {
+        "name": name,
+        "location": location,
+        "gpu_percent": gpu,
+        "vram_mb": vram,
+        "ram_mb": ram,
+        "expires_at": expires,
+        "keep_forever": False,
+    }
+
+
+def test_vram_report_shows_placements_sizes_expiry_and_stale_nodes() -> None:
+    report = [
+        {
+            "node_url": "http://127.0.0.1:5001",
+            "latency_ms": 3.2,
+            "models": [
+                model_row("llama3.1:8b", "GPU (VRAM)", 100, 5000, 0, NOW + 252),
+                model_row(
+                    "mxbai-embed-large:latest", "CPU (RAM)", 0, 0, 705, "2027-01-15T08:00:00.123456789+00:00"
+                ),
+                model_row("qwen2:7b", "Split (52% GPU)", 52, 2600, 2400, NOW - 1),
+            ],
+        },
+        {
+            "node_url": "http://127.0.0.1:5002",
+            "error": "connection refused",
+            "stale": True,
+            "models": [model_row("llama3.1:latest", "GPU (VRAM)", 100, 4900, 0, NOW + 9e9)],
+        },
+    ]
+    shown = text_of(render.vram_report(report, now=NOW))
+    assert "127.0.0.1:5001  online  3 ms" in shown
+    assert "GPU 100%" in shown and "CPU 100%" in shown and "split 52% GPU / 48% CPU" in shown
+    assert "4.9 GB" in shown and "705 MB" in shown
+    assert "in 4m 12s" in shown and "stopping..." in shown and "forever" in shown
+    assert "127.0.0.1:5002  offline  STALE: last known state  (connection refused)" in shown
+    assert "llama3.1:latest" in shown  # the stale node still shows its last known models
+
+
+def test_lb_stats_table_and_optimizer_line() -> None:
+    stats = {
+        "nodes": [
+            {
+                "url": "http://127.0.0.1:5001",
+                "online": True,
+                "has_gpu": True,
+                "latency_ms": 2.0,
+                "requests": 7,
+                "errors": 1,
+                "in_flight": 2,
+                "models": [
+                    model_row("llama3.1:8b", "GPU (VRAM)", 100, 5000, 0),
+                    model_row("m:1", "CPU (RAM)", 0, 0, 9),
+                ],
+            },
+            {"url": "http://127.0.0.1:5002", "online": False, "has_gpu": None, "requests": 0, "errors": 4},
+        ],
+        "optimizer": {
+            "running": True,
+            "interval": 300,
+            "next_pass_in": 130,
+            "last_pass": {"moved": 1, "started_at": NOW - 10},
+        },
+    }
+    shown = text_of(render.lb_stats(stats, now=NOW))
+    row = next(line for line in shown.splitlines() if "5001" in line)
+    assert row.replace("│", " ").split()[1:9] == ["online", "GPU", "2", "ms", "7", "1", "2", "llama3.1:8b"]
+    assert "m:1" not in row  # models in VRAM only
+    assert "offline" in next(line for line in shown.splitlines() if "5002" in line)
+    assert "optimizer: on, every 5m 00s, next pass in 2m 10s, last pass 10s ago (moved 1)" in shown
+
+
+def test_move_results_lines() -> None:
+    results = [
+        {"node": "http://127.0.0.1:1", "result": {"success": False, "skipped": True, "reason": "no_gpu"}},
+        {
+            "node": "http://127.0.0.1:2",
+            "result": {"success": True, "reason": "moved", "location": "GPU (VRAM)"},
+        },
+        {
+            "node": "http://127.0.0.1:3",
+            "result": {"success": True, "reason": "already", "location": "GPU (VRAM)"},
+        },
+        {
+            "node": "http://127.0.0.1:4",
+            "result": {"success": False, "reason": "out_of_memory", "message": "no room", "restored": True},
+        },
+    ]
+    lines = text_of(render.move_results("m", "GPU", results)).splitlines()
+    assert lines[1].strip() == "127.0.0.1:1  skipped (no_gpu)"
+    assert lines[2].strip() == "127.0.0.1:2  done: GPU (VRAM)"
+    assert lines[3].strip() == "127.0.0.1:3  already there: GPU (VRAM)"
+    assert lines[4].strip() == "127.0.0.1:4  failed (out_of_memory): no room  (put back where it was)"
+
+
+def test_event_line_is_one_short_stamped_line() -> None:
+    event = Event(
+        "move_finished", node="http://127.0.0.1:5001", model="m", message="m now on GPU at 127.0.0.1:5001"
+    )
+    shown = text_of(render.event_line(event)).rstrip("\n")
+    assert "\n" not in shown
+    assert shown.endswith("move      m now on GPU at 127.0.0.1:5001")
+    assert shown[2] == ":" and shown[5] == ":"  # HH:MM:SS first
+
+
+# ------------------------------------------------------------------ toolbar
+
+
+def test_toolbar_fragments_for_given_states() -> None:
+    state = {
+        "nodes_total": 3,
+        "nodes_online": 2,
+        "nodes_gpu": 1,
+        "optimizer_running": True,
+        "next_pass_in": 75,
+    }
+    fragments = toolbar_fragments(state)
+    text = "".join(part for _, part in fragments)
+    assert "2/3 nodes online  1 with GPU  optimizer on, next pass in 1m 15s" in text
+    assert ("class:bottom-toolbar.warn", "2/3") in fragments  # colour only through style classes
+    off = "".join(
+        part for _, part in toolbar_fragments({**state, "nodes_online": 3, "optimizer_running": False})
+    )
+    assert "optimizer off" in off and "next pass" not in off
+
+
+# ------------------------------------------------------------------ completion
+
+
+def completions(text: str, models: list[str]) -> list[str]:
+    completer = ConsoleCompleter({"MODEL": lambda: models, "NODE": lambda: ["http://127.0.0.1:1"]})
+    return [c.text for c in completer.get_completions(Document(text), None)]
+
+
+def test_completion_of_commands_subcommands_and_whole_model_names() -> None:
+    models = ["llama3.1:8b", "llama3.1:latest", "mxbai-embed-large:latest", "hf.co/org/phi:q4"]
+    assert completions("force_", models) == ["force_gpu", "force_cpu"]
+    assert completions("force_gpu llama3.1:", models) == ["llama3.1:8b", "llama3.1:latest"]
+    completer = ConsoleCompleter({"MODEL": lambda: models})
+    [only] = list(completer.get_completions(Document("force_gpu llama3.1:8"), None))
+    assert (only.text, only.start_position) == ("llama3.1:8b", -len("llama3.1:8"))  # replaces the whole word
+    assert completions("force_cpu MX", models) == ["mxbai-embed-large:latest"]
+    assert completions("force_gpu ph", models) == ["hf.co/org/phi:q4"]
+    assert completions("optimizer ", models) == ["on", "off", "status", "now", "interval"]
+    assert completions("priority add ll", models) == ["llama3.1:8b", "llama3.1:latest"]
+    assert completions("remove_node ", models) == ["http://127.0.0.1:1"]
+    assert completions("vram_report ", models) == []
+    assert completions("nosuch ", models) == []
+
+
+def test_argument_kind() -> None:
+    assert argument_kind(["for"]) == "command"
+    assert argument_kind(["optimizer", "in"]) == "sub:optimizer"
+    assert argument_kind(["optimizer", "interval", ""]) == "SECONDS"
+    assert argument_kind(["add_node", "u", ""]) == "gpu|cpu"
