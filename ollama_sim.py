@@ -1,0 +1,1531 @@
+"""Simulated Ollama node(s) on 127.0.0.1, faithful to shared/spec/ollama-api.md (era C, Ollama >= 0.30).
+
+No real Ollama can run in tests, the demo or the benchmarks, so this module stands in for it: the same wire
+format (field sets, status codes, error texts, NDJSON streaming, keep-alive HTTP/1.1 with TCP_NODELAY) and
+the same scheduler rules (num_gpu semantics, needsReload, split only when alone, eviction order, keep_alive,
+asynchronous unload). Memory figures are computed from a small catalogue of realistic models.
+
+"GB" in this module means GiB (2**30 bytes), as nvidia-smi and Ollama's logs count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import http.server
+import json
+import math
+import random
+import re
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+GiB = 1024**3
+MiB = 1024**2
+FOREVER_NS = 2**63 - 1  # Go's time.Duration(math.MaxInt64): keep_alive < 0
+VERSION = "0.33.0-rc2"
+BUSY_TEXT = "server busy, please try again.  maximum pending requests exceeded"
+FIT_FRACTION = 0.8  # era C: the predicted VRAM must be <= 80% of the free VRAM
+
+
+# --------------------------------------------------------------------------------------------- catalogue
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One installed model: what /api/tags and /api/show report, and what loading it costs."""
+
+    name: str  # canonical "model:tag"
+    family: str
+    parameter_size: str
+    quantization_level: str
+    file_size: int  # bytes on disk (/api/tags size)
+    block_count: int
+    context_length: int  # trained context
+    embedding_length: int
+    head_count: int
+    head_count_kv: int
+    head_dim: int
+    capabilities: tuple[str, ...]
+    parameter_count: int
+    modified_at: str = "2026-01-15T10:00:00.123456789Z"
+
+    @property
+    def digest(self) -> str:
+        """A stable fake manifest digest (64 hex, no sha256: prefix) like /api/tags and /api/ps show."""
+        return hashlib.sha256(self.name.encode()).hexdigest()
+
+    @property
+    def layers(self) -> int:
+        """Offloadable layers: the blocks plus the output layer (`offloaded 33/33 layers to GPU`)."""
+        return self.block_count + 1
+
+    @property
+    def embedding_only(self) -> bool:
+        return "completion" not in self.capabilities
+
+    def kv_bytes(self, num_ctx: int) -> int:
+        """f16 KV cache: 2 (K and V) x layers x kv_heads x head_dim x ctx x 2 bytes."""
+        return 2 * self.block_count * self.head_count_kv * self.head_dim * num_ctx * 2
+
+    def loaded_size(self, num_ctx: int, num_batch: int = 512) -> int:
+        """Memory a runner uses: weights + KV + compute graph (era C PredictServerVRAM-like)."""
+        if num_batch >= 2048:
+            graph = 2 * GiB
+        elif num_batch >= 1024:
+            graph = 768 * MiB
+        else:
+            graph = min(256 * MiB, self.file_size // 2)
+        return self.file_size + self.kv_bytes(num_ctx) + graph
+
+
+_CHAT = ("completion", "tools")
+_EMBED = ("embedding",)
+# fmt: off
+_CATALOG_ROWS = [  # name family params quant file-bytes blocks ctx emb heads kv caps count
+    ("llama3.1:latest", "llama", "8.0B", "Q4_K_M", 4920753328, 32, 131072, 4096, 32, 8, _CHAT, 8030261312),
+    ("llama3.1:70b", "llama", "70.6B", "Q4_K_M", 42520413916, 80, 131072, 8192, 64, 8, _CHAT, 70553706560),
+    ("llama3.2:3b", "llama", "3.2B", "Q4_K_M", 2019393189, 28, 131072, 3072, 24, 8, _CHAT, 3212749888),
+    ("codellama:latest", "llama", "7B", "Q4_0", 3825910662, 32, 16384, 4096, 32, 32, ("completion",),
+     6738546688),
+    ("mxbai-embed-large:latest", "bert", "334M", "F16", 669615493, 24, 512, 1024, 16, 16, _EMBED, 334090240),
+    ("nomic-embed-text:latest", "nomic-bert", "137M", "F16", 274302450, 12, 2048, 768, 12, 12, _EMBED,
+     136727040),
+    ("all-minilm:latest", "bert", "23M", "F16", 45960996, 6, 512, 384, 12, 12, _EMBED, 22565376),
+]
+# fmt: on
+
+
+def _spec_from_row(index: int, row: tuple) -> ModelSpec:
+    name, family, params, quant, file_size, blocks, ctx, emb, heads, kv_heads, caps, count = row
+    return ModelSpec(
+        name=name,
+        family=family,
+        parameter_size=params,
+        quantization_level=quant,
+        file_size=file_size,
+        block_count=blocks,
+        context_length=ctx,
+        embedding_length=emb,
+        head_count=heads,
+        head_count_kv=kv_heads,
+        head_dim=emb // heads,
+        capabilities=caps,
+        parameter_count=count,
+        modified_at=f"2026-01-{20 - index:02d}T10:00:00.123456789Z",
+    )
+
+
+CATALOG: dict[str, ModelSpec] = {row[0]: _spec_from_row(i, row) for i, row in enumerate(_CATALOG_ROWS)}
+
+
+def canonical_name(name: str) -> str:
+    """Ollama's short-name rule: `llama3.1` -> `llama3.1:latest`; a `library/` prefix is dropped."""
+    name = name.strip()
+    for prefix in ("registry.ollama.ai/library/", "library/"):
+        if name.lower().startswith(prefix):
+            name = name[len(prefix) :]
+    last = name.rsplit("/", 1)[-1]
+    return name if ":" in last else f"{name}:latest"
+
+
+def default_num_ctx(total_vram_bytes: int) -> int:
+    """Era C (>= 0.15.5): the default context from total VRAM, set once at server start."""
+    if total_vram_bytes >= 47 * GiB:
+        return 262144
+    if total_vram_bytes >= 23 * GiB:
+        return 32768
+    return 4096
+
+
+# --------------------------------------------------------------------------------------------- wire helpers
+
+
+def _go_quote(text: str) -> str:
+    """strconv.Quote / %q for the texts we meet (JSON escaping is the same for ASCII)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+_DURATION_UNITS = {"ns": 1, "us": 1e3, "µs": 1e3, "μs": 1e3, "ms": 1e6, "s": 1e9, "m": 60e9, "h": 3600e9}
+
+
+def parse_go_duration(text: str) -> int:
+    """Go's time.ParseDuration, in ns, with Go's error texts ('time: missing unit in duration "-1"')."""
+    quoted = _go_quote(text)
+    rest, negative = text, False
+    if rest[:1] in ("+", "-"):
+        negative, rest = rest[0] == "-", rest[1:]
+    if rest == "0":
+        return 0
+    if not rest:
+        raise ValueError(f"time: invalid duration {quoted}")
+    total = 0.0
+    while rest:
+        number = re.match(r"(\d*)(\.\d*)?", rest)
+        whole, frac = number.group(1), number.group(2) or ""
+        if not whole and frac in ("", "."):
+            raise ValueError(f"time: invalid duration {quoted}")
+        rest = rest[number.end() :]
+        unit = re.match(r"[^\d.]*", rest).group(0)
+        if not unit:
+            raise ValueError(f"time: missing unit in duration {quoted}")
+        if unit not in _DURATION_UNITS:
+            raise ValueError(f"time: unknown unit {_go_quote(unit)} in duration {quoted}")
+        total += float((whole or "0") + frac) * _DURATION_UNITS[unit]
+        rest = rest[len(unit) :]
+    return -int(total) if negative else int(total)
+
+
+def parse_keep_alive(value: Any) -> int | None:
+    """api.Duration.UnmarshalJSON: number = seconds, string = Go duration, < 0 = forever, None = unset."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError("Unsupported type: 'bool'")
+    if isinstance(value, int | float):
+        return FOREVER_NS if value < 0 else int(value * 1e9)
+    if isinstance(value, str):
+        ns = parse_go_duration(value)
+        return FOREVER_NS if ns < 0 else ns
+    go_type = "[]interface {}" if isinstance(value, list) else "map[string]interface {}"
+    raise ValueError(f"Unsupported type: '{go_type}'")
+
+
+def parse_env_keep_alive(value: str | int | float) -> int:
+    """OLLAMA_KEEP_ALIVE: like the API, but a bare integer string means seconds ("-1" works there)."""
+    if isinstance(value, int | float):
+        return parse_keep_alive(value)  # type: ignore[return-value]
+    with contextlib.suppress(ValueError):
+        return parse_keep_alive(float(value))  # type: ignore[return-value]
+    return parse_keep_alive(value)  # type: ignore[return-value]
+
+
+def _rfc3339(ns: int, utc: bool) -> str:
+    """Go's RFC3339Nano: nanoseconds with trailing zeros trimmed; 'Z' for a zero offset."""
+    seconds, nanos = divmod(ns, 10**9)
+    moment = datetime.fromtimestamp(seconds, UTC)
+    if not utc:
+        moment = moment.astimezone()
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if nanos:
+        text += "." + f"{nanos:09d}".rstrip("0")
+    offset = moment.utcoffset()
+    if not offset:
+        return text + "Z"
+    minutes = int(offset.total_seconds() // 60)
+    sign = "+" if minutes >= 0 else "-"
+    return f"{text}{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+
+
+def _created_at() -> str:
+    return _rfc3339(time.time_ns(), utc=True)
+
+
+def _expiry_ns(now_ns: int, keep_alive_ns: int) -> int:
+    return now_ns + keep_alive_ns  # forever: now + MaxInt64 ns (~2318), as Go computes it
+
+
+def _go_json_error(body: bytes, err: json.JSONDecodeError) -> str:
+    """The Go decoder's wording for the common malformed bodies (truncated, or a stray character)."""
+    if err.pos >= len(body.rstrip()):
+        return "unexpected EOF"
+    wanted = "object key string" if err.msg.startswith("Expecting property name") else "value"
+    return f"invalid character '{err.doc[err.pos]}' looking for beginning of {wanted}"
+
+
+_JSON_KIND = {str: "string", bool: "bool", int: "number", float: "number", list: "array", dict: "object"}
+# Go types of the request fields we check, per request struct (only the fields clients really send).
+_FIELD_TYPES: dict[str, dict[str, tuple[type, str]]] = {
+    "GenerateRequest": {
+        "model": (str, "string"),
+        "prompt": (str, "string"),
+        "suffix": (str, "string"),
+        "system": (str, "string"),
+        "template": (str, "string"),
+        "stream": (bool, "bool"),
+        "raw": (bool, "bool"),
+        "options": (dict, "map[string]interface {}"),
+        "context": (list, "[]int"),
+    },
+    "ChatRequest": {
+        "model": (str, "string"),
+        "messages": (list, "[]api.Message"),
+        "stream": (bool, "bool"),
+        "options": (dict, "map[string]interface {}"),
+    },
+    "EmbedRequest": {"model": (str, "string"), "options": (dict, "map[string]interface {}")},
+    "EmbeddingRequest": {
+        "model": (str, "string"),
+        "prompt": (str, "string"),
+        "options": (dict, "map[string]interface {}"),
+    },
+    "ShowRequest": {"model": (str, "string"), "name": (str, "string"), "verbose": (bool, "bool")},
+}
+
+
+class ApiError(Exception):
+    """An error reply: status + the exact `{"error": text}` Ollama sends."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def decode_request(body: bytes, struct: str) -> dict:
+    """Decode a JSON body like gin's ShouldBindJSON would, raising ApiError(400) with Go's texts."""
+    if not body.strip():
+        raise ApiError(400, "missing request body")
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as err:
+        raise ApiError(400, _go_json_error(body, err)) from None
+    if not isinstance(data, dict):
+        kind = _JSON_KIND.get(type(data), "null")
+        raise ApiError(400, f"json: cannot unmarshal {kind} into Go value of type api.{struct}")
+    for key, (py_type, go_type) in _FIELD_TYPES.get(struct, {}).items():
+        value = data.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, py_type) and not (py_type is not bool and isinstance(value, bool))
+        if not ok:
+            kind = _JSON_KIND.get(type(value), "null")
+            raise ApiError(
+                400, f"json: cannot unmarshal {kind} into Go struct field {struct}.{key} of type {go_type}"
+            )
+    try:
+        data["_keep_alive_ns"] = parse_keep_alive(data.get("keep_alive"))
+    except ValueError as err:
+        raise ApiError(400, str(err)) from None
+    return data
+
+
+_INT_OPTIONS = (
+    "num_ctx",
+    "num_batch",
+    "num_gpu",
+    "main_gpu",
+    "num_thread",
+    "num_predict",
+    "num_keep",
+    "seed",
+)
+_BOOL_OPTIONS = ("use_mmap", "use_mlock", "numa")
+
+
+def parse_options(options: dict | None) -> dict:
+    """Options.FromMap: wrong types are a 500 with Go's text; unknown keys are ignored."""
+    parsed: dict = {}
+    for key, value in (options or {}).items():
+        if value is None:
+            continue
+        if key in _INT_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ApiError(500, f"option {_go_quote(key)} must be of type integer")
+            parsed[key] = int(value)
+        elif key in _BOOL_OPTIONS:
+            if not isinstance(value, bool):
+                raise ApiError(500, f"option {_go_quote(key)} must be of type boolean")
+            parsed[key] = value
+        else:
+            parsed[key] = value
+    return parsed
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]*(:[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
+
+
+# --------------------------------------------------------------------------------------------- runners
+
+
+@dataclass
+class Runner:
+    """One loaded model instance (Ollama's runnerRef)."""
+
+    spec: ModelSpec
+    size: int
+    size_vram: int
+    num_gpu: int  # stored value: -1 when automatic
+    num_ctx: int  # resolved per-slot context (/api/ps context_length)
+    num_ctx_explicit: int | None
+    num_batch_explicit: int | None
+    main_gpu: int | None
+    use_mmap: bool | None
+    num_thread: int
+    keep_alive_ns: int
+    expires_at_ns: int
+    loaded_at: float = field(default_factory=time.time)
+    ref_count: int = 0
+    stop_at: float | None = None  # set when unloading: removal happens at/after this moment (monotonic)
+    unload_when_idle: bool = False
+
+
+class SimError(Exception):
+    pass
+
+
+@dataclass
+class _Placement:
+    size: int
+    size_vram: int
+
+
+class _NeedsEviction(Exception):
+    """The model does not fit next to the others: evict (one victim, or all) and try again."""
+
+    def __init__(self, evict_all: bool) -> None:
+        super().__init__("needs eviction")
+        self.evict_all = evict_all
+
+
+# --------------------------------------------------------------------------------------------- the node
+
+
+class SimNode:
+    """A simulated Ollama server on 127.0.0.1 with a VRAM/RAM budget and Ollama's scheduler."""
+
+    def __init__(
+        self,
+        vram_gb: float = 24.0,
+        ram_gb: float = 64.0,
+        models: Iterable[str] | None = None,
+        preload: Iterable[tuple[str, str]] | None = None,
+        load_seconds_per_gb: float = 0.0,
+        unload_seconds: float = 0.05,
+        latency_ms: float = 0.0,
+        max_loaded: int = 0,
+        keep_alive_default: str | int | float = "5m",
+        port: int = 0,
+        inference_time_scale: float = 0.0,
+    ) -> None:
+        self.ram_gb = ram_gb
+        self._vram_gb = float(vram_gb)
+        self.installed: dict[str, ModelSpec] = self._resolve_installed(models)
+        self.preload = list(preload or [])
+        self.load_seconds_per_gb = load_seconds_per_gb
+        self.unload_seconds = unload_seconds
+        self.latency_ms = latency_ms
+        self.max_loaded = max_loaded
+        self.keep_alive_default_ns = parse_env_keep_alive(keep_alive_default)
+        self.inference_time_scale = (
+            inference_time_scale  # 0 = instant; 1 = simulated token rates in real time
+        )
+        self.port = port
+        self.host = "127.0.0.1"
+        self.default_num_ctx = default_num_ctx(self.vram_bytes)
+
+        self._lock = threading.Lock()  # guards the memory state below; never held while sleeping
+        self._changed = threading.Condition(self._lock)
+        self._load_mutex = threading.Lock()  # one model loads at a time, like Ollama's single pending loop
+        self._runners: dict[str, Runner] = {}
+        self._counts: dict[str, dict[str, int]] = {}
+        self._epoch = 0  # bumped by restart(): loads in progress from before are lost
+        self.request_log: list[tuple[str, str, Any]] = []
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+        self._fault: str | None = None
+        self._fault_seconds = 0.0
+        self._fault_paths: tuple[str, ...] | None = None
+        self._fault_released = threading.Event()
+        self._stopping = threading.Event()
+        self._reaper_wake = threading.Event()
+        self._server: _Server | None = None
+        self._serve_thread: threading.Thread | None = None
+        self._reaper: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self._conn_lock = threading.Lock()
+        self._started = False
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> SimNode:
+        """Bind 127.0.0.1:port (0 = ephemeral), preload, and serve in daemon threads."""
+        if self._started:
+            return self
+        self._stopping.clear()
+        self._apply_preload()
+        self._bind()
+        self._reaper = threading.Thread(target=self._reap_loop, name=f"sim-reaper-{self.port}", daemon=True)
+        self._reaper.start()
+        self._started = True
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; hung or slow handlers are released, never waited on forever."""
+        if not self._started:
+            return
+        self._started = False
+        self._stopping.set()
+        self._fault_released.set()
+        self._reaper_wake.set()
+        self._unbind()
+        if self._reaper is not None:
+            self._reaper.join(timeout=2)
+
+    def __enter__(self) -> SimNode:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def vram_gb(self) -> float:
+        return self._vram_gb
+
+    @vram_gb.setter
+    def vram_gb(self, value: float) -> None:
+        """Change the GPU (0 = lost, e.g. after suspend/resume); loaded runners keep what they hold."""
+        with self._lock:
+            self._vram_gb = float(value)
+
+    @property
+    def vram_bytes(self) -> int:
+        return int(self._vram_gb * GiB)
+
+    @property
+    def ram_bytes(self) -> int:
+        return int(self.ram_gb * GiB)
+
+    def _bind(self) -> None:
+        server = _Server((self.host, self.port), _Handler)
+        server.node = self
+        self.port = server.server_address[1]
+        self._server = server
+        self._serve_thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"sim-{self.port}", daemon=True
+        )
+        self._serve_thread.start()
+
+    def _unbind(self) -> None:
+        """Close the listener (connections are refused) and drop every open connection."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        with self._conn_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    # ----------------------------------------------------------------------------- faults and scenarios
+
+    def set_fault(self, kind: str, seconds: float = 0.0, paths: Iterable[str] | None = None) -> None:
+        """down | drop | hang | slow | error500 | garbage | busy, optionally only for some paths."""
+        if kind not in ("down", "drop", "hang", "slow", "error500", "garbage", "busy"):
+            raise ValueError(f"unknown fault {kind!r}")
+        self.clear_fault()
+        self._fault_released.clear()
+        self._fault, self._fault_seconds = kind, float(seconds)
+        self._fault_paths = tuple(paths) if paths else None
+        if kind == "down" and self._started:
+            self._unbind()
+
+    def clear_fault(self) -> None:
+        was_down = self._fault == "down"
+        self._fault, self._fault_paths, self._fault_seconds = None, None, 0.0
+        self._fault_released.set()
+        if was_down and self._started and self._server is None:
+            self._bind()
+
+    @property
+    def fault(self) -> str | None:
+        return self._fault
+
+    def restart(self, downtime: float = 0.0) -> None:
+        """Ollama restarts: connections refused for `downtime` s, then the same models are back, on CPU.
+
+        This is the bug the product exists for: after a restart (or suspend/resume) automatic loads fall
+        back to RAM, stored num_gpu -1, keep_alive kept. Counts are not changed by a restart.
+        """
+        if self._started and self._fault != "down":
+            self._unbind()
+        with self._lock:
+            survivors = [r for r in self._runners.values() if r.stop_at is None]
+            self._runners.clear()
+            self._epoch += 1
+            self._changed.notify_all()
+        if downtime > 0:
+            self._stopping.wait(downtime)
+        now = time.time_ns()
+        with self._lock:
+            self.default_num_ctx = default_num_ctx(self.vram_bytes)
+            for old in survivors:
+                self._runners[old.spec.name] = Runner(
+                    spec=old.spec,
+                    size=old.size,
+                    size_vram=0,
+                    num_gpu=-1,
+                    num_ctx=old.num_ctx,
+                    num_ctx_explicit=None,
+                    num_batch_explicit=None,
+                    main_gpu=None,
+                    use_mmap=None,
+                    num_thread=0,
+                    keep_alive_ns=old.keep_alive_ns,
+                    expires_at_ns=_expiry_ns(now, old.keep_alive_ns),
+                )
+        if self._started and self._fault != "down":
+            self._bind()
+        self._reaper_wake.set()
+
+    # ----------------------------------------------------------------------------- introspection
+
+    def counts(self, model: str) -> dict[str, int]:
+        """{"loads": n, "unloads": n} for one model (canonical or short name); a reload is one of each."""
+        name = self._lookup(model)
+        name = name.name if name else canonical_name(model)
+        with self._lock:
+            return dict(self._counts.get(name, {"loads": 0, "unloads": 0}))
+
+    def loaded(self) -> list[dict]:
+        """The runners as the scheduler sees them (including ones that are still stopping)."""
+        with self._lock:
+            return [
+                {
+                    "name": r.spec.name,
+                    "size": r.size,
+                    "size_vram": r.size_vram,
+                    "num_gpu": r.num_gpu,
+                    "keep_alive": math.inf if r.keep_alive_ns == FOREVER_NS else r.keep_alive_ns / 1e9,
+                    "expires_at": r.expires_at_ns / 1e9,
+                    "context_length": r.num_ctx,
+                    "stopping": r.stop_at is not None,
+                    "in_flight": r.ref_count,
+                }
+                for r in self._runners.values()
+            ]
+
+    def _record(self, method: str, path: str, body: Any) -> None:
+        with self._lock:
+            self.request_log.append((method, path, body))
+
+    def _count(self, name: str, kind: str) -> None:
+        self._counts.setdefault(name, {"loads": 0, "unloads": 0})[kind] += 1
+
+    def _add_bytes(self, inbound: int = 0, outbound: int = 0) -> None:
+        with self._conn_lock:
+            self.bytes_in += inbound
+            self.bytes_out += outbound
+
+    # ----------------------------------------------------------------------------- catalogue
+
+    @staticmethod
+    def _resolve_installed(models: Iterable[str] | None) -> dict[str, ModelSpec]:
+        if models is None:
+            return dict(CATALOG)
+        installed = {}
+        for model in models:
+            name = canonical_name(model)
+            if name not in CATALOG:
+                raise ValueError(f"unknown model {model!r}; known: {', '.join(CATALOG)}")
+            installed[name] = CATALOG[name]
+        return installed
+
+    def _lookup(self, model: str) -> ModelSpec | None:
+        """Installed model by canonical or short name, case-insensitively (like Ollama's manifest lookup)."""
+        wanted = canonical_name(model).lower()
+        for name, spec in self.installed.items():
+            if name.lower() == wanted:
+                return spec
+        return None
+
+    # ----------------------------------------------------------------------------- preload
+
+    def _apply_preload(self) -> None:
+        for model, where in self.preload:
+            spec = self._lookup(model)
+            if spec is None:
+                raise ValueError(f"preload: {model!r} is not installed")
+            if where == "auto":
+                self.release(self.schedule(spec, {}, None, count=False, load_delay=False))
+                continue
+            if where not in ("gpu", "cpu", "forced-cpu"):
+                raise ValueError(f"preload placement must be auto|gpu|cpu|forced-cpu, not {where!r}")
+            num_ctx = self._resolve_ctx(spec, {})
+            size = spec.loaded_size(num_ctx, self._resolve_batch(spec, {}, num_ctx))
+            size_vram = size if where == "gpu" and self.vram_bytes > 0 else 0
+            runner = self._new_runner(spec, {}, None, _Placement(size, size_vram))
+            if where == "forced-cpu":
+                runner.num_gpu = 0
+            with self._lock:
+                self._runners[spec.name] = runner
+
+    # ----------------------------------------------------------------------------- scheduler
+
+    def _resolve_ctx(self, spec: ModelSpec, opts: dict) -> int:
+        """num_ctx: explicit or the VRAM-based default, clamped to the trained context."""
+        return max(1, min(opts.get("num_ctx") or self.default_num_ctx, spec.context_length))
+
+    @staticmethod
+    def _resolve_batch(spec: ModelSpec, opts: dict, num_ctx: int) -> int:
+        if opts.get("num_batch"):
+            return opts["num_batch"]
+        return min(2048, num_ctx) if spec.embedding_only else 512
+
+    def _needs_reload(self, runner: Runner, opts: dict) -> bool:
+        """sched.go needsReload over api.Runner fields; sampling options never reload."""
+        new_gpu = opts.get("num_gpu", -1)
+        if new_gpu >= 0 and new_gpu != runner.num_gpu:
+            return True
+        new_ctx = opts.get("num_ctx")
+        if (new_ctx is not None or runner.num_ctx_explicit is not None) and self._resolve_ctx(
+            runner.spec, opts
+        ) != runner.num_ctx:
+            return True
+        new_batch = opts.get("num_batch")
+        if (new_batch is not None or runner.num_batch_explicit is not None) and (
+            (new_batch or 512) != (runner.num_batch_explicit or 512)
+        ):
+            return True
+        if opts.get("main_gpu") != runner.main_gpu or opts.get("use_mmap") != runner.use_mmap:
+            return True
+        return opts.get("num_thread", 0) != runner.num_thread
+
+    def _new_runner(
+        self, spec: ModelSpec, opts: dict, keep_alive_ns: int | None, place: _Placement
+    ) -> Runner:
+        keep = self.keep_alive_default_ns if keep_alive_ns is None else keep_alive_ns
+        return Runner(
+            spec=spec,
+            size=place.size,
+            size_vram=place.size_vram,
+            num_gpu=opts.get("num_gpu", -1) if opts.get("num_gpu", -1) >= 0 else -1,
+            num_ctx=self._resolve_ctx(spec, opts),
+            num_ctx_explicit=opts.get("num_ctx"),
+            num_batch_explicit=opts.get("num_batch"),
+            main_gpu=opts.get("main_gpu"),
+            use_mmap=opts.get("use_mmap"),
+            num_thread=opts.get("num_thread", 0),
+            keep_alive_ns=keep,
+            expires_at_ns=_expiry_ns(time.time_ns(), keep),
+        )
+
+    def _try_use(self, spec: ModelSpec, opts: dict, keep_alive_ns: int | None) -> Runner | None:
+        """Fast path (getRunner, >= 0.11.5): a loaded runner needing no reload is used at once. Lock held."""
+        runner = self._runners.get(spec.name)
+        if runner is None or runner.stop_at is not None or self._needs_reload(runner, opts):
+            return None
+        if keep_alive_ns is not None:
+            runner.keep_alive_ns = keep_alive_ns
+        runner.ref_count += 1
+        return runner
+
+    def schedule(
+        self,
+        spec: ModelSpec,
+        opts: dict,
+        keep_alive_ns: int | None,
+        count: bool = True,
+        load_delay: bool = True,
+    ) -> Runner:
+        """Get a runner for this request (ref_count taken), loading/evicting like processPending."""
+        with self._lock:
+            runner = self._try_use(spec, opts, keep_alive_ns)
+        if runner is not None:
+            return runner
+        with self._load_mutex:
+            retried_after_evict_all = False
+            while True:
+                if self._stopping.is_set():
+                    raise ApiError(500, "server shutting down")
+                with self._lock:
+                    runner = self._try_use(spec, opts, keep_alive_ns)
+                    if runner is not None:
+                        return runner
+                    current = self._runners.get(spec.name)
+                    epoch = self._epoch
+                if current is not None:  # needs a reload (or is stopping): the old instance goes first
+                    self._unload_and_wait([current])
+                    continue
+                try:
+                    with self._lock:
+                        place = self._plan(spec, opts)
+                except _NeedsEviction as need:
+                    victims = self._victims(spec.name, need.evict_all)
+                    if need.evict_all:
+                        if retried_after_evict_all or not victims:
+                            raise ApiError(500, self._oom_text(spec, opts)) from None
+                        retried_after_evict_all = True
+                    self._unload_and_wait(victims)
+                    continue
+                return self._load(spec, opts, keep_alive_ns, place, epoch, count, load_delay)
+
+    def _plan(self, spec: ModelSpec, opts: dict) -> _Placement:
+        """Era C placement for a model not loaded yet. Raises _NeedsEviction or ApiError. Lock held."""
+        others = [r for r in self._runners.values() if r.spec.name != spec.name]
+        max_loaded = self.max_loaded or 3  # 3 x max(#GPUs, 1); a GPU node has one GPU here
+        if len([r for r in others if r.stop_at is None]) >= max_loaded:
+            raise _NeedsEviction(evict_all=False)
+        num_ctx = self._resolve_ctx(spec, opts)
+        size = spec.loaded_size(num_ctx, self._resolve_batch(spec, opts, num_ctx))
+        per_layer = size / spec.layers
+        free_vram = max(0, self.vram_bytes - sum(r.size_vram for r in others))
+        num_gpu = opts.get("num_gpu", -1)
+        if self.vram_bytes == 0 or num_gpu == 0:
+            size_vram = 0  # no GPU backend, or CPU only: era C does no memory check
+        elif num_gpu > 0:
+            layers = min(num_gpu, spec.layers)
+            size_vram = size if layers == spec.layers else int(layers * per_layer)
+            if size_vram > free_vram:  # llama-server would run out of memory
+                if others:
+                    raise _NeedsEviction(evict_all=True)
+                raise ApiError(500, self._oom_text(spec, opts))
+        elif others:
+            if size > FIT_FRACTION * free_vram:  # requireFull: never split next to resident models
+                raise _NeedsEviction(evict_all=False)
+            size_vram = size
+        else:
+            layers = min(spec.layers, int(FIT_FRACTION * free_vram // per_layer))
+            size_vram = size if layers == spec.layers else int(layers * per_layer)
+        cpu_part = size - size_vram
+        free_ram = self.ram_bytes - sum(r.size - r.size_vram for r in others)
+        if cpu_part > free_ram:
+            if others:
+                raise _NeedsEviction(evict_all=False)
+            raise ApiError(
+                500,
+                f"model requires more system memory ({cpu_part / GiB:.1f} GiB) than is available "
+                f"({max(0, free_ram) / GiB:.1f} GiB)",
+            )
+        return _Placement(size=size, size_vram=size_vram)
+
+    def _oom_text(self, spec: ModelSpec, opts: dict) -> str:
+        num_ctx = self._resolve_ctx(spec, opts)
+        size = spec.loaded_size(num_ctx, self._resolve_batch(spec, opts, num_ctx))
+        return (
+            "llama-server process has terminated: error: ggml_backend_cuda_buffer_type_alloc_buffer: "
+            f"allocating {size / MiB:.2f} MiB on device 0: cudaMalloc failed: out of memory"
+        )
+
+    def _victims(self, exclude: str, evict_all: bool) -> list[Runner]:
+        """findRunnerToUnload: ByDurationAndName (keep_alive ascending, then blob), the first idle one."""
+        with self._lock:
+            candidates = sorted(
+                (r for r in self._runners.values() if r.spec.name != exclude),
+                key=lambda r: (r.keep_alive_ns, r.spec.digest),
+            )
+        if evict_all or not candidates:
+            return candidates
+        idle = [r for r in candidates if r.ref_count == 0]
+        return [(idle or candidates)[0]]
+
+    def _unload_and_wait(self, runners: list[Runner]) -> None:
+        """Expire runners and wait until they are gone (in-flight requests finish first)."""
+        with self._lock:
+            for runner in runners:
+                self._expire_locked(runner)
+        self._reaper_wake.set()
+        with self._changed:
+            while any(self._runners.get(r.spec.name) is r for r in runners):
+                if self._stopping.is_set():
+                    raise ApiError(500, "server shutting down")
+                self._changed.wait(timeout=0.1)
+
+    def _expire_locked(self, runner: Runner) -> None:
+        """expireRunner: expires_at = now; the process is closed unload_seconds later (async)."""
+        if runner.stop_at is None:
+            runner.stop_at = time.monotonic() + self.unload_seconds
+            runner.expires_at_ns = time.time_ns()
+
+    def _load(
+        self,
+        spec: ModelSpec,
+        opts: dict,
+        keep_alive_ns: int | None,
+        place: _Placement,
+        epoch: int,
+        count: bool,
+        load_delay: bool,
+    ) -> Runner:
+        """Start the runner: wait the load time (lock released), then list it (era C: only once healthy)."""
+        delay = self.load_seconds_per_gb * place.size / GiB if load_delay else 0.0
+        if delay > 0 and self._stopping.wait(delay):
+            raise ApiError(500, "server shutting down")
+        runner = self._new_runner(spec, opts, keep_alive_ns, place)
+        runner.ref_count = 1
+        with self._lock:
+            if epoch != self._epoch:
+                raise ApiError(500, "llama-server process has terminated: signal: killed")
+            self._runners[spec.name] = runner
+            if count:
+                self._count(spec.name, "loads")
+            self._changed.notify_all()
+        return runner
+
+    def release(self, runner: Runner, keep_alive_ns: int | None = None) -> None:
+        """A request finished: the keep_alive timer starts now (keep_alive 0 -> unload when idle)."""
+        with self._lock:
+            runner.ref_count = max(0, runner.ref_count - 1)
+            if runner.ref_count == 0 and runner.stop_at is None:
+                runner.expires_at_ns = _expiry_ns(time.time_ns(), runner.keep_alive_ns)
+        self._reaper_wake.set()
+
+    def unload(self, spec: ModelSpec) -> None:
+        """The keep_alive 0 request: expire the runner if loaded; removal is asynchronous."""
+        with self._lock:
+            runner = self._runners.get(spec.name)
+            if runner is not None:
+                self._expire_locked(runner)
+        self._reaper_wake.set()
+
+    def _reap_loop(self) -> None:
+        """Background timer: expire idle runners past expires_at, remove stopping runners when due."""
+        while not self._stopping.is_set():
+            self._reaper_wake.clear()
+            next_wake = self._reap_once()
+            self._reaper_wake.wait(timeout=max(0.001, min(next_wake, 0.5)))
+
+    def _reap_once(self) -> float:
+        now_ns, now_mono = time.time_ns(), time.monotonic()
+        next_wake = 0.5
+        with self._lock:
+            for name, runner in list(self._runners.items()):
+                if runner.stop_at is None and runner.ref_count == 0 and runner.expires_at_ns <= now_ns:
+                    self._expire_locked(runner)
+                if runner.stop_at is None:
+                    if runner.ref_count == 0:
+                        next_wake = min(next_wake, (runner.expires_at_ns - now_ns) / 1e9)
+                elif runner.ref_count == 0 and now_mono >= runner.stop_at:
+                    del self._runners[name]
+                    self._count(name, "unloads")
+                    self._changed.notify_all()
+                else:
+                    next_wake = min(next_wake, max(0.001, runner.stop_at - now_mono))
+        return next_wake
+
+    # ----------------------------------------------------------------------------- replies (JSON bodies)
+
+    def ps_body(self) -> dict:
+        """/api/ps: canonical names, sorted by expires_at descending at 1-second resolution (stable)."""
+        with self._lock:
+            runners = list(self._runners.values())
+        runners.sort(key=lambda r: r.expires_at_ns // 10**9, reverse=True)
+        return {"models": [self._ps_entry(r) for r in runners]}
+
+    @staticmethod
+    def _ps_entry(runner: Runner) -> dict:
+        spec = runner.spec
+        return {
+            "name": spec.name,
+            "model": spec.name,
+            "size": runner.size,
+            "digest": spec.digest,
+            "details": _details(spec),
+            "expires_at": _rfc3339(runner.expires_at_ns, utc=False),
+            "size_vram": runner.size_vram,
+            "context_length": runner.num_ctx,
+        }
+
+    def tags_body(self) -> dict:
+        specs = sorted(self.installed.values(), key=lambda s: s.modified_at, reverse=True)
+        models = []
+        for spec in specs:
+            details = _details(spec)
+            details["context_length"] = spec.context_length
+            details["embedding_length"] = spec.embedding_length
+            models.append(
+                {
+                    "name": spec.name,
+                    "model": spec.name,
+                    "modified_at": spec.modified_at,
+                    "size": spec.file_size,
+                    "digest": spec.digest,
+                    "details": details,
+                    "capabilities": list(spec.capabilities),
+                }
+            )
+        return {"models": models}
+
+
+def _details(spec: ModelSpec) -> dict:
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": spec.family,
+        "families": [spec.family],
+        "parameter_size": spec.parameter_size,
+        "quantization_level": spec.quantization_level,
+    }
+
+
+def show_body(spec: ModelSpec, verbose: bool) -> dict:
+    """/api/show: modelfile, details, GGUF model_info with <arch>.* sizing keys, tensors, capabilities."""
+    arch = spec.family.replace("-", "_") if spec.family != "nomic-bert" else "nomic-bert"
+    tokens: list = [f"<tok{i}>" for i in range(8)] if verbose else []
+    info = {
+        "general.architecture": arch,
+        "general.file_type": 15 if spec.quantization_level == "Q4_K_M" else 1,
+        "general.parameter_count": spec.parameter_count,
+        "general.quantization_version": 2,
+        f"{arch}.block_count": spec.block_count,
+        f"{arch}.context_length": spec.context_length,
+        f"{arch}.embedding_length": spec.embedding_length,
+        f"{arch}.attention.head_count": spec.head_count,
+        f"{arch}.attention.head_count_kv": spec.head_count_kv,
+        f"{arch}.feed_forward_length": spec.embedding_length * 4,
+        "tokenizer.ggml.model": "gpt2" if not spec.embedding_only else "bert",
+        "tokenizer.ggml.tokens": tokens,
+    }
+    parameters = 'stop "<|eot_id|>"' if not spec.embedding_only else ""
+    return {
+        "license": "",
+        "modelfile": f'# Modelfile generated by "ollama show"\nFROM {spec.name}\n',
+        "parameters": parameters,
+        "template": "{{ .Prompt }}" if not spec.embedding_only else "",
+        "details": _details(spec),
+        "model_info": info,
+        "tensors": [
+            {
+                "name": "token_embd.weight",
+                "type": spec.quantization_level,
+                "shape": [spec.embedding_length, 32000],
+            }
+        ],
+        "capabilities": list(spec.capabilities),
+        "modified_at": spec.modified_at,
+    }
+
+
+# --------------------------------------------------------------------------------------------- fake inference
+
+_TEXT = (
+    "the sky is blue because air molecules scatter short wavelengths of sunlight more than long ones "
+    "so blue light reaches your eyes from every direction while red and yellow pass straight through"
+)
+_WORDS = _TEXT.split(" ")
+
+
+def fake_tokens(model: str, prompt: str, limit: int | None) -> tuple[list[str], str]:
+    """Deterministic text for (model, prompt): (pieces, done_reason)."""
+    rng = random.Random(hashlib.sha256(f"{model}\0{prompt}".encode()).digest())
+    words = [rng.choice(_WORDS) + " " for _ in range(rng.randint(8, 24))]
+    if limit is not None and 0 <= limit < len(words):
+        return words[:limit], "length"
+    return words, "stop"
+
+
+def fake_embedding(model: str, text: str, dims: int, normalise: bool) -> list[float]:
+    rng = random.Random(hashlib.sha256(f"{model}\0{text}".encode()).digest())
+    vector = [rng.gauss(0.0, 1.0) for _ in range(dims)]
+    if normalise:
+        norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+        vector = [v / norm for v in vector]
+    return vector
+
+
+def _tokens_per_second(runner: Runner) -> float:
+    """Plausible eval rates: GPU ~ 100 tok/s for 8B, CPU ~ 8x slower, a split in between."""
+    gpu_rate = 100.0 * 4.9e9 / max(runner.spec.file_size, 1)
+    share = runner.size_vram / runner.size if runner.size else 0.0
+    cpu_rate = gpu_rate / 8
+    return 1.0 / (share / gpu_rate + (1 - share) / cpu_rate)
+
+
+# --------------------------------------------------------------------------------------------- HTTP
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # stop() must never wait on a hung handler
+    allow_reuse_address = True
+    node: SimNode
+
+
+class _CountingReader:
+    """Counts request bytes (request line, headers, body) as the handler reads them."""
+
+    def __init__(self, raw: Any, node: SimNode) -> None:
+        self._raw, self._node = raw, node
+
+    def readline(self, *args: Any) -> bytes:
+        data = self._raw.readline(*args)
+        self._node._add_bytes(inbound=len(data))
+        return data
+
+    def read(self, *args: Any) -> bytes:
+        data = self._raw.read(*args)
+        self._node._add_bytes(inbound=len(data))
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+class _CountingWriter:
+    def __init__(self, raw: Any, node: SimNode) -> None:
+        self._raw, self._node = raw, node
+
+    def write(self, data: bytes) -> int:
+        self._node._add_bytes(outbound=len(data))
+        return self._raw.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+
+_ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("GET", "HEAD"),
+    "/api/version": ("GET", "HEAD"),
+    "/api/tags": ("GET", "HEAD"),
+    "/api/ps": ("GET",),
+    "/api/status": ("GET",),
+    "/api/show": ("POST",),
+    "/api/generate": ("POST",),
+    "/api/chat": ("POST",),
+    "/api/embed": ("POST",),
+    "/api/embeddings": ("POST",),
+}
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # Go sets TCP_NODELAY; without it kept-alive replies stall ~40 ms
+    server: _Server
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def node(self) -> SimNode:
+        return self.server.node
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _CountingReader(self.rfile, self.node)
+        self.wfile = _CountingWriter(self.wfile, self.node)
+        with self.node._conn_lock:
+            self.node._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.node._conn_lock:
+            self.node._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet, like a daemon
+        pass
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        """Like Go: a Date header, no Server header."""
+        self.send_response_only(code, message)
+        self.send_header("Date", self.date_time_string())
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().strip().split(b";")[0] or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj, separators=(",", ":")).encode(), "application/json; charset=utf-8")
+
+    def _send_error(self, err: ApiError) -> None:
+        self._send_json(err.status, {"error": err.message})
+
+    def _stream(self, objects: Iterator[dict]) -> None:
+        """NDJSON with chunked transfer encoding, like Go's streamed replies."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for obj in objects:
+            line = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+            self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _pause(self, seconds: float) -> None:
+        if seconds > 0:
+            self.node._stopping.wait(seconds)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _dispatch(self) -> None:
+        node = self.node
+        path = self.path.split("?", 1)[0]
+        body = self._read_body()
+        try:
+            logged = json.loads(body) if body else None
+        except ValueError:
+            logged = None
+        node._record(self.command, path, logged)
+        if node._server is None or node._stopping.is_set():  # down: drop what is still connected
+            self.close_connection = True
+            return
+        if self._apply_fault(path):
+            return
+        self._pause(node.latency_ms / 1000)
+        allowed = _ROUTES.get(path)
+        if allowed is None:
+            self._send(404, b"404 page not found", "text/plain")
+            return
+        if self.command not in allowed:
+            self._send(405, b"405 method not allowed", "text/plain")
+            return
+        try:
+            self._route(path, body)
+        except ApiError as err:
+            self._send_error(err)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _apply_fault(self, path: str) -> bool:
+        """Apply the current fault; True when the request was answered (or dropped) by it."""
+        node = self.node
+        kind, paths = node._fault, node._fault_paths
+        if kind is None or (paths is not None and path not in paths):
+            return False
+        if kind in ("down", "drop"):
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return True
+        if kind == "hang":  # released by clear_fault() (then answered normally) or stop()
+            while not node._fault_released.wait(0.1):
+                pass
+            if node._stopping.is_set():
+                self.close_connection = True
+                return True
+            return False
+        if kind == "slow":
+            self._pause(node._fault_seconds)
+            return False
+        if kind == "error500":
+            self._send_json(500, {"error": "llama-server process has terminated: exit status 2 (simulated)"})
+        elif kind == "garbage":
+            self._send(200, b"<html>\x00\xffnot json", "application/json; charset=utf-8")
+        elif kind == "busy":
+            self._send_json(503, {"error": BUSY_TEXT})
+        return True
+
+    def _route(self, path: str, body: bytes) -> None:
+        node = self.node
+        if path == "/":
+            self._send(200, b"Ollama is running", "text/plain; charset=utf-8")
+        elif path == "/api/version":
+            self._send_json(200, {"version": VERSION})
+        elif path == "/api/status":
+            self._send_json(200, {"cloud": {"disabled": False, "source": "default"}})
+        elif path == "/api/tags":
+            self._send_json(200, node.tags_body())
+        elif path == "/api/ps":
+            self._send_json(200, node.ps_body())
+        elif path == "/api/show":
+            self._show(decode_request(body, "ShowRequest"))
+        elif path == "/api/generate":
+            self._generate(decode_request(body, "GenerateRequest"))
+        elif path == "/api/chat":
+            self._chat(decode_request(body, "ChatRequest"))
+        elif path == "/api/embed":
+            self._embed(decode_request(body, "EmbedRequest"))
+        elif path == "/api/embeddings":
+            self._embeddings(decode_request(body, "EmbeddingRequest"))
+
+    # ------------------------------------------------------------------ endpoints
+
+    def _show(self, req: dict) -> None:
+        model = req.get("model") or req.get("name") or ""
+        if not model:
+            raise ApiError(400, "model is required")
+        spec = self.node._lookup(model)
+        if spec is None:
+            raise ApiError(404, f"model '{canonical_name(model)}' not found")
+        self._send_json(200, show_body(spec, bool(req.get("verbose"))))
+
+    def _resolve(self, model: str, not_found: str) -> ModelSpec:
+        if not _NAME_RE.match(model):
+            raise ApiError(400, "invalid model name")
+        spec = self.node._lookup(model)
+        if spec is None:
+            raise ApiError(404, not_found)
+        return spec
+
+    def _generate(self, req: dict) -> None:
+        model = req.get("model") or ""
+        if not model:
+            raise ApiError(404, "model '' not found")
+        spec = self._resolve(model, f"model '{model}' not found")
+        keep_alive_ns = req["_keep_alive_ns"]
+        prompt = req.get("prompt") or ""
+        if prompt == "" and keep_alive_ns == 0:
+            self.node.unload(spec)
+            self._send_json(200, self._final(model, "unload", response=""))
+            return
+        self._check_capability(spec, model, "generate", req)
+        opts = parse_options(req.get("options"))
+        runner = self.node.schedule(spec, opts, keep_alive_ns)
+        try:
+            if prompt == "":
+                self._send_json(200, self._final(model, "load", response=""))
+                return
+            pieces, reason = fake_tokens(spec.name, prompt, opts.get("num_predict"))
+            chunks = ({"response": p} for p in pieces)
+            final = {"response": "", **self._metrics(runner, prompt, len(pieces))}
+            final["context"] = [int(b) for b in hashlib.sha256(prompt.encode()).digest()[:16]]
+            self._reply(req, model, runner, chunks, final, reason, join_key="response")
+        finally:
+            self.node.release(runner)
+            if keep_alive_ns == 0:
+                self.node.unload(spec)
+
+    def _chat(self, req: dict) -> None:
+        model = req.get("model") or ""
+        if not model:
+            raise ApiError(400, "model is required")
+        spec = self._resolve(model, f"model '{model}' not found")
+        keep_alive_ns = req["_keep_alive_ns"]
+        messages = req.get("messages") or []
+        empty_message = {"role": "assistant", "content": ""}
+        if not messages and keep_alive_ns == 0:
+            self.node.unload(spec)
+            self._send_json(200, self._final(model, "unload", message=empty_message))
+            return
+        self._check_capability(spec, model, "chat", req)
+        opts = parse_options(req.get("options"))
+        runner = self.node.schedule(spec, opts, keep_alive_ns)
+        try:
+            if not messages:
+                self._send_json(200, self._final(model, "load", message=empty_message))
+                return
+            last = messages[-1].get("content", "") if isinstance(messages[-1], dict) else ""
+            pieces, reason = fake_tokens(spec.name, str(last), opts.get("num_predict"))
+            chunks = ({"message": {"role": "assistant", "content": p}} for p in pieces)
+            final = {"message": empty_message, **self._metrics(runner, str(last), len(pieces))}
+            self._reply(req, model, runner, chunks, final, reason, join_key="message")
+        finally:
+            self.node.release(runner)
+            if keep_alive_ns == 0:
+                self.node.unload(spec)
+
+    @staticmethod
+    def _check_capability(spec: ModelSpec, model: str, what: str, req: dict) -> None:
+        if spec.embedding_only:
+            raise ApiError(400, f"{_go_quote(model)} does not support {what}")
+        if req.get("think") and "thinking" not in spec.capabilities:
+            raise ApiError(400, f"{_go_quote(model)} does not support thinking")
+
+    @staticmethod
+    def _final(model: str, reason: str, **payload: Any) -> dict:
+        return {"model": model, "created_at": _created_at(), **payload, "done": True, "done_reason": reason}
+
+    @staticmethod
+    def _metrics(runner: Runner, prompt: str, eval_count: int) -> dict:
+        rate = _tokens_per_second(runner)
+        prompt_count = max(1, len(prompt.split()))
+        prompt_ns = int(prompt_count / (rate * 10) * 1e9)
+        eval_ns = int(eval_count / rate * 1e9)
+        return {
+            "total_duration": prompt_ns + eval_ns + 250_000,
+            "load_duration": 250_000,
+            "prompt_eval_count": prompt_count,
+            "prompt_eval_duration": prompt_ns,
+            "eval_count": eval_count,
+            "eval_duration": eval_ns,
+        }
+
+    def _reply(
+        self,
+        req: dict,
+        model: str,
+        runner: Runner,
+        chunks: Iterator[dict],
+        final: dict,
+        reason: str,
+        join_key: str,
+    ) -> None:
+        """Streamed NDJSON (default) or one object (stream:false); optional simulated inference time."""
+        self._pause(self.node.inference_time_scale * final["eval_duration"] / 1e9)
+        head = {"model": model}
+        if req.get("stream", True):
+            parts = ({**head, "created_at": _created_at(), **c, "done": False} for c in chunks)
+            last = {**head, "created_at": _created_at(), **final, "done": True, "done_reason": reason}
+            self._stream(_chain(parts, last))
+            return
+        pieces = [c[join_key]["content"] if join_key == "message" else c[join_key] for c in chunks]
+        text = "".join(pieces)
+        body = {**head, "created_at": _created_at(), **final, "done": True, "done_reason": reason}
+        if join_key == "message":
+            body["message"] = {"role": "assistant", "content": text}
+        else:
+            body["response"] = text
+        self._send_json(200, body)
+
+    def _embed_inputs(self, req: dict) -> list[str]:
+        raw = req.get("input")
+        if raw is None or raw == "":
+            return []
+        if isinstance(raw, str):
+            return [raw]
+        if isinstance(raw, list) and all(isinstance(x, str) for x in raw):
+            return list(raw)
+        raise ApiError(400, "invalid input type")
+
+    def _embed(self, req: dict) -> None:
+        model = req.get("model") or ""
+        if not model:
+            raise ApiError(404, "model '' not found")
+        spec = self._resolve(model, f"model {_go_quote(model)} not found, try pulling it first")
+        inputs = self._embed_inputs(req)
+        opts = parse_options(req.get("options"))
+        keep_alive_ns = req["_keep_alive_ns"]
+        runner = self.node.schedule(spec, opts, keep_alive_ns)
+        try:
+            if not inputs:
+                self._send_json(200, {"model": model, "embeddings": []})
+                return
+            vectors = [fake_embedding(spec.name, text, spec.embedding_length, True) for text in inputs]
+            count = sum(max(1, len(text.split())) for text in inputs)
+            self._send_json(
+                200,
+                {
+                    "model": model,
+                    "embeddings": vectors,
+                    "total_duration": 1_000_000 + count * 50_000,
+                    "load_duration": 250_000,
+                    "prompt_eval_count": count,
+                },
+            )
+        finally:
+            self.node.release(runner)
+            if keep_alive_ns == 0:
+                self.node.unload(spec)
+
+    def _embeddings(self, req: dict) -> None:
+        model = req.get("model") or ""
+        if not model:
+            raise ApiError(400, "model is required")
+        spec = self._resolve(model, f"model {_go_quote(model)} not found, try pulling it first")
+        opts = parse_options(req.get("options"))
+        keep_alive_ns = req["_keep_alive_ns"]
+        runner = self.node.schedule(spec, opts, keep_alive_ns)
+        try:
+            prompt = req.get("prompt") or ""
+            vector = fake_embedding(spec.name, prompt, spec.embedding_length, False) if prompt else []
+            self._send_json(200, {"embedding": vector})
+        finally:
+            self.node.release(runner)
+            if keep_alive_ns == 0:
+                self.node.unload(spec)
+
+
+def _chain(parts: Iterator[dict], last: dict) -> Iterator[dict]:
+    yield from parts
+    yield last
+
+
+# --------------------------------------------------------------------------------------------- cluster
+
+
+class SimCluster:
+    """Several SimNodes on ephemeral ports, for tests, benchmarks and the demo."""
+
+    def __init__(self, configs: Iterable[dict]) -> None:
+        self.nodes = [SimNode(**config) for config in configs]
+
+    def start(self) -> SimCluster:
+        for node in self.nodes:
+            node.start()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    def __enter__(self) -> SimCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_preload(text: str) -> tuple[str, str]:
+    name, _, where = text.partition("@")
+    return name, where or "auto"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="A simulated Ollama node on 127.0.0.1.")
+    parser.add_argument("--port", type=int, default=11434, help="0 = ephemeral")
+    parser.add_argument("--vram-gb", type=float, default=24.0, help="GPU memory in GiB, 0 = CPU-only node")
+    parser.add_argument("--ram-gb", type=float, default=64.0)
+    parser.add_argument(
+        "--models", nargs="*", default=None, help="installed models (default: whole catalogue)"
+    )
+    parser.add_argument("--preload", action="append", default=[], type=_parse_preload,
+                        metavar="NAME@auto|gpu|cpu|forced-cpu")  # fmt: skip
+    parser.add_argument("--load-seconds-per-gb", type=float, default=0.0)
+    parser.add_argument("--unload-seconds", type=float, default=0.05)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--max-loaded", type=int, default=0, help="OLLAMA_MAX_LOADED_MODELS (0 = automatic)")
+    parser.add_argument("--keep-alive", default="5m", help="OLLAMA_KEEP_ALIVE")
+    parser.add_argument("--inference-time-scale", type=float, default=0.0, help="1 = simulated token rates")
+    args = parser.parse_args(argv)
+    node = SimNode(
+        vram_gb=args.vram_gb,
+        ram_gb=args.ram_gb,
+        models=args.models,
+        preload=args.preload,
+        load_seconds_per_gb=args.load_seconds_per_gb,
+        unload_seconds=args.unload_seconds,
+        latency_ms=args.latency_ms,
+        max_loaded=args.max_loaded,
+        keep_alive_default=args.keep_alive,
+        port=args.port,
+        inference_time_scale=args.inference_time_scale,
+    )
+    try:
+        node.start()
+    except (OSError, ValueError) as err:
+        print(f"ollama_sim: {err}", file=sys.stderr)
+        return 1
+    print(node.url, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
