@@ -1,0 +1,150 @@
+"""The official `ollama` Python client drives the simulator; its response types must parse every reply."""
+
+from __future__ import annotations
+
+import httpx
+import ollama
+import pytest
+from conftest import wait_until
+
+from ollama_sim import CATALOG
+
+
+@pytest.fixture
+def node(sim_node):
+    return sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")])
+
+
+@pytest.fixture
+def client(node) -> ollama.Client:
+    return ollama.Client(host=node.url, timeout=10)
+
+
+def test_list_reports_every_catalogue_model_with_details_and_capabilities(client):
+    listed = client.list()
+    names = [m.model for m in listed.models]
+    assert sorted(names) == sorted(CATALOG)
+    llama = next(m for m in listed.models if m.model == "llama3.1:latest")
+    assert llama.size == CATALOG["llama3.1:latest"].file_size
+    assert llama.details.family == "llama" and llama.details.quantization_level == "Q4_K_M"
+    assert len(llama.digest) == 64
+    assert llama.modified_at is not None
+
+
+def test_ps_lists_preloaded_model_with_canonical_name(client):
+    running = client.ps().models
+    assert [m.model for m in running] == ["mxbai-embed-large:latest"]
+    entry = running[0]
+    assert entry.name == "mxbai-embed-large:latest"
+    assert entry.size > 0 and entry.size_vram == 0
+    assert entry.expires_at is not None and entry.context_length == 512
+    assert entry.digest == CATALOG["mxbai-embed-large:latest"].digest
+
+
+def test_show_gives_sizing_keys_and_capabilities(client):
+    shown = client.show("llama3.1")
+    assert shown.capabilities == ["completion", "tools"]
+    assert shown.modelinfo["general.architecture"] == "llama"
+    assert shown.modelinfo["llama.block_count"] == 32
+    assert shown.modelinfo["llama.attention.head_count_kv"] == 8
+    assert shown.details.parameter_size == "8.0B"
+    assert client.show("all-minilm").capabilities == ["embedding"]
+
+
+def test_generate_load_then_unload(client, node):
+    loaded = client.generate(model="llama3.1", prompt="")
+    assert loaded.done and loaded.done_reason == "load" and loaded.model == "llama3.1"
+    assert "llama3.1:latest" in [m.model for m in client.ps().models]
+    unloaded = client.generate(model="llama3.1", prompt="", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    wait_until(lambda: "llama3.1:latest" not in [m.model for m in client.ps().models])
+    assert node.counts("llama3.1") == {"loads": 1, "unloads": 1}
+
+
+def test_streamed_load_is_a_single_object(client):
+    parts = list(client.generate(model="llama3.2:3b", prompt="", stream=True))
+    assert len(parts) == 1 and parts[0].done_reason == "load"
+
+
+def test_generate_streamed_and_not_streamed_give_the_same_text(client):
+    whole = client.generate(model="llama3.1", prompt="Why is the sky blue?", options={"temperature": 0})
+    assert whole.done and whole.done_reason == "stop" and whole.response
+    assert whole.eval_count > 0 and whole.total_duration > 0 and whole.context
+    parts = list(client.generate(model="llama3.1", prompt="Why is the sky blue?", stream=True))
+    assert len(parts) > 2
+    assert all(not p.done for p in parts[:-1]) and parts[-1].done
+    assert "".join(p.response for p in parts) == whole.response
+
+
+def test_num_predict_stops_with_length(client):
+    reply = client.generate(model="llama3.1", prompt="count", options={"num_predict": 3})
+    assert reply.done_reason == "length" and reply.eval_count == 3
+
+
+def test_chat_load_and_answer(client):
+    loaded = client.chat(model="llama3.2:3b", messages=[])
+    assert loaded.done_reason == "load" and loaded.message.content == ""
+    answer = client.chat(model="llama3.2:3b", messages=[{"role": "user", "content": "hello"}])
+    assert answer.message.role == "assistant" and answer.message.content
+    hello = [{"role": "user", "content": "hello"}]
+    streamed = list(client.chat(model="llama3.2:3b", messages=hello, stream=True))
+    assert "".join(p.message.content for p in streamed) == answer.message.content
+    unloaded = client.chat(model="llama3.2:3b", messages=[], keep_alive=0)
+    assert unloaded.done_reason == "unload"
+
+
+def test_embed_returns_normalised_vectors(client):
+    reply = client.embed(model="nomic-embed-text", input=["a", "b"])
+    assert len(reply.embeddings) == 2 and len(reply.embeddings[0]) == 768
+    norm = sum(v * v for v in reply.embeddings[0]) ** 0.5
+    assert abs(norm - 1.0) < 1e-6
+    assert reply.embeddings[0] != reply.embeddings[1]
+    assert client.embed(model="nomic-embed-text", input="a").embeddings[0] == reply.embeddings[0]
+
+
+def test_embed_empty_input_only_loads(client):
+    reply = client.embed(model="all-minilm", input="")
+    assert reply.embeddings == []
+    assert "all-minilm:latest" in [m.model for m in client.ps().models]
+
+
+def test_legacy_embeddings_are_not_normalised(client):
+    reply = client.embeddings(model="all-minilm", prompt="hello")
+    assert len(reply.embedding) == 384
+    assert abs(sum(v * v for v in reply.embedding) ** 0.5 - 1.0) > 1e-3
+
+
+NOT_FOUND_SQ = "model 'nope' not found"
+NOT_FOUND_PULL = 'model "nope" not found, try pulling it first'
+
+
+@pytest.mark.parametrize(
+    ("call", "status", "text"),
+    [
+        (lambda c: c.generate(model="nope", prompt="x"), 404, "model 'nope' not found"),
+        (lambda c: c.chat(model="nope", messages=[{"role": "user", "content": "x"}]), 404, NOT_FOUND_SQ),
+        (lambda c: c.embed(model="nope", input="x"), 404, NOT_FOUND_PULL),
+        (lambda c: c.embeddings(model="nope", prompt="x"), 404, NOT_FOUND_PULL),
+        (lambda c: c.show("nope"), 404, "model 'nope:latest' not found"),
+        (lambda c: c.generate(model="all-minilm", prompt=""), 400, '"all-minilm" does not support generate'),
+        (lambda c: c.chat(model="all-minilm", messages=[]), 400, '"all-minilm" does not support chat'),
+    ],
+)
+def test_errors_reach_the_client_with_ollama_texts(client, call, status, text):
+    with pytest.raises(ollama.ResponseError) as caught:
+        call(client)
+    assert caught.value.status_code == status
+    assert caught.value.error == text
+
+
+def test_read_endpoints_and_transport(node):
+    with httpx.Client(base_url=node.url, timeout=5) as http:
+        root = http.get("/")
+        assert root.text == "Ollama is running" and root.headers["content-type"].startswith("text/plain")
+        assert "server" not in root.headers
+        assert http.head("/").status_code == 200
+        assert http.get("/api/version").json() == {"version": "0.33.0-rc2"}
+        missing = http.get("/api/nothing")
+        assert (missing.status_code, missing.text) == (404, "404 page not found")
+        assert http.get("/api/generate").status_code == 405
+        assert http.get("/api/ps").headers["content-type"] == "application/json; charset=utf-8"
