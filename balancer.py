@@ -358,7 +358,8 @@ class OllamaLoadBalancer:
                 if was_online is not True:
                     came_back = was_online is False
                     if came_back:
-                        _reset_gpu_evidence(state)
+                        if state.has_gpu is False:  # the GPU may be back after a restart: ask again
+                            _reset_gpu_evidence(state)
                         state.installed_checked_at = 0.0
                     needs_pass = True
                     events.append(Event("node_up", node=node, message=f"{node} is online",

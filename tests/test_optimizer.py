@@ -1,0 +1,386 @@
+"""GPUOptimizer against simulated nodes over real sockets: what moves, what never moves, and when."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from balancer import OllamaLoadBalancer
+from events import Event
+from gpu_controller import GPUController
+from ollama_sim import SimNode
+from optimizer import canonical_model_name, explicit_priority_names, matches_priority
+
+LLAMA = "llama3.1:latest"
+EMBED = "mxbai-embed-large:latest"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 15.0) -> None:
+    """Poll with a deadline (never a fixed sleep): fail with `what` if it does not happen."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for: {what}")
+        pause.wait(0.02)
+
+
+def on_gpu(node: SimNode, model: str) -> bool:
+    return any(
+        m["name"] == model and not m["stopping"] and m["size_vram"] == m["size"] > 0 for m in node.loaded()
+    )
+
+
+def on_cpu(node: SimNode, model: str) -> bool:
+    return any(m["name"] == model and not m["stopping"] and m["size_vram"] == 0 for m in node.loaded())
+
+
+def posts(node: SimNode) -> list[tuple[str, str, object]]:
+    return [entry for entry in node.request_log if entry[0] == "POST"]
+
+
+class Recorder:
+    """Collects events; `count` and `wait` let a test wait for one without sleeping."""
+
+    def __init__(self, balancer: OllamaLoadBalancer) -> None:
+        self.events: list[Event] = []
+        self._lock = threading.Lock()
+        balancer.subscribe(self._add)
+
+    def _add(self, event: Event) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def of(self, kind: str) -> list[Event]:
+        with self._lock:
+            return [e for e in self.events if e.kind == kind]
+
+    def wait(self, kind: str, count: int = 1, timeout: float = 15.0) -> list[Event]:
+        wait_for(lambda: len(self.of(kind)) >= count, f"{count} {kind} event(s)", timeout)
+        return self.of(kind)
+
+
+@pytest.fixture
+def start_node() -> Iterator[Callable[..., SimNode]]:
+    nodes: list[SimNode] = []
+
+    def start(**options: object) -> SimNode:
+        node = SimNode(**options).start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+@pytest.fixture
+def make_balancer() -> Iterator[Callable[..., OllamaLoadBalancer]]:
+    """Fast health checks, optimizer off and a long interval unless a test says otherwise."""
+    balancers: list[OllamaLoadBalancer] = []
+
+    def make(urls: list[str], **options: object) -> OllamaLoadBalancer:
+        options.setdefault("health_interval", 0.2)
+        options.setdefault("check_interval", 300)
+        options.setdefault("auto_optimize_gpu", False)
+        options.setdefault("controller", GPUController(timeout=1.0, load_timeout=20.0, verify_timeout=5.0))
+        balancer = OllamaLoadBalancer(urls, **options)
+        balancers.append(balancer)
+        return balancer
+
+    yield make
+    for balancer in balancers:
+        balancer.close()
+
+
+# --------------------------------------------------------------------------------------------- names
+@pytest.mark.parametrize(
+    ("model", "patterns", "expected"),
+    [
+        ("llama3.1:latest", ["llama3.1"], True),
+        ("llama3.1:70b", ["llama3.1"], False),  # a bare name means :latest, never a substring
+        ("LLaMA3.1:Latest", ["llama3.1"], True),  # case-insensitive
+        ("llama3.1:latest", ["LLAMA3.1"], True),
+        ("llama3.1:70b", ["llama3*"], True),  # shell glob
+        ("llama3.2:3b", ["llama3*"], True),
+        ("codellama:latest", ["llama3*"], False),
+        ("llama3.1:70b", ["*:70b"], True),
+        ("llama3.1:latest", ["*:70b"], False),
+        ("all-minilm:latest", ["*"], True),  # "*" = every model
+        ("mxbai-embed-large:latest", ["mxbai-embed-large"], True),
+        ("mxbai-embed-large:latest", ["nomic-embed-text", "mxbai*"], True),
+        ("llama3:latest", ["llama3.1"], False),
+        ("hf.co/org/model:q4_k_m", ["hf.co/org/*"], True),
+        ("codellama:latest", [], False),
+    ],
+)
+def test_priority_names_match_like_the_issue_says(model: str, patterns: list[str], expected: bool) -> None:
+    assert matches_priority(model, patterns) is expected
+
+
+def test_canonical_names_and_explicit_priority_names() -> None:
+    assert canonical_model_name(" Llama3.1 ") == "llama3.1:latest"
+    assert canonical_model_name("localhost:5000/lib/model") == "localhost:5000/lib/model:latest"
+    assert explicit_priority_names(["llama3.1", "llama3*", "*", "LLAMA3.1:latest", "codellama:7b"]) == [
+        "llama3.1:latest",
+        "codellama:7b",
+    ]
+
+
+# --------------------------------------------------------------------------------------------- passes
+def test_a_pass_moves_priority_models_off_cpu_and_leaves_the_others(start_node, make_balancer) -> None:
+    node = start_node(preload=[("mxbai-embed-large", "cpu"), ("llama3.1", "cpu"), ("codellama", "cpu")])
+    balancer = make_balancer([node.url])
+
+    actions = balancer.optimize_gpu_once()
+
+    moved = sorted(a["model"] for a in actions if a["action"] == "moved")
+    assert moved == [LLAMA, EMBED]
+    assert on_gpu(node, EMBED) and on_gpu(node, LLAMA)
+    assert on_cpu(node, "codellama:latest")
+    assert node.counts("codellama") == {"loads": 0, "unloads": 0}  # preloads are not counted
+
+
+def test_steady_state_sends_only_status_reads_and_no_reloads(start_node, make_balancer) -> None:
+    node = start_node(preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu"), ("codellama", "cpu")])
+    balancer = make_balancer([node.url])
+    counts_before = {m: node.counts(m) for m in (EMBED, LLAMA, "codellama:latest")}
+    log_start = len(node.request_log)
+
+    for _ in range(3):
+        assert balancer.optimize_gpu_once() == []
+
+    assert {m: node.counts(m) for m in counts_before} == counts_before
+    requests_sent = {(method, path) for method, path, _ in node.request_log[log_start:]}
+    assert requests_sent <= {("GET", "/api/ps"), ("GET", "/api/tags")}
+    assert ("GET", "/api/ps") in requests_sent
+
+
+def test_bare_name_does_not_move_the_70b_and_star_moves_everything(start_node, make_balancer) -> None:
+    node = start_node(vram_gb=80, ram_gb=128, preload=[("llama3.1:70b", "cpu"), ("llama3.1", "cpu")])
+    balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
+
+    balancer.optimize_gpu_once()
+    assert on_gpu(node, LLAMA)
+    assert on_cpu(node, "llama3.1:70b")
+    assert node.counts("llama3.1:70b")["loads"] == 0
+
+    balancer.gpu_priority_models = ["*"]
+    actions = balancer.optimize_gpu_once()
+    assert [(a["model"], a["action"]) for a in actions] == [("llama3.1:70b", "moved")]
+    assert on_gpu(node, "llama3.1:70b")
+
+
+def test_forced_cpu_stays_pinned_until_forced_back(start_node, make_balancer) -> None:
+    node = start_node(preload=[("llama3.1", "gpu")])
+    balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
+
+    [forced] = balancer.force_cpu_all_nodes("llama3.1")
+    assert forced["result"]["success"] and on_cpu(node, LLAMA)
+    loads = node.counts(LLAMA)["loads"]
+
+    actions = balancer.optimize_gpu_once()
+    assert [(a["action"], a["reason"]) for a in actions] == [("skipped", "pinned_cpu")]
+    assert on_cpu(node, LLAMA) and node.counts(LLAMA)["loads"] == loads
+    assert balancer.optimizer_status()["pinned_cpu"] == [{"node": node.url, "model": LLAMA}]
+
+    [back] = balancer.force_gpu_all_nodes("LLaMA3.1")
+    assert back["result"]["success"] and on_gpu(node, LLAMA)
+    assert balancer.optimizer_status()["pinned_cpu"] == []
+
+
+def test_out_of_memory_is_backed_off_instead_of_retried_every_pass(start_node, make_balancer) -> None:
+    node = start_node(vram_gb=8, ram_gb=64, preload=[("llama3.1:70b", "cpu")])
+    balancer = make_balancer([node.url], gpu_priority_models=["llama3.1:70b"])
+
+    [first] = balancer.optimize_gpu_once()
+    assert (first["action"], first["reason"]) == ("failed", "out_of_memory")
+    assert on_cpu(node, "llama3.1:70b")  # the controller put it back
+    posts_after_first = len(posts(node))
+
+    [second] = balancer.optimize_gpu_once()
+    assert (second["action"], second["reason"]) == ("skipped", "backed_off")
+    assert len(posts(node)) == posts_after_first  # no load was sent
+    [entry] = balancer.optimizer_status()["backed_off"]
+    assert entry["reason"] == "out_of_memory"
+
+    third = balancer.optimize_gpu_once()  # back-off doubles: the retry comes after 1, then 2 passes
+    assert third[0]["action"] == "failed"
+    assert [a["reason"] for a in balancer.optimize_gpu_once()] == ["backed_off"]
+    assert [a["reason"] for a in balancer.optimize_gpu_once()] == ["backed_off"]
+
+
+def test_explicit_priority_model_installed_but_not_loaded_is_loaded_on_a_gpu_node(
+    start_node, make_balancer
+) -> None:
+    node = start_node(preload=[("llama3.1", "gpu")])
+    balancer = make_balancer([node.url], gpu_priority_models=["llama3.1", "mxbai-embed-large", "nomic*"])
+    wait_for(lambda: EMBED in balancer.node_state(node.url).installed, "installed models known")
+    assert balancer.node_state(node.url).has_gpu is True
+
+    actions = balancer.optimize_gpu_once()
+
+    assert [(a["model"], a["action"]) for a in actions] == [(EMBED, "moved")]
+    assert on_gpu(node, EMBED) and on_gpu(node, LLAMA)
+    assert node.counts("nomic-embed-text")["loads"] == 0  # a glob never loads what is not loaded
+
+
+def test_dead_and_hung_nodes_do_not_hold_up_the_others(start_node, make_balancer) -> None:
+    good = start_node(preload=[("llama3.1", "cpu")])
+    hung = start_node(preload=[("llama3.1", "cpu")])
+    dead = start_node()
+    balancer = make_balancer([hung.url, dead.url, good.url], gpu_priority_models=["llama3.1"])
+    wait_for(lambda: all(s.online for s in balancer.node_states()), "all nodes online")
+    hung.set_fault("hang")
+    dead.set_fault("down")
+
+    actions = balancer.optimize_gpu_once()
+
+    by_node = {a["node"]: a for a in actions}
+    assert by_node[good.url]["action"] == "moved" and on_gpu(good, LLAMA)
+    assert by_node[hung.url]["action"] == "skipped" and by_node[dead.url]["action"] == "skipped"
+    assert balancer.node_state(dead.url).online is False
+    hung.clear_fault()
+
+
+def test_concurrent_optimizer_and_console_moves_send_one_load(start_node, make_balancer) -> None:
+    node = start_node(load_seconds_per_gb=0.1, preload=[("llama3.1", "cpu")])
+    balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
+    loads = node.counts(LLAMA)["loads"]
+    results: list[object] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(balancer.optimize_gpu_once())),
+        threading.Thread(target=lambda: results.append(balancer.force_gpu_all_nodes("llama3.1"))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert len(results) == 2
+    assert on_gpu(node, LLAMA)
+    assert node.counts(LLAMA)["loads"] == loads + 1
+
+
+# --------------------------------------------------------------------------------------------- thread
+def test_restarted_node_gets_its_models_back_on_gpu_without_a_manual_pass(start_node, make_balancer) -> None:
+    node = start_node(preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu")])
+    balancer = make_balancer([node.url], auto_optimize_gpu=True)
+    events = Recorder(balancer)
+    wait_for(lambda: balancer.node_state(node.url).online, "node online")
+
+    node.set_fault("down")
+    events.wait("node_down")
+    node.restart()  # comes back with both models on CPU (stored num_gpu -1): the restart bug
+    node.clear_fault()
+
+    events.wait("node_up")
+    wait_for(lambda: on_gpu(node, EMBED) and on_gpu(node, LLAMA), "models back on GPU")
+    moved = {e.model for e in events.of("move_finished") if e.data["source"] == "optimizer"}
+    assert moved == {EMBED, LLAMA}
+
+
+def test_restart_without_downtime_is_seen_as_models_falling_off_gpu(start_node, make_balancer) -> None:
+    node = start_node(preload=[("llama3.1", "gpu")])
+    balancer = make_balancer([node.url], auto_optimize_gpu=True, gpu_priority_models=["llama3.1"])
+    wait_for(lambda: balancer.node_state(node.url).has_gpu, "GPU evidence")
+
+    node.restart()
+
+    wait_for(lambda: node.counts(LLAMA)["loads"] == 1, "the optimizer reloaded it")  # preloads do not count
+    wait_for(lambda: on_gpu(node, LLAMA), "llama3.1 back on GPU")
+
+
+def test_with_the_optimizer_off_nothing_moves(start_node, make_balancer) -> None:
+    node = start_node(preload=[("llama3.1", "gpu")])
+    balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
+    wait_for(lambda: balancer.node_state(node.url).online, "node online")
+
+    node.restart()
+    wait_for(lambda: any(m["location"] == "CPU (RAM)" for m in balancer.node_state(node.url).models), "seen")
+    checks = sum(path == "/api/ps" for _, path, _ in node.request_log)
+    wait_for(lambda: sum(p == "/api/ps" for _, p, _ in node.request_log) >= checks + 3, "three more checks")
+
+    assert on_cpu(node, LLAMA) and posts(node) == []
+    assert balancer.optimization_running is False
+
+
+def test_an_added_node_gets_a_pass_at_once(start_node, make_balancer) -> None:
+    first = start_node(preload=[("llama3.1", "gpu")])
+    balancer = make_balancer([first.url], auto_optimize_gpu=True, gpu_priority_models=["llama3.1"])
+    events = Recorder(balancer)
+    added = start_node(preload=[("llama3.1", "cpu")])
+
+    balancer.add_node(added.url)
+
+    wait_for(lambda: on_gpu(added, LLAMA), "the added node's model on GPU")
+    assert [e.node for e in events.of("node_added")] == [added.url]
+    assert posts(first) == []
+
+
+def test_interval_change_at_run_time_wakes_the_optimizer(start_node, make_balancer) -> None:
+    node = start_node(preload=[("llama3.1", "gpu")])
+    balancer = make_balancer([node.url], auto_optimize_gpu=True, check_interval=300)
+    events = Recorder(balancer)
+    wait_for(lambda: balancer.optimizer_status()["last_pass"] is not None, "the start-up pass")
+    full_passes = len([e for e in events.of("pass_finished") if e.data["scope"] == "all"])
+
+    balancer.check_interval = 0.1
+
+    wait_for(
+        lambda: len([e for e in events.of("pass_finished") if e.data["scope"] == "all"]) >= full_passes + 2,
+        "two more interval passes",
+    )
+    assert balancer.optimizer_status()["interval"] == 0.1
+
+
+def test_stop_mid_wait_ends_the_thread(start_node, make_balancer) -> None:
+    node = start_node()
+    balancer = make_balancer([node.url], auto_optimize_gpu=True)
+    events = Recorder(balancer)
+    assert balancer.optimization_running and balancer.auto_optimize_gpu
+    thread = balancer.optimizer._thread
+    wait_for(lambda: balancer.optimizer_status()["last_pass"] is not None, "the start-up pass")
+
+    assert balancer.stop_gpu_optimization() is True
+
+    assert thread is not None and not thread.is_alive()
+    assert balancer.optimization_running is False
+    assert [e.kind for e in events.of("optimizer_stopped")] == ["optimizer_stopped"]
+    assert balancer._start_gpu_optimization() is True and balancer.optimization_running
+
+
+def test_stop_mid_pass_ends_the_thread_while_a_load_is_running(start_node, make_balancer) -> None:
+    node = start_node(load_seconds_per_gb=2.0, preload=[("llama3.1", "cpu")])
+    balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
+    wait_for(lambda: balancer.node_state(node.url).online, "node online")
+    events = Recorder(balancer)
+    balancer._start_gpu_optimization()
+    events.wait("move_started")
+    thread = balancer.optimizer._thread
+
+    assert balancer.stop_gpu_optimization() is True
+
+    assert thread is not None and not thread.is_alive()
+
+
+def test_pass_events_carry_a_summary(start_node, make_balancer) -> None:
+    node = start_node(preload=[("llama3.1", "cpu")])
+    balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
+    events = Recorder(balancer)
+
+    balancer.optimize_gpu_once()
+
+    assert [e.kind for e in events.events if e.kind.startswith(("pass", "move"))] == [
+        "pass_started",
+        "move_started",
+        "move_finished",
+        "pass_finished",
+    ]
+    summary = events.of("pass_finished")[0].data
+    assert (summary["moved"], summary["failed"], summary["skipped"], summary["checked_nodes"]) == (1, 0, 0, 1)
+    assert balancer.optimizer_status()["last_pass"]["moved"] == 1
