@@ -16,6 +16,7 @@ import json
 import queue
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,9 @@ from gpu_controller import GPUController
 __all__ = ["OllamaLoadBalancer", "GPUController", "main"]
 
 PROMPT = "⚡ Enter command: "
+HEALTH_POLL_S = 0.05
+ONE_SHOT_PIPE_WIDTH = 120
+FIRST_ROUND_TIMEOUT_S = 7.0  # the controller's 5 s request timeout plus slack
 SHUTDOWN_DRAIN_S = 2.0
 ONE_SHOT_PROGRESS = ("move_started", "move_finished", "move_failed")
 
@@ -77,22 +81,33 @@ class EventPrinter:
     def __init__(self, console: Console, kinds: Sequence[str] | None = None) -> None:
         self.console, self.kinds = console, kinds
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._move_started: dict[tuple[str | None, str | None], float] = {}
         self._idle = threading.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name="event-printer", daemon=True)
         self._thread.start()
 
     def __call__(self, event: Any) -> None:
-        if self.kinds is None or event.kind in self.kinds:
+        if (self.kinds is None or event.kind in self.kinds) and render.worth_showing(event):
             self._idle.clear()
             self._queue.put(event)
+
+    def _duration(self, event: Any) -> float | None:
+        """Seconds since the matching move_started: the number a user wants to see next to a move."""
+        key = (event.node, event.model)
+        if event.kind == "move_started":
+            self._move_started[key] = event.time
+        elif event.kind in ("move_finished", "move_failed") and key in self._move_started:
+            return event.time - self._move_started.pop(key)
+        return None
 
     def _run(self) -> None:
         while True:
             event = self._queue.get()
             if event is None:
                 return
-            self.console.print(render.event_line(event), soft_wrap=True, highlight=False)
+            line = render.event_line(event, self._duration(event))
+            self.console.print(line, soft_wrap=True, highlight=False)
             if self._queue.empty():
                 self._idle.set()
 
@@ -104,18 +119,25 @@ class EventPrinter:
         self._queue.put(None)
 
 
-def health_warnings(balancer: OllamaLoadBalancer, config: Config) -> list[str]:
-    """One bounded round of /api/ps over all nodes (concurrent, per-node timeout): who is unreachable."""
-    report = balancer.vram_report()
-    down = [entry for entry in report if entry.get("error")]
-    lines = [f"cannot reach {entry.get('node_url')}: {entry['error']}" for entry in down]
-    if down and len(down) == len(report):
-        where = "the default node" if config.nodes_from_default else "any node"
-        lines.append(
-            f"no Ollama answered at {where}. Start Ollama, pass --nodes URL,..., or try "
-            "`python3 flockparsecli.py --demo` for a simulated cluster."
-        )
-    return lines
+def first_health_round(balancer: OllamaLoadBalancer, timeout: float) -> list[Any]:
+    """Poll (with a deadline) until the monitor has checked every node once: online is True or False."""
+    deadline = time.monotonic() + timeout
+    states = balancer.node_states()
+    while any(state.online is None for state in states) and time.monotonic() < deadline:
+        threading.Event().wait(HEALTH_POLL_S)
+        states = balancer.node_states()
+    return states
+
+
+def unreachable_hint(states: list[Any], config: Config) -> str | None:
+    """One clear line when nothing answers, suggesting --demo (per-node lines come from node_down events)."""
+    if not states or any(state.online for state in states):
+        return None
+    where = f"the default node {states[0].url}" if config.nodes_from_default else "any configured node"
+    return (
+        f"no Ollama answered at {where}. Start Ollama, pass --nodes URL,..., or try "
+        "`python3 flockparsecli.py --demo` for a simulated cluster."
+    )
 
 
 def print_outcome(console: Console, outcome: Outcome) -> None:
@@ -149,13 +171,18 @@ def one_shot(ctx: Context, words: list[str], as_json: bool) -> int:
     return 0 if outcome.ok else 1
 
 
+def make_one_shot_console() -> Console:
+    """The terminal's width on a tty; 120 columns into a pipe or file, so tables stay readable in logs."""
+    return Console(highlight=False, width=None if sys.stdout.isatty() else ONE_SHOT_PIPE_WIDTH)
+
+
 def make_interactive_console() -> Console:
     """Rich writes raw ANSI (colours detected on the real terminal) into patch_stdout's proxy."""
     probe = Console()
     return Console(force_terminal=True, color_system=probe.color_system or "standard", highlight=False)
 
 
-def interactive(balancer: OllamaLoadBalancer, config: Config, optimize: bool, banner: str | None) -> int:
+def interactive(balancer: OllamaLoadBalancer, config: Config, banner: str | None) -> int:
     """The prompt_toolkit loop; background lines appear above the prompt, the typed line stays intact."""
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
@@ -188,11 +215,10 @@ def interactive(balancer: OllamaLoadBalancer, config: Config, optimize: bool, ba
         with patch_stdout(raw=True):
             if banner:
                 console.print(Text(banner, style="cyan"))
-            for warning in health_warnings(balancer, config):
-                console.print(render.error_line(warning))
-            balancer.start() if hasattr(balancer, "start") else None
-            if optimize:
-                balancer._start_gpu_optimization()
+            balancer.start()  # after subscribing, so the "enabled" line and node_down lines are shown
+            hint = unreachable_hint(first_health_round(balancer, FIRST_ROUND_TIMEOUT_S), config)
+            if hint:
+                console.print(render.error_line(hint))
             while True:
                 try:
                     line = session.prompt(PROMPT)
@@ -231,11 +257,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     balancer = make_balancer(config, optimize_in_background)
     try:
         if words:
-            ctx = Context(balancer=balancer, console=Console(highlight=False), config=config)
+            ctx = Context(balancer=balancer, console=make_one_shot_console(), config=config)
             if not args.json:
                 balancer.subscribe(EventPrinter(Console(stderr=True), ONE_SHOT_PROGRESS))
+            balancer.start()  # the health monitor only: auto_optimize_gpu is off in one-shot mode
+            hint = unreachable_hint(first_health_round(balancer, FIRST_ROUND_TIMEOUT_S), config)
+            if hint:
+                Console(stderr=True).print(render.error_line(hint))
             return one_shot(ctx, words, args.json)
-        return interactive(balancer, config, optimize_in_background, banner)
+        return interactive(balancer, config, banner)
     finally:
         balancer.close()
         if cluster is not None:

@@ -21,7 +21,7 @@ from rich.text import Text
 from console import render
 from console.config import Config, ConfigError, normalize_url, save_nodes
 
-CANCEL_GRACE_S = 5.0  # after Ctrl-C, how long we wait for the core to notice the cancel Event
+CANCEL_GRACE_S = 0.5  # after Ctrl-C, how long we give the core to notice the cancel Event
 
 
 class CommandError(Exception):
@@ -78,9 +78,10 @@ class Context:
             while not done.wait(0.1):  # short waits keep the main thread responsive to SIGINT
                 pass
         except KeyboardInterrupt:
-            self.cancel.set()
-            done.wait(CANCEL_GRACE_S)
-            raise Cancelled("cancelled") from None
+            self.cancel.set()  # the core stops at its next check point; we do not wait for it
+            if done.wait(CANCEL_GRACE_S):
+                raise Cancelled("cancelled") from None
+            raise Cancelled("cancelled (a step already under way finishes in the background)") from None
         if "error" in box:
             raise box["error"]
         return box.get("value")
@@ -203,7 +204,7 @@ def check_known_model(ctx: Context, name: str) -> None:
         raise CommandError(
             f"unknown model {name} (no models known yet: are the nodes reachable? try `nodes`)"
         )
-    shown = ", ".join(sorted(known)[:8]) + (", ..." if len(known) > 8 else "")
+    shown = ", ".join(sorted(known)[:5]) + (", ..." if len(known) > 5 else "")
     raise CommandError(f"unknown model {name} (known: {shown})")
 
 
@@ -279,13 +280,16 @@ def cmd_remove_node(ctx: Context, args: list[str]) -> Outcome:
 @command("vram_report", "where every model sits on every node: GPU, CPU or split; VRAM, RAM, expiry")
 def cmd_vram_report(ctx: Context, args: list[str]) -> Outcome:
     report = ctx.run_cancellable(lambda cancel: ctx.balancer.vram_report())
-    ok = not any(entry.get("error") or entry.get("stale") for entry in report)
+    ok = not any(render.is_offline(entry) for entry in report)
     return Outcome(data=report, renderable=render.vram_report(report), ok=ok)
 
 
 @command("lb_stats", "per node: online, GPU, latency, requests, errors, in flight; optimizer state")
 def cmd_lb_stats(ctx: Context, args: list[str]) -> Outcome:
     stats = ctx.balancer.get_stats()
+    models = {state.url: state.models for state in ctx.balancer.node_states()}
+    for node in stats.get("nodes", []):  # get_stats counts models; the table names the ones in VRAM
+        node.setdefault("models_in_vram", render.vram_model_names(models.get(render.node_of(node), [])))
     ok = all(node.get("online") for node in stats.get("nodes", []))
     return Outcome(data=stats, renderable=render.lb_stats(stats), ok=ok)
 

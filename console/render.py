@@ -100,10 +100,19 @@ def placement_text(model: Mapping[str, Any]) -> Text:
     return Text(location or model.get("processor") or "unknown", style="magenta")
 
 
+def node_of(entry: Mapping[str, Any]) -> str | None:
+    """The node URL, whichever key the core used (`node`, `node_url`, `url`)."""
+    return entry.get("node") or entry.get("node_url") or entry.get("url")
+
+
+def is_offline(entry: Mapping[str, Any]) -> bool:
+    return entry.get("online") is False or bool(entry.get("stale")) or bool(entry.get("error"))
+
+
 def node_title(entry: Mapping[str, Any]) -> Text:
     """`127.0.0.1:11434  online 3 ms` or `... offline (stale: last known state)`."""
-    title = Text(short_url(entry.get("node_url") or entry.get("url")), style="bold")
-    if entry.get("error") or entry.get("stale"):
+    title = Text(short_url(node_of(entry)), style="bold")
+    if is_offline(entry):
         title.append("  offline", style="bold red")
         if entry.get("stale"):
             title.append("  STALE: last known state", style="red")
@@ -121,11 +130,11 @@ def vram_report(report: Iterable[Mapping[str, Any]], now: float | None = None) -
     now = time.time() if now is None else now
     parts: list[RenderableType] = []
     for entry in report:
-        stale = bool(entry.get("stale") or entry.get("error"))
+        stale = is_offline(entry)
         table = Table(expand=False, show_edge=False)
         for column in ("model", "placement", "VRAM", "RAM", "expires"):
             justify = "right" if column in ("VRAM", "RAM") else "left"
-            table.add_column(column, justify=justify, style="dim" if stale else None)
+            table.add_column(column, justify=justify, style="dim" if stale else None, no_wrap=True)
         models = entry.get("models") or []
         for model in models:
             table.add_row(
@@ -141,6 +150,12 @@ def vram_report(report: Iterable[Mapping[str, Any]], now: float | None = None) -
     return Group(*parts[:-1]) if parts else Text("no nodes configured (add one with `add_node URL`)")
 
 
+def state_word(online: bool | None) -> Text:
+    if online is None:
+        return Text("not checked", style="dim")
+    return Text("online", style="green") if online else Text("offline", style="red")
+
+
 def _gpu_word(has_gpu: Any) -> Text:
     if has_gpu is True:
         return Text("GPU", style="green")
@@ -149,7 +164,7 @@ def _gpu_word(has_gpu: Any) -> Text:
     return Text("unknown", style="dim")
 
 
-def _vram_models(models: Iterable[Any]) -> str:
+def vram_model_names(models: Iterable[Any]) -> list[str]:
     """Names of models holding VRAM (GPU or split); accepts status dicts or plain names."""
     names = []
     for model in models or []:
@@ -157,11 +172,11 @@ def _vram_models(models: Iterable[Any]) -> str:
             names.append(model)
         elif (model.get("vram_mb") or 0) > 0 or str(model.get("location", "")).startswith(("GPU", "Split")):
             names.append(str(model.get("name")))
-    return ", ".join(names) or "-"
+    return names
 
 
 def optimizer_line(status: Mapping[str, Any], now: float | None = None) -> Text:
-    """`optimizer: on, every 5m 00s, next pass in 2m 10s, last pass 1 move` (used by lb_stats too)."""
+    """`optimizer: on, every 5m 00s, next pass in 2m 10s, last pass 8s ago (1 moved)`."""
     now = time.time() if now is None else now
     running = bool(status.get("running"))
     text = Text("optimizer: ")
@@ -172,15 +187,13 @@ def optimizer_line(status: Mapping[str, Any], now: float | None = None) -> Text:
         text.append(f", next pass in {human_seconds(float(status['next_pass_in']))}")
     last = status.get("last_pass")
     if isinstance(last, Mapping):
-        when = _timestamp(last.get("started_at") or last.get("finished") or last.get("time"))
-        summary = ", ".join(
-            f"{k} {v}" for k, v in last.items() if isinstance(v, int) and not isinstance(v, bool)
-        )
+        when = _timestamp(last.get("started_at"))
+        counts = [f"{last[key]} {key}" for key in ("moved", "failed", "skipped") if key in last]
         text.append(", last pass")
         if when is not None:
             text.append(f" {human_seconds(now - when)} ago")
-        if summary:
-            text.append(f" ({summary})", style="dim")
+        if counts:
+            text.append(f" ({', '.join(counts)})", style="dim")
     elif last:
         text.append(f", last pass {last}")
     return text
@@ -189,25 +202,25 @@ def optimizer_line(status: Mapping[str, Any], now: float | None = None) -> Text:
 def lb_stats(stats: Mapping[str, Any], now: float | None = None) -> RenderableType:
     """Per node: online, GPU capability, latency, requests, errors, in flight, models in VRAM."""
     table = Table(title="load balancer", title_justify="left", show_edge=False)
-    for column in ("node", "state", "GPU", "latency", "requests", "errors", "in flight", "in VRAM"):
-        table.add_column(
-            column, justify="right" if column in ("latency", "requests", "errors", "in flight") else "left"
-        )
+    table.add_column("node", no_wrap=True)
+    for column in ("state", "GPU", "latency", "requests", "errors", "in flight"):
+        numeric = column in ("latency", "requests", "errors", "in flight")
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=True)
+    table.add_column("in VRAM")
     for node in stats.get("nodes", []):
-        online = bool(node.get("online"))
-        state = Text("online", style="green") if online else Text("offline", style="red")
+        state = state_word(node.get("online"))
         if node.get("stale"):
             state.append(" (stale)", style="dim")
         latency = node.get("latency_ms")
         table.add_row(
-            short_url(node.get("url") or node.get("node_url")),
+            short_url(node_of(node)),
             state,
             _gpu_word(node.get("has_gpu")),
             f"{latency:.0f} ms" if isinstance(latency, int | float) else "-",
             str(node.get("requests", 0)),
             str(node.get("errors", 0)),
             str(node.get("in_flight", 0)),
-            _vram_models(node.get("models") or []),
+            ", ".join(vram_model_names(node.get("models_in_vram") or node.get("models") or [])) or "-",
         )
     return Group(table, optimizer_line(stats.get("optimizer") or {}, now))
 
@@ -216,19 +229,21 @@ def nodes_table(states: Iterable[Mapping[str, Any]], now: float | None = None) -
     """The `nodes` command: who is there, up or down, GPU or not, last error."""
     now = time.time() if now is None else now
     table = Table(show_edge=False)
-    for column in ("node", "state", "GPU", "latency", "last seen", "last error"):
-        table.add_column(column)
+    table.add_column("node", no_wrap=True)
+    for column in ("state", "GPU", "evidence", "latency", "last seen"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("last error")
     for node in states:
-        online = bool(node.get("online"))
         seen = _timestamp(node.get("last_seen"))
         latency = node.get("latency_ms")
         table.add_row(
             short_url(node.get("url")),
-            Text("online", style="green") if online else Text("offline", style="red"),
+            state_word(node.get("online")),
             _gpu_word(node.get("has_gpu")),
+            Text(str(node.get("gpu_evidence") or ""), style="dim"),
             f"{latency:.0f} ms" if isinstance(latency, int | float) else "-",
             f"{human_seconds(now - seen)} ago" if seen else "never",
-            Text(str(node.get("last_error") or ""), style="dim red"),
+            Text(str(node.get("last_error") or "").replace("http://", ""), style="dim red"),
         )
     return table
 
@@ -313,17 +328,39 @@ def error_line(message: str) -> Text:
     return Text(message, style="red")
 
 
-def event_line(event: Any) -> Text:
-    """`03:41:07 move  <message>`: one short line per core Event, time-stamped, coloured by kind."""
-    kind = getattr(event, "kind", "event")
+def worth_showing(event: Any) -> bool:
+    """Quiet passes stay quiet (the toolbar shows the countdown); anything that changed gets a line."""
+    kind, data = getattr(event, "kind", ""), getattr(event, "data", None) or {}
+    if kind == "pass_started":
+        return False
+    if kind == "pass_finished":
+        return bool(data.get("moved") or data.get("failed"))
+    return True
+
+
+def _event_message(event: Any) -> str:
+    kind, data = getattr(event, "kind", ""), getattr(event, "data", None) or {}
+    model, node = getattr(event, "model", None), short_url(getattr(event, "node", None))
+    if kind == "optimizer_started":
+        return "GPU auto-optimization enabled (background thread)"
+    if kind == "optimizer_stopped":
+        return "GPU auto-optimization stopped"
+    if kind == "move_started":
+        return f"{model} on {node}: moving to {data.get('target', '?')}..."
+    message = getattr(event, "message", "") or " ".join(p for p in (kind, model, node) if p and p != "-")
+    return message.replace("http://", "")
+
+
+def event_line(event: Any, duration_s: float | None = None) -> Text:
+    """`03:41:07 optimizer mxbai-embed-large:latest now on GPU on 127.0.0.1:5001 (1.2 s)`: one line."""
+    kind, data = getattr(event, "kind", "event"), getattr(event, "data", None) or {}
     tag, style = EVENT_STYLE.get(kind, ("event", ""))
+    if tag == "move" and data.get("source") == "optimizer":
+        tag = "optimizer"
     stamp = time.strftime("%H:%M:%S", time.localtime(getattr(event, "time", time.time())))
-    message = getattr(event, "message", "") or " ".join(
-        part
-        for part in (kind, getattr(event, "model", None), short_url(getattr(event, "node", None)))
-        if part
-    )
     line = Text(f"{stamp} ", style="dim")
-    line.append(f"{tag:<9} ", style="bold " + style if style else "bold")
-    line.append(message, style=style)
+    line.append(f"{tag:<9} ", style=f"bold {style}".strip())
+    line.append(_event_message(event), style=style)
+    if duration_s is not None:
+        line.append(f" ({duration_s:.1f} s)", style="dim")
     return line

@@ -237,7 +237,7 @@ def test_lb_stats_table_and_optimizer_line() -> None:
     assert row.replace("│", " ").split()[1:9] == ["online", "GPU", "2", "ms", "7", "1", "2", "llama3.1:8b"]
     assert "m:1" not in row  # models in VRAM only
     assert "offline" in next(line for line in shown.splitlines() if "5002" in line)
-    assert "optimizer: on, every 5m 00s, next pass in 2m 10s, last pass 10s ago (moved 1)" in shown
+    assert "optimizer: on, every 5m 00s, next pass in 2m 10s, last pass 10s ago (1 moved)" in shown
 
 
 def test_move_results_lines() -> None:
