@@ -1,0 +1,346 @@
+"""One test per scheduler rule of shared/spec/ollama-api.md (era C), asserted on /api/ps and load counts."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime
+
+import pytest
+import requests
+from conftest import wait_until
+
+from ollama_sim import CATALOG
+
+GiB = 1024**3
+
+
+def post(node, path: str, timeout: float = 10, **body) -> requests.Response:
+    return requests.post(node.url + path, json=body, timeout=timeout)
+
+
+def generate(node, model: str, **body) -> requests.Response:
+    return post(node, "/api/generate", model=model, **body)
+
+
+def load(node, model: str, **body) -> dict:
+    """Load (generate with no prompt; /api/embed with empty input for embedding models): its /api/ps entry."""
+    if CATALOG[canonical(model)].embedding_only:
+        reply = post(node, "/api/embed", model=model, input="", **body)
+        assert reply.status_code == 200, reply.text
+        assert reply.json() == {"model": model, "embeddings": []}
+    else:
+        reply = generate(node, model, **body)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["done_reason"] == "load"
+    return ps(node)[canonical(model)]
+
+
+def canonical(model: str) -> str:
+    return model if ":" in model else f"{model}:latest"
+
+
+def ps(node) -> dict[str, dict]:
+    reply = requests.get(node.url + "/api/ps", timeout=5)
+    reply.raise_for_status()
+    return {m["name"]: m for m in reply.json()["models"]}
+
+
+def on_gpu(entry: dict) -> bool:
+    return entry["size_vram"] == entry["size"] > 0
+
+
+def expiry_year(entry: dict) -> int:
+    return datetime.fromisoformat(entry["expires_at"][:26].rstrip("Z")).year
+
+
+# ----------------------------------------------------------------------------------- num_gpu and reloads
+
+
+def test_num_gpu_999_reloads_an_automatic_load_even_when_already_fully_on_gpu(sim_node):
+    node = sim_node(vram_gb=24)
+    assert on_gpu(load(node, "llama3.1"))
+    entry = load(node, "llama3.1", options={"num_gpu": 999})
+    assert on_gpu(entry)
+    assert node.counts("llama3.1") == {"loads": 2, "unloads": 1}
+    assert node.loaded()[0]["num_gpu"] == 999
+
+
+def test_request_without_num_gpu_never_moves_a_model_that_fell_to_cpu(sim_node):
+    node = sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+    reply = generate(node, "llama3.1", prompt="hello", stream=False)
+    assert reply.status_code == 200
+    load(node, "llama3.1", options={"num_gpu": -1, "temperature": 0.1})
+    assert ps(node)["llama3.1:latest"]["size_vram"] == 0
+    assert node.counts("llama3.1") == {"loads": 0, "unloads": 0}
+
+
+def test_forced_cpu_model_stays_on_cpu_for_requests_without_num_gpu(sim_node):
+    node = sim_node(vram_gb=24)
+    assert load(node, "llama3.1", options={"num_gpu": 0})["size_vram"] == 0
+    assert load(node, "llama3.1")["size_vram"] == 0
+    assert node.counts("llama3.1") == {"loads": 1, "unloads": 0}
+
+
+def test_explicit_num_gpu_moves_a_cpu_model_to_gpu(sim_node):
+    node = sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+    assert on_gpu(load(node, "llama3.1", options={"num_gpu": 999}))
+    assert node.counts("llama3.1") == {"loads": 1, "unloads": 1}
+
+
+def test_num_ctx_change_reloads_with_the_new_context(sim_node):
+    node = sim_node(vram_gb=24)
+    assert load(node, "llama3.1")["context_length"] == 32768
+    assert load(node, "llama3.1", options={"num_ctx": 8192})["context_length"] == 8192
+    assert load(node, "llama3.1", options={"num_ctx": 8192})["context_length"] == 8192
+    assert node.counts("llama3.1") == {"loads": 2, "unloads": 1}
+
+
+def test_other_runner_fields_reload(sim_node):
+    node = sim_node(vram_gb=24)
+    load(node, "llama3.2:3b")
+    for options in ({"num_batch": 1024}, {"num_thread": 4}, {"use_mmap": False}, {"main_gpu": 0}):
+        load(node, "llama3.2:3b", options=options)
+    assert node.counts("llama3.2:3b") == {"loads": 5, "unloads": 4}
+
+
+def test_sampling_options_never_reload(sim_node):
+    node = sim_node(vram_gb=24)
+    load(node, "llama3.1")
+    options = {"temperature": 0.1, "top_p": 0.5, "seed": 7, "num_predict": 3}
+    assert generate(node, "llama3.1", prompt="hi", stream=False, options=options).status_code == 200
+    assert node.counts("llama3.1") == {"loads": 1, "unloads": 0}
+
+
+def test_wrong_option_type_is_a_500_with_go_text(sim_node):
+    node = sim_node(vram_gb=24)
+    reply = generate(node, "llama3.1", options={"num_gpu": "x"})
+    assert reply.status_code == 500
+    assert reply.json() == {"error": 'option "num_gpu" must be of type integer'}
+    assert ps(node) == {}
+
+
+# ----------------------------------------------------------------------------------- placement
+
+
+def test_size_equals_size_vram_when_fully_on_gpu_and_context_follows_vram_bracket(sim_node):
+    entry = load(sim_node(vram_gb=24), "llama3.1")
+    assert entry["size"] == entry["size_vram"] and entry["context_length"] == 32768
+    assert load(sim_node(vram_gb=8), "llama3.1")["context_length"] == 4096
+    assert load(sim_node(vram_gb=48), "llama3.1")["context_length"] == 131072  # 262144 clamped to trained
+    assert load(sim_node(vram_gb=48), "all-minilm")["context_length"] == 512
+
+
+def test_split_when_alone_on_the_node(sim_node):
+    entry = load(sim_node(vram_gb=24), "llama3.1:70b")
+    assert 0 < entry["size_vram"] < entry["size"]
+    assert entry["size_vram"] <= 0.8 * 24 * GiB
+
+
+def test_no_split_next_to_a_resident_model_it_evicts_instead(sim_node):
+    node = sim_node(vram_gb=24)
+    load(node, "llama3.2:3b")
+    entry = load(node, "llama3.1:70b")
+    assert list(ps(node)) == ["llama3.1:70b"]
+    assert 0 < entry["size_vram"] < entry["size"]
+    assert node.counts("llama3.2:3b")["unloads"] == 1
+
+
+def test_models_that_fit_share_the_gpu(sim_node):
+    node = sim_node(vram_gb=24)
+    load(node, "llama3.1")
+    load(node, "llama3.2:3b")
+    models = ps(node)
+    assert sorted(models) == ["llama3.1:latest", "llama3.2:3b"]
+    assert all(on_gpu(entry) for entry in models.values())
+
+
+def test_explicit_partial_num_gpu_splits_next_to_others(sim_node):
+    node = sim_node(vram_gb=24)
+    load(node, "llama3.2:3b")
+    entry = load(node, "llama3.1:70b", options={"num_gpu": 10})
+    assert 0 < entry["size_vram"] < entry["size"]
+    assert "llama3.2:3b" in ps(node)
+
+
+def test_cpu_only_node_puts_everything_in_ram_even_when_forced(sim_node):
+    node = sim_node(vram_gb=0)
+    assert load(node, "llama3.1")["size_vram"] == 0
+    assert load(node, "llama3.2:3b", options={"num_gpu": 999})["size_vram"] == 0
+
+
+def test_gpu_lost_later_loads_land_on_cpu(sim_node):
+    node = sim_node(vram_gb=24)
+    node.vram_gb = 0
+    assert load(node, "llama3.2:3b")["size_vram"] == 0
+
+
+def test_forced_load_that_does_not_fit_is_a_500_oom_and_leaves_the_model_unloaded(sim_node):
+    node = sim_node(vram_gb=24, preload=[("llama3.1:70b", "auto")])
+    assert ps(node)["llama3.1:70b"]["size_vram"] > 0
+    reply = generate(node, "llama3.1:70b", options={"num_gpu": 999})
+    assert reply.status_code == 500
+    error = reply.json()["error"]
+    assert error.startswith("llama-server process has terminated: ") and "out of memory" in error
+    assert ps(node) == {}  # the old (split) instance is gone too
+    assert node.counts("llama3.1:70b") == {"loads": 0, "unloads": 1}
+
+
+def test_forced_load_evicts_all_others_and_retries_once(sim_node):
+    node = sim_node(vram_gb=24)
+    load(node, "llama3.1")
+    load(node, "llama3.2:3b")
+    entry = load(node, "codellama", options={"num_gpu": 999})  # 11.8 GiB does not fit next to 14.5
+    assert list(ps(node)) == ["codellama:latest"] and on_gpu(entry)
+
+
+def test_cpu_part_larger_than_free_ram_is_a_500(sim_node):
+    node = sim_node(vram_gb=0, ram_gb=4)
+    reply = generate(node, "llama3.1")
+    assert reply.status_code == 500
+    assert reply.json()["error"] == "model requires more system memory (5.3 GiB) than is available (4.0 GiB)"
+    assert ps(node) == {}
+
+
+# ----------------------------------------------------------------------------------- eviction
+
+
+@pytest.mark.parametrize(("first_keep", "second_keep"), [("1h", "2m"), (-1, "1h")])
+def test_eviction_takes_the_shortest_keep_alive_not_the_oldest(sim_node, first_keep, second_keep):
+    node = sim_node(vram_gb=14, unload_seconds=0.05)  # default ctx 4096: 5.3 + 5.8 GiB fit, +2.6 does not
+    load(node, "llama3.1", keep_alive=first_keep)
+    load(node, "codellama", keep_alive=second_keep)
+    load(node, "llama3.2:3b")
+    assert sorted(ps(node)) == ["llama3.1:latest", "llama3.2:3b"]
+    assert node.counts("codellama")["unloads"] == 1
+    assert node.counts("llama3.1")["unloads"] == 0
+
+
+def test_eviction_finishes_before_the_new_model_is_listed(sim_node):
+    node = sim_node(vram_gb=14, unload_seconds=0.3)
+    load(node, "llama3.1", keep_alive=-1)
+    load(node, "codellama", keep_alive="1h")
+    load(node, "llama3.2:3b")
+    assert "codellama:latest" not in ps(node)
+
+
+def test_cap_on_loaded_models_evicts_one(sim_node):
+    node = sim_node(vram_gb=24, max_loaded=2)
+    load(node, "all-minilm", keep_alive="10m")
+    load(node, "llama3.2:3b", keep_alive="5m")
+    load(node, "llama3.1", keep_alive="10m")
+    assert sorted(ps(node)) == ["all-minilm:latest", "llama3.1:latest"]
+
+
+def test_automatic_cap_is_three_models(sim_node):
+    node = sim_node(vram_gb=0)
+    for model in ("all-minilm", "nomic-embed-text", "mxbai-embed-large", "llama3.2:3b"):
+        load(node, model)
+    assert len(ps(node)) == 3
+
+
+# ----------------------------------------------------------------------------------- keep_alive
+
+
+@pytest.mark.parametrize(
+    ("keep_alive", "error"),
+    [
+        ("-1", 'time: missing unit in duration "-1"'),
+        ("300", 'time: missing unit in duration "300"'),
+        (True, "Unsupported type: 'bool'"),
+        ("5x", 'time: unknown unit "x" in duration "5x"'),
+    ],
+)
+def test_bad_keep_alive_is_a_400_with_go_text(sim_node, keep_alive, error):
+    node = sim_node(vram_gb=24)
+    reply = generate(node, "llama3.1", keep_alive=keep_alive)
+    assert reply.status_code == 400 and reply.json() == {"error": error}
+    assert ps(node) == {}
+
+
+@pytest.mark.parametrize("keep_alive", [-1, "-1m", "-2h"])
+def test_negative_keep_alive_means_forever(sim_node, keep_alive):
+    node = sim_node(vram_gb=24)
+    assert expiry_year(load(node, "llama3.2:3b", keep_alive=keep_alive)) > 2300
+
+
+def test_request_without_keep_alive_keeps_the_loaded_duration(sim_node):
+    node = sim_node(vram_gb=24)
+    load(node, "llama3.2:3b", keep_alive=-1)
+    assert generate(node, "llama3.2:3b", prompt="hi", stream=False).status_code == 200
+    assert expiry_year(ps(node)["llama3.2:3b"]) > 2300
+    assert expiry_year(load(node, "llama3.2:3b", keep_alive="1h")) < 2300
+
+
+def test_default_keep_alive_applies_to_a_load(sim_node):
+    node = sim_node(vram_gb=24, keep_alive_default="-1")  # the env var accepts a bare integer
+    assert expiry_year(load(node, "llama3.2:3b")) > 2300
+
+
+@pytest.mark.parametrize("keep_alive", ["1s", 0.3])
+def test_models_expire_after_keep_alive(sim_node, keep_alive):
+    node = sim_node(vram_gb=24)
+    load(node, "all-minilm", keep_alive=keep_alive)
+    wait_until(lambda: "all-minilm:latest" not in ps(node), timeout=5)
+    assert node.counts("all-minilm") == {"loads": 1, "unloads": 1}
+
+
+def test_keep_alive_zero_with_a_prompt_generates_then_unloads(sim_node):
+    node = sim_node(vram_gb=24)
+    reply = generate(node, "llama3.2:3b", prompt="hi", keep_alive=0, stream=False)
+    assert reply.status_code == 200 and reply.json()["done_reason"] == "stop"
+    wait_until(lambda: "llama3.2:3b" not in ps(node))
+
+
+def test_fractional_keep_alive_is_a_load_not_an_unload(sim_node):
+    node = sim_node(vram_gb=24)
+    assert generate(node, "llama3.2:3b", keep_alive=0.4).json()["done_reason"] == "load"
+
+
+# ----------------------------------------------------------------------------------- unload
+
+
+def test_unload_is_asynchronous(sim_node):
+    node = sim_node(vram_gb=24, unload_seconds=0.5, preload=[("llama3.1", "auto")])
+    reply = generate(node, "llama3.1", keep_alive=0, stream=True)
+    assert reply.status_code == 200 and reply.json()["done_reason"] == "unload"
+    stopping = ps(node)["llama3.1:latest"]
+    assert expiry_year(stopping) < 2300
+    assert node.loaded()[0]["stopping"]
+    wait_until(lambda: "llama3.1:latest" not in ps(node))
+    assert node.counts("llama3.1") == {"loads": 0, "unloads": 1}
+
+
+def test_unload_of_an_unknown_model_is_a_404_and_of_an_embedding_model_works(sim_node):
+    node = sim_node(vram_gb=24, preload=[("all-minilm", "auto")])
+    reply = generate(node, "nope", keep_alive=0)
+    assert reply.status_code == 404 and reply.json() == {"error": "model 'nope' not found"}
+    assert generate(node, "all-minilm", keep_alive=0).json()["done_reason"] == "unload"
+    wait_until(lambda: ps(node) == {})
+
+
+def test_unload_of_a_model_not_loaded_is_a_200_no_op(sim_node):
+    node = sim_node(vram_gb=24)
+    assert generate(node, "llama3.1", keep_alive=0).json()["done_reason"] == "unload"
+    assert node.counts("llama3.1") == {"loads": 0, "unloads": 0}
+
+
+def test_a_model_is_listed_only_after_its_load_finished(sim_node):
+    node = sim_node(vram_gb=24, load_seconds_per_gb=1.0)  # mxbai: ~0.9 GiB -> ~0.9 s
+    result: dict = {}
+    worker = threading.Thread(
+        target=lambda: result.update(reply=post(node, "/api/embed", model="mxbai-embed-large", input=""))
+    )
+    worker.start()
+    wait_until(lambda: any(path == "/api/embed" for _, path, _ in node.request_log))
+    assert ps(node) == {}
+    worker.join(timeout=10)
+    assert result["reply"].status_code == 200
+    assert "mxbai-embed-large:latest" in ps(node)
+
+
+def test_ps_is_sorted_by_expiry_descending(sim_node):
+    node = sim_node(vram_gb=24)
+    load(node, "all-minilm", keep_alive="1m")
+    load(node, "llama3.2:3b", keep_alive=-1)
+    load(node, "nomic-embed-text", keep_alive="1h")
+    assert list(ps(node)) == ["llama3.2:3b", "nomic-embed-text:latest", "all-minilm:latest"]
