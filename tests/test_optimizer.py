@@ -1,4 +1,8 @@
-"""GPUOptimizer against simulated nodes over real sockets: what moves, what never moves, and when."""
+"""GPUOptimizer against simulated nodes over real sockets: what moves, what never moves, and when.
+
+Nodes come from conftest's `sim_node` factory; `make_balancer`, `Recorder` and `wait_for` are shared with
+test_balancer.py.
+"""
 
 from __future__ import annotations
 
@@ -64,22 +68,8 @@ class Recorder:
         return self.of(kind)
 
 
-@pytest.fixture
-def start_node() -> Iterator[Callable[..., SimNode]]:
-    nodes: list[SimNode] = []
-
-    def start(**options: object) -> SimNode:
-        node = SimNode(**options).start()
-        nodes.append(node)
-        return node
-
-    yield start
-    for node in nodes:
-        node.stop()
-
-
-@pytest.fixture
-def make_balancer() -> Iterator[Callable[..., OllamaLoadBalancer]]:
+@pytest.fixture(name="make_balancer")
+def make_balancer_fixture() -> Iterator[Callable[..., OllamaLoadBalancer]]:
     """Fast health checks, optimizer off and a long interval unless a test says otherwise."""
     balancers: list[OllamaLoadBalancer] = []
 
@@ -132,8 +122,8 @@ def test_canonical_names_and_explicit_priority_names() -> None:
 
 
 # --------------------------------------------------------------------------------------------- passes
-def test_a_pass_moves_priority_models_off_cpu_and_leaves_the_others(start_node, make_balancer) -> None:
-    node = start_node(preload=[("mxbai-embed-large", "cpu"), ("llama3.1", "cpu"), ("codellama", "cpu")])
+def test_a_pass_moves_priority_models_off_cpu_and_leaves_the_others(sim_node, make_balancer) -> None:
+    node = sim_node(preload=[("mxbai-embed-large", "cpu"), ("llama3.1", "cpu"), ("codellama", "cpu")])
     balancer = make_balancer([node.url])
 
     actions = balancer.optimize_gpu_once()
@@ -145,8 +135,8 @@ def test_a_pass_moves_priority_models_off_cpu_and_leaves_the_others(start_node, 
     assert node.counts("codellama") == {"loads": 0, "unloads": 0}  # preloads are not counted
 
 
-def test_steady_state_sends_only_status_reads_and_no_reloads(start_node, make_balancer) -> None:
-    node = start_node(preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu"), ("codellama", "cpu")])
+def test_steady_state_sends_only_status_reads_and_no_reloads(sim_node, make_balancer) -> None:
+    node = sim_node(preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu"), ("codellama", "cpu")])
     balancer = make_balancer([node.url])
     counts_before = {m: node.counts(m) for m in (EMBED, LLAMA, "codellama:latest")}
     log_start = len(node.request_log)
@@ -160,8 +150,8 @@ def test_steady_state_sends_only_status_reads_and_no_reloads(start_node, make_ba
     assert ("GET", "/api/ps") in requests_sent
 
 
-def test_bare_name_does_not_move_the_70b_and_star_moves_everything(start_node, make_balancer) -> None:
-    node = start_node(vram_gb=80, ram_gb=128, preload=[("llama3.1:70b", "cpu"), ("llama3.1", "cpu")])
+def test_bare_name_does_not_move_the_70b_and_star_moves_everything(sim_node, make_balancer) -> None:
+    node = sim_node(vram_gb=80, ram_gb=128, preload=[("llama3.1:70b", "cpu"), ("llama3.1", "cpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
 
     balancer.optimize_gpu_once()
@@ -175,8 +165,8 @@ def test_bare_name_does_not_move_the_70b_and_star_moves_everything(start_node, m
     assert on_gpu(node, "llama3.1:70b")
 
 
-def test_forced_cpu_stays_pinned_until_forced_back(start_node, make_balancer) -> None:
-    node = start_node(preload=[("llama3.1", "gpu")])
+def test_forced_cpu_stays_pinned_until_forced_back(sim_node, make_balancer) -> None:
+    node = sim_node(preload=[("llama3.1", "gpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
 
     [forced] = balancer.force_cpu_all_nodes("llama3.1")
@@ -193,8 +183,8 @@ def test_forced_cpu_stays_pinned_until_forced_back(start_node, make_balancer) ->
     assert balancer.optimizer_status()["pinned_cpu"] == []
 
 
-def test_out_of_memory_is_backed_off_instead_of_retried_every_pass(start_node, make_balancer) -> None:
-    node = start_node(vram_gb=8, ram_gb=64, preload=[("llama3.1:70b", "cpu")])
+def test_out_of_memory_is_backed_off_instead_of_retried_every_pass(sim_node, make_balancer) -> None:
+    node = sim_node(vram_gb=8, ram_gb=64, preload=[("llama3.1:70b", "cpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1:70b"])
 
     [first] = balancer.optimize_gpu_once()
@@ -215,9 +205,9 @@ def test_out_of_memory_is_backed_off_instead_of_retried_every_pass(start_node, m
 
 
 def test_explicit_priority_model_installed_but_not_loaded_is_loaded_on_a_gpu_node(
-    start_node, make_balancer
+    sim_node, make_balancer
 ) -> None:
-    node = start_node(preload=[("llama3.1", "gpu")])
+    node = sim_node(preload=[("llama3.1", "gpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1", "mxbai-embed-large", "nomic*"])
     wait_for(lambda: EMBED in balancer.node_state(node.url).installed, "installed models known")
     assert balancer.node_state(node.url).has_gpu is True
@@ -229,10 +219,10 @@ def test_explicit_priority_model_installed_but_not_loaded_is_loaded_on_a_gpu_nod
     assert node.counts("nomic-embed-text")["loads"] == 0  # a glob never loads what is not loaded
 
 
-def test_dead_and_hung_nodes_do_not_hold_up_the_others(start_node, make_balancer) -> None:
-    good = start_node(preload=[("llama3.1", "cpu")])
-    hung = start_node(preload=[("llama3.1", "cpu")])
-    dead = start_node()
+def test_dead_and_hung_nodes_do_not_hold_up_the_others(sim_node, make_balancer) -> None:
+    good = sim_node(preload=[("llama3.1", "cpu")])
+    hung = sim_node(preload=[("llama3.1", "cpu")])
+    dead = sim_node()
     balancer = make_balancer([hung.url, dead.url, good.url], gpu_priority_models=["llama3.1"])
     wait_for(lambda: all(s.online for s in balancer.node_states()), "all nodes online")
     hung.set_fault("hang")
@@ -247,8 +237,8 @@ def test_dead_and_hung_nodes_do_not_hold_up_the_others(start_node, make_balancer
     hung.clear_fault()
 
 
-def test_concurrent_optimizer_and_console_moves_send_one_load(start_node, make_balancer) -> None:
-    node = start_node(load_seconds_per_gb=0.1, preload=[("llama3.1", "cpu")])
+def test_concurrent_optimizer_and_console_moves_send_one_load(sim_node, make_balancer) -> None:
+    node = sim_node(load_seconds_per_gb=0.1, preload=[("llama3.1", "cpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
     loads = node.counts(LLAMA)["loads"]
     results: list[object] = []
@@ -267,8 +257,8 @@ def test_concurrent_optimizer_and_console_moves_send_one_load(start_node, make_b
 
 
 # --------------------------------------------------------------------------------------------- thread
-def test_restarted_node_gets_its_models_back_on_gpu_without_a_manual_pass(start_node, make_balancer) -> None:
-    node = start_node(preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu")])
+def test_restarted_node_gets_its_models_back_on_gpu_without_a_manual_pass(sim_node, make_balancer) -> None:
+    node = sim_node(preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu")])
     balancer = make_balancer([node.url], auto_optimize_gpu=True)
     events = Recorder(balancer)
     wait_for(lambda: balancer.node_state(node.url).online, "node online")
@@ -284,8 +274,8 @@ def test_restarted_node_gets_its_models_back_on_gpu_without_a_manual_pass(start_
     assert moved == {EMBED, LLAMA}
 
 
-def test_restart_without_downtime_is_seen_as_models_falling_off_gpu(start_node, make_balancer) -> None:
-    node = start_node(preload=[("llama3.1", "gpu")])
+def test_restart_without_downtime_is_seen_as_models_falling_off_gpu(sim_node, make_balancer) -> None:
+    node = sim_node(preload=[("llama3.1", "gpu")])
     balancer = make_balancer([node.url], auto_optimize_gpu=True, gpu_priority_models=["llama3.1"])
     wait_for(lambda: balancer.node_state(node.url).has_gpu, "GPU evidence")
 
@@ -295,8 +285,8 @@ def test_restart_without_downtime_is_seen_as_models_falling_off_gpu(start_node, 
     wait_for(lambda: on_gpu(node, LLAMA), "llama3.1 back on GPU")
 
 
-def test_with_the_optimizer_off_nothing_moves(start_node, make_balancer) -> None:
-    node = start_node(preload=[("llama3.1", "gpu")])
+def test_with_the_optimizer_off_nothing_moves(sim_node, make_balancer) -> None:
+    node = sim_node(preload=[("llama3.1", "gpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
     wait_for(lambda: balancer.node_state(node.url).online, "node online")
 
@@ -309,11 +299,11 @@ def test_with_the_optimizer_off_nothing_moves(start_node, make_balancer) -> None
     assert balancer.optimization_running is False
 
 
-def test_an_added_node_gets_a_pass_at_once(start_node, make_balancer) -> None:
-    first = start_node(preload=[("llama3.1", "gpu")])
+def test_an_added_node_gets_a_pass_at_once(sim_node, make_balancer) -> None:
+    first = sim_node(preload=[("llama3.1", "gpu")])
     balancer = make_balancer([first.url], auto_optimize_gpu=True, gpu_priority_models=["llama3.1"])
     events = Recorder(balancer)
-    added = start_node(preload=[("llama3.1", "cpu")])
+    added = sim_node(preload=[("llama3.1", "cpu")])
 
     balancer.add_node(added.url)
 
@@ -322,8 +312,8 @@ def test_an_added_node_gets_a_pass_at_once(start_node, make_balancer) -> None:
     assert posts(first) == []
 
 
-def test_interval_change_at_run_time_wakes_the_optimizer(start_node, make_balancer) -> None:
-    node = start_node(preload=[("llama3.1", "gpu")])
+def test_interval_change_at_run_time_wakes_the_optimizer(sim_node, make_balancer) -> None:
+    node = sim_node(preload=[("llama3.1", "gpu")])
     balancer = make_balancer([node.url], auto_optimize_gpu=True, check_interval=300)
     events = Recorder(balancer)
     wait_for(lambda: balancer.optimizer_status()["last_pass"] is not None, "the start-up pass")
@@ -338,8 +328,8 @@ def test_interval_change_at_run_time_wakes_the_optimizer(start_node, make_balanc
     assert balancer.optimizer_status()["interval"] == 0.1
 
 
-def test_stop_mid_wait_ends_the_thread(start_node, make_balancer) -> None:
-    node = start_node()
+def test_stop_mid_wait_ends_the_thread(sim_node, make_balancer) -> None:
+    node = sim_node()
     balancer = make_balancer([node.url], auto_optimize_gpu=True)
     events = Recorder(balancer)
     assert balancer.optimization_running and balancer.auto_optimize_gpu
@@ -354,8 +344,8 @@ def test_stop_mid_wait_ends_the_thread(start_node, make_balancer) -> None:
     assert balancer._start_gpu_optimization() is True and balancer.optimization_running
 
 
-def test_stop_mid_pass_ends_the_thread_while_a_load_is_running(start_node, make_balancer) -> None:
-    node = start_node(load_seconds_per_gb=2.0, preload=[("llama3.1", "cpu")])
+def test_stop_mid_pass_ends_the_thread_while_a_load_is_running(sim_node, make_balancer) -> None:
+    node = sim_node(load_seconds_per_gb=2.0, preload=[("llama3.1", "cpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
     wait_for(lambda: balancer.node_state(node.url).online, "node online")
     events = Recorder(balancer)
@@ -368,8 +358,8 @@ def test_stop_mid_pass_ends_the_thread_while_a_load_is_running(start_node, make_
     assert thread is not None and not thread.is_alive()
 
 
-def test_pass_events_carry_a_summary(start_node, make_balancer) -> None:
-    node = start_node(preload=[("llama3.1", "cpu")])
+def test_pass_events_carry_a_summary(sim_node, make_balancer) -> None:
+    node = sim_node(preload=[("llama3.1", "cpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
     events = Recorder(balancer)
 
