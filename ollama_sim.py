@@ -1225,7 +1225,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if kind == "error500":
             self._send_json(500, {"error": "llama-server process has terminated: exit status 2 (simulated)"})
         elif kind == "garbage":
-            self._send(200, b"<html>\x00\xffnot json", "application/json; charset=utf-8")
+            self._send(200, b'{"models":[{"name":"llama3.1:lat<html>', "application/json; charset=utf-8")
         elif kind == "busy":
             self._send_json(503, {"error": BUSY_TEXT})
         return True

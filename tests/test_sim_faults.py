@@ -1,0 +1,181 @@
+"""Faults and scenarios of the simulator: restart, down, drop, hang, slow, 500, garbage, busy."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import wait_until
+
+from ollama_sim import BUSY_TEXT, SimCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ps_names(node, timeout: float = 5) -> dict[str, int]:
+    """name -> size_vram, from /api/ps."""
+    reply = requests.get(node.url + "/api/ps", timeout=timeout)
+    return {m["name"]: m["size_vram"] for m in reply.json()["models"]}
+
+
+def connect_refused(node) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", node.port)) != 0
+
+
+def test_restart_brings_models_back_on_cpu_with_stored_num_gpu_minus_one(sim_node):
+    node = sim_node(vram_gb=24, preload=[("llama3.1", "gpu"), ("mxbai-embed-large", "auto")])
+    assert all(vram > 0 for vram in ps_names(node).values())
+    requests.post(node.url + "/api/generate", json={"model": "llama3.1", "keep_alive": -1}, timeout=5)
+    node.restart()
+    assert ps_names(node) == {"llama3.1:latest": 0, "mxbai-embed-large:latest": 0}
+    by_name = {m["name"]: m for m in node.loaded()}
+    assert by_name["llama3.1:latest"]["num_gpu"] == -1
+    assert by_name["llama3.1:latest"]["keep_alive"] == float("inf")
+    assert node.counts("llama3.1") == {"loads": 0, "unloads": 0}
+    # and a request without num_gpu leaves it there: the bug the product fixes
+    requests.post(node.url + "/api/generate", json={"model": "llama3.1"}, timeout=5).raise_for_status()
+    assert ps_names(node)["llama3.1:latest"] == 0
+
+
+def test_restart_with_downtime_refuses_connections_then_recovers_on_the_same_port(sim_node):
+    node = sim_node(vram_gb=24, preload=[("llama3.2:3b", "auto")])
+    port = node.port
+    restarting = threading.Thread(target=node.restart, kwargs={"downtime": 0.5})
+    restarting.start()
+    wait_until(lambda: connect_refused(node))
+    with pytest.raises(requests.ConnectionError):
+        requests.get(node.url + "/api/ps", timeout=2)
+    restarting.join(timeout=5)
+    assert node.port == port
+    assert ps_names(node) == {"llama3.2:3b": 0}
+
+
+def test_down_refuses_connections_and_recovers(sim_node):
+    node = sim_node(vram_gb=24)
+    session = requests.Session()
+    assert session.get(node.url + "/", timeout=2).status_code == 200  # a kept-alive connection
+    node.set_fault("down")
+    assert connect_refused(node)
+    with pytest.raises(requests.ConnectionError):
+        session.get(node.url + "/api/tags", timeout=2)
+    node.clear_fault()
+    assert session.get(node.url + "/api/version", timeout=2).json() == {"version": "0.33.0-rc2"}
+
+
+def test_drop_closes_without_a_reply(sim_node):
+    node = sim_node(vram_gb=24)
+    node.set_fault("drop")
+    with pytest.raises(requests.ConnectionError):
+        requests.get(node.url + "/api/ps", timeout=2)
+    node.clear_fault()
+    assert requests.get(node.url + "/api/ps", timeout=2).status_code == 200
+
+
+def test_hang_holds_the_reply_until_cleared(sim_node):
+    node = sim_node(vram_gb=24)
+    node.set_fault("hang")
+    with pytest.raises(requests.ReadTimeout):
+        requests.get(node.url + "/api/ps", timeout=0.2)
+    result: dict = {}
+    waiting = threading.Thread(
+        target=lambda: result.update(reply=requests.get(node.url + "/api/version", timeout=10))
+    )
+    waiting.start()
+    wait_until(lambda: len(node.request_log) >= 2)
+    node.clear_fault()
+    waiting.join(timeout=10)
+    assert result["reply"].json() == {"version": "0.33.0-rc2"}
+
+
+def test_stop_releases_hung_handlers():
+    cluster = SimCluster([dict(vram_gb=24)]).start()
+    node = cluster.nodes[0]
+    node.set_fault("hang")
+    errors: list[Exception] = []
+
+    def call() -> None:
+        try:
+            requests.get(node.url + "/api/ps", timeout=10)
+        except requests.RequestException as err:
+            errors.append(err)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    wait_until(lambda: node.request_log)
+    cluster.stop()  # must return although a handler is hung (pytest-timeout guards it)
+    caller.join(timeout=5)
+    assert not caller.is_alive() and len(errors) == 1
+
+
+def test_slow_delays_every_reply(sim_node):
+    node = sim_node(vram_gb=24)
+    node.set_fault("slow", seconds=0.5)
+    with pytest.raises(requests.ReadTimeout):
+        requests.get(node.url + "/api/ps", timeout=0.1)
+    assert requests.get(node.url + "/api/ps", timeout=5).status_code == 200
+
+
+def test_error500_garbage_and_busy(sim_node):
+    node = sim_node(vram_gb=24)
+    node.set_fault("error500")
+    reply = requests.get(node.url + "/api/ps", timeout=2)
+    assert reply.status_code == 500 and "error" in reply.json()
+    node.set_fault("garbage")
+    reply = requests.get(node.url + "/api/ps", timeout=2)
+    assert reply.status_code == 200
+    with pytest.raises(ValueError):
+        reply.json()
+    node.set_fault("busy")
+    reply = requests.post(node.url + "/api/generate", json={"model": "llama3.1"}, timeout=2)
+    assert reply.status_code == 503 and reply.json() == {"error": BUSY_TEXT}
+    assert BUSY_TEXT == "server busy, please try again.  maximum pending requests exceeded"
+    node.clear_fault()
+    assert requests.get(node.url + "/api/ps", timeout=2).json() == {"models": []}
+
+
+def test_fault_limited_to_some_paths(sim_node):
+    node = sim_node(vram_gb=24)
+    node.set_fault("error500", paths=("/api/generate",))
+    assert requests.post(node.url + "/api/generate", json={"model": "llama3.1"}, timeout=2).status_code == 500
+    assert requests.get(node.url + "/api/ps", timeout=2).status_code == 200
+    assert ps_names(node) == {}
+
+
+def test_request_log_and_byte_counters(sim_node):
+    node = sim_node(vram_gb=24)
+    requests.post(node.url + "/api/generate", json={"model": "llama3.2:3b"}, timeout=5)
+    requests.get(node.url + "/api/ps", timeout=5)
+    assert node.request_log == [
+        ("POST", "/api/generate", {"model": "llama3.2:3b"}),
+        ("GET", "/api/ps", None),
+    ]
+    assert node.bytes_in > len(b'{"model": "llama3.2:3b"}') and node.bytes_out > 200
+
+
+def test_cluster_nodes_are_independent(sim_cluster):
+    cluster = sim_cluster([dict(vram_gb=0), dict(vram_gb=24)])
+    assert len(set(cluster.urls)) == 2
+    cluster.nodes[0].set_fault("down")
+    assert requests.get(cluster.urls[1] + "/", timeout=2).text == "Ollama is running"
+
+
+def test_command_line_prints_its_url_first_and_serves(tmp_path):
+    command = [sys.executable, str(ROOT / "ollama_sim.py"), "--port", "0", "--vram-gb", "24",
+               "--preload", "mxbai-embed-large@cpu", "--preload", "llama3.1@auto"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        url = process.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:")
+        models = requests.get(url + "/api/ps", timeout=5).json()["models"]
+        placement = {m["name"]: m["size_vram"] > 0 for m in models}
+        assert placement == {"mxbai-embed-large:latest": False, "llama3.1:latest": True}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
