@@ -182,8 +182,18 @@ def make_interactive_console() -> Console:
     return Console(force_terminal=True, color_system=probe.color_system or "standard", highlight=False)
 
 
-def interactive(balancer: OllamaLoadBalancer, config: Config, banner: str | None) -> int:
-    """The prompt_toolkit loop; background lines appear above the prompt, the typed line stays intact."""
+def interactive(
+    balancer: OllamaLoadBalancer,
+    config: Config,
+    banner: str | None = None,
+    console: Console | None = None,
+    pt_input: Any = None,
+    pt_output: Any = None,
+) -> int:
+    """The prompt_toolkit loop; background lines appear above the prompt, the typed line stays intact.
+
+    `console`, `pt_input` and `pt_output` let tests drive the real loop through a pipe.
+    """
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
     from prompt_toolkit.patch_stdout import patch_stdout
@@ -191,7 +201,7 @@ def interactive(balancer: OllamaLoadBalancer, config: Config, banner: str | None
     from console.completion import ConsoleCompleter, ModelNameRefresher
     from console.toolbar import TOOLBAR_STYLE, toolbar_fragments, toolbar_state
 
-    console = make_interactive_console()
+    console = console or make_interactive_console()
     ctx = Context(balancer=balancer, console=console, config=config)
     printer = EventPrinter(console)
     unsubscribe = balancer.subscribe(printer)
@@ -210,6 +220,8 @@ def interactive(balancer: OllamaLoadBalancer, config: Config, banner: str | None
         bottom_toolbar=lambda: toolbar_fragments(toolbar_state(balancer)),
         style=TOOLBAR_STYLE,
         refresh_interval=1.0,
+        input=pt_input,
+        output=pt_output,
     )
     try:
         with patch_stdout(raw=True):
@@ -258,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if words:
             ctx = Context(balancer=balancer, console=make_one_shot_console(), config=config)
+            ctx.progress = Console(stderr=True, highlight=False)
             if not args.json:
                 balancer.subscribe(EventPrinter(Console(stderr=True), ONE_SHOT_PROGRESS))
             balancer.start()  # the health monitor only: auto_optimize_gpu is off in one-shot mode

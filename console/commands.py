@@ -58,6 +58,10 @@ class Context:
     console: Console
     config: Config
     cancel: threading.Event = field(default_factory=threading.Event)
+    progress: Console | None = None  # where "working..." notes go (stderr in one-shot, so --json stays clean)
+
+    def note(self, message: str) -> None:
+        (self.progress or self.console).print(Text(message, style="dim"))
 
     def run_cancellable(self, work: Callable[[threading.Event], Any]) -> Any:
         """Run a long core call in a worker thread so Ctrl-C in the main thread can cancel it."""
@@ -73,8 +77,8 @@ class Context:
             finally:
                 done.set()
 
-        threading.Thread(target=worker, name="console-command", daemon=True).start()
         try:
+            threading.Thread(target=worker, name="console-command", daemon=True).start()
             while not done.wait(0.1):  # short waits keep the main thread responsive to SIGINT
                 pass
         except KeyboardInterrupt:
@@ -210,17 +214,24 @@ def check_known_model(ctx: Context, name: str) -> None:
 
 def persist_nodes(ctx: Context, extra_gpu: dict[str, bool] | None = None) -> str:
     """Write the current node list to the config file atomically; returns a note for the user."""
+    ctx.config.gpu.update(extra_gpu or {})
     if ctx.config.path is None:
         return "(not saved: no config file in this mode)"
     try:
-        save_nodes(ctx.config.path, list(ctx.balancer.nodes), extra_gpu)
+        save_nodes(ctx.config.path, list(ctx.balancer.nodes), ctx.config.gpu)
     except (OSError, ConfigError) as exc:
         return f"(could not save to {ctx.config.path}: {exc})"
     return f"(saved to {ctx.config.path})"
 
 
 def _moves_ok(results: list[dict[str, Any]]) -> bool:
-    return all(item["result"].get("skipped") or item["result"].get("success") for item in results)
+    """Success unless a node failed; a node without a GPU is not a failure of `force_gpu`."""
+    return all(
+        item["result"].get("skipped")
+        or item["result"].get("success")
+        or item["result"].get("reason") == "no_gpu"
+        for item in results
+    )
 
 
 # ---------------------------------------------------------------- commands
@@ -297,7 +308,7 @@ def cmd_lb_stats(ctx: Context, args: list[str]) -> Outcome:
 def _force(ctx: Context, model: str, target: str) -> Outcome:
     check_known_model(ctx, model)
     method = ctx.balancer.force_gpu_all_nodes if target == "GPU" else ctx.balancer.force_cpu_all_nodes
-    ctx.console.print(Text(f"forcing {model} to {target} on all nodes... (Ctrl-C cancels)", style="dim"))
+    ctx.note(f"forcing {model} to {target} on all nodes... (Ctrl-C cancels)")
     results = ctx.run_cancellable(lambda cancel: method(model, cancel=cancel))
     return Outcome(
         data=results, renderable=render.move_results(model, target, results), ok=_moves_ok(results)
@@ -342,7 +353,7 @@ def cmd_optimizer(ctx: Context, args: list[str]) -> Outcome:
             raise UsageError("optimizer interval: must be more than 0 seconds")
         balancer.check_interval = seconds
     elif sub == "now":
-        ctx.console.print(Text("running one optimizer pass over all nodes... (Ctrl-C cancels)", style="dim"))
+        ctx.note("running one optimizer pass over all nodes... (Ctrl-C cancels)")
         actions = ctx.run_cancellable(lambda cancel: balancer.optimize_gpu_once())
         ok = not any(action.get("action") == "failed" for action in actions)
         return Outcome(data=actions, renderable=render.pass_actions(actions), ok=ok)

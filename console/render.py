@@ -257,6 +257,8 @@ def move_results(model: str, target: str, results: Iterable[Mapping[str, Any]]) 
         reason = result.get("reason", "")
         if result.get("skipped"):
             line.append(f"skipped ({reason or 'not applicable'})", style="dim")
+        elif reason == "no_gpu":
+            line.append(f"no GPU: {result.get('message', '')}".replace("http://", ""), style="dim")
         elif result.get("success"):
             word = "already there" if reason == "already" else "done"
             line.append(f"{word}: {result.get('location') or target}", style="green")
