@@ -1,0 +1,137 @@
+"""End to end in a real terminal: the console in a pty (pexpect), its output rendered by pyte into the
+screen a user would see, against a simulated Ollama node started by the test.
+
+The key check: an optimizer line printed from a background thread while a command is half typed lands
+above the prompt, and the prompt line still reads `⚡ Enter command: force_g` afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pexpect
+import pyte
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+COLUMNS, LINES = 120, 40
+PROMPT = "⚡ Enter command: "
+
+
+class Terminal:
+    """A pty running the console, mirrored into a pyte screen; every wait has a deadline."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.child = pexpect.spawn(
+            sys.executable, ["flockparsecli.py", *args], cwd=str(REPO), env=env, dimensions=(LINES, COLUMNS)
+        )
+        self.screen = pyte.Screen(COLUMNS, LINES)
+        self.screen.write_process_input = self._answer  # cursor position reports go back to the app
+        self.stream = pyte.ByteStream(self.screen)
+
+    def _answer(self, data: str) -> None:
+        self.child.send(data.encode())
+
+    def lines(self) -> list[str]:
+        return [line.rstrip() for line in self.screen.display]
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+    def cursor_line(self) -> str:
+        return self.lines()[self.screen.cursor.y]
+
+    def pump(self) -> None:
+        try:
+            self.stream.feed(self.child.read_nonblocking(65536, timeout=0.05))
+        except pexpect.TIMEOUT:
+            return
+
+    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out waiting for {what}; screen:\n{self.text()}")
+            self.pump()
+
+    def type(self, keys: str) -> None:
+        self.child.send(keys.encode())
+
+
+@pytest.fixture
+def terminal_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "NO_COLOR")}
+    env.update(FLOCKPARSE_CONFIG_DIR=str(tmp_path), TERM="xterm", COLUMNS=str(COLUMNS), LINES=str(LINES))
+    return env
+
+
+def test_console_in_a_real_terminal(sim_node, terminal_env: dict[str, str]) -> None:
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "gpu")])
+    short = node.url.split("://")[1]
+    term = Terminal(
+        [
+            "--nodes",
+            node.url,
+            "--priority",
+            "mxbai-embed-large",
+            "--interval",
+            "300",
+            "--health-interval",
+            "0.2",
+        ],
+        terminal_env,
+    )
+    try:
+        term.wait_for(lambda: PROMPT.strip() in term.cursor_line(), "the prompt")
+        term.wait_for(lambda: "GPU auto-optimization enabled" in term.text(), "the optimizer start line")
+        term.wait_for(lambda: "1/1 nodes online  1 with GPU  optimizer on" in term.text(), "the toolbar")
+
+        term.type("vram_report\r")
+        term.wait_for(lambda: "mxbai-embed-large:latest │ GPU 100%" in term.text(), "the vram_report table")
+        assert f"{short}  online" in term.text()
+
+        # half a command, no Enter; then make the optimizer act in the background
+        term.type("force_g")
+        term.wait_for(lambda: term.cursor_line().endswith("force_g"), "the half-typed line")
+        node.restart()  # comes back with the model on CPU: the monitor sees it and the optimizer moves it
+        term.wait_for(lambda: "mxbai-embed-large:latest now on GPU" in term.text(), "the optimizer line")
+        term.pump()
+        assert term.cursor_line().endswith(f"{PROMPT}force_g")  # the typed text is intact
+        [prompt_row] = [i for i, line in enumerate(term.lines()) if line.endswith(f"{PROMPT}force_g")]
+        event_row = max(i for i, line in enumerate(term.lines()) if "now on GPU" in line)
+        assert event_row < prompt_row  # the background line landed above the prompt
+
+        term.type("pu mxbai-embed-large\r")
+        term.wait_for(lambda: f"{short}  already there: GPU (VRAM)" in term.text(), "the force_gpu result")
+
+        term.type("exit\r")
+        term.child.expect(pexpect.EOF, timeout=15)
+        term.child.close()
+        assert term.child.exitstatus == 0
+    finally:
+        if term.child.isalive():
+            term.child.terminate(force=True)
+
+
+def test_unreachable_default_node_and_bad_input_in_a_terminal(sim_node, terminal_env: dict[str, str]) -> None:
+    dead = sim_node(vram_gb=0)
+    dead.set_fault("down")
+    terminal_env["OLLAMA_HOST"] = dead.url
+    term = Terminal(["--health-interval", "0.2"], terminal_env)
+    try:
+        term.wait_for(lambda: "--demo" in term.text(), "the --demo suggestion")
+        term.wait_for(lambda: PROMPT.strip() in term.cursor_line(), "the prompt")
+        term.type("vram_repotr\r")
+        term.wait_for(lambda: "did you mean `vram_report`?" in term.text(), "the did-you-mean line")
+        term.wait_for(lambda: term.cursor_line().endswith(PROMPT.strip()), "a fresh prompt")
+        term.type("\x04")  # Ctrl-D
+        term.child.expect(pexpect.EOF, timeout=15)
+        term.child.close()
+        assert term.child.exitstatus == 0
+    finally:
+        if term.child.isalive():
+            term.child.terminate(force=True)
