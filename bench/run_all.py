@@ -1,0 +1,218 @@
+"""Measure the four figures of issue #3 against the simulator and write bench/results/latest.json.
+
+    python3 bench/run_all.py            # about a minute on 2 cores
+
+1. one optimizer pass over 200 nodes with 50 ms added latency each, against the serial bound (10 s);
+2. force_gpu wall time against the simulated load time (goal: at most 0.2 s over it);
+3. a node restarting with its priority models on CPU until they are on GPU again, at default settings
+   (health every 5 s, pass every 300 s), against the 300 s a plain 5-minute loop can take;
+4. bytes on the wire per node per idle health check (goal: at most 1.5 KB).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from balancer import OllamaLoadBalancer  # noqa: E402
+from ollama_sim import GiB, SimNode  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "latest.json"
+LLAMA = "llama3.1:latest"
+EMBED = "mxbai-embed-large:latest"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> float:
+    """Poll until true; returns the time.monotonic() at which it became true."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        pause.wait(0.01)
+    return time.monotonic()
+
+
+def on_gpu(node: SimNode, model: str) -> bool:
+    return any(
+        m["name"] == model and not m["stopping"] and m["size_vram"] == m["size"] > 0 for m in node.loaded()
+    )
+
+
+# --------------------------------------------------------------------------------------------- 1
+def bench_pass_over_200_nodes(nodes: int = 200, latency_ms: float = 50.0, repeats: int = 5) -> dict:
+    """Steady state (models already on GPU): a pass is one /api/ps per node, all nodes concurrently."""
+    farm = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "sim_farm.py"), "--nodes", str(nodes),
+         "--latency-ms", str(latency_ms), "--preload", "llama3.1@gpu"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        urls = json.loads(farm.stdout.readline())["urls"]
+        with OllamaLoadBalancer(urls, auto_optimize_gpu=False, gpu_priority_models=["llama3.1"]) as balancer:
+            wait_for(lambda: all(s.online for s in balancer.node_states()), 60, "all nodes online")
+            durations = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                actions = balancer.optimize_gpu_once()
+                durations.append(time.perf_counter() - started)
+                assert actions == [], f"steady state must not move anything: {actions[:3]}"
+    finally:
+        farm.stdin.close()
+        farm.wait(30)
+    serial_bound = nodes * latency_ms / 1000
+    median = statistics.median(durations)
+    return {
+        "nodes": nodes,
+        "latency_ms": latency_ms,
+        "serial_bound_s": serial_bound,
+        "pass_s_median": round(median, 3),
+        "pass_s_worst": round(max(durations), 3),
+        "speedup_median": round(serial_bound / median, 1),
+        "speedup_worst": round(serial_bound / max(durations), 1),
+        "goal": "speedup >= 10",
+        "met": serial_bound / max(durations) >= 10,
+    }
+
+
+# --------------------------------------------------------------------------------------------- 2
+def bench_force_gpu_overhead(repeats: int = 3, seconds_per_gb: float = 0.5) -> dict:
+    """Wall time of force_gpu_all_nodes on one node minus the time the simulator spends loading."""
+    with (
+        SimNode(load_seconds_per_gb=seconds_per_gb, preload=[("llama3.1", "cpu")]) as node,
+        OllamaLoadBalancer([node.url], auto_optimize_gpu=False) as balancer,
+    ):
+        wait_for(lambda: balancer.node_state(node.url).online, 10, "node online")
+        overheads, walls, loads = [], [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            [result] = balancer.force_gpu_all_nodes("llama3.1")
+            wall = time.perf_counter() - started
+            assert result["result"]["reason"] == "moved", result
+            size = next(m["size"] for m in node.loaded() if m["name"] == LLAMA and not m["stopping"])
+            load = seconds_per_gb * size / GiB
+            walls.append(wall)
+            loads.append(load)
+            overheads.append(wall - load)
+            [back] = balancer.force_cpu_all_nodes("llama3.1")  # CPU loads are timed too; not measured
+            assert back["result"]["success"], back
+    return {
+        "load_seconds_per_gb": seconds_per_gb,
+        "simulated_load_s": round(statistics.median(loads), 3),
+        "wall_s_median": round(statistics.median(walls), 3),
+        "overhead_s_median": round(statistics.median(overheads), 3),
+        "overhead_s_worst": round(max(overheads), 3),
+        "goal": "overhead <= 0.2 s",
+        "met": max(overheads) <= 0.2,
+    }
+
+
+# --------------------------------------------------------------------------------------------- 3
+def bench_restart_to_gpu(trials: int = 3, seconds_per_gb: float = 0.5, downtime: float = 1.0) -> dict:
+    """Default settings; wall time from the restart call until both priority models are on GPU."""
+    preload = [("mxbai-embed-large", "gpu"), ("llama3.1", "gpu")]
+    times = []
+    with (
+        SimNode(load_seconds_per_gb=seconds_per_gb, preload=preload) as node,
+        OllamaLoadBalancer([node.url]) as balancer,  # defaults: health 5 s, pass every 300 s
+    ):
+        wait_for(lambda: balancer.optimizer_status()["last_pass"] is not None, 30, "start-up pass")
+        for trial in range(trials):
+            pause = threading.Event()
+            pause.wait(0.5 + trial * 1.3)  # vary the phase against the 5 s health cycle
+            started = time.monotonic()
+            node.restart(downtime=downtime)  # returns after the downtime, models back on CPU
+            done = wait_for(lambda: on_gpu(node, EMBED) and on_gpu(node, LLAMA), 120, "models on GPU")
+            times.append(done - started)
+    return {
+        "health_interval_s": 5.0,
+        "check_interval_s": 300,
+        "load_seconds_per_gb": seconds_per_gb,
+        "downtime_s": downtime,
+        "trials_s": [round(t, 2) for t in times],
+        "worst_s": round(max(times), 2),
+        "plain_loop_bound_s": 300,
+        "ratio_to_plain_loop": round(max(times) / 300, 3),
+        "goal": "worst <= 15 s",
+        "met": max(times) <= 15,
+    }
+
+
+# --------------------------------------------------------------------------------------------- 4
+def bench_idle_check_bytes(checks: int = 50) -> dict:
+    """Request + response bytes (headers included) per node per idle health check, 2 models loaded."""
+    with (
+        SimNode(preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu")]) as node,
+        OllamaLoadBalancer([node.url], health_interval=0.05) as balancer,
+    ):
+        wait_for(lambda: balancer.optimizer_status()["last_pass"] is not None, 30, "start-up pass")
+
+        def ps_count() -> int:
+            return sum(path == "/api/ps" for _, path, _ in list(node.request_log))
+
+        wait_for(lambda: ps_count() >= 3, 10, "first checks")
+        first, bytes_before = ps_count(), node.bytes_in + node.bytes_out
+        wait_for(lambda: ps_count() >= first + checks, 30, f"{checks} idle checks")
+        counted, bytes_after = ps_count(), node.bytes_in + node.bytes_out
+        other = [(m, p) for m, p, _ in node.request_log[first:] if p != "/api/ps"]
+    per_check = (bytes_after - bytes_before) / (counted - first)
+    return {
+        "checks": counted - first,
+        "models_loaded": 2,
+        "bytes_per_check": round(per_check),
+        "other_requests_in_window": len(other),
+        "goal": "<= 1536 bytes",
+        "met": per_check <= 1536,
+    }
+
+
+def main() -> int:
+    started = time.monotonic()
+    results = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "pass_200_nodes": bench_pass_over_200_nodes(),
+        "force_gpu_overhead": bench_force_gpu_overhead(),
+        "restart_to_gpu": bench_restart_to_gpu(),
+        "idle_check_bytes": bench_idle_check_bytes(),
+    }
+    results["bench_duration_s"] = round(time.monotonic() - started, 1)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    return 0 if all(v.get("met", True) for v in results.values() if isinstance(v, dict)) else 1
+
+
+def print_table(r: dict) -> None:
+    p, f, s, b = r["pass_200_nodes"], r["force_gpu_overhead"], r["restart_to_gpu"], r["idle_check_bytes"]
+    rows = [
+        ("pass over 200 nodes x 50 ms", f"{p['pass_s_median']:.2f} s (worst {p['pass_s_worst']:.2f} s)",
+         f"{p['speedup_worst']:.0f}x faster than 10 s serial", ">= 10x", p["met"]),
+        ("force_gpu overhead", f"{f['wall_s_median']:.2f} s for {f['simulated_load_s']:.2f} s load",
+         f"+{f['overhead_s_worst']:.3f} s worst", "<= 0.2 s", f["met"]),
+        ("restart -> models on GPU", f"{s['trials_s']} s", f"{s['ratio_to_plain_loop']:.3f} of 300 s",
+         "<= 15 s", s["met"]),
+        ("bytes per idle check", f"{b['bytes_per_check']} B", f"{b['bytes_per_check'] / 1536:.2f} of 1.5 KB",
+         "<= 1.5 KB", b["met"]),
+    ]  # fmt: skip
+    print(f"{r['date']}  {r['machine']}  (bench took {r['bench_duration_s']} s)")
+    print(f"{'figure':30} {'measured':34} {'ratio':30} {'goal':8} met")
+    for name, measured, ratio, goal, met in rows:
+        print(f"{name:30} {measured:34} {ratio:30} {goal:8} {'yes' if met else 'NO'}")
+    print(f"written to {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
