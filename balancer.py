@@ -221,9 +221,12 @@ class OllamaLoadBalancer:
         self._auto_optimize_gpu = False
         return self._optimizer.stop()
 
-    def optimize_gpu_once(self) -> list[dict]:
-        """One pass now over all nodes (works with the optimizer off); returns the actions taken."""
-        return self._optimizer.run_pass(None, cancel=self._closed)
+    def optimize_gpu_once(self, cancel: threading.Event | None = None) -> list[dict]:
+        """One pass now over all nodes (works with the optimizer off); returns the actions taken.
+
+        Setting `cancel` (e.g. on Ctrl-C) stops waiting for the nodes and stops further moves.
+        """
+        return self._optimizer.run_pass(None, cancel=cancel or self._closed)
 
     def optimizer_status(self) -> dict:
         return self._optimizer.status()
