@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import sys
 import threading
@@ -285,5 +286,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             cluster.stop()
 
 
+def exit_without_joining_core_threads(code: int) -> None:
+    """Leave at once, after main() has closed everything: do not join the core's pool threads.
+
+    Python joins ThreadPoolExecutor workers at exit, so a cancelled `force_gpu` whose node is still
+    loading (a blocking HTTP request with a long timeout) would hold `exit` for minutes.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_joining_core_threads(main())

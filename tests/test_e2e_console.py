@@ -135,3 +135,22 @@ def test_unreachable_default_node_and_bad_input_in_a_terminal(sim_node, terminal
     finally:
         if term.child.isalive():
             term.child.terminate(force=True)
+
+
+def test_ctrl_c_cancels_a_long_move_and_exit_is_prompt(sim_node, terminal_env: dict[str, str]) -> None:
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")], load_seconds_per_gb=60)
+    term = Terminal(["--nodes", node.url, "--no-optimizer", "--health-interval", "0.2"], terminal_env)
+    try:
+        term.wait_for(lambda: "1/1 nodes online" in term.text(), "the toolbar")
+        term.type("force_gpu mxbai-embed-large\r")
+        term.wait_for(lambda: "moving to GPU..." in term.text(), "the move to start")
+        term.type("\x03")  # Ctrl-C while the node is still loading (a minute of simulated load)
+        term.wait_for(lambda: "cancelled" in term.text(), "the cancel line")
+        term.wait_for(lambda: term.cursor_line().endswith(PROMPT.strip()), "a fresh prompt")
+        term.type("exit\r")
+        term.child.expect(pexpect.EOF, timeout=15)  # well before the simulated load would end
+        term.child.close()
+        assert term.child.exitstatus == 0
+    finally:
+        if term.child.isalive():
+            term.child.terminate(force=True)
