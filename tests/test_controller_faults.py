@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from gpu_controller import LOCATION_CPU, GPUController, same_model
+from gpu_controller import LOCATION_CPU, LOCATION_GPU, GPUController, same_model
 from ollama_sim import SimNode
 
 
@@ -278,3 +278,18 @@ def test_controller_still_works_after_close(make_node) -> None:
     ctl.close()
     assert ctl.get_model_status(node.url)["gpu_count"] == 1
     ctl.close()
+
+
+def test_cpu_move_that_does_not_fit_in_ram_goes_back_to_gpu(make_node) -> None:
+    # eras A/B refuse a CPU load larger than free RAM ("model requires more system memory")
+    node = make_node(vram_gb=24, ram_gb=4, preload=[("llama3.1", "gpu")])
+    ctl = GPUController(timeout=2.0, load_timeout=10.0, verify_timeout=5.0)
+    try:
+        result = ctl.force_cpu_load(node.url, "llama3.1")
+    finally:
+        ctl.close()
+    assert result["success"] is False and result["reason"] == "out_of_memory"
+    assert "does not fit in RAM" in result["message"]
+    assert result["restored"] is True and result["location"] == LOCATION_GPU
+    truth = loaded(node, "llama3.1")
+    assert truth["size_vram"] == truth["size"] > 0
