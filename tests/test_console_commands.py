@@ -338,3 +338,18 @@ def test_unreachable_default_node_suggests_demo(tmp_path: Path, monkeypatch, cap
     (tmp_path / "config.toml").write_text("interval = nope\n")
     code, _, err = one_shot(["nodes"], capsys)
     assert code == 2 and "cannot read config" in err
+
+
+def test_demo_cluster_one_shot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("FLOCKPARSE_CONFIG_DIR", str(tmp_path))
+    code, out, _ = one_shot(["--demo", "vram_report", "--json"], capsys)
+    cpu_only, gpu, restarted = json.loads(out)
+    assert code == 0
+    assert cpu_only["has_gpu"] is False and gpu["has_gpu"] is True
+    assert [(m["name"], m["location"]) for m in gpu["models"]] == [("llama3.1:latest", "GPU (VRAM)")]
+    assert [(m["name"], m["location"]) for m in restarted["models"]] == [
+        ("mxbai-embed-large:latest", "CPU (RAM)")
+    ]
+    code, out, _ = one_shot(["--demo", "add_node", "http://127.0.0.1:9"], capsys)
+    assert code == 0 and "not saved" in out
+    assert not (tmp_path / "config.toml").exists()

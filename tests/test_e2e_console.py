@@ -154,3 +154,21 @@ def test_ctrl_c_cancels_a_long_move_and_exit_is_prompt(sim_node, terminal_env: d
     finally:
         if term.child.isalive():
             term.child.terminate(force=True)
+
+
+def test_demo_shows_the_optimizer_loop(terminal_env: dict[str, str], tmp_path: Path) -> None:
+    term = Terminal(["--demo"], terminal_env)
+    try:
+        term.wait_for(lambda: "demo: 3 simulated Ollama nodes" in term.text(), "the demo banner")
+        banner = next(line for line in term.lines() if line.startswith("demo: 3 simulated"))
+        restarted_port = banner.split("(", 1)[1].split(")", 1)[0].split(", ")[2]
+        moved = f"mxbai-embed-large:latest now on GPU on 127.0.0.1:{restarted_port}"
+        term.wait_for(lambda: moved in term.text(), "the optimizer to fix the restarted node", timeout=30)
+        term.type("exit\r")
+        term.child.expect(pexpect.EOF, timeout=15)
+        term.child.close()
+        assert term.child.exitstatus == 0
+        assert not (tmp_path / "config.toml").exists()  # the demo never writes the user's config
+    finally:
+        if term.child.isalive():
+            term.child.terminate(force=True)
