@@ -77,13 +77,16 @@ class ModelSpec:
         return 2 * self.block_count * self.head_count_kv * self.head_dim * num_ctx * 2
 
     def loaded_size(self, num_ctx: int, num_batch: int = 512) -> int:
-        """Memory a runner uses: weights + KV + compute graph (era C PredictServerVRAM-like)."""
-        if num_batch >= 2048:
-            graph = 2 * GiB
-        elif num_batch >= 1024:
-            graph = 768 * MiB
-        else:
-            graph = min(256 * MiB, self.file_size // 2)
+        """Memory a runner uses: weights + f16 KV (PredictServerVRAM) + compute buffers.
+
+        Completion models pay the generation batch surcharge for large batches (768 MiB at >= 1024,
+        2 GiB at >= 2048); embedding models never do.
+        """
+        graph = min(256 * MiB, self.file_size // 2)
+        if not self.embedding_only and num_batch >= 2048:
+            graph += 2 * GiB
+        elif not self.embedding_only and num_batch >= 1024:
+            graph += 768 * MiB
         return self.file_size + self.kv_bytes(num_ctx) + graph
 
 
@@ -1044,6 +1047,11 @@ class _Server(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     node: SimNode
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet for sockets closed under a handler (stop, down, client gone); loud for real bugs."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
+
 
 class _CountingReader:
     """Counts request bytes (request line, headers, body) as the handler reads them."""
@@ -1195,10 +1203,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(405, b"405 method not allowed", "text/plain")
             return
         try:
-            self._route(path, body)
-        except ApiError as err:
-            self._send_error(err)
-        except (BrokenPipeError, ConnectionResetError):
+            try:
+                self._route(path, body)
+            except ApiError as err:
+                self._send_error(err)
+        except OSError:  # the client went away, or stop()/down closed the socket under us
             self.close_connection = True
 
     def _apply_fault(self, path: str) -> bool:
