@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import queue
 import sys
@@ -35,6 +36,11 @@ __all__ = ["OllamaLoadBalancer", "GPUController", "main"]
 PROMPT = "⚡ Enter command: "
 HEALTH_POLL_S = 0.05
 ONE_SHOT_PIPE_WIDTH = 120
+EXIT_INTERRUPTED = 130  # what shells report for a command ended by Ctrl-C
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+log = logging.getLogger("flockparsecli")
 FIRST_ROUND_TIMEOUT_S = 7.0  # the controller's 5 s request timeout plus slack
 SHUTDOWN_DRAIN_S = 2.0
 ONE_SHOT_PROGRESS = ("move_started", "move_finished", "move_failed")
@@ -147,11 +153,21 @@ def print_outcome(console: Console, outcome: Outcome) -> None:
 
 
 def run_line(ctx: Context, line: str) -> Outcome:
-    """Parse and dispatch one line; every CommandError becomes one red line and the console carries on."""
+    """Parse and dispatch one line; any failure becomes one red line and the console carries on."""
     try:
         outcome = dispatch(ctx, parse_line(line))
     except CommandError as exc:
         ctx.console.print(render.error_line(str(exc)))
+        return Outcome(ok=False)
+    except KeyboardInterrupt:  # Ctrl-C during a short command: nothing to cancel in the core
+        ctx.console.print(render.error_line("cancelled"))
+        return Outcome(ok=False)
+    except Exception as exc:  # a core bug must not end the console the user lives in
+        log.exception("command %r failed", line)
+        where = config_dir() / "console.log"
+        ctx.console.print(
+            render.error_line(f"{line.split()[0]} failed: {type(exc).__name__}: {exc} (see {where})")
+        )
         return Outcome(ok=False)
     print_outcome(ctx.console, outcome)
     return outcome
@@ -165,6 +181,13 @@ def one_shot(ctx: Context, words: list[str], as_json: bool) -> int:
     except CommandError as exc:
         errors.print(render.error_line(str(exc)))
         return exc.exit_code
+    except KeyboardInterrupt:
+        errors.print(render.error_line("cancelled"))
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        log.exception("command %r failed", words)
+        errors.print(render.error_line(f"{words[0]} failed: {type(exc).__name__}: {exc}"))
+        return 1
     if as_json:
         sys.stdout.write(json.dumps(outcome.data, default=str, indent=2) + "\n")
     else:
@@ -209,6 +232,8 @@ def interactive(
     refresher = ModelNameRefresher(balancer.known_models).start()
     history_dir = config_dir()
     history_dir.mkdir(parents=True, exist_ok=True)
+    # tracebacks (a failing command, a failing event subscriber) go to a file, never into the prompt
+    logging.basicConfig(filename=history_dir / "console.log", level=logging.WARNING, format=LOG_FORMAT)
     session: PromptSession[str] = PromptSession(
         history=FileHistory(str(history_dir / "history")),
         completer=ConsoleCompleter(

@@ -27,6 +27,7 @@ import flockparsecli
 from console.commands import Cancelled, Context, canonical
 from console.completion import ConsoleCompleter, ModelNameRefresher
 from console.config import Config
+from console.toolbar import toolbar_fragments, toolbar_state
 from flockparsecli import first_health_round, interactive, main, make_balancer, run_line
 from ollama_sim import SimCluster
 
@@ -353,3 +354,39 @@ def test_demo_cluster_one_shot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     code, out, _ = one_shot(["--demo", "add_node", "http://127.0.0.1:9"], capsys)
     assert code == 0 and "not saved" in out
     assert not (tmp_path / "config.toml").exists()
+
+
+def test_a_failing_core_call_is_one_line_and_the_console_carries_on(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> dict:
+        raise RuntimeError("stats exploded")
+
+    monkeypatch.setattr(harness.ctx.balancer, "get_stats", broken)  # fault injection, not a mock of I/O
+    ok, shown = harness.run("lb_stats")
+    assert (
+        not ok
+        and shown.startswith("lb_stats failed: RuntimeError: stats exploded")
+        and shown.count("\n") == 1
+    )
+    ok, shown = harness.run("nodes")
+    assert ok and "online" in shown
+
+
+def test_toolbar_from_the_live_balancer(harness: Harness) -> None:
+    text = "".join(part for _, part in toolbar_fragments(toolbar_state(harness.ctx.balancer)))
+    assert "2/2 nodes online  0 with GPU  optimizer off" in text  # no evidence of a GPU yet
+    harness.run("force_gpu mxbai-embed-large")  # the model lands in VRAM: now the node has proven a GPU
+    text = "".join(part for _, part in toolbar_fragments(toolbar_state(harness.ctx.balancer)))
+    assert "2/2 nodes online  1 with GPU  optimizer off" in text
+    harness.ctx.balancer._start_gpu_optimization()
+    text = "".join(part for _, part in toolbar_fragments(toolbar_state(harness.ctx.balancer)))
+    assert "optimizer on, next pass in " in text
+
+
+def test_flockparsecli_reexports_the_core() -> None:
+    from balancer import OllamaLoadBalancer
+    from gpu_controller import GPUController
+
+    assert flockparsecli.OllamaLoadBalancer is OllamaLoadBalancer
+    assert flockparsecli.GPUController is GPUController
