@@ -17,8 +17,9 @@ import math
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import requests
@@ -35,6 +36,9 @@ FOREVER_AFTER = timedelta(days=365 * 20)  # `ollama ps` shows "Forever" beyond 2
 ALL_LAYERS_FALLBACK = 999  # llama.cpp clamps an explicit layer count to the model's layers
 POLL_INTERVAL = 0.025  # seconds between /api/ps polls while verifying a placement
 MIN_KEEP_ALIVE_S = 30  # a model moved with seconds left must live long enough to be verified
+MIN_CLOCK_SKEW = timedelta(
+    seconds=2
+)  # below this the node's 1-second Date header adds more error than it removes
 _MEMORY_ERROR = re.compile(r"memory|cudamalloc|\boom\b|vram", re.IGNORECASE)
 _BARE_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
@@ -104,6 +108,7 @@ class _Reply:
     status: int
     body: Any  # parsed JSON, or None when the body was not JSON
     text: str
+    clock_offset: timedelta = timedelta(0)  # node clock minus ours, from its Date header
 
     def error_text(self) -> str:
         """Ollama's `{"error": ...}` text, or the start of the raw body."""
@@ -123,15 +128,24 @@ class _Loaded:
     expires_at: str | None
     context_length: int | None
     digest: str
+    clock_offset: timedelta = field(default=timedelta(0))
+
+    def remaining(self) -> timedelta | None:
+        """Time left before expiry, by the node's clock (expires_at is node time; clocks drift)."""
+        if self.expires is None:
+            return None
+        return self.expires - (datetime.now(UTC) + self.clock_offset)
 
     @property
     def stopping(self) -> bool:
         """Unload requested (expiry now or past): it is about to leave /api/ps."""
-        return self.expires is not None and self.expires <= datetime.now(UTC)
+        left = self.remaining()
+        return left is not None and left <= timedelta(0)
 
     @property
     def keep_forever(self) -> bool:
-        return self.expires is not None and self.expires - datetime.now(UTC) > FOREVER_AFTER
+        left = self.remaining()
+        return left is not None and left > FOREVER_AFTER
 
     @property
     def on_gpu(self) -> bool:
@@ -146,7 +160,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_ps(body: Any) -> list[_Loaded]:
+def _parse_ps(body: Any, clock_offset: timedelta = timedelta(0)) -> list[_Loaded]:
     """Validate an /api/ps body; raise ValueError (with the reason) on any wrong shape."""
     if not isinstance(body, dict):
         raise ValueError("not a JSON object")
@@ -174,6 +188,7 @@ def _parse_ps(body: Any) -> list[_Loaded]:
                 expires_at=entry.get("expires_at") if isinstance(entry.get("expires_at"), str) else None,
                 context_length=context_length if _is_int(context_length) else None,
                 digest=entry.get("digest") if isinstance(entry.get("digest"), str) else "",
+                clock_offset=clock_offset,
             )
         )
     return loaded
@@ -267,6 +282,10 @@ class GPUController:
             response = self._session(node_url).request(
                 method, node_url + path, json=payload, timeout=(self.timeout, read_timeout)
             )
+        except requests.ConnectTimeout as exc:
+            raise NodeError(
+                "timeout", f"{node_url} did not accept a connection within {self.timeout:g}s"
+            ) from exc
         except requests.Timeout as exc:
             raise NodeError("timeout", f"{node_url} did not answer {path} within {read_timeout:g}s") from exc
         except requests.ConnectionError as exc:
@@ -277,9 +296,9 @@ class GPUController:
             body = response.json()
         except ValueError:
             body = None
-        return _Reply(response.status_code, body, response.text)
+        return _Reply(response.status_code, body, response.text, _clock_offset(response.headers.get("Date")))
 
-    def _get_json(self, node_url: str, path: str) -> Any:
+    def _get_json(self, node_url: str, path: str) -> _Reply:
         """GET a JSON document; any non-200 or non-JSON reply becomes a one-line NodeError."""
         reply = self._call(node_url, "GET", path)
         if reply.status == 503:
@@ -288,12 +307,12 @@ class GPUController:
             raise NodeError("error", f"{node_url} answered {path} with {reply.status}: {reply.error_text()}")
         if reply.body is None:
             raise NodeError("error", f"{node_url} returned a malformed {path} reply (not JSON)")
-        return reply.body
+        return reply
 
     def _ps(self, node_url: str) -> list[_Loaded]:
-        body = self._get_json(node_url, "/api/ps")
+        reply = self._get_json(node_url, "/api/ps")
         try:
-            return _parse_ps(body)
+            return _parse_ps(reply.body, reply.clock_offset)
         except ValueError as exc:
             raise NodeError("error", f"{node_url} returned a malformed /api/ps reply ({exc})") from exc
 
@@ -339,7 +358,7 @@ class GPUController:
         """Canonical names of the models on the node's disk (/api/tags). Never raises."""
         node_url = normalize_url(node_url)
         try:
-            body = self._get_json(node_url, "/api/tags")
+            body = self._get_json(node_url, "/api/tags").body
         except NodeError as exc:
             return {"models": [], "error": exc.message}
         entries = body.get("models") if isinstance(body, dict) else None
@@ -436,9 +455,9 @@ class GPUController:
             return -1
         if self.keep_alive is not None:
             return _go_keep_alive(self.keep_alive)
-        if before is not None and before.expires is not None:
-            remaining = (before.expires - datetime.now(UTC)).total_seconds()
-            return f"{max(math.ceil(remaining), MIN_KEEP_ALIVE_S)}s"
+        remaining = before.remaining() if before is not None else None
+        if remaining is not None:
+            return f"{max(math.ceil(remaining.total_seconds()), MIN_KEEP_ALIVE_S)}s"
         return None
 
     def _load(
@@ -600,7 +619,11 @@ class GPUController:
             now = self._ps(node_url)
         except NodeError:
             return
-        missing = [e for e in before_all if not same_model(e.name, exclude) and _find(now, e.name) is None]
+        missing = [
+            e
+            for e in before_all
+            if not e.stopping and not same_model(e.name, exclude) and _find(now, e.name) is None
+        ]  # `stopping` is re-judged now: a model whose time ran out meanwhile is not brought back
         brought_back = []
         for entry in missing:
             lock = self._move_lock(node_url, entry.name)
@@ -638,6 +661,20 @@ def _result(success: bool, message: str, reason: str, entry: _Loaded | None = No
     if entry is not None:
         _set_location(result, entry)
     return result
+
+
+def _clock_offset(date_header: str | None) -> timedelta:
+    """How far the node's clock is ahead of ours; zero when unknown or too small to matter."""
+    if not date_header:
+        return timedelta(0)
+    try:
+        node_now = parsedate_to_datetime(date_header) + timedelta(seconds=0.5)  # header is whole seconds
+    except (TypeError, ValueError):
+        return timedelta(0)
+    if node_now.tzinfo is None:
+        return timedelta(0)
+    offset = node_now - datetime.now(UTC)
+    return offset if abs(offset) >= MIN_CLOCK_SKEW else timedelta(0)
 
 
 _CAUSES = {

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import pytest
 import requests
@@ -14,6 +15,8 @@ from gpu_controller import (
     LOCATION_CPU,
     LOCATION_GPU,
     GPUController,
+    _clock_offset,
+    _parse_ps,
     canonical_name,
     normalize_url,
     placement,
@@ -108,6 +111,38 @@ def test_canonical_names_and_matching() -> None:
     assert not same_model("llama3", "llama3.1:70b")
     assert not same_model("llama3.1", "llama3.1:70b")
     assert normalize_url("127.0.0.1:11434/") == "http://127.0.0.1:11434"
+
+
+def test_expiry_is_judged_by_the_nodes_clock() -> None:
+    """A node whose clock is 10 minutes behind ours: its 5-minute model is alive, not stopping."""
+    node_now = datetime.now(UTC) - timedelta(minutes=10)
+    offset = _clock_offset(format_datetime(node_now, usegmt=True))
+    assert abs(offset + timedelta(minutes=10)) < timedelta(seconds=2)
+    assert _clock_offset(format_datetime(datetime.now(UTC), usegmt=True)) == timedelta(0)
+    assert _clock_offset("not a date") == timedelta(0)
+
+    entry = {"name": "llama3.1:latest", "size": 10, "size_vram": 10}
+    alive = {**entry, "expires_at": (node_now + timedelta(minutes=5)).isoformat()}
+    [model] = _parse_ps({"models": [alive]}, offset)
+    assert not model.stopping and timedelta(minutes=4) < model.remaining() <= timedelta(minutes=5, seconds=2)
+    unloading = {**entry, "expires_at": (node_now - timedelta(seconds=1)).isoformat()}
+    assert _parse_ps({"models": [unloading]}, offset)[0].stopping
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {"models": "x"},
+        {"models": [{"name": "a"}]},
+        {"models": [{"name": "a", "size": "1", "size_vram": 0}]},
+        {"models": [{"size": 1, "size_vram": 0}]},
+        {"models": [7]},
+    ],
+)
+def test_malformed_ps_bodies_are_rejected(body) -> None:
+    with pytest.raises(ValueError):
+        _parse_ps(body)
 
 
 # ------------------------------------------------------------------------------------- status
