@@ -41,7 +41,7 @@ EXIT_INTERRUPTED = 130  # what shells report for a command ended by Ctrl-C
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 log = logging.getLogger("flockparsecli")
-FIRST_ROUND_TIMEOUT_S = 7.0  # the controller's 5 s request timeout plus slack
+FIRST_ROUND_SLACK_S = 2.0  # on top of the per-request timeout: a status and a tags request per node
 SHUTDOWN_DRAIN_S = 2.0
 ONE_SHOT_PROGRESS = ("move_started", "move_finished", "move_failed")
 
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--health-interval", type=float, help="seconds between node health checks (default 5)"
     )
+    parser.add_argument("--timeout", type=float, help="seconds per request to a node (default 5)")
     parser.add_argument("--no-optimizer", action="store_true", help="do not start the background optimizer")
     parser.add_argument("--config", help="TOML config file (default: <config dir>/config.toml)")
     parser.add_argument("--demo", action="store_true", help="start a simulated 3-node cluster in-process")
@@ -78,6 +79,7 @@ def make_balancer(config: Config, optimize: bool) -> OllamaLoadBalancer:
         health_interval=config.health_interval,
         gpu_capability=config.gpu or None,
         keep_alive=config.keep_alive,
+        controller=GPUController(timeout=config.timeout, keep_alive=config.keep_alive),
         start=False,
     )
 
@@ -127,13 +129,26 @@ class EventPrinter:
 
 
 def first_health_round(balancer: OllamaLoadBalancer, timeout: float) -> list[Any]:
-    """Poll (with a deadline) until the monitor has checked every node once: online is True or False."""
+    """Poll (with a deadline) until the monitor has checked every node once, installed models included."""
     deadline = time.monotonic() + timeout
     states = balancer.node_states()
-    while any(state.online is None for state in states) and time.monotonic() < deadline:
+    while any(not checked(state) for state in states) and time.monotonic() < deadline:
         threading.Event().wait(HEALTH_POLL_S)
         states = balancer.node_states()
     return states
+
+
+def checked(state: Any) -> bool:
+    """Down, or up with its installed list read (known_models() needs it to accept a model name)."""
+    if state.online is None:
+        return False
+    return state.online is False or getattr(state, "installed_checked_at", 1.0) > 0
+
+
+def warn_if_unreachable(balancer: OllamaLoadBalancer, config: Config, console: Console) -> None:
+    hint = unreachable_hint(first_health_round(balancer, 2 * config.timeout + FIRST_ROUND_SLACK_S), config)
+    if hint:
+        console.print(render.error_line(hint))
 
 
 def unreachable_hint(states: list[Any], config: Config) -> str | None:
@@ -254,9 +269,9 @@ def interactive(
             if banner:
                 console.print(Text(banner, style="cyan"))
             balancer.start()  # after subscribing, so the "enabled" line and node_down lines are shown
-            hint = unreachable_hint(first_health_round(balancer, FIRST_ROUND_TIMEOUT_S), config)
-            if hint:
-                console.print(render.error_line(hint))
+            threading.Thread(
+                target=warn_if_unreachable, args=(balancer, config, console), name="first-health", daemon=True
+            ).start()  # the prompt comes up at once; the hint appears above it if nothing answers
             while True:
                 try:
                     line = session.prompt(PROMPT)
@@ -286,7 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = demo_config(cluster.urls)
             banner = demo_banner(cluster.urls)
         else:
-            config = load_config(args.config, args.nodes, args.priority, args.interval, args.health_interval)
+            config = load_config(
+                args.config, args.nodes, args.priority, args.interval, args.health_interval, args.timeout
+            )
     except ConfigError as exc:
         Console(stderr=True).print(render.error_line(str(exc)))
         return 2
@@ -300,7 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.json:
                 balancer.subscribe(EventPrinter(Console(stderr=True), ONE_SHOT_PROGRESS))
             balancer.start()  # the health monitor only: auto_optimize_gpu is off in one-shot mode
-            hint = unreachable_hint(first_health_round(balancer, FIRST_ROUND_TIMEOUT_S), config)
+            hint = unreachable_hint(
+                first_health_round(balancer, 2 * config.timeout + FIRST_ROUND_SLACK_S), config
+            )
             if hint:
                 Console(stderr=True).print(render.error_line(hint))
             return one_shot(ctx, words, args.json)

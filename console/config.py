@@ -8,6 +8,7 @@ own keys, so a tiny writer is enough and tomllib reads it back)::
     interval = 300          # seconds between optimizer passes
     keep_alive = "30m"      # passed to Ollama on every load (string duration or seconds)
     health_interval = 5     # seconds between node health checks
+    timeout = 5             # seconds: per request to a node (status, tags); a dead node never costs more
 
     [gpu]                   # declared GPU capability per node; absent = detect
     "http://127.0.0.1:11434" = false
@@ -27,7 +28,7 @@ from urllib.parse import urlsplit
 DEFAULT_NODE = "http://localhost:11434"
 DEFAULT_INTERVAL = 300.0
 DEFAULT_HEALTH_INTERVAL = 5.0
-KNOWN_KEYS = ("nodes", "priority_models", "interval", "keep_alive", "health_interval", "gpu")
+DEFAULT_TIMEOUT = 5.0
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,7 @@ class Config:
     interval: float = DEFAULT_INTERVAL
     keep_alive: str | int | float | None = None
     health_interval: float = DEFAULT_HEALTH_INTERVAL
+    timeout: float = DEFAULT_TIMEOUT
     gpu: dict[str, bool] = field(default_factory=dict)
     path: Path | None = None  # None: nothing is persisted (e.g. --demo)
     nodes_from_default: bool = False  # True when no flag/file/env named a node
@@ -108,6 +110,8 @@ def apply_table(config: Config, table: dict[str, Any], source: str) -> None:
         config.interval = _number(table["interval"], "interval", source)
     if "health_interval" in table:
         config.health_interval = _number(table["health_interval"], "health_interval", source)
+    if "timeout" in table:
+        config.timeout = _number(table["timeout"], "timeout", source)
     if "keep_alive" in table:
         if not isinstance(table["keep_alive"], str | int | float):
             raise ConfigError(f"{source}: keep_alive must be a duration string or seconds")
@@ -125,6 +129,7 @@ def load_config(
     priority_flag: str | None = None,
     interval_flag: float | None = None,
     health_interval_flag: float | None = None,
+    timeout_flag: float | None = None,
     env: dict[str, str] | None = None,
 ) -> Config:
     """Build the effective Config: flags > file > $OLLAMA_HOST > default."""
@@ -146,6 +151,8 @@ def load_config(
         config.interval = _number(interval_flag, "--interval", "flag")
     if health_interval_flag is not None:
         config.health_interval = _number(health_interval_flag, "--health-interval", "flag")
+    if timeout_flag is not None:
+        config.timeout = _number(timeout_flag, "--timeout", "flag")
     return config
 
 

@@ -63,7 +63,9 @@ def harness(
             {"vram_gb": 24, "preload": [("mxbai-embed-large", "cpu")]},
         ]
     )
-    config = Config(nodes=cluster.urls, gpu={cluster.urls[0]: False}, path=tmp_path / "config.toml")
+    config = Config(
+        nodes=cluster.urls, gpu={cluster.urls[0]: False}, path=tmp_path / "config.toml", timeout=1.0
+    )
     balancer = make_balancer(config, optimize=False)
     buffer = io.StringIO()
     balancer.start()
@@ -390,3 +392,21 @@ def test_flockparsecli_reexports_the_core() -> None:
 
     assert flockparsecli.OllamaLoadBalancer is OllamaLoadBalancer
     assert flockparsecli.GPUController is GPUController
+
+
+def test_one_shot_accepts_a_model_that_is_installed_but_not_loaded(harness: Harness, capsys) -> None:
+    nodes = ",".join(harness.cluster.urls)
+    code, out, _ = one_shot(["--nodes", nodes, "force_gpu", "codellama", "--json"], capsys)
+    assert code == 0
+    assert [item["result"]["reason"] for item in json.loads(out)] == ["no_gpu", "moved"]
+
+
+def test_a_hung_node_costs_at_most_its_timeout_and_shows_stale(harness: Harness) -> None:
+    harness.cluster.nodes[1].set_fault("hang")
+    ok, shown = harness.run("vram_report")
+    harness.cluster.nodes[1].clear_fault()
+    cpu_node, gpu_node = (url.split("://")[1] for url in harness.cluster.urls)
+    assert not ok
+    assert f"{cpu_node}  online" in shown and "llama3.1:latest" in shown.split(gpu_node, 1)[0]
+    section = shown.split(gpu_node, 1)[1]
+    assert section.lstrip().startswith("offline  STALE: last known state") and "mxbai-embed-large" in section

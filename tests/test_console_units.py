@@ -48,11 +48,11 @@ def test_config_file_keys_and_gpu_table(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(
         'nodes = ["http://127.0.0.1:1"]\npriority_models = ["mxbai-embed-large", "*"]\n'
-        'keep_alive = "30m"\nhealth_interval = 0.5\n[gpu]\n"http://127.0.0.1:1" = false\n'
+        'keep_alive = "30m"\nhealth_interval = 0.5\ntimeout = 2\n[gpu]\n"http://127.0.0.1:1" = false\n'
     )
     config = load_config(config_file=str(path), env={})
     assert config.priority_models == ["mxbai-embed-large", "*"]
-    assert config.keep_alive == "30m" and config.health_interval == 0.5
+    assert config.keep_alive == "30m" and config.health_interval == 0.5 and config.timeout == 2
     assert config.gpu == {"http://127.0.0.1:1": False}
     assert config.path == path
 
