@@ -441,7 +441,12 @@ class GPUController:
         if cancel.is_set():
             return _result(False, f"move of {model} to {where} on {node_url} cancelled", "cancelled")
         log.debug("moving %s to %s on %s (num_gpu=%s)", model, where, node_url, num_gpu)
-        reply = self._load(node_url, model, info, num_gpu, keep_alive, num_ctx)
+        try:
+            reply = self._load(node_url, model, info, num_gpu, keep_alive, num_ctx)
+        except NodeError as exc:
+            if exc.reason == "timeout":  # not restored: the node may still be loading it
+                exc.message += f"; {model} may still be loading there, see its status"
+            raise
         if reply.status != 200:
             return self._failed_load(node_url, model, target, reply, before, before_all, keep_alive, num_ctx)
         after = self._wait_listed(node_url, model, cancel)

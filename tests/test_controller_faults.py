@@ -212,7 +212,8 @@ def test_restart_puts_models_on_cpu_and_force_gpu_brings_them_back(make_node) ->
     node = make_node(vram_gb=24, preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu")])
     ctl = GPUController(timeout=2.0, load_timeout=10.0, verify_timeout=5.0)
     try:
-        node.restart()
+        assert ctl.get_model_status(node.url)["gpu_count"] == 2  # a pooled connection to the old process
+        node.restart(downtime=0.1)
         status = ctl.get_model_status(node.url)
         assert status["cpu_count"] == 2 and status["gpu_count"] == 0, status
 
