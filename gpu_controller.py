@@ -36,9 +36,7 @@ FOREVER_AFTER = timedelta(days=365 * 20)  # `ollama ps` shows "Forever" beyond 2
 ALL_LAYERS_FALLBACK = 999  # llama.cpp clamps an explicit layer count to the model's layers
 POLL_INTERVAL = 0.025  # seconds between /api/ps polls while verifying a placement
 MIN_KEEP_ALIVE_S = 30  # a model moved with seconds left must live long enough to be verified
-MIN_CLOCK_SKEW = timedelta(
-    seconds=2
-)  # below this the node's 1-second Date header adds more error than it removes
+MIN_CLOCK_SKEW = timedelta(seconds=2)  # smaller skews are within the Date header's 1 s resolution
 _MEMORY_ERROR = re.compile(r"memory|cudamalloc|\boom\b|vram", re.IGNORECASE)
 _BARE_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
@@ -50,6 +48,9 @@ def canonical_name(name: str) -> str:
     `canonical_name(x).casefold()`. Never compare by substring: `llama3` is not `llama3.1:70b`.
     """
     name = name.strip()
+    for default_prefix in ("registry.ollama.ai/", "library/"):  # Ollama's shortest display form
+        if name.casefold().startswith(default_prefix):
+            name = name[len(default_prefix) :]
     if not name:
         return name
     last_segment = name.rsplit("/", 1)[-1]

@@ -107,6 +107,7 @@ def test_canonical_names_and_matching() -> None:
     assert canonical_name(" llama3.1:70b ") == "llama3.1:70b"
     assert canonical_name("hf.co/bartowski/X-GGUF:Q4_K_M") == "hf.co/bartowski/X-GGUF:Q4_K_M"
     assert canonical_name("localhost:5000/team/model") == "localhost:5000/team/model:latest"
+    assert canonical_name("registry.ollama.ai/library/llama3.1") == "llama3.1:latest"
     assert same_model("LLaMA3.1", "llama3.1:latest")
     assert not same_model("llama3", "llama3.1:70b")
     assert not same_model("llama3.1", "llama3.1:70b")
