@@ -34,16 +34,15 @@ from gpu_controller import GPUController
 __all__ = ["OllamaLoadBalancer", "GPUController", "main"]
 
 PROMPT = "⚡ Enter command: "
-HEALTH_POLL_S = 0.05
-ONE_SHOT_PIPE_WIDTH = 120
+ONE_SHOT_PIPE_WIDTH = 120  # columns when one-shot output goes to a pipe or file
+ONE_SHOT_PROGRESS = ("move_started", "move_finished", "move_failed")  # event lines shown on stderr
 EXIT_INTERRUPTED = 130  # what shells report for a command ended by Ctrl-C
-
+HEALTH_POLL_S = 0.05
+FIRST_ROUND_SLACK_S = 2.0  # on top of two per-request timeouts (a status and a tags request per node)
+SHUTDOWN_DRAIN_S = 2.0  # at exit, how long queued event lines may take to print
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 log = logging.getLogger("flockparsecli")
-FIRST_ROUND_SLACK_S = 2.0  # on top of the per-request timeout: a status and a tags request per node
-SHUTDOWN_DRAIN_S = 2.0
-ONE_SHOT_PROGRESS = ("move_started", "move_finished", "move_failed")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +127,10 @@ class EventPrinter:
         self._queue.put(None)
 
 
+def first_round_timeout(config: Config) -> float:
+    return 2 * config.timeout + FIRST_ROUND_SLACK_S
+
+
 def first_health_round(balancer: OllamaLoadBalancer, timeout: float) -> list[Any]:
     """Poll (with a deadline) until the monitor has checked every node once, installed models included."""
     deadline = time.monotonic() + timeout
@@ -146,7 +149,7 @@ def checked(state: Any) -> bool:
 
 
 def warn_if_unreachable(balancer: OllamaLoadBalancer, config: Config, console: Console) -> None:
-    hint = unreachable_hint(first_health_round(balancer, 2 * config.timeout + FIRST_ROUND_SLACK_S), config)
+    hint = unreachable_hint(first_health_round(balancer, first_round_timeout(config)), config)
     if hint:
         console.print(render.error_line(hint))
 
@@ -308,26 +311,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         Console(stderr=True).print(render.error_line(str(exc)))
         return 2
     words = list(args.command)
-    optimize_in_background = not words and not args.no_optimizer
-    balancer = make_balancer(config, optimize_in_background)
+    balancer = make_balancer(config, optimize=not words and not args.no_optimizer)
     try:
         if words:
-            ctx = Context(balancer=balancer, console=make_one_shot_console(), config=config)
-            ctx.progress = Console(stderr=True, highlight=False)
-            if not args.json:
-                balancer.subscribe(EventPrinter(Console(stderr=True), ONE_SHOT_PROGRESS))
-            balancer.start()  # the health monitor only: auto_optimize_gpu is off in one-shot mode
-            hint = unreachable_hint(
-                first_health_round(balancer, 2 * config.timeout + FIRST_ROUND_SLACK_S), config
-            )
-            if hint:
-                Console(stderr=True).print(render.error_line(hint))
-            return one_shot(ctx, words, args.json)
+            return run_one_shot(balancer, config, words, args.json)
         return interactive(balancer, config, banner)
     finally:
         balancer.close()
         if cluster is not None:
             cluster.stop()
+
+
+def run_one_shot(balancer: OllamaLoadBalancer, config: Config, words: list[str], as_json: bool) -> int:
+    """Health monitor only (no optimizer thread), one bounded health round, then the command."""
+    errors = Console(stderr=True, highlight=False)
+    ctx = Context(balancer=balancer, console=make_one_shot_console(), config=config, progress=errors)
+    if not as_json:
+        balancer.subscribe(EventPrinter(errors, ONE_SHOT_PROGRESS))
+    balancer.start()
+    hint = unreachable_hint(first_health_round(balancer, first_round_timeout(config)), config)
+    if hint:
+        errors.print(render.error_line(hint))
+    return one_shot(ctx, words, as_json)
 
 
 def exit_without_joining_core_threads(code: int) -> None:
