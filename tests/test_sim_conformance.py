@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import socket
+
 import httpx
 import ollama
 import pytest
@@ -102,6 +105,11 @@ def test_embed_returns_normalised_vectors(client):
     assert client.embed(model="nomic-embed-text", input="a").embeddings[0] == reply.embeddings[0]
 
 
+def test_embed_dimensions_truncate_and_renormalise(client):
+    vector = client.embed(model="mxbai-embed-large", input="a", dimensions=64).embeddings[0]
+    assert len(vector) == 64 and abs(sum(v * v for v in vector) - 1.0) < 1e-6
+
+
 def test_embed_empty_input_only_loads(client):
     reply = client.embed(model="all-minilm", input="")
     assert reply.embeddings == []
@@ -148,3 +156,75 @@ def test_read_endpoints_and_transport(node):
         assert (missing.status_code, missing.text) == (404, "404 page not found")
         assert http.get("/api/generate").status_code == 405
         assert http.get("/api/ps").headers["content-type"] == "application/json; charset=utf-8"
+
+
+def test_load_reply_is_json_and_generation_is_chunked_ndjson(node):
+    with httpx.Client(base_url=node.url, timeout=5) as http:
+        loaded = http.post("/api/generate", json={"model": "llama3.2:3b", "stream": True})
+        assert loaded.headers["content-type"] == "application/json; charset=utf-8"
+        assert "transfer-encoding" not in loaded.headers
+        streamed = http.post("/api/generate", json={"model": "llama3.2:3b", "prompt": "hi"})
+        assert streamed.headers["content-type"] == "application/x-ndjson"
+        assert streamed.headers["transfer-encoding"] == "chunked"
+        lines = streamed.text.splitlines()
+        assert len(lines) > 2 and json.loads(lines[-1])["done"] is True
+        last = json.loads(lines[-1])
+        assert last["done_reason"] == "stop" and last["context"] and last["eval_count"] == len(lines) - 1
+
+
+def test_kept_alive_connections_have_tcp_nodelay(node):
+    with httpx.Client(base_url=node.url, timeout=5) as http:
+        for _ in range(3):
+            assert http.get("/api/ps").status_code == 200
+        with node._conn_lock:
+            server_sockets = list(node._connections)
+        assert len(server_sockets) == 1  # one kept-alive connection served all three
+        assert server_sockets[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "error"),
+    [
+        ("/api/generate", b"", 400, "missing request body"),
+        ("/api/generate", b'{"model": "llama3.1"', 400, "unexpected EOF"),
+        ("/api/generate", b"xyz", 400, "invalid character 'x' looking for beginning of value"),
+        (
+            "/api/generate",
+            b'{"model": "llama3.1", "prompt": 5}',
+            400,
+            "json: cannot unmarshal number into Go struct field GenerateRequest.prompt of type string",
+        ),
+        ("/api/generate", b'{"model": ""}', 404, "model '' not found"),
+        ("/api/chat", b'{"model": ""}', 400, "model is required"),
+        ("/api/embed", b'{"model": ""}', 404, "model '' not found"),
+        ("/api/embeddings", b'{"model": ""}', 400, "model is required"),
+        ("/api/show", b"{}", 400, "model is required"),
+        ("/api/embed", b'{"model": "all-minilm", "input": 5}', 400, "invalid input type"),
+        ("/api/generate", b'{"model": "bad name!"}', 404, "model 'bad name!' not found"),
+        ("/api/chat", b'{"model": "bad name!", "messages": []}', 400, "model is required"),
+        ("/api/chat", b'{"model": "nope", "keep_alive": 0}', 404, "model 'nope' not found"),
+        ("/api/show", b'{"model": "bad name!"}', 400, "invalid model name"),
+        ("/api/embed", b'{"model": "nope", "input": 5}', 400, "invalid input type"),
+        (
+            "/api/chat",
+            b'{"model": "llama3.1", "keep_alive": "-1"}',
+            400,
+            'time: missing unit in duration "-1"',
+        ),
+    ],
+)
+def test_request_errors_have_ollama_status_and_text(node, path, body, status, error):
+    with httpx.Client(base_url=node.url, timeout=5) as http:
+        reply = http.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code == status
+    assert reply.headers["content-type"] == "application/json; charset=utf-8"
+    assert reply.json() == {"error": error}
+
+
+def test_names_resolve_like_ollama(client):
+    assert client.generate(model="LLAMA3.2:3B", prompt="").model == "LLAMA3.2:3B"  # echoed as sent
+    assert client.show("library/llama3.1").details.parameter_size == "8.0B"
+    assert "llama3.2:3b" in [m.model for m in client.ps().models]  # canonical in ps
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.generate(model="llama3.2", prompt="")  # only llama3.2:3b is installed, not :latest
+    assert caught.value.status_code == 404
