@@ -15,6 +15,7 @@ from test_optimizer import (
 )
 
 from balancer import AllNodesFailedError, OllamaLoadBalancer, RequestRejectedError, normalise_node_url
+from gpu_controller import GPUController
 
 
 # --------------------------------------------------------------------------------------------- nodes
@@ -92,7 +93,7 @@ def test_garbage_reply_is_recorded_as_an_error(sim_node, make_balancer) -> None:
 
 def test_a_hung_node_does_not_stall_the_report_for_the_others(sim_node, make_balancer) -> None:
     good, hung = sim_node(preload=[("llama3.1", "gpu")]), sim_node()
-    balancer = make_balancer([hung.url, good.url])
+    balancer = make_balancer([hung.url, good.url], controller=GPUController(timeout=1.0))
     wait_for(lambda: all(s.online for s in balancer.node_states()), "both online")
     hung.set_fault("hang")
 
