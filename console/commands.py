@@ -155,8 +155,8 @@ def check_arity(cmd: Command, args: list[str]) -> None:
             close = difflib.get_close_matches(args[0], list(cmd.subcommands), n=1, cutoff=0.5)
             hint = f" (did you mean `{close[0]}`?)" if close else ""
             raise UsageError(f"{cmd.name}: unknown subcommand `{args[0]}`{hint}: usage: {cmd.usage}")
-        required, optional, rest, usage = cmd.subcommands[args[0]], (), args[1:], f"{cmd.name} {args[0]}"
-        usage = " ".join([usage, *required])
+        required, optional, rest = cmd.subcommands[args[0]], (), args[1:]
+        usage = " ".join([cmd.name, args[0], *required])
     else:
         required, optional, rest, usage = cmd.args, cmd.optional, args, cmd.usage
     if len(rest) < len(required):
@@ -225,13 +225,14 @@ def persist_nodes(ctx: Context, extra_gpu: dict[str, bool] | None = None) -> str
 
 
 def _moves_ok(results: list[dict[str, Any]]) -> bool:
-    """Success unless a node failed; a node without a GPU is not a failure of `force_gpu`."""
-    return all(
-        item["result"].get("skipped")
-        or item["result"].get("success")
-        or item["result"].get("reason") == "no_gpu"
-        for item in results
-    )
+    """Failed if a move failed or a node was unreachable; a node without a GPU is not a failure."""
+    for item in results:
+        result = item["result"]
+        if result.get("reason") in ("offline", "unreachable", "timeout"):
+            return False
+        if not (result.get("success") or result.get("skipped") or result.get("reason") == "no_gpu"):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- commands

@@ -410,3 +410,13 @@ def test_a_hung_node_costs_at_most_its_timeout_and_shows_stale(harness: Harness)
     assert f"{cpu_node}  online" in shown and "llama3.1:latest" in shown.split(gpu_node, 1)[0]
     section = shown.split(gpu_node, 1)[1]
     assert section.lstrip().startswith("offline  STALE: last known state") and "mxbai-embed-large" in section
+
+
+def test_force_with_an_offline_node_is_a_failure_for_scripts(harness: Harness, capsys) -> None:
+    harness.cluster.nodes[0].set_fault("down")
+    nodes = ",".join(harness.cluster.urls)
+    code, out, _ = one_shot(["--nodes", nodes, "force_gpu", "mxbai-embed-large", "--json"], capsys)
+    results = json.loads(out)
+    assert code == 1  # the GPU node moved, but a node was unreachable
+    assert results[0]["result"]["skipped"] and results[0]["result"]["reason"] == "offline"
+    assert results[1]["result"]["reason"] == "moved"
