@@ -76,6 +76,8 @@ def expiry_text(model: Mapping[str, Any], now: float) -> str:
     """The UNTIL column of `ollama ps`: Forever, Stopping..., or the time left."""
     if model.get("keep_forever"):
         return "forever"
+    if model.get("stopping"):  # the controller judged it by the node's own clock
+        return "stopping..."
     expires = _timestamp(model.get("expires_at"))
     if expires is None:
         return "-"
