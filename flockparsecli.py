@@ -52,19 +52,34 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"commands: {', '.join(REGISTRY)}. Config dir: $FLOCKPARSE_CONFIG_DIR or {config_dir()}.",
     )
     parser.add_argument(
-        "--nodes", help="comma-separated node URLs (default: config, $OLLAMA_HOST, localhost)"
+        "--nodes",
+        metavar="URL,...",
+        help="comma-separated node URLs (default: config, $OLLAMA_HOST, localhost)",
     )
-    parser.add_argument("--priority", help="comma-separated models the optimizer keeps on GPU (globs, *)")
-    parser.add_argument("--interval", type=float, help="seconds between optimizer passes (default 300)")
     parser.add_argument(
-        "--health-interval", type=float, help="seconds between node health checks (default 5)"
+        "--priority", metavar="MODEL,...", help="comma-separated models the optimizer keeps on GPU (globs, *)"
     )
-    parser.add_argument("--timeout", type=float, help="seconds per request to a node (default 5)")
+    parser.add_argument(
+        "--interval", type=float, metavar="SECONDS", help="seconds between optimizer passes (default 300)"
+    )
+    parser.add_argument(
+        "--health-interval",
+        type=float,
+        metavar="SECONDS",
+        help="seconds between node health checks (default 5)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="seconds per request to a node (default 5)"
+    )
     parser.add_argument("--no-optimizer", action="store_true", help="do not start the background optimizer")
-    parser.add_argument("--config", help="TOML config file (default: <config dir>/config.toml)")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML config file (default: <config dir>/config.toml)"
+    )
     parser.add_argument("--demo", action="store_true", help="start a simulated 3-node cluster in-process")
     parser.add_argument("--json", action="store_true", help="one-shot: print the result as JSON")
-    parser.add_argument("command", nargs="*", help="run one command and exit (e.g. vram_report --json)")
+    parser.add_argument(
+        "command", nargs="*", metavar="COMMAND", help="run one command and exit (e.g. vram_report --json)"
+    )
     return parser
 
 
