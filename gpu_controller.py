@@ -492,9 +492,8 @@ class GPUController:
         reply = self._call(node_url, "POST", path, payload, read_timeout=self.load_timeout)
         if path == "/api/generate" and reply.status == 400 and "does not support" in reply.error_text():
             # capabilities were missing from /api/show (older Ollama): it is an embedding model
-            return self._load(
-                node_url, model, _ModelInfo(True, info.all_layers), num_gpu, keep_alive, num_ctx
-            )
+            as_embedding = _ModelInfo(embedding_only=True, all_layers=info.all_layers)
+            return self._load(node_url, model, as_embedding, num_gpu, keep_alive, num_ctx)
         return reply
 
     def _wait_listed(self, node_url: str, model: str, cancel: threading.Event) -> _Loaded | dict:
