@@ -586,8 +586,6 @@ class OllamaLoadBalancer:
             error = "reply is not JSON"
         finally:
             self._finish_request(node, error)
-        if error is not None and not isinstance(error, str):
-            error = str(error)
         return reply, error
 
     def _finish_request(self, node: str, error: str | None) -> None:

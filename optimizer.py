@@ -110,6 +110,7 @@ class GPUOptimizer:
         self._interval = _positive(interval)
         self._lock = threading.Lock()  # guards the fields below; never held during I/O
         self._pass_lock = threading.Lock()  # one pass at a time, whoever asks
+        self._control_lock = threading.Lock()  # start/stop from two threads cannot make two optimizers
         self._wake = threading.Event()
         self._stop: threading.Event = threading.Event()
         self._thread: threading.Thread | None = None
@@ -138,26 +139,28 @@ class GPUOptimizer:
 
     def start(self) -> bool:
         """Start the thread (a full pass runs at once); False if it was already running."""
-        if self.running:
-            return False
-        stop = threading.Event()  # a fresh one per thread: a stopping old thread can never resume
-        with self._lock:
-            self._stop = stop
-            self._pending_full = True
-        self._thread = threading.Thread(target=self._run, args=(stop,), name="gpu-optimizer", daemon=True)
-        self._thread.start()
+        with self._control_lock:
+            if self.running:
+                return False
+            stop = threading.Event()  # a fresh one per thread: a stopping old thread can never resume
+            with self._lock:
+                self._stop = stop
+                self._pending_full = True
+            self._thread = threading.Thread(target=self._run, args=(stop,), name="gpu-optimizer", daemon=True)
+            self._thread.start()
         self._wake.set()
         self._emit("optimizer_started", f"GPU optimizer started (every {self._interval:g} s)")
         return True
 
     def stop(self, timeout: float = 1.0) -> bool:
         """Stop the thread, cancelling a pass in progress; returns within `timeout`; True if it ended."""
-        was_running = self.running
-        self._stop.set()
-        self._wake.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        with self._control_lock:
+            was_running = self.running
+            self._stop.set()
+            self._wake.set()
+            thread = self._thread
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout)
         if was_running:
             self._emit("optimizer_stopped", "GPU optimizer stopped")
         return thread is None or not thread.is_alive()
@@ -335,6 +338,8 @@ class GPUOptimizer:
                 break
             priority_on_gpu = {n for n in on_gpu if matches_priority(n, patterns)}
             actions.append(self._consider_move(url, name, priority_on_gpu, cancel))
+            if actions[-1]["reason"] == "no_gpu":
+                break  # the node just proved it has no GPU: reloading the others would land in RAM too
             if actions[-1]["action"] == "moved":
                 on_gpu.add(name)
         return True, actions

@@ -402,3 +402,19 @@ def test_a_load_that_pushes_another_priority_model_off_the_gpu_is_backed_off(sim
     assert [(a["model"], a["reason"]) for a in third] == [("codellama:latest", "backed_off")]
     assert node.counts("codellama")["loads"] + node.counts(LLAMA)["loads"] == loads
     assert {b["reason"] for b in balancer.optimizer_status()["backed_off"]} == {"displaced"}
+
+
+def test_a_cpu_only_node_is_probed_once_then_skipped(sim_node, make_balancer) -> None:
+    node = sim_node(vram_gb=0, preload=[("mxbai-embed-large", "cpu"), ("llama3.1", "cpu")])
+    balancer = make_balancer([node.url])
+
+    first = balancer.optimize_gpu_once()  # unknown GPU: one all-layers load proves there is none
+
+    assert [(a["action"], a["reason"]) for a in first] == [("failed", "no_gpu")]
+    assert balancer.node_state(node.url).has_gpu is False
+    loads = node.counts(LLAMA)["loads"] + node.counts(EMBED)["loads"]
+    assert loads == 1
+    second = balancer.optimize_gpu_once()
+    assert [(a["model"], a["action"], a["reason"]) for a in second] == [(None, "skipped", "no_gpu")]
+    assert node.counts(LLAMA)["loads"] + node.counts(EMBED)["loads"] == loads
+    assert on_cpu(node, LLAMA) and on_cpu(node, EMBED)
