@@ -788,9 +788,11 @@ class SimNode:
         if self.vram_bytes == 0 or num_gpu == 0:
             size_vram = 0  # no GPU backend, or CPU only: era C does no memory check
         elif num_gpu > 0:
-            layers = min(num_gpu, spec.layers)
-            size_vram = size if layers == spec.layers else int(layers * per_layer)
-            if size_vram > free_vram:  # llama-server would run out of memory
+            partial = num_gpu < spec.layers  # explicitPartialGPUOffload skips the pre-flight eviction
+            size_vram = size if not partial else int(num_gpu * per_layer)
+            if others and not partial and size > FIT_FRACTION * free_vram:
+                raise _NeedsEviction(evict_all=False)
+            if size_vram > free_vram:  # llama-server runs out of memory: evict all and retry once
                 if others:
                     raise _NeedsEviction(evict_all=True)
                 raise ApiError(500, self._oom_text(spec, opts))

@@ -191,12 +191,20 @@ def test_forced_load_that_does_not_fit_is_a_500_oom_and_leaves_the_model_unloade
     assert node.counts("llama3.1:70b") == {"loads": 0, "unloads": 1}
 
 
-def test_forced_load_evicts_all_others_and_retries_once(sim_node):
+def test_forced_full_load_next_to_others_evicts_one_victim_at_a_time(sim_node):
     node = sim_node(vram_gb=24)
-    load(node, "llama3.1")
+    load(node, "llama3.1", keep_alive="1h")
+    load(node, "llama3.2:3b", keep_alive="10m")
+    entry = load(node, "codellama", options={"num_gpu": 999})  # 11.8 GiB: fits once 3b (shortest) is gone
+    assert sorted(ps(node)) == ["codellama:latest", "llama3.1:latest"] and on_gpu(entry)
+
+
+def test_forced_partial_load_that_runs_out_of_memory_evicts_all_and_retries_once(sim_node):
+    node = sim_node(vram_gb=24)
     load(node, "llama3.2:3b")
-    entry = load(node, "codellama", options={"num_gpu": 999})  # 11.8 GiB does not fit next to 14.5
-    assert list(ps(node)) == ["codellama:latest"] and on_gpu(entry)
+    entry = load(node, "llama3.1:70b", options={"num_gpu": 30})  # 30 layers: 18.5 GiB, 18.4 GiB free
+    assert list(ps(node)) == ["llama3.1:70b"]
+    assert 0 < entry["size_vram"] < entry["size"]
 
 
 def test_cpu_part_larger_than_free_ram_is_a_500(sim_node):
