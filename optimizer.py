@@ -278,10 +278,12 @@ class GPUOptimizer:
             urls = known if nodes is None else [url for url in known if url in set(nodes)]
             started, t0 = time.time(), time.monotonic()
             scope = "all" if nodes is None else "nodes"
+            only_node = urls[0] if scope == "nodes" and len(urls) == 1 else None
             self._emit(
                 "pass_started",
-                f"GPU optimization pass over {len(urls)} node(s)",
-                {"nodes": urls if nodes is not None else len(urls), "scope": scope},
+                f"GPU optimization pass over {only_node or f'{len(urls)} node(s)'}",
+                {"scope": scope, "nodes": len(urls), "node_urls": urls if scope == "nodes" else []},
+                node=only_node,
             )
             futures = [self._balancer._work_pool.submit(self._optimize_node, url, cancel) for url in urls]
             results = _collect(futures, cancel)
@@ -298,7 +300,7 @@ class GPUOptimizer:
             }
             with self._lock:
                 self._last_pass = summary
-            self._emit("pass_finished", _summary_sentence(summary), dict(summary))
+            self._emit("pass_finished", _summary_sentence(summary), dict(summary), node=only_node)
             return actions
 
     def _optimize_node(self, url: str, cancel: threading.Event) -> tuple[bool, list[dict]]:
@@ -387,8 +389,10 @@ class GPUOptimizer:
         }
         return priority_on_gpu - now_on_gpu
 
-    def _emit(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
-        self._balancer.events.emit(Event(kind, message=message, data=data or {}))
+    def _emit(
+        self, kind: str, message: str, data: dict[str, Any] | None = None, node: str | None = None
+    ) -> None:
+        self._balancer.events.emit(Event(kind, node=node, message=message, data=data or {}))
 
 
 def _collect(futures: list[Future], cancel: threading.Event) -> list[tuple[bool, list[dict]]]:
