@@ -98,7 +98,9 @@ class ConsoleCompleter(Completer):
             words.append("")
         current = words[-1]
         needle = current.lower()
-        for candidate in self.candidates(argument_kind(words)):
+        kind = argument_kind(words)
+        for candidate in self.candidates(kind):
             name = candidate.lower()
             if name.startswith(needle) or name.split("/")[-1].startswith(needle):
-                yield Completion(candidate, start_position=-len(current))
+                meta = resolve(candidate).description if kind == "command" else None
+                yield Completion(candidate, start_position=-len(current), display_meta=meta)
