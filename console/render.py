@@ -119,11 +119,16 @@ def node_title(entry: Mapping[str, Any]) -> Text:
         if entry.get("stale"):
             title.append("  STALE: last known state", style="red")
         if entry.get("error"):
-            title.append(f"  ({entry['error']})", style="dim red")
+            title.append(f"  ({str(entry['error']).replace('http://', '')})", style="dim red")
     else:
         title.append("  online", style="green")
         if entry.get("latency_ms") is not None:
             title.append(f"  {entry['latency_ms']:.0f} ms", style="dim")
+    models = entry.get("models") or []
+    if models:
+        vram = sum(m.get("vram_mb") or 0 for m in models)
+        ram = sum(m.get("ram_mb") or 0 for m in models)
+        title.append(f"  holds {human_mb(vram)} VRAM, {human_mb(ram)} RAM", style="dim")
     return title
 
 

@@ -199,11 +199,11 @@ def test_vram_report_shows_placements_sizes_expiry_and_stale_nodes() -> None:
         },
     ]
     shown = text_of(render.vram_report(report, now=NOW))
-    assert "127.0.0.1:5001  online  3 ms" in shown
+    assert "127.0.0.1:5001  online  3 ms  holds 7.4 GB VRAM, 3.0 GB RAM" in shown
     assert "GPU 100%" in shown and "CPU 100%" in shown and "split 52% GPU / 48% CPU" in shown
     assert "4.9 GB" in shown and "705 MB" in shown
     assert "in 4m 12s" in shown and "stopping..." in shown and "forever" in shown
-    assert "127.0.0.1:5002  offline  STALE: last known state  (connection refused)" in shown
+    assert "127.0.0.1:5002  offline  STALE: last known state  (connection refused)  holds 4.8 GB" in shown
     assert "llama3.1:latest" in shown  # the stale node still shows its last known models
 
 
