@@ -16,6 +16,7 @@ own keys, so a tiny writer is enough and tomllib reads it back)::
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tempfile
@@ -29,6 +30,7 @@ DEFAULT_NODE = "http://localhost:11434"
 DEFAULT_INTERVAL = 300.0
 DEFAULT_HEALTH_INTERVAL = 5.0
 DEFAULT_TIMEOUT = 5.0
+KNOWN_KEYS = ("nodes", "priority_models", "interval", "keep_alive", "health_interval", "timeout", "gpu")
 
 
 class ConfigError(ValueError):
@@ -101,7 +103,12 @@ def _string_list(value: Any, key: str, source: str) -> list[str]:
 
 
 def apply_table(config: Config, table: dict[str, Any], source: str) -> None:
-    """Overlay a TOML table onto `config`, validating every key we know."""
+    """Overlay a TOML table onto `config`, validating every key; a typo is an error, not silently ignored."""
+    for key in table:
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(key, KNOWN_KEYS, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else f" (known: {', '.join(KNOWN_KEYS)})"
+            raise ConfigError(f"{source}: unknown key `{key}`{hint}")
     if "nodes" in table:
         config.nodes = [normalize_url(url) for url in _string_list(table["nodes"], "nodes", source)]
     if "priority_models" in table:

@@ -59,7 +59,13 @@ def test_config_file_keys_and_gpu_table(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    ["interval = -1\n", 'nodes = "http://x"\n', "nodes = [\n", '[gpu]\n"http://127.0.0.1:1" = "yes"\n'],
+    [
+        "interval = -1\n",
+        'nodes = "http://x"\n',
+        "nodes = [\n",
+        '[gpu]\n"http://127.0.0.1:1" = "yes"\n',
+        "intervall = 60\n",
+    ],
 )
 def test_bad_config_gives_one_line_error(tmp_path: Path, content: str) -> None:
     path = tmp_path / "c.toml"
