@@ -412,6 +412,7 @@ class SimNode:
         unload_seconds: float = 0.05,
         latency_ms: float = 0.0,
         max_loaded: int = 0,
+        max_queue: int = 512,
         keep_alive_default: str | int | float = "5m",
         port: int = 0,
         inference_time_scale: float = 0.0,
@@ -424,6 +425,8 @@ class SimNode:
         self.unload_seconds = unload_seconds
         self.latency_ms = latency_ms
         self.max_loaded = max_loaded
+        self.max_queue = max_queue  # OLLAMA_MAX_QUEUE
+        self.loading: str | None = None  # the model being scheduled/loaded now (one at a time)
         self.keep_alive_default_ns = parse_env_keep_alive(keep_alive_default)
         self.inference_time_scale = (
             inference_time_scale  # 0 = instant; 1 = simulated token rates in real time
@@ -437,6 +440,7 @@ class SimNode:
         self._load_mutex = threading.Lock()  # one model loads at a time, like Ollama's single pending loop
         self._runners: dict[str, Runner] = {}
         self._counts: dict[str, dict[str, int]] = {}
+        self._queued = 0
         self._epoch = 0  # bumped by restart(): loads in progress from before are lost
         self.request_log: list[tuple[str, str, Any]] = []
         self.bytes_in = 0
@@ -742,37 +746,65 @@ class SimNode:
         count: bool = True,
         load_delay: bool = True,
     ) -> Runner:
-        """Get a runner for this request (ref_count taken), loading/evicting like processPending."""
+        """Get a runner for this request (ref_count taken), loading/evicting like processPending.
+
+        A loaded runner that needs no reload is used at once (getRunner fast path); anything else waits
+        in the pending queue (503 when `max_queue` requests already wait) for the single load slot.
+        """
         with self._lock:
             runner = self._try_use(spec, opts, keep_alive_ns)
-        if runner is not None:
-            return runner
-        with self._load_mutex:
-            retried_after_evict_all = False
-            while True:
-                if self._stopping.is_set():
-                    raise ApiError(500, "server shutting down")
+            if runner is not None:
+                return runner
+            if self._queued >= self.max_queue:
+                raise ApiError(503, BUSY_TEXT)
+            self._queued += 1
+        try:
+            self._load_mutex.acquire()
+        finally:
+            with self._lock:
+                self._queued -= 1
+        try:
+            self.loading = spec.name
+            return self._process_pending(spec, opts, keep_alive_ns, count, load_delay)
+        finally:
+            self.loading = None
+            self._load_mutex.release()
+
+    def _process_pending(
+        self, spec: ModelSpec, opts: dict, keep_alive_ns: int | None, count: bool, load_delay: bool
+    ) -> Runner:
+        """The scheduler loop for one request, with the load slot held: reload, evict, place, load."""
+        retried_after_evict_all = False
+        while True:
+            if self._stopping.is_set():
+                raise ApiError(500, "server shutting down")
+            with self._lock:
+                runner = self._try_use(spec, opts, keep_alive_ns)
+                if runner is not None:
+                    return runner
+                current = self._runners.get(spec.name)
+                epoch = self._epoch
+            if current is not None:  # needs a reload (or is stopping): the old instance goes first
+                self._unload_and_wait([current])
+                continue
+            try:
                 with self._lock:
-                    runner = self._try_use(spec, opts, keep_alive_ns)
-                    if runner is not None:
-                        return runner
-                    current = self._runners.get(spec.name)
-                    epoch = self._epoch
-                if current is not None:  # needs a reload (or is stopping): the old instance goes first
-                    self._unload_and_wait([current])
-                    continue
-                try:
-                    with self._lock:
-                        place = self._plan(spec, opts)
-                except _NeedsEviction as need:
-                    victims = self._victims(spec.name, need.evict_all)
-                    if need.evict_all:
-                        if retried_after_evict_all or not victims:
-                            raise ApiError(500, self._oom_text(spec, opts)) from None
-                        retried_after_evict_all = True
-                    self._unload_and_wait(victims)
-                    continue
-                return self._load(spec, opts, keep_alive_ns, place, epoch, count, load_delay)
+                    place = self._plan(spec, opts)
+            except _NeedsEviction as need:
+                victims = self._victims(spec.name, need.evict_all)
+                if need.evict_all:
+                    if retried_after_evict_all or not victims:
+                        raise ApiError(500, self._oom_text(spec, opts)) from None
+                    retried_after_evict_all = True
+                self._unload_and_wait(victims)
+                continue
+            return self._load(spec, opts, keep_alive_ns, place, epoch, count, load_delay)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the load slot (the pending queue Ollama caps at OLLAMA_MAX_QUEUE)."""
+        with self._lock:
+            return self._queued
 
     def _plan(self, spec: ModelSpec, opts: dict) -> _Placement:
         """Era C placement for a model not loaded yet. Raises _NeedsEviction or ApiError. Lock held."""
@@ -1507,6 +1539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unload-seconds", type=float, default=0.05)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--max-loaded", type=int, default=0, help="OLLAMA_MAX_LOADED_MODELS (0 = automatic)")
+    parser.add_argument("--max-queue", type=int, default=512, help="OLLAMA_MAX_QUEUE (503 beyond)")
     parser.add_argument("--keep-alive", default="5m", help="OLLAMA_KEEP_ALIVE")
     parser.add_argument("--inference-time-scale", type=float, default=0.0, help="1 = simulated token rates")
     args = parser.parse_args(argv)
@@ -1519,6 +1552,7 @@ def main(argv: list[str] | None = None) -> int:
         unload_seconds=args.unload_seconds,
         latency_ms=args.latency_ms,
         max_loaded=args.max_loaded,
+        max_queue=args.max_queue,
         keep_alive_default=args.keep_alive,
         port=args.port,
         inference_time_scale=args.inference_time_scale,

@@ -358,3 +358,25 @@ def test_ps_is_sorted_by_expiry_descending(sim_node):
     load(node, "llama3.2:3b", keep_alive=-1)
     load(node, "nomic-embed-text", keep_alive="1h")
     assert list(ps(node)) == ["llama3.2:3b", "nomic-embed-text:latest", "all-minilm:latest"]
+
+
+def test_full_pending_queue_is_a_503_but_loaded_models_bypass_it(sim_node):
+    node = sim_node(vram_gb=24, max_queue=1, load_seconds_per_gb=1.0, preload=[("llama3.2:3b", "auto")])
+    replies: dict[str, requests.Response] = {}
+
+    def embed(model: str) -> None:
+        replies[model] = post(node, "/api/embed", model=model, input="")
+
+    first = threading.Thread(target=embed, args=("mxbai-embed-large",))  # ~0.9 s load holds the slot
+    first.start()
+    wait_until(lambda: node.loading == "mxbai-embed-large:latest")
+    second = threading.Thread(target=embed, args=("all-minilm",))
+    second.start()
+    wait_until(lambda: node.queued == 1)
+    busy = post(node, "/api/embed", model="nomic-embed-text", input="")
+    assert busy.status_code == 503
+    assert busy.json() == {"error": "server busy, please try again.  maximum pending requests exceeded"}
+    assert generate(node, "llama3.2:3b", prompt="hi", stream=False).status_code == 200  # fast path
+    first.join(timeout=10)
+    second.join(timeout=10)
+    assert [replies[m].status_code for m in ("mxbai-embed-large", "all-minilm")] == [200, 200]
