@@ -173,10 +173,9 @@ def unreachable_hint(states: list[Any], config: Config) -> str | None:
     """One clear line when nothing answers, suggesting --demo (per-node lines come from node_down events)."""
     if not states or any(state.online for state in states):
         return None
-    where = f"the default node {states[0].url}" if config.nodes_from_default else "any configured node"
+    where = states[0].url if len(states) == 1 else f"any of the {len(states)} nodes"
     return (
-        f"no Ollama answered at {where}. Start Ollama, pass --nodes URL,..., or try "
-        "`python3 flockparsecli.py --demo` for a simulated cluster."
+        f"no Ollama answered at {where}: start Ollama, pass --nodes URL,..., or try `flockparsecli.py --demo`"
     )
 
 

@@ -49,7 +49,6 @@ class Config:
     timeout: float = DEFAULT_TIMEOUT
     gpu: dict[str, bool] = field(default_factory=dict)
     path: Path | None = None  # None: nothing is persisted (e.g. --demo)
-    nodes_from_default: bool = False  # True when no flag/file/env named a node
 
 
 def config_dir(env: dict[str, str] | None = None) -> Path:
@@ -146,12 +145,9 @@ def load_config(
     table = read_file(path)
     if env.get("OLLAMA_HOST") and "nodes" not in table:
         config.nodes = [normalize_url(env["OLLAMA_HOST"])]
-    elif "nodes" not in table and not nodes_flag:
-        config.nodes_from_default = True
     apply_table(config, table, str(path))
     if nodes_flag:
         config.nodes = [normalize_url(url) for url in nodes_flag.split(",") if url.strip()]
-        config.nodes_from_default = False
     if priority_flag is not None:
         config.priority_models = [name.strip() for name in priority_flag.split(",") if name.strip()]
     if interval_flag is not None:

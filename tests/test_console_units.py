@@ -33,7 +33,6 @@ def text_of(renderable: object, width: int = 140) -> str:
 def test_precedence_flags_over_file_over_env_over_default(tmp_path: Path) -> None:
     env = {"FLOCKPARSE_CONFIG_DIR": str(tmp_path)}
     assert load_config(env=env).nodes == ["http://localhost:11434"]
-    assert load_config(env=env).nodes_from_default
     env["OLLAMA_HOST"] = "127.0.0.1:5000"
     assert load_config(env=env).nodes == ["http://127.0.0.1:5000"]
     (tmp_path / "config.toml").write_text('nodes = ["http://127.0.0.1:6000"]\ninterval = 42\n')
