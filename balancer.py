@@ -338,44 +338,57 @@ class OllamaLoadBalancer:
         A node that comes (back) online gets its no-GPU evidence reset (the GPU may be back after a
         restart) and an immediate optimizer pass; so does a priority model newly seen off GPU.
         """
-        events: list[Event] = []
-        came_back = needs_pass = False
         with self._lock:
             state = self._states.get(node)
             if state is None:
                 return
-            was_online = state.online
             if "error" in status:
-                error = str(status["error"])
-                state.online, state.last_error = False, error
-                state.stale = state.last_seen is not None
-                if was_online is not False:
-                    events.append(Event("node_down", node=node, message=f"{node} is down: {error}",
-                                        data={"error": error}))  # fmt: skip
+                events, came_back, needs_pass = (
+                    self._record_failure(state, str(status["error"])),
+                    False,
+                    False,
+                )
             else:
-                previous = {canonical_model_name(m["name"]): m.get("location") for m in state.models}
-                state.online, state.last_error, state.stale = True, None, False
-                state.last_seen = time.time()
-                state.latency_ms = status.get("latency_ms", state.latency_ms)
-                state.models = [dict(m) for m in status.get("models", [])]
-                if was_online is not True:
-                    came_back = was_online is False
-                    if came_back:
-                        if state.has_gpu is False:  # the GPU may be back after a restart: ask again
-                            _reset_gpu_evidence(state)
-                        state.installed_checked_at = 0.0
-                    needs_pass = True
-                    events.append(Event("node_up", node=node, message=f"{node} is online",
-                                        data={"latency_ms": state.latency_ms}))  # fmt: skip
-                if any(_in_vram(m) for m in state.models):
-                    state.has_gpu, state.gpu_evidence = True, EVIDENCE_VRAM
-                needs_pass = needs_pass or self._priority_model_fell_off_gpu(previous, state.models)
+                events, came_back, needs_pass = self._record_success(state, status)
         if came_back:
-            self._optimizer.forget_node(node)
+            self._optimizer.forget_node(node)  # fresh memory after a restart: old back-offs no longer apply
         for event in events:
             self.events.emit(event)
         if trigger and needs_pass:
             self._optimizer.trigger(node)
+
+    def _record_failure(self, state: NodeState, error: str) -> list[Event]:
+        """Lock held. The node keeps its last known models, now stale."""
+        was_online = state.online
+        state.online, state.last_error = False, error
+        state.stale = state.last_seen is not None
+        if was_online is False:
+            return []
+        return [
+            Event("node_down", node=state.url, message=f"{state.url} is down: {error}", data={"error": error})
+        ]
+
+    def _record_success(self, state: NodeState, status: dict) -> tuple[list[Event], bool, bool]:
+        """Lock held. Returns (events, came back from offline, needs an optimizer pass)."""
+        was_online = state.online
+        previous = {canonical_model_name(m["name"]): m.get("location") for m in state.models}
+        state.online, state.last_error, state.stale = True, None, False
+        state.last_seen = time.time()
+        state.latency_ms = status.get("latency_ms", state.latency_ms)
+        state.models = [dict(m) for m in status.get("models", [])]
+        if any(_in_vram(m) for m in state.models):
+            state.has_gpu, state.gpu_evidence = True, EVIDENCE_VRAM
+        if was_online is True:
+            return [], False, self._priority_model_fell_off_gpu(previous, state.models)
+        came_back = was_online is False
+        if came_back:
+            state.installed_checked_at = 0.0  # re-read the installed list too
+            if state.has_gpu is False:  # the GPU may be back after a restart: ask again
+                _reset_gpu_evidence(state)
+        up = Event(
+            "node_up", node=state.url, message=f"{state.url} is online", data={"latency_ms": state.latency_ms}
+        )
+        return [up], came_back, True
 
     def _priority_model_fell_off_gpu(self, previous: dict[str, str | None], models: list[dict]) -> bool:
         """A priority model not on GPU that was on GPU before, or that we see for the first time."""
