@@ -43,6 +43,10 @@ def test_the_defaults_really_start_the_optimizer(sim_node) -> None:
     with OllamaLoadBalancer([node.url]) as balancer:
         assert balancer.optimization_running is True
         assert balancer.optimizer_status()["interval"] == 300
+        balancer.auto_optimize_gpu = False  # the attribute really switches the thread
+        assert balancer.optimization_running is False
+        balancer.auto_optimize_gpu = True
+        assert balancer.optimization_running is True
     assert balancer.optimization_running is False
 
 
