@@ -64,6 +64,12 @@ def test_generate_load_then_unload(client, node):
     assert node.counts("llama3.1") == {"loads": 1, "unloads": 1}
 
 
+def test_forever_keep_alive_parses_in_the_client(client):
+    client.generate(model="llama3.2:3b", prompt="", keep_alive=-1)
+    (entry,) = [m for m in client.ps().models if m.model == "llama3.2:3b"]
+    assert entry.expires_at.year > 2300
+
+
 def test_streamed_load_is_a_single_object(client):
     parts = list(client.generate(model="llama3.2:3b", prompt="", stream=True))
     assert len(parts) == 1 and parts[0].done_reason == "load"

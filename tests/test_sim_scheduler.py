@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import threading
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
@@ -49,8 +50,16 @@ def on_gpu(entry: dict) -> bool:
     return entry["size_vram"] == entry["size"] > 0
 
 
+def expires_at(entry: dict) -> datetime:
+    """Parse Go's RFC3339Nano (nanoseconds, 'Z' or an offset) into an aware datetime."""
+    match = re.fullmatch(r"([^.]+)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", entry["expires_at"])
+    whole, fraction, zone = match.groups()
+    micro = (fraction or "").ljust(6, "0")[:6]
+    return datetime.fromisoformat(f"{whole}.{micro}{'+00:00' if zone == 'Z' else zone}")
+
+
 def expiry_year(entry: dict) -> int:
-    return datetime.fromisoformat(entry["expires_at"][:26].rstrip("Z")).year
+    return expires_at(entry).year
 
 
 # ----------------------------------------------------------------------------------- num_gpu and reloads
@@ -166,6 +175,24 @@ def test_explicit_partial_num_gpu_splits_next_to_others(sim_node):
     entry = load(node, "llama3.1:70b", options={"num_gpu": 10})
     assert 0 < entry["size_vram"] < entry["size"]
     assert "llama3.2:3b" in ps(node)
+
+
+def test_explicit_partial_num_gpu_alone_offloads_that_many_layers_and_keeps_them(sim_node):
+    node = sim_node(vram_gb=24)
+    entry = load(node, "llama3.1", options={"num_gpu": 11})  # 11 of 33 layers
+    assert entry["size_vram"] == pytest.approx(entry["size"] * 11 / 33, rel=1e-6)
+    load(node, "llama3.1", options={"num_gpu": 11})
+    load(node, "llama3.1")
+    assert node.counts("llama3.1") == {"loads": 1, "unloads": 0}
+
+
+def test_eval_rate_reflects_the_placement(sim_node):
+    gpu, cpu = sim_node(vram_gb=24), sim_node(vram_gb=0)
+    body = {"prompt": "Why is the sky blue?", "stream": False}
+    on_gpu_reply = generate(gpu, "llama3.1", **body).json()
+    on_cpu_reply = generate(cpu, "llama3.1", **body).json()
+    assert on_gpu_reply["eval_count"] == on_cpu_reply["eval_count"]
+    assert on_cpu_reply["eval_duration"] > 4 * on_gpu_reply["eval_duration"]
 
 
 def test_cpu_only_node_puts_everything_in_ram_even_when_forced(sim_node):
@@ -317,8 +344,8 @@ def test_unload_is_asynchronous(sim_node):
     node = sim_node(vram_gb=24, unload_seconds=0.5, preload=[("llama3.1", "auto")])
     reply = generate(node, "llama3.1", keep_alive=0, stream=True)
     assert reply.status_code == 200 and reply.json()["done_reason"] == "unload"
-    stopping = ps(node)["llama3.1:latest"]
-    assert expiry_year(stopping) < 2300
+    stopping = ps(node)["llama3.1:latest"]  # still listed, expiring now ("Stopping...")
+    assert expires_at(stopping) <= datetime.now(UTC) + timedelta(seconds=1)
     assert node.loaded()[0]["stopping"]
     wait_until(lambda: "llama3.1:latest" not in ps(node))
     assert node.counts("llama3.1") == {"loads": 0, "unloads": 1}
