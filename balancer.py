@@ -28,6 +28,7 @@ from optimizer import GPUOptimizer, canonical_model_name, is_off_gpu, matches_pr
 logger = logging.getLogger(__name__)
 
 DEFAULT_PRIORITY_MODELS = ["mxbai-embed-large", "llama3.1"]
+OFFLINE_RECHECK_SECONDS = 1.0  # an offline node is re-checked this often (a refused connect is cheap)
 INSTALLED_REFRESH_SECONDS = 180.0  # how often the monitor re-reads /api/tags (for completion only)
 MAX_WORKERS = 64  # threads are created lazily; 200 nodes x 50 ms still finish in well under a second
 EVIDENCE_VRAM = "model seen in VRAM"
@@ -284,11 +285,18 @@ class OllamaLoadBalancer:
 
     # ------------------------------------------------------------------ health monitor
     def _monitor_loop(self) -> None:
-        """Check every node now, then every `health_interval`; a slow node only delays itself."""
+        """Check every node now, then every `health_interval`; offline nodes every second, so a node
+        that comes back gets its optimizer pass quickly. A slow node only delays itself."""
+        next_round = 0.0
         while True:
-            for node in self.nodes:
+            every_node = time.monotonic() >= next_round
+            if every_node:
+                next_round = time.monotonic() + self.health_interval
+            with self._lock:
+                due = [url for url, s in self._states.items() if every_node or s.online is False]
+            for node in due:
                 self._schedule_check(node)
-            if self._monitor_stop.wait(self.health_interval):
+            if self._monitor_stop.wait(min(self.health_interval, OFFLINE_RECHECK_SECONDS)):
                 return
 
     def _schedule_check(self, node: str) -> None:

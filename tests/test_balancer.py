@@ -251,3 +251,17 @@ def test_known_models_lists_installed_and_loaded_names(sim_node, make_balancer) 
     wait_for(lambda: balancer.node_state(node.url).installed, "installed list read")
 
     assert balancer.known_models() == ["all-minilm:latest", LLAMA]
+
+
+def test_an_offline_node_is_rechecked_sooner_than_the_health_interval(sim_node, make_balancer) -> None:
+    node = sim_node()
+    balancer = make_balancer([node.url], health_interval=60)
+    events = Recorder(balancer)
+    wait_for(lambda: balancer.node_state(node.url).online, "first check")
+    node.set_fault("down")
+    balancer.vram_report()  # records it offline without waiting a minute for the monitor
+    assert balancer.node_state(node.url).online is False
+
+    node.clear_fault()
+
+    events.wait("node_up", timeout=10)  # well before the next 60 s round
