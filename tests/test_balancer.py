@@ -68,8 +68,9 @@ def test_nodes_can_be_added_and_removed_at_run_time(sim_node, make_balancer) -> 
 # --------------------------------------------------------------------------------------------- health
 def test_down_node_is_reported_offline_with_its_last_models_marked_stale(sim_node, make_balancer) -> None:
     node = sim_node(preload=[("llama3.1", "gpu")])
-    balancer = make_balancer([node.url])
-    events = Recorder(balancer)
+    balancer = make_balancer([node.url], start=False)
+    events = Recorder(balancer)  # before start(): sees the start-up node_up too
+    balancer.start()
     wait_for(lambda: balancer.node_state(node.url).models, "first status")
 
     node.set_fault("down")
@@ -262,6 +263,8 @@ def test_an_offline_node_is_rechecked_sooner_than_the_health_interval(sim_node, 
     balancer.vram_report()  # records it offline without waiting a minute for the monitor
     assert balancer.node_state(node.url).online is False
 
+    ups = len(events.of("node_up"))
+
     node.clear_fault()
 
-    events.wait("node_up", timeout=10)  # well before the next 60 s round
+    events.wait("node_up", count=ups + 1, timeout=10)  # well before the next 60 s round

@@ -263,16 +263,17 @@ def test_concurrent_optimizer_and_console_moves_send_one_load(sim_node, make_bal
 # --------------------------------------------------------------------------------------------- thread
 def test_restarted_node_gets_its_models_back_on_gpu_without_a_manual_pass(sim_node, make_balancer) -> None:
     node = sim_node(preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu")])
-    balancer = make_balancer([node.url], auto_optimize_gpu=True)
-    events = Recorder(balancer)
-    wait_for(lambda: balancer.node_state(node.url).online, "node online")
+    balancer = make_balancer([node.url], auto_optimize_gpu=True, start=False)
+    events = Recorder(balancer)  # before start(): sees the start-up node_up too
+    balancer.start()
+    events.wait("node_up")
 
     node.set_fault("down")
     events.wait("node_down")
     node.restart()  # comes back with both models on CPU (stored num_gpu -1): the restart bug
     node.clear_fault()
 
-    events.wait("node_up")
+    events.wait("node_up", count=2)
     wait_for(lambda: on_gpu(node, EMBED) and on_gpu(node, LLAMA), "models back on GPU")
 
     def moved_by_optimizer() -> set[str | None]:
