@@ -518,17 +518,16 @@ class SimNode:
         server.node = self
         self.port = server.server_address[1]
         self._server = server
-        self._serve_thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"sim-{self.port}", daemon=True
-        )
+        self._serve_thread = threading.Thread(target=server.accept_loop, name=f"sim-{self.port}", daemon=True)
         self._serve_thread.start()
 
     def _unbind(self) -> None:
         """Close the listener (connections are refused) and drop every open connection."""
         server, self._server = self._server, None
         if server is not None:
-            server.shutdown()
-            server.server_close()
+            server.close_listener()
+            if self._serve_thread is not None:
+                self._serve_thread.join(timeout=2)
         with self._conn_lock:
             connections = list(self._connections)
         for conn in connections:
@@ -1091,6 +1090,21 @@ class _Server(http.server.ThreadingHTTPServer):
     block_on_close = False  # stop() must never wait on a hung handler
     allow_reuse_address = True
     node: SimNode
+
+    def accept_loop(self) -> None:
+        """Block in accept() instead of serve_forever's polling: no idle CPU, and close_listener() wakes it
+        at once (shutdown() on a listening socket makes a blocked accept() fail on Linux)."""
+        while True:
+            try:
+                request, client_address = self.socket.accept()
+            except OSError:
+                return
+            self.process_request(request, client_address)  # ThreadingMixIn: one daemon thread each
+
+    def close_listener(self) -> None:
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
+        self.server_close()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Quiet for sockets closed under a handler (stop, down, client gone); loud for real bugs."""
