@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -290,7 +290,7 @@ class ApiError(Exception):
         self.message = message
 
 
-def decode_request(body: bytes, struct: str) -> dict:
+def decode_request(body: bytes, go_struct: str) -> dict:
     """Decode a JSON body like gin's ShouldBindJSON would, raising ApiError(400) with Go's texts."""
     if not body.strip():
         raise ApiError(400, "missing request body")
@@ -300,8 +300,8 @@ def decode_request(body: bytes, struct: str) -> dict:
         raise ApiError(400, _go_json_error(body, err)) from None
     if not isinstance(data, dict):
         kind = _JSON_KIND.get(type(data), "null")
-        raise ApiError(400, f"json: cannot unmarshal {kind} into Go value of type api.{struct}")
-    for key, (py_type, go_type) in _FIELD_TYPES.get(struct, {}).items():
+        raise ApiError(400, f"json: cannot unmarshal {kind} into Go value of type api.{go_struct}")
+    for key, (py_type, go_type) in _FIELD_TYPES.get(go_struct, {}).items():
         value = data.get(key)
         if value is None:
             continue
@@ -309,7 +309,7 @@ def decode_request(body: bytes, struct: str) -> dict:
         if not ok:
             kind = _JSON_KIND.get(type(value), "null")
             raise ApiError(
-                400, f"json: cannot unmarshal {kind} into Go struct field {struct}.{key} of type {go_type}"
+                400, f"json: cannot unmarshal {kind} into Go struct field {go_struct}.{key} of type {go_type}"
             )
     try:
         data["_keep_alive_ns"] = parse_keep_alive(data.get("keep_alive"))
@@ -318,16 +318,8 @@ def decode_request(body: bytes, struct: str) -> dict:
     return data
 
 
-_INT_OPTIONS = (
-    "num_ctx",
-    "num_batch",
-    "num_gpu",
-    "main_gpu",
-    "num_thread",
-    "num_predict",
-    "num_keep",
-    "seed",
-)
+_INT_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_predict", "num_keep")
+_INT_OPTIONS += ("seed", "top_k", "repeat_last_n")
 _BOOL_OPTIONS = ("use_mmap", "use_mlock", "numa")
 
 
@@ -372,14 +364,8 @@ class Runner:
     num_thread: int
     keep_alive_ns: int
     expires_at_ns: int
-    loaded_at: float = field(default_factory=time.time)
-    ref_count: int = 0
+    ref_count: int = 0  # requests in flight: a runner is only removed once idle
     stop_at: float | None = None  # set when unloading: removal happens at/after this moment (monotonic)
-    unload_when_idle: bool = False
-
-
-class SimError(Exception):
-    pass
 
 
 @dataclass
@@ -428,9 +414,8 @@ class SimNode:
         self.max_queue = max_queue  # OLLAMA_MAX_QUEUE
         self.loading: str | None = None  # the model being scheduled/loaded now (one at a time)
         self.keep_alive_default_ns = parse_env_keep_alive(keep_alive_default)
-        self.inference_time_scale = (
-            inference_time_scale  # 0 = instant; 1 = simulated token rates in real time
-        )
+        # 0 = generations are instant; 1 = they take their simulated time (eval_duration) for real
+        self.inference_time_scale = inference_time_scale
         self.port = port
         self.host = "127.0.0.1"
         self.default_num_ctx = default_num_ctx(self.vram_bytes)
@@ -690,23 +675,26 @@ class SimNode:
         return min(2048, num_ctx) if spec.embedding_only else 512
 
     def _needs_reload(self, runner: Runner, opts: dict) -> bool:
-        """sched.go needsReload over api.Runner fields; sampling options never reload."""
+        """sched.go needsReload over the api.Runner fields; sampling options never reload.
+
+        A new num_gpu < 0 (or absent) equals anything; num_ctx and num_batch count as equal when both the
+        loaded and the new value are automatic, otherwise their resolved values are compared.
+        """
         new_gpu = opts.get("num_gpu", -1)
-        if new_gpu >= 0 and new_gpu != runner.num_gpu:
-            return True
-        new_ctx = opts.get("num_ctx")
-        if (new_ctx is not None or runner.num_ctx_explicit is not None) and self._resolve_ctx(
-            runner.spec, opts
-        ) != runner.num_ctx:
-            return True
-        new_batch = opts.get("num_batch")
-        if (new_batch is not None or runner.num_batch_explicit is not None) and (
-            (new_batch or 512) != (runner.num_batch_explicit or 512)
-        ):
-            return True
-        if opts.get("main_gpu") != runner.main_gpu or opts.get("use_mmap") != runner.use_mmap:
-            return True
-        return opts.get("num_thread", 0) != runner.num_thread
+        gpu_differs = new_gpu >= 0 and new_gpu != runner.num_gpu
+        ctx_auto = opts.get("num_ctx") is None and runner.num_ctx_explicit is None
+        ctx_differs = not ctx_auto and self._resolve_ctx(runner.spec, opts) != runner.num_ctx
+        batch_auto = opts.get("num_batch") is None and runner.num_batch_explicit is None
+        new_batch, old_batch = opts.get("num_batch") or 512, runner.num_batch_explicit or 512
+        batch_differs = not batch_auto and new_batch != old_batch
+        return (
+            gpu_differs
+            or ctx_differs
+            or batch_differs
+            or opts.get("main_gpu") != runner.main_gpu
+            or opts.get("use_mmap") != runner.use_mmap
+            or opts.get("num_thread", 0) != runner.num_thread
+        )
 
     def _new_runner(
         self, spec: ModelSpec, opts: dict, keep_alive_ns: int | None, place: _Placement
@@ -909,7 +897,7 @@ class SimNode:
             self._changed.notify_all()
         return runner
 
-    def release(self, runner: Runner, keep_alive_ns: int | None = None) -> None:
+    def release(self, runner: Runner) -> None:
         """A request finished: the keep_alive timer starts now (keep_alive 0 -> unload when idle)."""
         with self._lock:
             runner.ref_count = max(0, runner.ref_count - 1)
@@ -955,9 +943,8 @@ class SimNode:
     def ps_body(self) -> dict:
         """/api/ps: canonical names, sorted by expires_at descending at 1-second resolution (stable)."""
         with self._lock:
-            runners = list(self._runners.values())
-        runners.sort(key=lambda r: r.expires_at_ns // 10**9, reverse=True)
-        return {"models": [self._ps_entry(r) for r in runners]}
+            runners = sorted(self._runners.values(), key=lambda r: r.expires_at_ns // 10**9, reverse=True)
+            return {"models": [self._ps_entry(r) for r in runners]}
 
     @staticmethod
     def _ps_entry(runner: Runner) -> dict:
@@ -1281,8 +1268,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return True
         if kind == "hang":  # released by clear_fault() (then answered normally) or stop()
-            while not node._fault_released.wait(0.1):
-                pass
+            node._fault_released.wait()
             if node._stopping.is_set():
                 self.close_connection = True
                 return True
