@@ -1456,10 +1456,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         not_found = ApiError(404, f"model {_go_quote(model)} not found, try pulling it first")
         spec = self._resolve(model, not_found, not_found)
         opts = parse_options(req.get("options"))
-        with self._runner(spec, opts, req["_keep_alive_ns"]):
+        with self._runner(spec, opts, req["_keep_alive_ns"]) as runner:
             if not inputs:
                 self._send_json(200, {"model": model, "embeddings": []})
                 return
+            if req.get("truncate") is False and any(len(text.split()) > runner.num_ctx for text in inputs):
+                raise ApiError(400, "the input length exceeds the context length")  # one word = one token
             dims = req.get("dimensions") or 0
             dims = (
                 dims if isinstance(dims, int) and 0 < dims < spec.embedding_length else spec.embedding_length

@@ -116,6 +116,15 @@ def test_embed_dimensions_truncate_and_renormalise(client):
     assert len(vector) == 64 and abs(sum(v * v for v in vector) - 1.0) < 1e-6
 
 
+def test_embed_input_longer_than_the_context(client):
+    long_text = "word " * 600  # all-minilm's context is 512
+    assert len(client.embed(model="all-minilm", input=long_text).embeddings) == 1  # truncated by default
+    with pytest.raises(ollama.ResponseError) as caught:
+        client.embed(model="all-minilm", input=long_text, truncate=False)
+    assert caught.value.status_code == 400
+    assert caught.value.error == "the input length exceeds the context length"
+
+
 def test_embed_empty_input_only_loads(client):
     reply = client.embed(model="all-minilm", input="")
     assert reply.embeddings == []
