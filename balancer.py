@@ -23,7 +23,7 @@ import requests
 
 from events import Event, EventBus
 from gpu_controller import LOCATION_GPU, GPUController
-from optimizer import GPUOptimizer, canonical_model_name, is_off_gpu, matches_priority
+from optimizer import GPUOptimizer, canonical_model_name, is_off_gpu, matches_priority, priority_patterns
 
 logger = logging.getLogger(__name__)
 
@@ -400,7 +400,7 @@ class OllamaLoadBalancer:
 
     def _priority_model_fell_off_gpu(self, previous: dict[str, str | None], models: list[dict]) -> bool:
         """A priority model not on GPU that was on GPU before, or that we see for the first time."""
-        patterns = list(self.gpu_priority_models)
+        patterns = priority_patterns(self.gpu_priority_models)
         for model in models:
             name = canonical_model_name(model["name"])
             if not is_off_gpu(model) or not matches_priority(name, patterns):

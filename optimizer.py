@@ -75,6 +75,11 @@ def matches_priority(model_name: str, patterns: list[str]) -> bool:
     return False
 
 
+def priority_patterns(value: str | list[str] | tuple[str, ...]) -> list[str]:
+    """A copy of the configured list (it may change under us); a lone string means one pattern."""
+    return [value] if isinstance(value, str) else [str(p) for p in value]
+
+
 def explicit_priority_names(patterns: list[str]) -> list[str]:
     """Canonical names of the patterns that name one model (no glob): those may be loaded when absent."""
     names = [canonical_model_name(p) for p in patterns if p.strip() and not is_glob(p)]
@@ -320,7 +325,7 @@ class GPUOptimizer:
         state = balancer.node_state(url)
         if state is None or state.has_gpu is False:
             return True, []
-        patterns = list(balancer.gpu_priority_models)
+        patterns = priority_patterns(balancer.gpu_priority_models)
         loaded = {canonical_model_name(m["name"]): m for m in status.get("models", [])}
         on_gpu = {name for name, m in loaded.items() if m.get("location") == LOCATION_GPU}
         candidates = []

@@ -16,7 +16,7 @@ from balancer import OllamaLoadBalancer
 from events import Event
 from gpu_controller import GPUController
 from ollama_sim import SimNode
-from optimizer import canonical_model_name, explicit_priority_names, matches_priority
+from optimizer import canonical_model_name, explicit_priority_names, matches_priority, priority_patterns
 
 LLAMA = "llama3.1:latest"
 EMBED = "mxbai-embed-large:latest"
@@ -110,6 +110,11 @@ def make_balancer_fixture() -> Iterator[Callable[..., OllamaLoadBalancer]]:
 )
 def test_priority_names_match_like_the_issue_says(model: str, patterns: list[str], expected: bool) -> None:
     assert matches_priority(model, patterns) is expected
+
+
+def test_a_lone_string_is_one_pattern_not_a_list_of_letters() -> None:
+    assert priority_patterns("llama3.1") == ["llama3.1"]
+    assert priority_patterns(("a", "b")) == ["a", "b"]
 
 
 def test_canonical_names_and_explicit_priority_names() -> None:
