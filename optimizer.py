@@ -258,13 +258,18 @@ class GPUOptimizer:
             self._backoff[(node, model)] = Backoff(failures, skip, reason)
             return skip
 
-    def _consume_backoff(self, node: str, model: str) -> Backoff | None:
-        """If backed off, count this pass as skipped and return the entry; None means go ahead."""
+    def _consume_backoff(self, node: str, model: str, count_pass: bool) -> Backoff | None:
+        """If backed off, return the entry (None means go ahead) and, for a full pass, count it as skipped.
+
+        Node passes triggered by the monitor do not count: a failed move's own unload/reload can look
+        like a model falling off the GPU, and that must not shorten its back-off.
+        """
         with self._lock:
             entry = self._backoff.get((node, model))
             if entry is None or entry.passes_to_skip <= 0:
                 return None
-            entry.passes_to_skip -= 1
+            if count_pass:
+                entry.passes_to_skip -= 1
             return Backoff(entry.failures, entry.passes_to_skip, entry.reason)
 
     def _seen_on_gpu(self, node: str, model: str) -> None:
@@ -290,7 +295,8 @@ class GPUOptimizer:
                 {"scope": scope, "nodes": len(urls), "node_urls": urls if scope == "nodes" else []},
                 node=only_node,
             )
-            futures = [self._balancer._work_pool.submit(self._optimize_node, url, cancel) for url in urls]
+            submit = self._balancer._work_pool.submit
+            futures = [submit(self._optimize_node, url, cancel, scope == "all") for url in urls]
             results = _collect(futures, cancel)
             actions = [a for _, node_actions in results for a in node_actions]
             summary = {
@@ -308,7 +314,7 @@ class GPUOptimizer:
             self._emit("pass_finished", _summary_sentence(summary), dict(summary), node=only_node)
             return actions
 
-    def _optimize_node(self, url: str, cancel: threading.Event) -> tuple[bool, list[dict]]:
+    def _optimize_node(self, url: str, cancel: threading.Event, full_pass: bool) -> tuple[bool, list[dict]]:
         """Read one node's status and move what needs moving; (status read?, actions)."""
         balancer = self._balancer
         state = balancer.node_state(url)
@@ -344,18 +350,20 @@ class GPUOptimizer:
             if cancel.is_set():
                 break
             priority_on_gpu = {n for n in on_gpu if matches_priority(n, patterns)}
-            actions.append(self._consider_move(url, name, priority_on_gpu, cancel))
+            actions.append(self._consider_move(url, name, priority_on_gpu, cancel, full_pass))
             if actions[-1]["reason"] == "no_gpu":
                 break  # the node just proved it has no GPU: reloading the others would land in RAM too
             if actions[-1]["action"] == "moved":
                 on_gpu.add(name)
         return True, actions
 
-    def _consider_move(self, url: str, name: str, priority_on_gpu: set[str], cancel: threading.Event) -> dict:
+    def _consider_move(
+        self, url: str, name: str, priority_on_gpu: set[str], cancel: threading.Event, full_pass: bool
+    ) -> dict:
         """Move one priority model to GPU unless pinned or backed off; back off on failure or churn."""
         if self.is_pinned(url, name):
             return action(url, name, "skipped", "pinned_cpu", f"{name} on {url} is pinned to CPU by the user")
-        entry = self._consume_backoff(url, name)
+        entry = self._consume_backoff(url, name, count_pass=full_pass)
         if entry is not None:
             return action(
                 url, name, "skipped", "backed_off",

@@ -196,6 +196,8 @@ def test_out_of_memory_is_backed_off_instead_of_retried_every_pass(sim_node, mak
     assert (first["action"], first["reason"]) == ("failed", "out_of_memory")
     assert on_cpu(node, "llama3.1:70b")  # the controller put it back
     posts_after_first = len(posts(node))
+    [triggered] = balancer.optimizer.run_pass([node.url])  # a monitor-triggered node pass does not count
+    assert triggered["reason"] == "backed_off"
 
     [second] = balancer.optimize_gpu_once()
     assert (second["action"], second["reason"]) == ("skipped", "backed_off")
