@@ -375,11 +375,11 @@ class _Placement:
 
 
 class _NeedsEviction(Exception):
-    """The model does not fit next to the others: evict (one victim, or all) and try again."""
+    """The model does not fit next to the others (the 80% pre-flight): evict one victim and try again."""
 
-    def __init__(self, evict_all: bool) -> None:
-        super().__init__("needs eviction")
-        self.evict_all = evict_all
+
+class _OutOfMemory(Exception):
+    """llama-server would run out of memory while loading: Ollama's one retry decides what happens."""
 
 
 # --------------------------------------------------------------------------------------------- the node
@@ -665,8 +665,10 @@ class SimNode:
     # ----------------------------------------------------------------------------- scheduler
 
     def _resolve_ctx(self, spec: ModelSpec, opts: dict) -> int:
-        """num_ctx: explicit or the VRAM-based default, clamped to the trained context."""
-        return max(1, min(opts.get("num_ctx") or self.default_num_ctx, spec.context_length))
+        """num_ctx: explicit, else the automatic one (VRAM-based default, or lowered by an OOM retry),
+        clamped to the trained context."""
+        automatic = opts.get("_auto_ctx") or self.default_num_ctx
+        return max(1, min(opts.get("num_ctx") or automatic, spec.context_length))
 
     @staticmethod
     def _resolve_batch(spec: ModelSpec, opts: dict, num_ctx: int) -> int:
@@ -761,7 +763,7 @@ class SimNode:
         self, spec: ModelSpec, opts: dict, keep_alive_ns: int | None, count: bool, load_delay: bool
     ) -> Runner:
         """The scheduler loop for one request, with the load slot held: reload, evict, place, load."""
-        retried_after_evict_all = False
+        retried_after_oom = False
         while True:
             if self._stopping.is_set():
                 raise ApiError(500, "server shutting down")
@@ -777,15 +779,28 @@ class SimNode:
             try:
                 with self._lock:
                     place = self._plan(spec, opts)
-            except _NeedsEviction as need:
-                victims = self._victims(spec.name, need.evict_all)
-                if need.evict_all:
-                    if retried_after_evict_all or not victims:
-                        raise ApiError(500, self._oom_text(spec, opts)) from None
-                    retried_after_evict_all = True
-                self._unload_and_wait(victims)
+            except _NeedsEviction:
+                self._unload_and_wait(self._victims(spec.name, evict_all=False))
+                continue
+            except _OutOfMemory:
+                retry_opts = None if retried_after_oom else self._opts_for_oom_retry(spec, opts)
+                if retry_opts is None:
+                    raise ApiError(500, self._oom_text(spec, opts)) from None
+                retried_after_oom, opts = True, retry_opts
+                self._unload_and_wait(self._victims(spec.name, evict_all=True))
                 continue
             return self._load(spec, opts, keep_alive_ns, place, epoch, count, load_delay)
+
+    def _opts_for_oom_retry(self, spec: ModelSpec, opts: dict) -> dict | None:
+        """Ollama retries a load that ran out of memory once: with every other model evicted and, if the
+        context was automatic, a smaller one (> 32768 -> 32768, > 4096 -> 4096). None = nothing to try."""
+        with self._lock:
+            others = any(r.spec.name != spec.name for r in self._runners.values())
+        num_ctx = self._resolve_ctx(spec, opts)
+        smaller = 32768 if num_ctx > 32768 else 4096 if num_ctx > 4096 else None
+        if opts.get("num_ctx") is None and smaller is not None:
+            return {**opts, "_auto_ctx": smaller}
+        return dict(opts) if others else None
 
     @property
     def queued(self) -> int:
@@ -794,11 +809,15 @@ class SimNode:
             return self._queued
 
     def _plan(self, spec: ModelSpec, opts: dict) -> _Placement:
-        """Era C placement for a model not loaded yet. Raises _NeedsEviction or ApiError. Lock held."""
+        """Era C placement for a model not loaded yet. Lock held.
+
+        Raises _NeedsEviction (pre-flight: evict one victim), _OutOfMemory (the load itself would fail)
+        or ApiError (not enough system RAM for a model alone).
+        """
         others = [r for r in self._runners.values() if r.spec.name != spec.name]
         max_loaded = self.max_loaded or 3  # 3 x max(#GPUs, 1); a GPU node has one GPU here
         if len([r for r in others if r.stop_at is None]) >= max_loaded:
-            raise _NeedsEviction(evict_all=False)
+            raise _NeedsEviction()
         num_ctx = self._resolve_ctx(spec, opts)
         size = spec.loaded_size(num_ctx, self._resolve_batch(spec, opts, num_ctx))
         per_layer = size / spec.layers
@@ -810,14 +829,12 @@ class SimNode:
             partial = num_gpu < spec.layers  # explicitPartialGPUOffload skips the pre-flight eviction
             size_vram = size if not partial else int(num_gpu * per_layer)
             if others and not partial and size > FIT_FRACTION * free_vram:
-                raise _NeedsEviction(evict_all=False)
-            if size_vram > free_vram:  # llama-server runs out of memory: evict all and retry once
-                if others:
-                    raise _NeedsEviction(evict_all=True)
-                raise ApiError(500, self._oom_text(spec, opts))
+                raise _NeedsEviction()
+            if size_vram > free_vram:
+                raise _OutOfMemory()
         elif others:
             if size > FIT_FRACTION * free_vram:  # requireFull: never split next to resident models
-                raise _NeedsEviction(evict_all=False)
+                raise _NeedsEviction()
             size_vram = size
         else:
             layers = min(spec.layers, int(max(0, free_vram - FIT_TARGET) // per_layer))
@@ -826,7 +843,7 @@ class SimNode:
         free_ram = self.ram_bytes - sum(r.size - r.size_vram for r in others)
         if cpu_part > free_ram:
             if others:
-                raise _NeedsEviction(evict_all=False)
+                raise _NeedsEviction()
             raise ApiError(
                 500,
                 f"model requires more system memory ({cpu_part / GiB:.1f} GiB) than is available "

@@ -234,6 +234,14 @@ def test_forced_partial_load_that_runs_out_of_memory_evicts_all_and_retries_once
     assert 0 < entry["size_vram"] < entry["size"]
 
 
+def test_forced_load_out_of_memory_retries_once_with_a_smaller_automatic_context(sim_node):
+    node = sim_node(vram_gb=72)  # automatic ctx 131072: 70b needs 79.9 GiB; at 32768 it needs 49.9 GiB
+    entry = load(node, "llama3.1:70b", options={"num_gpu": 999})
+    assert on_gpu(entry) and entry["context_length"] == 32768
+    reply = generate(node, "llama3.1:70b", options={"num_gpu": 999, "num_ctx": 131072})  # explicit: no retry
+    assert reply.status_code == 500 and "out of memory" in reply.json()["error"]
+
+
 def test_cpu_part_larger_than_free_ram_is_a_500(sim_node):
     node = sim_node(vram_gb=0, ram_gb=4)
     reply = generate(node, "llama3.1")
