@@ -99,8 +99,8 @@ def test_console_in_a_real_terminal(sim_node, terminal_env: dict[str, str]) -> N
         term.wait_for(lambda: term.cursor_line().endswith("force_g"), "the half-typed line")
         node.restart()  # comes back with the model on CPU: the monitor sees it and the optimizer moves it
         term.wait_for(lambda: "mxbai-embed-large:latest now on GPU" in term.text(), "the optimizer line")
-        term.pump()
-        assert term.cursor_line().endswith(f"{PROMPT}force_g")  # the typed text is intact
+        # prompt_toolkit erases and redraws the prompt around the line: wait (bounded) for the redraw
+        term.wait_for(lambda: term.cursor_line().endswith(f"{PROMPT}force_g"), "the prompt redrawn intact")
         [prompt_row] = [i for i, line in enumerate(term.lines()) if line.endswith(f"{PROMPT}force_g")]
         event_row = max(i for i, line in enumerate(term.lines()) if "now on GPU" in line)
         assert event_row < prompt_row  # the background line landed above the prompt
