@@ -23,7 +23,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -1371,10 +1371,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._send_json(200, self._final(model, "load", response=""))
                 return
             pieces, reason = fake_tokens(spec.name, prompt, opts.get("num_predict"))
-            chunks = ({"response": p} for p in pieces)
-            final = {"response": "", **self._metrics(runner, prompt, len(pieces))}
-            final["context"] = [int(b) for b in hashlib.sha256(prompt.encode()).digest()[:16]]
-            self._reply(req, model, chunks, final, reason, join_key="response")
+            context = [int(b) for b in hashlib.sha256(prompt.encode()).digest()[:16]]
+            metrics = {"context": context, **self._metrics(runner, prompt, len(pieces))}
+            self._reply(req, model, pieces, _as_response, reason, metrics)
 
     def _chat(self, req: dict) -> None:
         model = req.get("model") or ""
@@ -1397,9 +1396,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return
             last = messages[-1].get("content", "") if isinstance(messages[-1], dict) else ""
             pieces, reason = fake_tokens(spec.name, str(last), opts.get("num_predict"))
-            chunks = ({"message": {"role": "assistant", "content": p}} for p in pieces)
-            final = {"message": empty_message, **self._metrics(runner, str(last), len(pieces))}
-            self._reply(req, model, chunks, final, reason, join_key="message")
+            metrics = self._metrics(runner, str(last), len(pieces))
+            self._reply(req, model, pieces, _as_message, reason, metrics)
 
     @staticmethod
     def _check_capability(spec: ModelSpec, model: str, what: str, req: dict) -> None:
@@ -1431,27 +1429,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self,
         req: dict,
         model: str,
-        chunks: Iterator[dict],
-        final: dict,
+        pieces: list[str],
+        content: Callable[[str], dict],
         reason: str,
-        join_key: str,
+        metrics: dict,
     ) -> None:
-        """Streamed NDJSON (default) or one object (stream:false); optional simulated inference time."""
-        self._pause(self.node.inference_time_scale * final["eval_duration"] / 1e9)
-        head = {"model": model}
+        """Streamed NDJSON (default) or one object (stream:false), fields in Go's order; with
+        inference_time_scale > 0 the reply first takes its simulated eval time."""
+        self._pause(self.node.inference_time_scale * metrics["eval_duration"] / 1e9)
+
+        def chunk(text: str, done: bool) -> dict:
+            body = {"model": model, "created_at": _created_at(), **content(text), "done": done}
+            return {**body, "done_reason": reason, **metrics} if done else body
+
+        def stream() -> Iterator[dict]:
+            yield from (chunk(piece, False) for piece in pieces)
+            yield chunk("", True)
+
         if req.get("stream", True):
-            parts = ({**head, "created_at": _created_at(), **c, "done": False} for c in chunks)
-            last = {**head, "created_at": _created_at(), **final, "done": True, "done_reason": reason}
-            self._stream(_chain(parts, last))
-            return
-        pieces = [c[join_key]["content"] if join_key == "message" else c[join_key] for c in chunks]
-        text = "".join(pieces)
-        body = {**head, "created_at": _created_at(), **final, "done": True, "done_reason": reason}
-        if join_key == "message":
-            body["message"] = {"role": "assistant", "content": text}
+            self._stream(stream())
         else:
-            body["response"] = text
-        self._send_json(200, body)
+            self._send_json(200, chunk("".join(pieces), True))
 
     @staticmethod
     def _embed_inputs(req: dict) -> list[str]:
@@ -1502,9 +1500,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_json(200, {"embedding": vector})
 
 
-def _chain(parts: Iterator[dict], last: dict) -> Iterator[dict]:
-    yield from parts
-    yield last
+def _as_response(text: str) -> dict:
+    return {"response": text}
+
+
+def _as_message(text: str) -> dict:
+    return {"message": {"role": "assistant", "content": text}}
 
 
 # --------------------------------------------------------------------------------------------- cluster
