@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -176,6 +177,21 @@ def test_command_line_prints_its_url_first_and_serves(tmp_path):
         models = requests.get(url + "/api/ps", timeout=5).json()["models"]
         placement = {m["name"]: m["size_vram"] > 0 for m in models}
         assert placement == {"mxbai-embed-large:latest": False, "llama3.1:latest": True}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_expires_at_is_in_the_server_zone_and_created_at_in_utc():
+    command = [sys.executable, str(ROOT / "ollama_sim.py"), "--port", "0", "--preload", "all-minilm@auto"]
+    env = {**os.environ, "TZ": "SIM-02:30"}  # a POSIX zone 2h30 east of UTC, no tz database needed
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        url = process.stdout.readline().strip()
+        (entry,) = requests.get(url + "/api/ps", timeout=5).json()["models"]
+        assert entry["expires_at"].endswith("+02:30")
+        loaded = requests.post(url + "/api/generate", json={"model": "llama3.2:3b"}, timeout=5).json()
+        assert loaded["created_at"].endswith("Z")
     finally:
         process.terminate()
         process.wait(timeout=10)
