@@ -217,6 +217,11 @@ class OllamaLoadBalancer:
         self._auto_optimize_gpu = True
         return self._optimizer.start()
 
+    def _gpu_optimization_loop(self) -> None:
+        """The product spec's name for the background loop: start it and block until it is stopped."""
+        self._start_gpu_optimization()
+        self._optimizer.join()
+
     def stop_gpu_optimization(self) -> bool:
         """Stop the optimizer within a second, also mid-wait or mid-pass; True if its thread ended."""
         self._auto_optimize_gpu = False

@@ -170,6 +170,12 @@ class GPUOptimizer:
             self._emit("optimizer_stopped", "GPU optimizer stopped")
         return thread is None or not thread.is_alive()
 
+    def join(self) -> None:
+        """Wait until the thread ends (after `stop()`); returns at once if it is not running."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
     def trigger(self, node: str | None = None) -> None:
         """Queue an immediate pass: over one node, or the whole cluster when `node` is None."""
         if not self.running:

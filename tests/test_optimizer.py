@@ -329,7 +329,9 @@ def test_an_added_node_gets_a_pass_at_once(sim_node, make_balancer) -> None:
 
 def test_interval_change_at_run_time_wakes_the_optimizer(sim_node, make_balancer) -> None:
     node = sim_node(preload=[("llama3.1", "gpu")])
-    balancer = make_balancer([node.url], auto_optimize_gpu=True, check_interval=300)
+    balancer = make_balancer(
+        [node.url], auto_optimize_gpu=True, check_interval=300, gpu_priority_models=["llama3.1"]
+    )
     events = Recorder(balancer)
     wait_for(lambda: balancer.optimizer_status()["last_pass"] is not None, "the start-up pass")
     full_passes = len([e for e in events.of("pass_finished") if e.data["scope"] == "all"])
@@ -341,6 +343,21 @@ def test_interval_change_at_run_time_wakes_the_optimizer(sim_node, make_balancer
         "two more interval passes",
     )
     assert balancer.optimizer_status()["interval"] == 0.1
+    assert posts(node) == []  # passes over a model already on GPU send no load
+
+
+def test_the_spec_loop_name_blocks_until_stopped(sim_node, make_balancer) -> None:
+    node = sim_node()
+    balancer = make_balancer([node.url])
+    loop = threading.Thread(target=balancer._gpu_optimization_loop)
+    loop.start()
+    wait_for(lambda: balancer.optimization_running, "optimizer running")
+    assert loop.is_alive()
+
+    balancer.stop_gpu_optimization()
+
+    loop.join(5)
+    assert not loop.is_alive()
 
 
 def test_stop_mid_wait_ends_the_thread(sim_node, make_balancer) -> None:
