@@ -407,7 +407,7 @@ class SimNode:
         self._vram_gb = float(vram_gb)
         self.installed: dict[str, ModelSpec] = self._resolve_installed(models)
         self.preload = list(preload or [])
-        self.load_seconds_per_gb = load_seconds_per_gb
+        self._load_seconds_per_gb = load_seconds_per_gb
         self.unload_seconds = unload_seconds
         self.latency_ms = latency_ms
         self.max_loaded = max_loaded
@@ -466,6 +466,8 @@ class SimNode:
         self._stopping.set()
         self._fault_released.set()
         self._reaper_wake.set()
+        with self._changed:
+            self._changed.notify_all()  # wakes loads and evictions in progress
         self._unbind()
         if self._reaper is not None:
             self._reaper.join(timeout=2)
@@ -900,9 +902,8 @@ class SimNode:
         load_delay: bool,
     ) -> Runner:
         """Start the runner: wait the load time (lock released), then list it (era C: only once healthy)."""
-        delay = self.load_seconds_per_gb * place.size / GiB if load_delay else 0.0
-        if delay > 0 and self._stopping.wait(delay):
-            raise ApiError(500, "server shutting down")
+        if load_delay:
+            self._wait_load_time(place.size)
         runner = self._new_runner(spec, opts, keep_alive_ns, place)
         runner.ref_count = 1
         with self._lock:
@@ -913,6 +914,27 @@ class SimNode:
                 self._count(spec.name, "loads")
             self._changed.notify_all()
         return runner
+
+    def _wait_load_time(self, size: int) -> None:
+        """Sleep load_seconds_per_gb x size without the lock; re-read when the setting changes, so a test
+        or the demo can hold a load in progress and then let it finish."""
+        started = time.monotonic()
+        with self._changed:
+            while (remaining := started + self.load_seconds_per_gb * size / GiB - time.monotonic()) > 0:
+                if self._stopping.is_set():
+                    raise ApiError(500, "server shutting down")
+                self._changed.wait(timeout=remaining)
+
+    @property
+    def load_seconds_per_gb(self) -> float:
+        return self._load_seconds_per_gb
+
+    @load_seconds_per_gb.setter
+    def load_seconds_per_gb(self, value: float) -> None:
+        """Takes effect at once, also for a load in progress."""
+        with self._changed:
+            self._load_seconds_per_gb = value
+            self._changed.notify_all()
 
     def release(self, runner: Runner) -> None:
         """A request finished: the keep_alive timer starts now (keep_alive 0 -> unload when idle)."""

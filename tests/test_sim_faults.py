@@ -115,6 +115,26 @@ def test_stop_releases_hung_handlers():
     assert not caller.is_alive() and len(errors) == 1
 
 
+def test_stop_ends_a_load_in_progress(sim_node):
+    node = sim_node(vram_gb=24, load_seconds_per_gb=600.0)
+    errors: list[Exception] = []
+    replies: list[requests.Response] = []
+
+    def load() -> None:
+        try:
+            replies.append(requests.post(node.url + "/api/generate", json={"model": "llama3.1"}, timeout=10))
+        except requests.RequestException as err:
+            errors.append(err)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    wait_until(lambda: node.loading == "llama3.1:latest")
+    node.stop()
+    loader.join(timeout=5)
+    assert not loader.is_alive()
+    assert errors or replies[0].status_code == 500
+
+
 def test_slow_delays_every_reply(sim_node):
     node = sim_node(vram_gb=24)
     node.set_fault("slow", seconds=0.5)

@@ -374,14 +374,15 @@ def test_unload_of_a_model_not_loaded_is_a_200_no_op(sim_node):
 
 
 def test_a_model_is_listed_only_after_its_load_finished(sim_node):
-    node = sim_node(vram_gb=24, load_seconds_per_gb=1.0)  # mxbai: ~0.9 GiB -> ~0.9 s
+    node = sim_node(vram_gb=24, load_seconds_per_gb=600.0)  # a load that waits until we let it finish
     result: dict = {}
     worker = threading.Thread(
         target=lambda: result.update(reply=post(node, "/api/embed", model="mxbai-embed-large", input=""))
     )
     worker.start()
-    wait_until(lambda: any(path == "/api/embed" for _, path, _ in node.request_log))
+    wait_until(lambda: node.loading == "mxbai-embed-large:latest")
     assert ps(node) == {}
+    node.load_seconds_per_gb = 0.0
     worker.join(timeout=10)
     assert result["reply"].status_code == 200
     assert "mxbai-embed-large:latest" in ps(node)
@@ -396,13 +397,13 @@ def test_ps_is_sorted_by_expiry_descending(sim_node):
 
 
 def test_full_pending_queue_is_a_503_but_loaded_models_bypass_it(sim_node):
-    node = sim_node(vram_gb=24, max_queue=1, load_seconds_per_gb=1.0, preload=[("llama3.2:3b", "auto")])
+    node = sim_node(vram_gb=24, max_queue=1, load_seconds_per_gb=600.0, preload=[("llama3.2:3b", "auto")])
     replies: dict[str, requests.Response] = {}
 
     def embed(model: str) -> None:
         replies[model] = post(node, "/api/embed", model=model, input="")
 
-    first = threading.Thread(target=embed, args=("mxbai-embed-large",))  # ~0.9 s load holds the slot
+    first = threading.Thread(target=embed, args=("mxbai-embed-large",))  # holds the load slot
     first.start()
     wait_until(lambda: node.loading == "mxbai-embed-large:latest")
     second = threading.Thread(target=embed, args=("all-minilm",))
@@ -412,6 +413,7 @@ def test_full_pending_queue_is_a_503_but_loaded_models_bypass_it(sim_node):
     assert busy.status_code == 503
     assert busy.json() == {"error": "server busy, please try again.  maximum pending requests exceeded"}
     assert generate(node, "llama3.2:3b", prompt="hi", stream=False).status_code == 200  # fast path
+    node.load_seconds_per_gb = 0.0
     first.join(timeout=10)
     second.join(timeout=10)
     assert [replies[m].status_code for m in ("mxbai-embed-large", "all-minilm")] == [200, 200]
