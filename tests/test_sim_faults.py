@@ -13,7 +13,7 @@ import pytest
 import requests
 from conftest import wait_until
 
-from ollama_sim import BUSY_TEXT, SimCluster
+from ollama_sim import BUSY_TEXT, SimCluster, SimNode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -215,3 +215,68 @@ def test_expires_at_is_in_the_server_zone_and_created_at_in_utc():
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def raw_exchange(node, request: bytes) -> bytes:
+    """Send exact bytes on a fresh connection and read the reply until the server closes it."""
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+        sock.sendall(request)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def test_byte_counters_count_headers_and_bodies_exactly(sim_node):
+    node = sim_node(vram_gb=24)
+    body = b'{"model": "llama3.2:3b"}'
+    request = (
+        b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    reply = raw_exchange(node, request)
+    assert reply.startswith(b"HTTP/1.1 200 ") and b'"done_reason":"load"' in reply
+    assert b"\r\nServer:" not in reply
+    wait_until(lambda: node.bytes_out == len(reply))
+    assert node.bytes_in == len(request)
+
+
+def test_head_root_has_headers_but_no_body(sim_node):
+    node = sim_node(vram_gb=24)
+    reply = raw_exchange(node, b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: 17" in head and rest == b""
+
+
+def test_drop_sends_nothing_back(sim_node):
+    node = sim_node(vram_gb=24)
+    node.set_fault("drop")
+    try:
+        reply = raw_exchange(node, b"GET /api/ps HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    except ConnectionResetError:
+        reply = b""
+    assert reply == b""
+
+
+def test_installed_models_and_preload_placements(sim_node):
+    node = sim_node(
+        vram_gb=24,
+        models=["llama3.1", "mxbai-embed-large:latest"],
+        preload=[("llama3.1", "forced-cpu"), ("mxbai-embed-large", "gpu")],
+    )
+    tags = requests.get(node.url + "/api/tags", timeout=5).json()["models"]
+    assert sorted(m["name"] for m in tags) == ["llama3.1:latest", "mxbai-embed-large:latest"]
+    by_name = {m["name"]: m for m in node.loaded()}
+    assert (by_name["llama3.1:latest"]["size_vram"], by_name["llama3.1:latest"]["num_gpu"]) == (0, 0)
+    embed = by_name["mxbai-embed-large:latest"]
+    assert embed["size_vram"] == embed["size"] and embed["num_gpu"] == -1
+    reply = requests.post(node.url + "/api/generate", json={"model": "codellama"}, timeout=5)
+    assert reply.status_code == 404
+    with pytest.raises(ValueError):
+        SimNode(models=["no-such-model"])
+
+
+def test_command_line_rejects_a_bad_preload():
+    command = [sys.executable, str(ROOT / "ollama_sim.py"), "--port", "0", "--preload", "llama3.1@moon"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=20)
+    assert finished.returncode == 1 and "auto|gpu|cpu|forced-cpu" in finished.stderr
