@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import requests
-
 from events import Event, EventBus
-from gpu_controller import LOCATION_GPU, GPUController
+from gpu_controller import LOCATION_GPU, GPUController, NodeError
 from optimizer import GPUOptimizer, canonical_model_name, is_off_gpu, matches_priority, priority_patterns
 
 logger = logging.getLogger(__name__)
@@ -124,9 +122,8 @@ class OllamaLoadBalancer:
         )
         self.health_interval = float(health_interval)
         self.request_timeout = float(request_timeout)
-        self._lock = threading.Lock()  # guards _states, _sessions, _checks_in_flight; never held during I/O
+        self._lock = threading.Lock()  # guards _states and _checks_in_flight; never held during I/O
         self._states: dict[str, NodeState] = {}
-        self._sessions: dict[str, requests.Session] = {}
         self._checks_in_flight: set[str] = set()
         self._closed = threading.Event()
         self._monitor_stop = threading.Event()
@@ -165,11 +162,6 @@ class OllamaLoadBalancer:
             self._monitor_thread.join(1.0)
         self._check_pool.shutdown(wait=False, cancel_futures=True)
         self._work_pool.shutdown(wait=False, cancel_futures=True)
-        with self._lock:
-            sessions = list(self._sessions.values())
-            self._sessions.clear()
-        for session in sessions:
-            session.close()
         self.controller.close()
 
     def __enter__(self) -> OllamaLoadBalancer:
@@ -255,7 +247,6 @@ class OllamaLoadBalancer:
             state = NodeState(url=node, declared_gpu=has_gpu)
             _reset_gpu_evidence(state)
             self._states[node] = state
-            self._sessions[node] = requests.Session()
             snapshot = state.snapshot()
         self.events.emit(Event("node_added", node=node, message=f"added node {node}"))
         if self._started:
@@ -270,11 +261,9 @@ class OllamaLoadBalancer:
             return False
         with self._lock:
             state = self._states.pop(node, None)
-            session = self._sessions.pop(node, None)
         if state is None:
             return False
-        if session is not None:
-            session.close()
+        self.controller.forget_node(node)
         self._optimizer.forget_node(node, keep_pins=False)
         self.events.emit(Event("node_removed", node=node, message=f"removed node {node}"))
         return True
@@ -587,29 +576,26 @@ class OllamaLoadBalancer:
     def _post_once(self, node: str, path: str, body: dict) -> tuple[dict, str | None]:
         """One attempt; returns (reply, None) or ({}, reason to fail over). 4xx other than 404 raises."""
         with self._lock:
-            state, session = self._states.get(node), self._sessions.get(node)
-            if state is None or session is None:
+            state = self._states.get(node)
+            if state is None:
                 return {}, "removed from the cluster"
             state.requests += 1
             state.in_flight += 1
         error: str | None = None
         reply: dict = {}
         try:
-            timeout = (float(getattr(self.controller, "timeout", 5.0)), self.request_timeout)
-            response = session.post(f"{node}{path}", json=body, timeout=timeout)
-            if response.status_code >= 500 or response.status_code == 404:
-                error = f"HTTP {response.status_code}: {_error_text(response)}"
-            elif response.status_code >= 400:
-                error = f"HTTP {response.status_code}: {_error_text(response)}"
-                raise RequestRejectedError(node, response.status_code, _error_text(response))
+            answer = self.controller.call(node, "POST", path, body, read_timeout=self.request_timeout)
+            if 400 <= answer.status < 500 and answer.status != 404:
+                error = f"HTTP {answer.status}: {answer.error_text()}"
+                raise RequestRejectedError(node, answer.status, answer.error_text())
+            if answer.status != 200:
+                error = f"HTTP {answer.status}: {answer.error_text()}"
+            elif not isinstance(answer.body, dict):
+                error = "reply is not a JSON object"
             else:
-                reply = response.json()
-                if not isinstance(reply, dict):
-                    error, reply = "reply is not a JSON object", {}
-        except requests.RequestException as exc:  # connection refused/reset, timeout, ...
-            error = f"{type(exc).__name__}: {exc}"
-        except ValueError:  # requests' JSONDecodeError
-            error = "reply is not JSON"
+                reply = answer.body
+        except NodeError as exc:  # refused, reset, timed out: fail over
+            error = exc.message
         finally:
             self._finish_request(node, error)
         return reply, error
@@ -657,13 +643,3 @@ def _route_rank(state: NodeState, model: str | None) -> tuple:
 def _skipped(reason: str, message: str) -> dict:
     return {"success": False, "skipped": True, "reason": reason, "message": message, "location": None,
             "vram_mb": 0.0, "restored": False}  # fmt: skip
-
-
-def _error_text(response: requests.Response) -> str:
-    try:
-        body = response.json()
-        if isinstance(body, dict) and "error" in body:
-            return str(body["error"])
-    except ValueError:
-        pass
-    return response.text[:200].strip() or response.reason or "no body"

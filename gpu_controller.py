@@ -57,9 +57,14 @@ def canonical_name(name: str) -> str:
     return name if ":" in last_segment else f"{name}:latest"
 
 
+def model_key(name: str) -> str:
+    """The comparable form of a model name: canonical, case-folded (`LLaMA3.1` -> `llama3.1:latest`)."""
+    return canonical_name(name).casefold()
+
+
 def same_model(a: str, b: str) -> bool:
     """True when two spellings name the same model (`LLaMA3.1` == `llama3.1:latest`)."""
-    return canonical_name(a).casefold() == canonical_name(b).casefold()
+    return model_key(a) == model_key(b)
 
 
 def placement(size: int, size_vram: int) -> tuple[str, int, str]:
@@ -105,7 +110,9 @@ class NodeError(Exception):
 
 
 @dataclass
-class _Reply:
+class Reply:
+    """One HTTP reply from a node, its body already parsed when it was JSON."""
+
     status: int
     body: Any  # parsed JSON, or None when the body was not JSON
     text: str
@@ -274,10 +281,13 @@ class GPUController:
                 self._sessions[node_url] = session
             return session
 
-    def _call(
+    def call(
         self, node_url: str, method: str, path: str, payload: dict | None = None, read_timeout: float = 0
-    ) -> _Reply:
-        """One HTTP call; raises NodeError when no reply came (refused, dropped, timed out)."""
+    ) -> Reply:
+        """One HTTP call on the node's pooled session; raises NodeError when no reply came.
+
+        The balancer routes requests through here too, so each node has one pool and one error vocabulary.
+        """
         read_timeout = read_timeout or self.timeout
         try:
             response = self._session(node_url).request(
@@ -297,11 +307,11 @@ class GPUController:
             body = response.json()
         except ValueError:
             body = None
-        return _Reply(response.status_code, body, response.text, _clock_offset(response.headers.get("Date")))
+        return Reply(response.status_code, body, response.text, _clock_offset(response.headers.get("Date")))
 
-    def _get_json(self, node_url: str, path: str) -> _Reply:
+    def _get_json(self, node_url: str, path: str) -> Reply:
         """GET a JSON document; any non-200 or non-JSON reply becomes a one-line NodeError."""
-        reply = self._call(node_url, "GET", path)
+        reply = self.call(node_url, "GET", path)
         if reply.status == 503:
             raise NodeError("error", f"{node_url} is busy (503)")
         if reply.status != 200:
@@ -316,6 +326,13 @@ class GPUController:
             return _parse_ps(reply.body, reply.clock_offset)
         except ValueError as exc:
             raise NodeError("error", f"{node_url} returned a malformed /api/ps reply ({exc})") from exc
+
+    def forget_node(self, node_url: str) -> None:
+        """Close one node's connections (it was removed from the cluster)."""
+        with self._lock:
+            session = self._sessions.pop(normalize_url(node_url), None)
+        if session is not None:
+            session.close()
 
     def close(self) -> None:
         """Close every node's connections. The controller can still be used afterwards."""
@@ -372,7 +389,7 @@ class GPUController:
 
     def _show(self, node_url: str, model: str) -> _ModelInfo:
         """Embedding-only or not, and the all-layers count, from /api/show."""
-        reply = self._call(node_url, "POST", "/api/show", {"model": model})
+        reply = self.call(node_url, "POST", "/api/show", {"model": model})
         if reply.status == 404:
             raise NodeError("not_found", f"{model} is not installed on {node_url}")
         if reply.status != 200 or not isinstance(reply.body, dict):
@@ -474,7 +491,7 @@ class GPUController:
         num_gpu: int | None,
         keep_alive: str | int | float | None,
         num_ctx: int | None,
-    ) -> _Reply:
+    ) -> Reply:
         """Send one load-only request (no generation). `num_gpu` None = automatic placement."""
         options: dict[str, int] = {}
         if num_gpu is not None:
@@ -489,7 +506,7 @@ class GPUController:
             payload["keep_alive"] = keep_alive
         if options:
             payload["options"] = options
-        reply = self._call(node_url, "POST", path, payload, read_timeout=self.load_timeout)
+        reply = self.call(node_url, "POST", path, payload, read_timeout=self.load_timeout)
         if path == "/api/generate" and reply.status == 400 and "does not support" in reply.error_text():
             # capabilities were missing from /api/show (older Ollama): it is an embedding model
             as_embedding = _ModelInfo(embedding_only=True, all_layers=info.all_layers)
@@ -542,7 +559,7 @@ class GPUController:
         node_url: str,
         model: str,
         target: str,
-        reply: _Reply,
+        reply: Reply,
         before: _Loaded | None,
         before_all: list[_Loaded],
         keep_alive: str | int | float | None,

@@ -20,7 +20,7 @@ from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
 from events import Event
-from gpu_controller import LOCATION_CPU, LOCATION_GPU
+from gpu_controller import LOCATION_CPU, LOCATION_GPU, model_key
 
 if TYPE_CHECKING:
     from balancer import OllamaLoadBalancer
@@ -43,9 +43,8 @@ def split_tag(name: str) -> tuple[str, str | None]:
 
 
 def canonical_model_name(name: str) -> str:
-    """Ollama's spelling in /api/ps: lower case, `:latest` when no tag was given."""
-    base, tag = split_tag(name.strip().lower())
-    return f"{base}:{tag or 'latest'}"
+    """Ollama's spelling in /api/ps, lower case: the key for pins, back-offs and priority matching."""
+    return model_key(name)
 
 
 def is_glob(pattern: str) -> bool:
