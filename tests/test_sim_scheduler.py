@@ -139,6 +139,14 @@ def test_size_equals_size_vram_when_fully_on_gpu_and_context_follows_vram_bracke
     assert load(sim_node(vram_gb=48), "all-minilm")["context_length"] == 512
 
 
+def test_batch_surcharge_only_for_completion_models(sim_node):
+    node = sim_node(vram_gb=24)
+    default = load(node, "llama3.1")["size"]
+    assert load(node, "llama3.1", options={"num_batch": 2048})["size"] - default == 2 * GiB
+    embedding = load(node, "nomic-embed-text")  # its automatic batch is 2048 (= its context)
+    assert embedding["size"] < 1 * GiB
+
+
 def test_split_when_alone_on_the_node(sim_node):
     entry = load(sim_node(vram_gb=24), "llama3.1:70b")
     assert 0 < entry["size_vram"] < entry["size"]
@@ -262,6 +270,22 @@ def test_eviction_takes_the_shortest_keep_alive_not_the_oldest(sim_node, first_k
     assert sorted(ps(node)) == ["llama3.1:latest", "llama3.2:3b"]
     assert node.counts("codellama")["unloads"] == 1
     assert node.counts("llama3.1")["unloads"] == 0
+
+
+def test_eviction_prefers_an_idle_model_over_a_busy_shorter_one(sim_node):
+    node = sim_node(vram_gb=14)
+    load(node, "codellama", keep_alive="2m")  # shortest keep_alive, but busy below
+    load(node, "llama3.1", keep_alive="1h")
+    node.inference_time_scale = 10_000.0  # the next generation runs until the node stops
+    busy = threading.Thread(target=lambda: generate(node, "codellama", prompt="hi", stream=False))
+    busy.start()
+    wait_until(lambda: any(m["name"] == "codellama:latest" and m["in_flight"] for m in node.loaded()))
+    node.inference_time_scale = 0.0
+    reply = generate(node, "llama3.2:3b")  # needs one victim: the idle llama3.1, not the busy codellama
+    assert reply.status_code == 200
+    assert sorted(ps(node)) == ["codellama:latest", "llama3.2:3b"]
+    node.stop()
+    busy.join(timeout=5)
 
 
 def test_eviction_finishes_before_the_new_model_is_listed(sim_node):
