@@ -6,6 +6,10 @@ the same scheduler rules (num_gpu semantics, needsReload, split only when alone,
 asynchronous unload). Memory figures are computed from a small catalogue of realistic models.
 
 "GB" in this module means GiB (2**30 bytes), as nvidia-smi and Ollama's logs count.
+
+Reading order: CATALOG (models and their memory) -> wire helpers (Go's texts for durations, JSON errors,
+timestamps) -> SimNode: schedule() -> _process_pending() -> _plan() -> _load(), and the reaper thread that
+expires and removes runners -> _Handler (one method per endpoint) -> SimCluster -> main() (the CLI).
 """
 
 from __future__ import annotations
