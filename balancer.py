@@ -145,11 +145,11 @@ class OllamaLoadBalancer:
         if self._started or self._closed.is_set():
             return
         self._started = True
+        if self._auto_optimize_gpu:  # first, so that it hears the node_up of the first health checks
+            self._start_gpu_optimization()
         self._monitor_stop.clear()
         self._monitor_thread = threading.Thread(target=self._monitor_loop, name="lb-health", daemon=True)
         self._monitor_thread.start()
-        if self._auto_optimize_gpu:
-            self._start_gpu_optimization()
 
     def close(self) -> None:
         """Stop the threads, drop connections and close the controller; safe to call twice."""
@@ -224,7 +224,7 @@ class OllamaLoadBalancer:
 
         Setting `cancel` (e.g. on Ctrl-C) stops waiting for the nodes and stops further moves.
         """
-        return self._optimizer.run_pass(None, cancel=cancel or self._closed)
+        return self._optimizer.run_pass(None, cancel=cancel or self._closed, load_absent=True)
 
     def optimizer_status(self) -> dict:
         return self._optimizer.status()
@@ -307,9 +307,10 @@ class OllamaLoadBalancer:
     def _check_node(self, node: str) -> None:
         try:
             status = self.controller.get_model_status(node)
-            self._record_status(node, status)
             if "error" not in status and self._installed_due(node):
+                # before the status is recorded: a node coming up gets a pass that needs this list
                 self._record_installed(node, self.controller.list_installed(node))
+            self._record_status(node, status)
         except Exception as error:  # the controller promises not to raise; never let the monitor die
             logger.exception("health check of %s failed", node)
             self._record_status(node, {"node_url": node, "models": [], "error": f"check failed: {error}"})
@@ -321,7 +322,8 @@ class OllamaLoadBalancer:
         with self._lock:
             state = self._states.get(node)
             return state is not None and (
-                state.installed_checked_at == 0.0
+                state.online is not True
+                or state.installed_checked_at == 0.0
                 or time.monotonic() - state.installed_checked_at >= INSTALLED_REFRESH_SECONDS
             )
 
@@ -356,8 +358,11 @@ class OllamaLoadBalancer:
             self._optimizer.forget_node(node)  # fresh memory after a restart: old back-offs no longer apply
         for event in events:
             self.events.emit(event)
-        if trigger and needs_pass:
-            self._optimizer.trigger(node)
+        came_up = any(e.kind == "node_up" for e in events)
+        if came_up or (trigger and needs_pass):
+            # a node that just came up also gets its absent priority models loaded (warm-up), even when
+            # the optimizer's own pass saw it first; a model that fell off the GPU is only moved back
+            self._optimizer.trigger(node, load_absent=came_up)
 
     def _record_failure(self, state: NodeState, error: str) -> list[Event]:
         """Lock held. The node keeps its last known models, now stale."""
@@ -383,10 +388,8 @@ class OllamaLoadBalancer:
         if was_online is True:
             return [], False, self._priority_model_fell_off_gpu(previous, state.models)
         came_back = was_online is False
-        if came_back:
-            state.installed_checked_at = 0.0  # re-read the installed list too
-            if state.has_gpu is False:  # the GPU may be back after a restart: ask again
-                _reset_gpu_evidence(state)
+        if came_back and state.has_gpu is False:  # the GPU may be back after a restart: ask again
+            _reset_gpu_evidence(state)
         up = Event(
             "node_up", node=state.url, message=f"{state.url} is online", data={"latency_ms": state.latency_ms}
         )

@@ -119,7 +119,7 @@ class GPUOptimizer:
         self._stop: threading.Event = threading.Event()
         self._thread: threading.Thread | None = None
         self._pending_full = False
-        self._pending_nodes: set[str] = set()
+        self._pending_nodes: dict[str, bool] = {}  # node -> may load absent priority models
         self._last_full_start = time.monotonic()
         self._last_pass: dict | None = None
         self._pins: set[tuple[str, str]] = set()
@@ -175,7 +175,7 @@ class GPUOptimizer:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
-    def trigger(self, node: str | None = None) -> None:
+    def trigger(self, node: str | None = None, load_absent: bool = False) -> None:
         """Queue an immediate pass: over one node, or the whole cluster when `node` is None."""
         if not self.running:
             return
@@ -183,7 +183,7 @@ class GPUOptimizer:
             if node is None:
                 self._pending_full = True
             else:
-                self._pending_nodes.add(node)
+                self._pending_nodes[node] = load_absent or self._pending_nodes.get(node, False)
         self._wake.set()
 
     def _run(self, stop: threading.Event) -> None:
@@ -193,11 +193,15 @@ class GPUOptimizer:
             if stop.is_set():
                 break
             full, nodes = self._take_pending()
+            warm = [node for node, load_absent in nodes.items() if load_absent]
+            plain = [node for node, load_absent in nodes.items() if not load_absent]
             try:
                 if full:
                     self.run_pass(None, cancel=stop)
-                elif nodes:
-                    self.run_pass(nodes, cancel=stop)
+                elif plain:
+                    self.run_pass(plain, cancel=stop)
+                if warm:
+                    self.run_pass(warm, cancel=stop, load_absent=True)
             except Exception:
                 logger.exception("GPU optimizer pass failed")
 
@@ -205,10 +209,10 @@ class GPUOptimizer:
         with self._lock:
             return max(0.0, self._last_full_start + self._interval - time.monotonic())
 
-    def _take_pending(self) -> tuple[bool, list[str]]:
+    def _take_pending(self) -> tuple[bool, dict[str, bool]]:
         with self._lock:
             full = self._pending_full or time.monotonic() >= self._last_full_start + self._interval
-            nodes = sorted(self._pending_nodes)
+            nodes = dict(sorted(self._pending_nodes.items()))
             self._pending_full = False
             self._pending_nodes.clear()
             if full:
@@ -285,8 +289,15 @@ class GPUOptimizer:
                 del self._backoff[(node, model)]
 
     # ------------------------------------------------------------------ the pass
-    def run_pass(self, nodes: list[str] | None = None, cancel: threading.Event | None = None) -> list[dict]:
-        """One pass now over `nodes` (all when None), nodes concurrently; returns the actions taken."""
+    def run_pass(
+        self, nodes: list[str] | None = None, cancel: threading.Event | None = None, load_absent: bool = False
+    ) -> list[dict]:
+        """One pass now over `nodes` (all when None), nodes concurrently; returns the actions taken.
+
+        `load_absent` also loads explicitly named priority models that are installed but not loaded.
+        Only a node that just came up (or a pass the user asked for) does that: on interval passes it
+        would reload, every pass, a model that Ollama let expire because nobody used it.
+        """
         cancel = cancel or threading.Event()
         with self._pass_lock:
             known = self._balancer.nodes
@@ -301,7 +312,7 @@ class GPUOptimizer:
                 node=only_node,
             )
             submit = self._balancer._work_pool.submit
-            futures = [submit(self._optimize_node, url, cancel, scope == "all") for url in urls]
+            futures = [submit(self._optimize_node, url, cancel, scope == "all", load_absent) for url in urls]
             results = _collect(futures, cancel)
             actions = [a for _, node_actions in results for a in node_actions]
             summary = {
@@ -319,7 +330,9 @@ class GPUOptimizer:
             self._emit("pass_finished", _summary_sentence(summary), dict(summary), node=only_node)
             return actions
 
-    def _optimize_node(self, url: str, cancel: threading.Event, full_pass: bool) -> tuple[bool, list[dict]]:
+    def _optimize_node(
+        self, url: str, cancel: threading.Event, full_pass: bool, load_absent: bool
+    ) -> tuple[bool, list[dict]]:
         """Read one node's status and move what needs moving; (status read?, actions)."""
         balancer = self._balancer
         state = balancer.node_state(url)
@@ -347,8 +360,10 @@ class GPUOptimizer:
                 self._seen_on_gpu(url, name)
             elif is_off_gpu(model):
                 candidates.append(name)
-        if state.has_gpu is True:
-            installed = set(state.installed)
+        if load_absent and state.has_gpu is True:
+            reply = balancer.controller.list_installed(url)  # fresh: the node may have just restarted
+            balancer._record_installed(url, reply)
+            installed = {canonical_model_name(name) for name in reply.get("models", [])}
             candidates += [n for n in explicit_priority_names(patterns) if n not in loaded and n in installed]
         actions = []
         for name in candidates:

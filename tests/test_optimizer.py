@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import requests
 
 from balancer import OllamaLoadBalancer
 from events import Event
@@ -325,6 +326,38 @@ def test_an_added_node_gets_a_pass_at_once(sim_node, make_balancer) -> None:
     wait_for(lambda: on_gpu(added, LLAMA), "the added node's model on GPU")
     assert [e.node for e in events.of("node_added")] == [added.url]
     assert posts(first) == []
+
+
+def test_a_node_coming_up_gets_absent_priority_models_warmed_onto_gpu(sim_node, make_balancer) -> None:
+    """After a real restart Ollama has nothing loaded: the node-up pass loads the named priority models."""
+    node = sim_node(preload=[("llama3.1", "gpu")])
+    make_balancer(
+        [node.url], auto_optimize_gpu=True, gpu_priority_models=["llama3.1", "mxbai-embed-large", "nomic*"]
+    )
+
+    wait_for(lambda: on_gpu(node, EMBED), "mxbai-embed-large warmed onto GPU by the node-up pass")
+    assert on_gpu(node, LLAMA)
+    assert node.counts("nomic-embed-text")["loads"] == 0  # a glob never loads what is not loaded
+
+
+def test_interval_passes_do_not_reload_a_priority_model_that_expired(sim_node, make_balancer) -> None:
+    """Reloading an unused model every interval would be a reload storm of its own."""
+    node = sim_node(preload=[("llama3.1", "gpu")])
+    balancer = make_balancer(
+        [node.url], auto_optimize_gpu=True, gpu_priority_models=["llama3.1"], check_interval=300
+    )
+    events = Recorder(balancer)
+    wait_for(lambda: balancer.optimizer_status()["last_pass"] is not None, "the start-up pass")
+    unload = requests.post(f"{node.url}/api/generate", json={"model": "llama3.1", "keep_alive": 0}, timeout=5)
+    assert unload.json()["done_reason"] == "unload"
+    wait_for(lambda: not node.loaded(), "llama3.1 unloaded (it expired)")
+    passes, loads = len(events.of("pass_finished")), node.counts(LLAMA)["loads"]
+
+    balancer.check_interval = 0.1
+    wait_for(lambda: len(events.of("pass_finished")) >= passes + 3, "three interval passes")
+
+    assert node.loaded() == []
+    assert node.counts(LLAMA)["loads"] == loads
 
 
 def test_interval_change_at_run_time_wakes_the_optimizer(sim_node, make_balancer) -> None:
