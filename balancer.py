@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from events import Event, EventBus
-from gpu_controller import LOCATION_GPU, GPUController, NodeError
+from gpu_controller import LOCATION_GPU, GPUController, NodeError, normalize_url
 from optimizer import GPUOptimizer, canonical_model_name, is_off_gpu, matches_priority, priority_patterns
 
 logger = logging.getLogger(__name__)
@@ -79,26 +78,6 @@ class NodeState:
         )
 
 
-def normalise_node_url(url: str) -> str:
-    """`http://host:port` without a trailing slash; a missing scheme means http; anything else is refused."""
-    text = str(url).strip()
-    if "://" not in text:
-        text = f"http://{text}"
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as error:
-        raise ValueError(f"invalid node URL {url!r}: {error}") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"invalid node URL {url!r}: expected http://host:port")
-    if parts.query or parts.fragment:
-        raise ValueError(f"invalid node URL {url!r}: no query or fragment allowed")
-    netloc = parts.hostname.lower() if port is None else f"{parts.hostname.lower()}:{port}"
-    if ":" in parts.hostname:  # IPv6 literal
-        netloc = f"[{parts.hostname}]" + (f":{port}" if port is not None else "")
-    return f"{parts.scheme.lower()}://{netloc}{parts.path.rstrip('/')}"
-
-
 class OllamaLoadBalancer:
     """Nodes, health, routing, cluster-wide placement and the background GPU optimizer."""
 
@@ -133,8 +112,8 @@ class OllamaLoadBalancer:
         self._optimizer = GPUOptimizer(self, interval=check_interval)
         self._auto_optimize_gpu = bool(auto_optimize_gpu)
         self._started = False
-        declared = {normalise_node_url(url): gpu for url, gpu in (gpu_capability or {}).items()}
-        for url in dict.fromkeys(normalise_node_url(u) for u in nodes):
+        declared = {normalize_url(url): gpu for url, gpu in (gpu_capability or {}).items()}
+        for url in dict.fromkeys(normalize_url(u) for u in nodes):
             self.add_node(url, has_gpu=declared.get(url))
         if start:
             self.start()
@@ -240,7 +219,7 @@ class OllamaLoadBalancer:
 
     def add_node(self, url: str, has_gpu: bool | None = None) -> NodeState:
         """Add a node at run time; it is checked at once and gets an optimizer pass when it answers."""
-        node = normalise_node_url(url)
+        node = normalize_url(url)
         with self._lock:
             if node in self._states:
                 raise ValueError(f"node already in the cluster: {node}")
@@ -256,7 +235,7 @@ class OllamaLoadBalancer:
     def remove_node(self, url: str) -> bool:
         """Forget a node (its pins and back-offs too); False if it was not in the cluster."""
         try:
-            node = normalise_node_url(url)
+            node = normalize_url(url)
         except ValueError:
             return False
         with self._lock:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -84,9 +85,35 @@ def placement(size: int, size_vram: int) -> tuple[str, int, str]:
 
 
 def normalize_url(node_url: str) -> str:
-    """`127.0.0.1:11434/` -> `http://127.0.0.1:11434`, so one node has one session and one lock."""
-    url = node_url.strip().rstrip("/")
-    return url if "://" in url else f"http://{url}"
+    """One spelling per node, read the way OLLAMA_HOST is: `gpu1` -> `http://gpu1:11434`.
+
+    Without a scheme the port defaults to 11434; with one, to the scheme's own (as Ollama's envconfig).
+    Raises ValueError with a one-line reason for anything that is not an http(s) node address.
+    """
+    text = str(node_url).strip()
+    has_scheme = "://" in text
+    parts = urlsplit(text if has_scheme else f"http://{text}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid node URL {node_url!r}: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"invalid node URL {node_url!r}: expected http://host:port")
+    if parts.query or parts.fragment:
+        raise ValueError(f"invalid node URL {node_url!r}: no query or fragment allowed")
+    if port is None and not has_scheme:
+        port = 11434
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname.lower()
+    netloc = host if port is None else f"{host}:{port}"
+    return f"{parts.scheme.lower()}://{netloc}{parts.path.rstrip('/')}"
+
+
+def _node_key(node_url: str) -> str:
+    """normalize_url, or the text as given: a bad address then fails as a reply-less call, never raises."""
+    try:
+        return normalize_url(node_url)
+    except ValueError:
+        return str(node_url).strip()
 
 
 def parse_expires_at(text: Any) -> datetime | None:
@@ -330,7 +357,7 @@ class GPUController:
     def forget_node(self, node_url: str) -> None:
         """Close one node's connections (it was removed from the cluster)."""
         with self._lock:
-            session = self._sessions.pop(normalize_url(node_url), None)
+            session = self._sessions.pop(_node_key(node_url), None)
         if session is not None:
             session.close()
 
@@ -345,7 +372,7 @@ class GPUController:
 
     def get_model_status(self, node_url: str) -> dict:
         """Where each loaded model sits on one node. Never raises: failures give 'error'."""
-        node_url = normalize_url(node_url)
+        node_url = _node_key(node_url)
         status: dict[str, Any] = {
             "node_url": node_url,
             "models": [],
@@ -374,7 +401,7 @@ class GPUController:
 
     def list_installed(self, node_url: str) -> dict:
         """Canonical names of the models on the node's disk (/api/tags). Never raises."""
-        node_url = normalize_url(node_url)
+        node_url = _node_key(node_url)
         try:
             body = self._get_json(node_url, "/api/tags").body
         except NodeError as exc:
@@ -411,11 +438,11 @@ class GPUController:
         Success only when /api/ps shows it 100% in VRAM. If it does not fit, the model is put
         back where it was (see 'restored'), so a failed move never loses a loaded model.
         """
-        return self._move(normalize_url(node_url), model_name, "gpu", cancel or threading.Event())
+        return self._move(_node_key(node_url), model_name, "gpu", cancel or threading.Event())
 
     def force_cpu_load(self, node_url: str, model_name: str, cancel: threading.Event | None = None) -> dict:
         """Reload `model_name` with num_gpu 0 (all in RAM, frees its VRAM) and verify it."""
-        return self._move(normalize_url(node_url), model_name, "cpu", cancel or threading.Event())
+        return self._move(_node_key(node_url), model_name, "cpu", cancel or threading.Event())
 
     def _move_lock(self, node_url: str, model: str) -> threading.Lock:
         key = (node_url, canonical_name(model).casefold())

@@ -273,7 +273,7 @@ def cmd_add_node(ctx: Context, args: list[str]) -> Outcome:
             raise CommandError(f"{url} is already a node")
         state = ctx.balancer.add_node(url, has_gpu=has_gpu)
     except ValueError as exc:
-        raise CommandError(f"bad URL: {exc}") from None
+        raise CommandError(str(exc)) from None
     note = persist_nodes(ctx, {url: has_gpu} if has_gpu is not None else None)
     return Outcome(data=as_dict(state), renderable=Text(f"added {url} {note}"))
 
@@ -283,7 +283,7 @@ def cmd_remove_node(ctx: Context, args: list[str]) -> Outcome:
     try:
         url = normalize_url(args[0])
     except ValueError as exc:
-        raise CommandError(f"bad URL: {exc}") from None
+        raise CommandError(str(exc)) from None
     if not ctx.balancer.remove_node(url):
         raise CommandError(f"{url} is not a node (nodes: {', '.join(ctx.balancer.nodes) or 'none'})")
     return Outcome(data={"removed": url}, renderable=Text(f"removed {url} {persist_nodes(ctx)}"))

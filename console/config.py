@@ -24,7 +24,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+
+from gpu_controller import normalize_url as core_normalize_url
 
 DEFAULT_NODE = "http://localhost:11434"
 DEFAULT_INTERVAL = 300.0
@@ -61,21 +62,11 @@ def config_dir(env: dict[str, str] | None = None) -> Path:
 
 
 def normalize_url(raw: str) -> str:
-    """Accept `host`, `host:port` or a full URL (as OLLAMA_HOST does); raise ConfigError if unusable."""
-    text = raw.strip()
-    if not text:
-        raise ConfigError("empty node URL")
-    if "://" not in text:
-        text = "http://" + text
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"bad node URL {raw!r} (expected e.g. http://127.0.0.1:11434)")
+    """The core's one node-address rule (`host` -> `http://host:11434`), as a ConfigError when unusable."""
     try:
-        port = parts.port
+        return core_normalize_url(raw)
     except ValueError as exc:
-        raise ConfigError(f"bad node URL {raw!r}: {exc}") from None
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}:{port or 11434}{parts.path.rstrip('/')}"
+        raise ConfigError(str(exc)) from None
 
 
 def read_file(path: Path) -> dict[str, Any]:

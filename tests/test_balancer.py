@@ -14,8 +14,8 @@ from test_optimizer import (
     wait_for,
 )
 
-from balancer import AllNodesFailedError, OllamaLoadBalancer, RequestRejectedError, normalise_node_url
-from gpu_controller import GPUController
+from balancer import AllNodesFailedError, OllamaLoadBalancer, RequestRejectedError
+from gpu_controller import GPUController, normalize_url
 
 
 # --------------------------------------------------------------------------------------------- nodes
@@ -31,7 +31,7 @@ def test_node_urls_are_validated_and_normalised() -> None:
                 balancer.add_node(bad)
         with pytest.raises(ValueError, match="already"):
             balancer.add_node("HTTP://127.0.0.1:11434")
-        assert normalise_node_url("https://Example.test:8443/ollama/") == "https://example.test:8443/ollama"
+        assert normalize_url("https://Example.test:8443/ollama/") == "https://example.test:8443/ollama"
         assert balancer.remove_node("http://127.0.0.1:11434/") is True
         assert balancer.remove_node("http://127.0.0.1:11434") is False and balancer.nodes == []
     finally:
