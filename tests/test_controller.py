@@ -112,6 +112,11 @@ def test_canonical_names_and_matching() -> None:
     assert not same_model("llama3", "llama3.1:70b")
     assert not same_model("llama3.1", "llama3.1:70b")
     assert normalize_url("127.0.0.1:11434/") == "http://127.0.0.1:11434"
+    assert normalize_url("GPU1") == "http://gpu1:11434"  # as OLLAMA_HOST: no scheme -> port 11434
+    assert normalize_url("https://gpu1/ollama/") == "https://gpu1/ollama"  # a scheme keeps its own port
+    for bad in ("ftp://gpu1", "http://", "gpu1:99999", "http://gpu1/?x=1"):
+        with pytest.raises(ValueError, match="invalid node URL"):
+            normalize_url(bad)
 
 
 def test_expiry_is_judged_by_the_nodes_clock() -> None:
