@@ -726,23 +726,19 @@ def _clock_offset(date_header: str | None) -> timedelta:
     return offset if abs(offset) >= MIN_CLOCK_SKEW else timedelta(0)
 
 
-_CAUSES = {
+_CAUSES = {  # words inside a requests/urllib3 exception -> what to tell the user
     "Connection refused": "connection refused",
     "Remote end closed connection": "closed the connection without a reply",
     "Connection reset": "connection reset",
     "Connection aborted": "connection aborted",
+    "Read timed out": "read timed out",
 }
 
 
 def _short_cause(exc: Exception) -> str:
-    """The innermost useful words of a requests/urllib3 exception: 'Connection refused'."""
+    """The useful words of a requests/urllib3 exception, e.g. 'connection refused'."""
     text = str(exc)
-    for marker in (
-        "Connection refused",
-        "Remote end closed connection",
-        "Connection reset",
-        "Read timed out",
-    ):
+    for marker, words in _CAUSES.items():
         if marker in text:
-            return marker.lower() if marker != "Remote end closed connection" else "closed without a reply"
+            return words
     return text.splitlines()[0][:120] if text else type(exc).__name__
