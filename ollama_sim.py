@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -370,6 +370,8 @@ class Runner:
     expires_at_ns: int
     ref_count: int = 0  # requests in flight: a runner is only removed once idle
     stop_at: float | None = None  # set when unloading: removal happens at/after this moment (monotonic)
+    # OLLAMA_NUM_PARALLEL (default 1): how many requests compute at once; the others wait their turn
+    slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(1))
 
 
 @dataclass
@@ -1263,6 +1265,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
         self.wfile.write(b"0\r\n\r\n")
 
+    def _compute(self, runner: Runner, duration_ns: int) -> None:
+        """The runner works on this request: one request at a time per runner (OLLAMA_NUM_PARALLEL=1),
+        for its simulated duration times inference_time_scale (0 = instant)."""
+        seconds = self.node.inference_time_scale * duration_ns / 1e9
+        if seconds > 0:
+            with runner.slots:
+                self._pause(seconds)
+            if self.node._stopping.is_set():
+                raise ApiError(500, "server shutting down")
+
     def _pause(self, seconds: float) -> None:
         if seconds > 0:
             self.node._stopping.wait(seconds)
@@ -1399,7 +1411,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pieces, reason = fake_tokens(spec.name, prompt, opts.get("num_predict"))
             context = [int(b) for b in hashlib.sha256(prompt.encode()).digest()[:16]]
             metrics = {"context": context, **self._metrics(runner, prompt, len(pieces))}
-            self._reply(req, model, pieces, _as_response, reason, metrics)
+            self._reply(req, model, runner, pieces, _as_response, reason, metrics)
 
     def _chat(self, req: dict) -> None:
         model = req.get("model") or ""
@@ -1423,7 +1435,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             last = messages[-1].get("content", "") if isinstance(messages[-1], dict) else ""
             pieces, reason = fake_tokens(spec.name, str(last), opts.get("num_predict"))
             metrics = self._metrics(runner, str(last), len(pieces))
-            self._reply(req, model, pieces, _as_message, reason, metrics)
+            self._reply(req, model, runner, pieces, _as_message, reason, metrics)
 
     @staticmethod
     def _check_capability(spec: ModelSpec, model: str, what: str, req: dict) -> None:
@@ -1455,6 +1467,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self,
         req: dict,
         model: str,
+        runner: Runner,
         pieces: list[str],
         content: Callable[[str], dict],
         reason: str,
@@ -1462,7 +1475,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     ) -> None:
         """Streamed NDJSON (default) or one object (stream:false), fields in Go's order; with
         inference_time_scale > 0 the reply first takes its simulated eval time."""
-        self._pause(self.node.inference_time_scale * metrics["eval_duration"] / 1e9)
+        self._compute(runner, metrics["total_duration"])
 
         def chunk(text: str, done: bool) -> dict:
             body = {"model": model, "created_at": _created_at(), **content(text), "done": done}
@@ -1510,6 +1523,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             vectors = [fake_embedding(spec.name, text, dims, True) for text in inputs]
             count = sum(max(1, len(text.split())) for text in inputs)
             reply = {"model": model, "embeddings": vectors, "total_duration": 1_000_000 + count * 50_000}
+            self._compute(runner, reply["total_duration"])
             self._send_json(200, {**reply, "load_duration": 250_000, "prompt_eval_count": count})
 
     def _embeddings(self, req: dict) -> None:

@@ -277,7 +277,15 @@ def test_eviction_prefers_an_idle_model_over_a_busy_shorter_one(sim_node):
     load(node, "codellama", keep_alive="2m")  # shortest keep_alive, but busy below
     load(node, "llama3.1", keep_alive="1h")
     node.inference_time_scale = 10_000.0  # the next generation runs until the node stops
-    busy = threading.Thread(target=lambda: generate(node, "codellama", prompt="hi", stream=False))
+    outcome: list = []
+
+    def generate_until_stopped() -> None:
+        try:
+            outcome.append(generate(node, "codellama", prompt="hi", stream=False).status_code)
+        except requests.RequestException as err:  # the stop cuts the connection
+            outcome.append(err)
+
+    busy = threading.Thread(target=generate_until_stopped)
     busy.start()
     wait_until(lambda: any(m["name"] == "codellama:latest" and m["in_flight"] for m in node.loaded()))
     node.inference_time_scale = 0.0
@@ -286,6 +294,7 @@ def test_eviction_prefers_an_idle_model_over_a_busy_shorter_one(sim_node):
     assert sorted(ps(node)) == ["codellama:latest", "llama3.2:3b"]
     node.stop()
     busy.join(timeout=5)
+    assert len(outcome) == 1  # the busy request ended (cut off by the stop) instead of being evicted
 
 
 def test_eviction_finishes_before_the_new_model_is_listed(sim_node):
