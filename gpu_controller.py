@@ -291,7 +291,7 @@ class GPUController:
         self.verify_timeout = verify_timeout
         self.keep_alive = keep_alive
         self._sessions: dict[str, requests.Session] = {}
-        self._move_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._moves: dict[tuple[str, str], threading.Event] = {}  # moves under way; set when one ends
         self._lock = threading.Lock()  # guards the two dicts above, never held during I/O
 
     # ----------------------------------------------------------------------------- transport
@@ -444,32 +444,50 @@ class GPUController:
         """Reload `model_name` with num_gpu 0 (all in RAM, frees its VRAM) and verify it."""
         return self._move(_node_key(node_url), model_name, "cpu", cancel or threading.Event())
 
-    def _move_lock(self, node_url: str, model: str) -> threading.Lock:
-        key = (node_url, canonical_name(model).casefold())
+    def _claim_move(self, node_url: str, model: str) -> threading.Event | None:
+        """Register a move of (node, model); None if one is already under way (its Event says when it ends).
+
+        The lock only guards the registry: nobody holds a lock during a load, they wait on an Event.
+        """
+        key = (node_url, model_key(model))
         with self._lock:
-            return self._move_locks.setdefault(key, threading.Lock())
+            if key in self._moves:
+                return None
+            self._moves[key] = done = threading.Event()
+            return done
+
+    def _running_move(self, node_url: str, model: str) -> threading.Event | None:
+        with self._lock:
+            return self._moves.get((node_url, model_key(model)))
+
+    def _end_move(self, node_url: str, model: str, done: threading.Event) -> None:
+        with self._lock:
+            del self._moves[(node_url, model_key(model))]
+        done.set()
 
     def _move(self, node_url: str, model_name: str, target: str, cancel: threading.Event) -> dict:
         model = canonical_name(model_name)
         if not model:
             return _result(False, "no model name given", "error")
-        lock = self._move_lock(node_url, model)
-        # Serialises moves of one model on one node (not memory): a second caller waits here,
-        # then finds the model already in place. Polled so that `cancel` is honoured.
+        # One move of a model on a node at a time: a second caller waits for the first to end,
+        # then finds the model already in place. Waits are polled so that `cancel` is honoured.
         deadline = time.monotonic() + self.load_timeout + 3 * self.verify_timeout
-        while not lock.acquire(timeout=POLL_INTERVAL):
+        while (done := self._claim_move(node_url, model)) is None:
+            running = self._running_move(node_url, model)
+            if running is not None:
+                running.wait(POLL_INTERVAL)
             if cancel.is_set():
                 return _result(False, f"move of {model} on {node_url} cancelled", "cancelled")
             if time.monotonic() > deadline:
                 return _result(False, f"another move of {model} on {node_url} is still running", "timeout")
         try:
-            return self._move_locked(node_url, model, target, cancel)
+            return self._move_claimed(node_url, model, target, cancel)
         except NodeError as exc:
             return _result(False, exc.message, exc.reason)
         finally:
-            lock.release()
+            self._end_move(node_url, model, done)
 
-    def _move_locked(self, node_url: str, model: str, target: str, cancel: threading.Event) -> dict:
+    def _move_claimed(self, node_url: str, model: str, target: str, cancel: threading.Event) -> dict:
         where = "GPU" if target == "gpu" else "CPU"
         if cancel.is_set():
             return _result(False, f"move of {model} to {where} on {node_url} cancelled", "cancelled")
@@ -661,7 +679,7 @@ class GPUController:
     def _restore_evicted(self, node_url: str, before_all: list[_Loaded], exclude: str, result: dict) -> None:
         """A failed big load makes Ollama evict every other model first: load those back.
 
-        A model another thread is moving right now is left to that thread (no lock waits here,
+        A model another thread is moving right now is left to that thread (no waiting here,
         so two failing moves can never wait on each other).
         """
         try:
@@ -675,8 +693,8 @@ class GPUController:
         ]  # `stopping` is re-judged now: a model whose time ran out meanwhile is not brought back
         brought_back = []
         for entry in missing:
-            lock = self._move_lock(node_url, entry.name)
-            if not lock.acquire(blocking=False):
+            done = self._claim_move(node_url, entry.name)
+            if done is None:  # another thread is moving it: that thread owns it
                 continue
             try:
                 keep_alive = -1 if entry.keep_forever else self._keep_alive_for(entry)
@@ -686,7 +704,7 @@ class GPUController:
                 ):
                     brought_back.append(entry.name)
             finally:
-                lock.release()
+                self._end_move(node_url, entry.name, done)
         if missing:
             result["restored_others"] = brought_back
             result["message"] += f"; reloaded {len(brought_back)} of {len(missing)} models it evicted"
