@@ -372,6 +372,8 @@ class Runner:
     stop_at: float | None = None  # set when unloading: removal happens at/after this moment (monotonic)
     # OLLAMA_NUM_PARALLEL (default 1): how many requests compute at once; the others wait their turn
     slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(1))
+    computing: int = 0  # requests holding a slot now
+    waiting: int = 0  # requests waiting for a slot
 
 
 @dataclass
@@ -611,6 +613,8 @@ class SimNode:
                     "context_length": r.num_ctx,
                     "stopping": r.stop_at is not None,
                     "in_flight": r.ref_count,
+                    "computing": r.computing,
+                    "waiting": r.waiting,
                 }
                 for r in self._runners.values()
             ]
@@ -1270,10 +1274,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for its simulated duration times inference_time_scale (0 = instant)."""
         seconds = self.node.inference_time_scale * duration_ns / 1e9
         if seconds > 0:
+            self._count_compute(runner, waiting=+1)
             with runner.slots:
-                self._pause(seconds)
+                self._count_compute(runner, waiting=-1, computing=+1)
+                try:
+                    self._pause(seconds)
+                finally:
+                    self._count_compute(runner, computing=-1)
             if self.node._stopping.is_set():
                 raise ApiError(500, "server shutting down")
+
+    def _count_compute(self, runner: Runner, waiting: int = 0, computing: int = 0) -> None:
+        with self.node._lock:
+            runner.waiting += waiting
+            runner.computing += computing
 
     def _pause(self, seconds: float) -> None:
         if seconds > 0:

@@ -297,6 +297,28 @@ def test_eviction_prefers_an_idle_model_over_a_busy_shorter_one(sim_node):
     assert len(outcome) == 1  # the busy request ended (cut off by the stop) instead of being evicted
 
 
+def test_a_runner_computes_one_request_at_a_time(sim_node):
+    node = sim_node(vram_gb=24, inference_time_scale=10_000.0, preload=[("llama3.2:3b", "auto")])
+    outcomes: list = []
+
+    def ask() -> None:
+        try:
+            outcomes.append(generate(node, "llama3.2:3b", prompt="hi", stream=False).status_code)
+        except requests.RequestException as err:  # the stop cuts the connection
+            outcomes.append(err)
+
+    askers = [threading.Thread(target=ask) for _ in range(2)]
+    for asker in askers:
+        asker.start()
+    wait_until(lambda: node.loaded()[0]["computing"] + node.loaded()[0]["waiting"] == 2)
+    runner = node.loaded()[0]
+    assert (runner["computing"], runner["waiting"]) == (1, 1)  # OLLAMA_NUM_PARALLEL=1: one waits its turn
+    node.stop()
+    for asker in askers:
+        asker.join(timeout=5)
+    assert len(outcomes) == 2
+
+
 def test_eviction_finishes_before_the_new_model_is_listed(sim_node):
     node = sim_node(vram_gb=14, unload_seconds=0.3)
     load(node, "llama3.1", keep_alive=-1)
