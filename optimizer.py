@@ -113,7 +113,8 @@ class GPUOptimizer:
         self._balancer = balancer
         self._interval = _positive(interval)
         self._lock = threading.Lock()  # guards the fields below; never held during I/O
-        self._pass_lock = threading.Lock()  # one pass at a time, whoever asks
+        self._no_pass_running = threading.Event()  # one pass at a time, whoever asks (waited on, not locked)
+        self._no_pass_running.set()
         self._control_lock = threading.Lock()  # start/stop from two threads cannot make two optimizers
         self._wake = threading.Event()
         self._stop: threading.Event = threading.Event()
@@ -299,36 +300,56 @@ class GPUOptimizer:
         would reload, every pass, a model that Ollama let expire because nobody used it.
         """
         cancel = cancel or threading.Event()
-        with self._pass_lock:
-            known = self._balancer.nodes
-            urls = known if nodes is None else [url for url in known if url in set(nodes)]
-            started, t0 = time.time(), time.monotonic()
-            scope = "all" if nodes is None else "nodes"
-            only_node = urls[0] if scope == "nodes" and len(urls) == 1 else None
-            self._emit(
-                "pass_started",
-                f"GPU optimization pass over {only_node or f'{len(urls)} node(s)'}",
-                {"scope": scope, "nodes": len(urls), "node_urls": urls if scope == "nodes" else []},
-                node=only_node,
-            )
-            submit = self._balancer._work_pool.submit
-            futures = [submit(self._optimize_node, url, cancel, scope == "all", load_absent) for url in urls]
-            results = _collect(futures, cancel)
-            actions = [a for _, node_actions in results for a in node_actions]
-            summary = {
-                "moved": sum(a["action"] == "moved" for a in actions),
-                "failed": sum(a["action"] == "failed" for a in actions),
-                "skipped": sum(a["action"] == "skipped" for a in actions),
-                "checked_nodes": sum(checked for checked, _ in results),
-                "duration_s": round(time.monotonic() - t0, 3),
-                "scope": scope,
-                "started_at": started,
-                "cancelled": cancel.is_set(),
-            }
+        if not self._claim_pass(cancel):
+            return []
+        try:
+            return self._run_claimed_pass(nodes, cancel, load_absent)
+        finally:
+            self._no_pass_running.set()
+
+    def _claim_pass(self, cancel: threading.Event) -> bool:
+        """Wait (cancellably) until no other pass runs, then mark ours as running."""
+        while True:
             with self._lock:
-                self._last_pass = summary
-            self._emit("pass_finished", _summary_sentence(summary), dict(summary), node=only_node)
-            return actions
+                if self._no_pass_running.is_set():
+                    self._no_pass_running.clear()
+                    return True
+            if cancel.is_set():
+                return False
+            self._no_pass_running.wait(FUTURE_POLL_SECONDS)
+
+    def _run_claimed_pass(
+        self, nodes: list[str] | None, cancel: threading.Event, load_absent: bool
+    ) -> list[dict]:
+        known = self._balancer.nodes
+        urls = known if nodes is None else [url for url in known if url in set(nodes)]
+        started, t0 = time.time(), time.monotonic()
+        scope = "all" if nodes is None else "nodes"
+        only_node = urls[0] if scope == "nodes" and len(urls) == 1 else None
+        self._emit(
+            "pass_started",
+            f"GPU optimization pass over {only_node or f'{len(urls)} node(s)'}",
+            {"scope": scope, "nodes": len(urls), "node_urls": urls if scope == "nodes" else []},
+            node=only_node,
+        )
+        submit = self._balancer._work_pool.submit
+        futures = [submit(self._optimize_node, url, cancel, scope == "all", load_absent) for url in urls]
+        results = _collect(futures, cancel)
+        actions = [a for _, node_actions in results for a in node_actions]
+        summary = {
+            "moved": sum(a["action"] == "moved" for a in actions),
+            "failed": sum(a["action"] == "failed" for a in actions),
+            "skipped": sum(a["action"] == "skipped" for a in actions),
+            "checked_nodes": sum(checked for checked, _ in results),
+            "duration_s": round(time.monotonic() - t0, 3),
+            "scope": scope,
+            "started_at": started,
+            "cancelled": cancel.is_set(),
+        }
+        with self._lock:
+            self._last_pass = summary
+        self._emit("pass_finished", _summary_sentence(summary), dict(summary), node=only_node)
+        return actions
 
     def _optimize_node(
         self, url: str, cancel: threading.Event, full_pass: bool, load_absent: bool
