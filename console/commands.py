@@ -355,7 +355,7 @@ def cmd_optimizer(ctx: Context, args: list[str]) -> Outcome:
         balancer.check_interval = seconds
     elif sub == "now":
         ctx.note("running one optimizer pass over all nodes... (Ctrl-C cancels)")
-        actions = ctx.run_cancellable(lambda cancel: balancer.optimize_gpu_once())
+        actions = ctx.run_cancellable(lambda cancel: balancer.optimize_gpu_once(cancel=cancel))
         ok = not any(action.get("action") == "failed" for action in actions)
         return Outcome(data=actions, renderable=render.pass_actions(actions), ok=ok)
     status = balancer.optimizer_status()
