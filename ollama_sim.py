@@ -668,6 +668,8 @@ class SimNode:
             num_ctx = self._resolve_ctx(spec, {})
             size = spec.loaded_size(num_ctx, self._resolve_batch(spec, {}, num_ctx))
             size_vram = size if where == "gpu" and self.vram_bytes > 0 else 0
+            if size_vram > self.vram_bytes - sum(r.size_vram for r in self._runners.values()):
+                raise ValueError(f"preload: {spec.name} ({size / GiB:.1f} GiB) does not fit on the GPU")
             runner = self._new_runner(spec, {}, None, _Placement(size, size_vram))
             if where == "forced-cpu":
                 runner.num_gpu = 0

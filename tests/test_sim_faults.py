@@ -274,6 +274,8 @@ def test_installed_models_and_preload_placements(sim_node):
     assert reply.status_code == 404
     with pytest.raises(ValueError):
         SimNode(models=["no-such-model"])
+    with pytest.raises(ValueError, match="does not fit"):
+        SimNode(vram_gb=24, preload=[("llama3.1:70b", "gpu")]).start()
 
 
 def test_command_line_rejects_a_bad_preload():
