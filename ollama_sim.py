@@ -1049,7 +1049,7 @@ def show_body(spec: ModelSpec, verbose: bool) -> dict:
     tokens: list = [f"<tok{i}>" for i in range(8)] if verbose else []
     info = {
         "general.architecture": arch,
-        "general.file_type": 15 if spec.quantization_level == "Q4_K_M" else 1,
+        "general.file_type": {"F16": 1, "Q4_0": 2, "Q4_K_M": 15}[spec.quantization_level],
         "general.parameter_count": spec.parameter_count,
         "general.quantization_version": 2,
         f"{arch}.block_count": spec.block_count,
