@@ -1,9 +1,12 @@
-"""Shared fixtures: simulated Ollama nodes (real sockets on 127.0.0.1) and a deadline poll."""
+"""Shared fixtures: simulated Ollama nodes (real sockets on 127.0.0.1), balancers and a deadline poll.
+
+Plain helpers (the poll itself, placement checks, Recorder) live in helpers.py.
+"""
 
 from __future__ import annotations
 
+import functools
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,24 +15,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from helpers import wait_until  # noqa: E402
+
+from balancer import OllamaLoadBalancer  # noqa: E402
+from gpu_controller import GPUController  # noqa: E402
 from ollama_sim import SimCluster, SimNode  # noqa: E402
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.01) -> Any:
-    """Poll `predicate` until it returns something truthy (returned) or fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            pytest.fail(f"condition not met within {timeout} s: {getattr(predicate, '__name__', predicate)}")
-        time.sleep(interval)
 
 
 @pytest.fixture
 def sim_node() -> Iterator[Callable[..., SimNode]]:
-    """Factory: `node = sim_node(vram_gb=24, preload=[...])` starts a SimNode, stopped at teardown."""
+    """Factory: `node = sim_node(vram_gb=24, preload=[...])` starts a SimNode; at teardown any fault a
+    test left is cleared and the node stopped."""
     started: list[SimNode] = []
 
     def start(**kwargs: Any) -> SimNode:
@@ -39,7 +35,14 @@ def sim_node() -> Iterator[Callable[..., SimNode]]:
 
     yield start
     for node in started:
+        node.clear_fault()
         node.stop()
+
+
+@pytest.fixture
+def quick_sim_node(sim_node: Callable[..., SimNode]) -> Callable[..., SimNode]:
+    """`sim_node` with a 20 ms unload (instead of 50 ms): the controller tests move models a lot."""
+    return functools.partial(sim_node, unload_seconds=0.02)
 
 
 @pytest.fixture
@@ -57,7 +60,34 @@ def sim_cluster() -> Iterator[Callable[..., SimCluster]]:
         cluster.stop()
 
 
+@pytest.fixture
+def controller() -> Iterator[GPUController]:
+    """A GPUController with short timeouts, closed at teardown."""
+    ctl = GPUController(timeout=2.0, load_timeout=10.0, verify_timeout=5.0)
+    yield ctl
+    ctl.close()
+
+
+@pytest.fixture
+def make_balancer() -> Iterator[Callable[..., OllamaLoadBalancer]]:
+    """Fast health checks, optimizer off and a long interval unless a test says otherwise."""
+    balancers: list[OllamaLoadBalancer] = []
+
+    def make(urls: list[str], **options: object) -> OllamaLoadBalancer:
+        options.setdefault("health_interval", 0.2)
+        options.setdefault("check_interval", 300)
+        options.setdefault("auto_optimize_gpu", False)
+        options.setdefault("controller", GPUController(timeout=3.0, load_timeout=20.0, verify_timeout=10.0))
+        balancer = OllamaLoadBalancer(urls, **options)
+        balancers.append(balancer)
+        return balancer
+
+    yield make
+    for balancer in balancers:
+        balancer.close()
+
+
 @pytest.fixture(name="wait_until")
 def wait_until_fixture() -> Callable[..., Any]:
-    """The same poll as a fixture, for tests that prefer not to import conftest."""
+    """helpers.wait_until as a fixture, for tests that prefer not to import it."""
     return wait_until

@@ -5,14 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from test_optimizer import (
-    LLAMA,
-    Recorder,
-    make_balancer_fixture,  # noqa: F401 (registers the `make_balancer` fixture)
-    on_cpu,
-    on_gpu,
-    wait_for,
-)
+from helpers import LLAMA, Recorder, on_cpu, on_gpu, wait_until
 
 from balancer import AllNodesFailedError, OllamaLoadBalancer, RequestRejectedError
 from gpu_controller import GPUController, normalize_url
@@ -57,7 +50,7 @@ def test_nodes_can_be_added_and_removed_at_run_time(sim_node, make_balancer) -> 
 
     state = balancer.add_node(second.url, has_gpu=True)
     assert state.url == second.url and state.has_gpu is True
-    wait_for(lambda: balancer.node_state(second.url).online, "added node checked")
+    wait_until(lambda: balancer.node_state(second.url).online, "added node checked")
     assert balancer.remove_node(first.url) is True
 
     assert balancer.nodes == [second.url]
@@ -71,7 +64,7 @@ def test_down_node_is_reported_offline_with_its_last_models_marked_stale(sim_nod
     balancer = make_balancer([node.url], start=False)
     events = Recorder(balancer)  # before start(): sees the start-up node_up too
     balancer.start()
-    wait_for(lambda: balancer.node_state(node.url).models, "first status")
+    wait_until(lambda: balancer.node_state(node.url).models, "first status")
 
     node.set_fault("down")
     events.wait("node_down")
@@ -88,18 +81,18 @@ def test_down_node_is_reported_offline_with_its_last_models_marked_stale(sim_nod
 def test_garbage_reply_is_recorded_as_an_error(sim_node, make_balancer) -> None:
     node = sim_node()
     balancer = make_balancer([node.url])
-    wait_for(lambda: balancer.node_state(node.url).online, "node online")
+    wait_until(lambda: balancer.node_state(node.url).online, "node online")
 
     node.set_fault("garbage")
 
-    wait_for(lambda: balancer.node_state(node.url).online is False, "node marked offline")
+    wait_until(lambda: balancer.node_state(node.url).online is False, "node marked offline")
     assert "malformed" in balancer.node_state(node.url).last_error
 
 
 def test_a_hung_node_does_not_stall_the_report_for_the_others(sim_node, make_balancer) -> None:
     good, hung = sim_node(preload=[("llama3.1", "gpu")]), sim_node()
     balancer = make_balancer([hung.url, good.url], controller=GPUController(timeout=1.0))
-    wait_for(lambda: all(s.online for s in balancer.node_states()), "both online")
+    wait_until(lambda: all(s.online for s in balancer.node_states()), "both online")
     hung.set_fault("hang")
 
     report = {row["node"]: row for row in balancer.vram_report()}
@@ -115,7 +108,7 @@ def test_gpu_evidence_is_yes_no_or_unknown_and_kept_up_to_date(sim_node, make_ba
     cpu_only = sim_node(vram_gb=0, preload=[("llama3.1", "cpu")])
     declared = sim_node(vram_gb=0)
     balancer = make_balancer([gpu.url, cpu_only.url, declared.url], gpu_capability={declared.url: False})
-    wait_for(lambda: all(s.online for s in balancer.node_states()), "all online")
+    wait_until(lambda: all(s.online for s in balancer.node_states()), "all online")
 
     assert balancer.node_state(gpu.url).has_gpu is True
     assert balancer.node_state(gpu.url).gpu_evidence == "model seen in VRAM"
@@ -130,9 +123,9 @@ def test_gpu_evidence_is_yes_no_or_unknown_and_kept_up_to_date(sim_node, make_ba
     assert results[declared.url]["skipped"] is True and results[declared.url]["reason"] == "no_gpu"
 
     cpu_only.set_fault("down")  # a restart may bring a GPU back: the no-GPU evidence is dropped
-    wait_for(lambda: balancer.node_state(cpu_only.url).online is False, "down")
+    wait_until(lambda: balancer.node_state(cpu_only.url).online is False, "down")
     cpu_only.clear_fault()
-    wait_for(lambda: balancer.node_state(cpu_only.url).online, "up again")
+    wait_until(lambda: balancer.node_state(cpu_only.url).online, "up again")
     assert balancer.node_state(cpu_only.url).has_gpu is None
 
 
@@ -142,9 +135,9 @@ def test_force_all_nodes_lists_skipped_nodes_with_reasons_in_node_order(sim_node
     offline = sim_node()
     no_gpu = sim_node(vram_gb=0)
     balancer = make_balancer([gpu.url, offline.url, no_gpu.url], gpu_capability={no_gpu.url: False})
-    wait_for(lambda: all(s.online for s in balancer.node_states()), "all online")
+    wait_until(lambda: all(s.online for s in balancer.node_states()), "all online")
     offline.set_fault("down")
-    wait_for(lambda: balancer.node_state(offline.url).online is False, "offline seen")
+    wait_until(lambda: balancer.node_state(offline.url).online is False, "offline seen")
     events = Recorder(balancer)
 
     results = balancer.force_gpu_all_nodes("llama3.1")
@@ -190,7 +183,7 @@ def test_routing_prefers_vram_then_loaded_then_gpu_then_unknown(sim_node, make_b
     unknown = sim_node()
     urls = [unknown.url, gpu_no_model.url, on_ram.url, in_vram.url]
     balancer = make_balancer(urls)
-    wait_for(lambda: all(s.online for s in balancer.node_states()), "all online")
+    wait_until(lambda: all(s.online for s in balancer.node_states()), "all online")
 
     assert balancer.pick_node("llama3.1") == in_vram.url
     assert balancer.pick_node("llama3.1", exclude=[in_vram.url]) == on_ram.url
@@ -203,7 +196,7 @@ def test_generate_fails_over_to_a_different_node_and_counts(sim_node, make_balan
     broken = sim_node(preload=[("llama3.1", "gpu")])
     spare = sim_node(preload=[("llama3.1", "cpu")])
     balancer = make_balancer([spare.url, broken.url])
-    wait_for(lambda: all(s.online for s in balancer.node_states()), "both online")
+    wait_until(lambda: all(s.online for s in balancer.node_states()), "both online")
     broken.set_fault("error500", paths=("/api/generate",))
 
     reply = balancer.generate("llama3.1", "Why is the sky blue?", options={"num_predict": 4})
@@ -224,7 +217,7 @@ def test_generate_fails_over_to_a_different_node_and_counts(sim_node, make_balan
 def test_embed_is_routed_and_all_nodes_failing_raises_a_clear_error(sim_node, make_balancer) -> None:
     first, second = sim_node(), sim_node()
     balancer = make_balancer([first.url, second.url])
-    wait_for(lambda: all(s.online for s in balancer.node_states()), "both online")
+    wait_until(lambda: all(s.online for s in balancer.node_states()), "both online")
 
     assert len(balancer.embed("all-minilm", ["a", "b"])["embeddings"]) == 2
 
@@ -239,7 +232,7 @@ def test_embed_is_routed_and_all_nodes_failing_raises_a_clear_error(sim_node, ma
 def test_a_client_error_is_not_failed_over(sim_node, make_balancer) -> None:
     first, second = sim_node(), sim_node()
     balancer = make_balancer([first.url, second.url])
-    wait_for(lambda: all(s.online for s in balancer.node_states()), "both online")
+    wait_until(lambda: all(s.online for s in balancer.node_states()), "both online")
 
     with pytest.raises(RequestRejectedError, match="does not support generate"):
         balancer.generate("all-minilm", "hello")
@@ -249,7 +242,7 @@ def test_a_client_error_is_not_failed_over(sim_node, make_balancer) -> None:
 def test_known_models_lists_installed_and_loaded_names(sim_node, make_balancer) -> None:
     node = sim_node(models=["llama3.1", "all-minilm"], preload=[("llama3.1", "gpu")])
     balancer = make_balancer([node.url])
-    wait_for(lambda: balancer.node_state(node.url).installed, "installed list read")
+    wait_until(lambda: balancer.node_state(node.url).installed, "installed list read")
 
     assert balancer.known_models() == ["all-minilm:latest", LLAMA]
 
@@ -258,7 +251,7 @@ def test_an_offline_node_is_rechecked_sooner_than_the_health_interval(sim_node, 
     node = sim_node()
     balancer = make_balancer([node.url], health_interval=60)
     events = Recorder(balancer)
-    wait_for(lambda: balancer.node_state(node.url).online, "first check")
+    wait_until(lambda: balancer.node_state(node.url).online, "first check")
     node.set_fault("down")
     balancer.vram_report()  # records it offline without waiting a minute for the monitor
     assert balancer.node_state(node.url).online is False

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
 import requests
+from helpers import loaded
 
 from gpu_controller import (
     LOCATION_CPU,
@@ -24,37 +24,7 @@ from gpu_controller import (
 )
 from ollama_sim import SimNode
 
-# ------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def make_node() -> Iterator[Callable[..., SimNode]]:
-    """Start SimNodes with instant loads; all are stopped at teardown."""
-    started: list[SimNode] = []
-
-    def make(**kwargs) -> SimNode:
-        kwargs.setdefault("load_seconds_per_gb", 0.0)
-        kwargs.setdefault("unload_seconds", 0.02)
-        node = SimNode(**kwargs).start()
-        started.append(node)
-        return node
-
-    yield make
-    for node in started:
-        node.stop()
-
-
-@pytest.fixture
-def controller() -> Iterator[GPUController]:
-    ctl = GPUController(timeout=2.0, load_timeout=10.0, verify_timeout=5.0)
-    yield ctl
-    ctl.close()
-
-
-def loaded(node: SimNode, model: str) -> dict | None:
-    """The simulator's own record of a loaded model (ground truth for assertions)."""
-    matches = [m for m in node.loaded() if same_model(m["name"], model)]
-    return matches[0] if matches else None
+# ------------------------------------------------------------------------------------- helpers
 
 
 def posts_since(node: SimNode, start: int, path: str) -> list[dict]:
@@ -154,9 +124,9 @@ def test_malformed_ps_bodies_are_rejected(body) -> None:
 # ------------------------------------------------------------------------------------- status
 
 
-def test_status_reports_gpu_cpu_and_split_like_ollama_ps(make_node, controller) -> None:
-    node = make_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu"), ("llama3.1", "auto")])
-    big = make_node(vram_gb=24, preload=[("llama3.1:70b", "auto")])  # alone and too big: split
+def test_status_reports_gpu_cpu_and_split_like_ollama_ps(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu"), ("llama3.1", "auto")])
+    big = quick_sim_node(vram_gb=24, preload=[("llama3.1:70b", "auto")])  # alone and too big: split
 
     status = controller.get_model_status(node.url)
     assert "error" not in status
@@ -178,8 +148,8 @@ def test_status_reports_gpu_cpu_and_split_like_ollama_ps(make_node, controller) 
     assert re.fullmatch(r"Split \(\d{1,2}% GPU\)", split["location"])
 
 
-def test_status_lists_every_expected_field(make_node, controller) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "auto")])
+def test_status_lists_every_expected_field(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "auto")])
     model = row(controller.get_model_status(node.url), "llama3.1")
     for key in ("name", "location", "processor", "gpu_percent", "size_mb", "vram_mb", "ram_mb"):
         assert model[key] is not None, key
@@ -190,8 +160,8 @@ def test_status_lists_every_expected_field(make_node, controller) -> None:
     assert model["keep_forever"] is False
 
 
-def test_list_installed_gives_canonical_names(make_node, controller) -> None:
-    node = make_node(vram_gb=24, models=["llama3.1", "mxbai-embed-large"])
+def test_list_installed_gives_canonical_names(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, models=["llama3.1", "mxbai-embed-large"])
     assert sorted(controller.list_installed(node.url)["models"]) == [
         "llama3.1:latest",
         "mxbai-embed-large:latest",
@@ -201,8 +171,8 @@ def test_list_installed_gives_canonical_names(make_node, controller) -> None:
 # ------------------------------------------------------------------------------------- force_gpu
 
 
-def test_cpu_model_forced_to_gpu_with_all_layers_and_empty_prompt(make_node, controller) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+def test_cpu_model_forced_to_gpu_with_all_layers_and_empty_prompt(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
     layers = all_layers(node, "llama3.1")
     loads_before = node.counts("llama3.1")["loads"]
     start = len(node.request_log)
@@ -220,8 +190,8 @@ def test_cpu_model_forced_to_gpu_with_all_layers_and_empty_prompt(make_node, con
     assert node.counts("llama3.1")["loads"] == loads_before + 1
 
 
-def test_ordinary_requests_after_a_move_do_not_reload(make_node, controller) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "cpu"), ("mxbai-embed-large", "cpu")])
+def test_ordinary_requests_after_a_move_do_not_reload(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu"), ("mxbai-embed-large", "cpu")])
     for model in ("llama3.1", "mxbai-embed-large"):
         assert controller.force_gpu_load(node.url, model)["success"] is True
     loads = {m: node.counts(m)["loads"] for m in ("llama3.1", "mxbai-embed-large")}
@@ -235,8 +205,8 @@ def test_ordinary_requests_after_a_move_do_not_reload(make_node, controller) -> 
     assert controller.get_model_status(node.url)["gpu_count"] == 2
 
 
-def test_model_already_on_gpu_is_left_alone(make_node, controller) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "gpu")])
+def test_model_already_on_gpu_is_left_alone(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "gpu")])
     loads_before = node.counts("llama3.1")["loads"]
     start = len(node.request_log)
 
@@ -249,8 +219,8 @@ def test_model_already_on_gpu_is_left_alone(make_node, controller) -> None:
     assert node.counts("llama3.1")["loads"] == loads_before
 
 
-def test_embedding_only_model_is_loaded_through_embed(make_node, controller) -> None:
-    node = make_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")])
+def test_embedding_only_model_is_loaded_through_embed(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")])
     start = len(node.request_log)
 
     result = controller.force_gpu_load(node.url, "mxbai-embed-large")
@@ -263,15 +233,15 @@ def test_embedding_only_model_is_loaded_through_embed(make_node, controller) -> 
     assert truth["size_vram"] == truth["size"] > 0
 
 
-def test_model_not_loaded_is_loaded_on_gpu(make_node, controller) -> None:
-    node = make_node(vram_gb=24)
+def test_model_not_loaded_is_loaded_on_gpu(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24)
     result = controller.force_gpu_load(node.url, "llama3.1")
     assert result["success"] is True and result["reason"] == "moved"
     assert loaded(node, "llama3.1")["size_vram"] > 0
 
 
-def test_too_big_for_vram_fails_and_model_goes_back_to_cpu(make_node, controller) -> None:
-    node = make_node(vram_gb=24, ram_gb=128, preload=[("llama3.1:70b", "forced-cpu")])
+def test_too_big_for_vram_fails_and_model_goes_back_to_cpu(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, ram_gb=128, preload=[("llama3.1:70b", "forced-cpu")])
 
     result = controller.force_gpu_load(node.url, "llama3.1:70b")
 
@@ -283,8 +253,8 @@ def test_too_big_for_vram_fails_and_model_goes_back_to_cpu(make_node, controller
     assert truth is not None and truth["size_vram"] == 0
 
 
-def test_cpu_only_node_reports_no_gpu(make_node, controller) -> None:
-    node = make_node(vram_gb=0, preload=[("llama3.1", "auto")])
+def test_cpu_only_node_reports_no_gpu(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=0, preload=[("llama3.1", "auto")])
     result = controller.force_gpu_load(node.url, "llama3.1")
     assert result["success"] is False and result["reason"] == "no_gpu"
     assert "no usable GPU" in result["message"]
@@ -292,8 +262,8 @@ def test_cpu_only_node_reports_no_gpu(make_node, controller) -> None:
     assert loaded(node, "llama3.1") is not None
 
 
-def test_model_not_installed(make_node, controller) -> None:
-    node = make_node(vram_gb=24, models=["llama3.1:70b"], preload=[("llama3.1:70b", "forced-cpu")])
+def test_model_not_installed(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, models=["llama3.1:70b"], preload=[("llama3.1:70b", "forced-cpu")])
     start = len(node.request_log)
 
     result = controller.force_gpu_load(node.url, "llama3")
@@ -304,8 +274,8 @@ def test_model_not_installed(make_node, controller) -> None:
     assert loaded(node, "llama3.1:70b")["size_vram"] == 0  # never matched by substring
 
 
-def test_forever_keep_alive_survives_a_move(make_node, controller) -> None:
-    node = make_node(vram_gb=24)
+def test_forever_keep_alive_survives_a_move(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24)
     load_directly(node, "llama3.1", keep_alive=-1, num_gpu=0)
     assert loaded(node, "llama3.1")["size_vram"] == 0
 
@@ -317,8 +287,8 @@ def test_forever_keep_alive_survives_a_move(make_node, controller) -> None:
     assert datetime.fromisoformat(model["expires_at"]).year > 2300
 
 
-def test_finite_keep_alive_is_sent_as_a_go_duration(make_node, controller) -> None:
-    node = make_node(vram_gb=24)
+def test_finite_keep_alive_is_sent_as_a_go_duration(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24)
     load_directly(node, "llama3.1", keep_alive="10m", num_gpu=0)
     start = len(node.request_log)
 
@@ -330,8 +300,8 @@ def test_finite_keep_alive_is_sent_as_a_go_duration(make_node, controller) -> No
     assert row(controller.get_model_status(node.url), "llama3.1")["keep_forever"] is False
 
 
-def test_configured_keep_alive_never_sent_as_a_bare_string_number(make_node) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+def test_configured_keep_alive_never_sent_as_a_bare_string_number(quick_sim_node) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
     ctl = GPUController(timeout=2.0, load_timeout=10.0, verify_timeout=5.0, keep_alive="300")
     start = len(node.request_log)
     try:
@@ -342,8 +312,8 @@ def test_configured_keep_alive_never_sent_as_a_bare_string_number(make_node) -> 
     assert request["keep_alive"] == 300
 
 
-def test_move_keeps_the_context_length(make_node, controller) -> None:
-    node = make_node(vram_gb=24)
+def test_move_keeps_the_context_length(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24)
     load_directly(node, "llama3.1", num_gpu=0, num_ctx=8192)
     start = len(node.request_log)
 
@@ -354,8 +324,8 @@ def test_move_keeps_the_context_length(make_node, controller) -> None:
     assert row(controller.get_model_status(node.url), "llama3.1")["context_length"] == 8192
 
 
-def test_cancel_before_the_load_sends_nothing(make_node, controller) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+def test_cancel_before_the_load_sends_nothing(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
     cancel = threading.Event()
     cancel.set()
     start = len(node.request_log)
@@ -370,8 +340,8 @@ def test_cancel_before_the_load_sends_nothing(make_node, controller) -> None:
 # ------------------------------------------------------------------------------------- force_cpu
 
 
-def test_gpu_model_forced_to_cpu(make_node, controller) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "gpu")])
+def test_gpu_model_forced_to_cpu(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "gpu")])
     start = len(node.request_log)
 
     result = controller.force_cpu_load(node.url, "llama3.1")
@@ -383,16 +353,16 @@ def test_gpu_model_forced_to_cpu(make_node, controller) -> None:
     assert request["options"]["num_gpu"] == 0 and request["prompt"] == ""
 
 
-def test_model_already_on_cpu_is_left_alone(make_node, controller) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "forced-cpu")])
+def test_model_already_on_cpu_is_left_alone(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "forced-cpu")])
     loads_before = node.counts("llama3.1")["loads"]
     result = controller.force_cpu_load(node.url, "llama3.1")
     assert result["success"] is True and result["reason"] == "already"
     assert node.counts("llama3.1")["loads"] == loads_before
 
 
-def test_forced_cpu_then_back_to_gpu(make_node, controller) -> None:
-    node = make_node(vram_gb=24, preload=[("mxbai-embed-large", "gpu")])
+def test_forced_cpu_then_back_to_gpu(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("mxbai-embed-large", "gpu")])
     assert controller.force_cpu_load(node.url, "mxbai-embed-large")["success"] is True
     assert loaded(node, "mxbai-embed-large")["size_vram"] == 0
     result = controller.force_gpu_load(node.url, "mxbai-embed-large")

@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from helpers import loaded
 
-from gpu_controller import LOCATION_CPU, LOCATION_GPU, GPUController, same_model
-from ollama_sim import SimNode
-
-
-@pytest.fixture
-def make_node() -> Iterator[Callable[..., SimNode]]:
-    """Start SimNodes with instant loads; all are stopped at teardown."""
-    started: list[SimNode] = []
-
-    def make(**kwargs) -> SimNode:
-        kwargs.setdefault("load_seconds_per_gb", 0.0)
-        kwargs.setdefault("unload_seconds", 0.02)
-        node = SimNode(**kwargs).start()
-        started.append(node)
-        return node
-
-    yield make
-    for node in started:
-        node.clear_fault()
-        node.stop()
+from gpu_controller import LOCATION_CPU, LOCATION_GPU, GPUController
 
 
 @pytest.fixture
@@ -35,15 +17,6 @@ def fast() -> Iterator[GPUController]:
     ctl = GPUController(timeout=0.5, load_timeout=0.5, verify_timeout=2.0)
     yield ctl
     ctl.close()
-
-
-def loaded(node: SimNode, model: str) -> dict | None:
-    matches = [m for m in node.loaded() if same_model(m["name"], model)]
-    return matches[0] if matches else None
-
-
-def generate_posts_since(node: SimNode, start: int) -> list[dict]:
-    return [body for method, path, body in node.request_log[start:] if path == "/api/generate"]
 
 
 # ------------------------------------------------------------------------------------- status faults
@@ -60,8 +33,8 @@ def generate_posts_since(node: SimNode, start: int) -> list[dict]:
         ("busy", "error", "busy (503)"),
     ],
 )
-def test_status_of_a_faulty_node_is_an_error_dict(make_node, fast, fault, reason, words) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "auto")])
+def test_status_of_a_faulty_node_is_an_error_dict(quick_sim_node, fast, fault, reason, words) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "auto")])
     node.set_fault(fault)
 
     status = fast.get_model_status(node.url)
@@ -73,8 +46,8 @@ def test_status_of_a_faulty_node_is_an_error_dict(make_node, fast, fault, reason
 
 
 @pytest.mark.parametrize("fault", ["down", "hang", "garbage", "error500", "busy"])
-def test_force_on_a_faulty_node_fails_cleanly(make_node, fast, fault) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+def test_force_on_a_faulty_node_fails_cleanly(quick_sim_node, fast, fault) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
     node.set_fault(fault)
 
     result = fast.force_gpu_load(node.url, "llama3.1")
@@ -86,8 +59,8 @@ def test_force_on_a_faulty_node_fails_cleanly(make_node, fast, fault) -> None:
     assert loaded(node, "llama3.1") is not None  # nothing was lost
 
 
-def test_status_recovers_after_the_fault_clears(make_node, fast) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "auto")])
+def test_status_recovers_after_the_fault_clears(quick_sim_node, fast) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "auto")])
     node.set_fault("hang")
     assert "error" in fast.get_model_status(node.url)
     node.clear_fault()
@@ -95,8 +68,8 @@ def test_status_recovers_after_the_fault_clears(make_node, fast) -> None:
     assert "error" not in status and status["gpu_count"] == 1
 
 
-def test_hanging_load_times_out_without_losing_the_model(make_node, fast) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+def test_hanging_load_times_out_without_losing_the_model(quick_sim_node, fast) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
     node.set_fault("hang", paths=("/api/generate",))
 
     result = fast.force_gpu_load(node.url, "llama3.1")
@@ -106,16 +79,16 @@ def test_hanging_load_times_out_without_losing_the_model(make_node, fast) -> Non
     assert loaded(node, "llama3.1") is not None
 
 
-def test_garbage_show_reply_is_an_error(make_node, fast) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+def test_garbage_show_reply_is_an_error(quick_sim_node, fast) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
     node.set_fault("garbage", paths=("/api/show",))
     result = fast.force_gpu_load(node.url, "llama3.1")
     assert result["success"] is False and result["reason"] == "error"
     assert loaded(node, "llama3.1")["size_vram"] == 0
 
 
-def test_refused_load_leaves_the_model_where_it_was(make_node, fast) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+def test_refused_load_leaves_the_model_where_it_was(quick_sim_node, fast) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
     node.set_fault("error500", paths=("/api/generate",))
 
     result = fast.force_gpu_load(node.url, "llama3.1")
@@ -125,9 +98,9 @@ def test_refused_load_leaves_the_model_where_it_was(make_node, fast) -> None:
     assert loaded(node, "llama3.1") is not None
 
 
-def test_a_hanging_node_does_not_block_another(make_node) -> None:
-    hanging = make_node(vram_gb=24, preload=[("llama3.1", "cpu")])
-    healthy = make_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+def test_a_hanging_node_does_not_block_another(quick_sim_node) -> None:
+    hanging = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+    healthy = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
     hanging.set_fault("hang")
     ctl = GPUController(timeout=20.0, load_timeout=20.0, verify_timeout=5.0)
     stuck = threading.Thread(target=ctl.force_gpu_load, args=(hanging.url, "llama3.1"), daemon=True)
@@ -146,14 +119,10 @@ def test_a_hanging_node_does_not_block_another(make_node) -> None:
 # ------------------------------------------------------------------------------------- memory
 
 
-def test_split_model_that_cannot_go_fully_to_gpu_is_put_back_as_split(make_node) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1:70b", "auto")])
-    ctl = GPUController(timeout=2.0, load_timeout=10.0, verify_timeout=5.0)
-    try:
-        before = ctl.get_model_status(node.url)["models"][0]["location"]
-        result = ctl.force_gpu_load(node.url, "llama3.1:70b")
-    finally:
-        ctl.close()
+def test_split_model_that_cannot_go_fully_to_gpu_is_put_back_as_split(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1:70b", "auto")])
+    before = controller.get_model_status(node.url)["models"][0]["location"]
+    result = controller.force_gpu_load(node.url, "llama3.1:70b")
     assert before.startswith("Split (")
     assert result["success"] is False and result["reason"] == "out_of_memory"
     assert result["restored"] is True and result["location"] == before
@@ -161,28 +130,20 @@ def test_split_model_that_cannot_go_fully_to_gpu_is_put_back_as_split(make_node)
     assert 0 < truth["size_vram"] < truth["size"]
 
 
-def test_split_model_forced_to_cpu_frees_its_vram(make_node) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1:70b", "auto")])
-    ctl = GPUController(timeout=2.0, load_timeout=10.0, verify_timeout=5.0)
-    try:
-        result = ctl.force_cpu_load(node.url, "llama3.1:70b")
-    finally:
-        ctl.close()
+def test_split_model_forced_to_cpu_frees_its_vram(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1:70b", "auto")])
+    result = controller.force_cpu_load(node.url, "llama3.1:70b")
     assert result["success"] is True and result["location"] == LOCATION_CPU
     assert loaded(node, "llama3.1:70b")["size_vram"] == 0
 
 
-def test_oom_restores_the_model_and_the_models_it_evicted(make_node) -> None:
-    node = make_node(
+def test_oom_restores_the_model_and_the_models_it_evicted(quick_sim_node, controller) -> None:
+    node = quick_sim_node(
         vram_gb=24,
         ram_gb=128,
         preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu"), ("llama3.1:70b", "forced-cpu")],
     )
-    ctl = GPUController(timeout=2.0, load_timeout=10.0, verify_timeout=5.0)
-    try:
-        result = ctl.force_gpu_load(node.url, "llama3.1:70b")
-    finally:
-        ctl.close()
+    result = controller.force_gpu_load(node.url, "llama3.1:70b")
 
     assert result["success"] is False and result["reason"] == "out_of_memory"
     assert result["restored"] is True and result["location"] == LOCATION_CPU
@@ -193,14 +154,10 @@ def test_oom_restores_the_model_and_the_models_it_evicted(make_node) -> None:
         assert truth["size_vram"] == truth["size"] > 0
 
 
-def test_gpu_lost_after_resume_gives_no_gpu(make_node) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+def test_gpu_lost_after_resume_gives_no_gpu(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
     node.vram_gb = 0
-    ctl = GPUController(timeout=2.0, load_timeout=10.0, verify_timeout=5.0)
-    try:
-        result = ctl.force_gpu_load(node.url, "llama3.1")
-    finally:
-        ctl.close()
+    result = controller.force_gpu_load(node.url, "llama3.1")
     assert result["success"] is False and result["reason"] == "no_gpu"
     assert loaded(node, "llama3.1")["size_vram"] == 0
 
@@ -208,43 +165,35 @@ def test_gpu_lost_after_resume_gives_no_gpu(make_node) -> None:
 # ------------------------------------------------------------------------------------- restart, races
 
 
-def test_restart_puts_models_on_cpu_and_force_gpu_brings_them_back(make_node) -> None:
-    node = make_node(vram_gb=24, preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu")])
-    ctl = GPUController(timeout=2.0, load_timeout=10.0, verify_timeout=5.0)
-    try:
-        assert ctl.get_model_status(node.url)["gpu_count"] == 2  # a pooled connection to the old process
-        node.restart(downtime=0.1)
-        status = ctl.get_model_status(node.url)
-        assert status["cpu_count"] == 2 and status["gpu_count"] == 0, status
+def test_restart_puts_models_on_cpu_and_force_gpu_brings_them_back(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu")])
+    assert controller.get_model_status(node.url)["gpu_count"] == 2  # a pooled connection to the old process
+    node.restart(downtime=0.1)
+    status = controller.get_model_status(node.url)
+    assert status["cpu_count"] == 2 and status["gpu_count"] == 0, status
 
-        results = [ctl.force_gpu_load(node.url, name) for name in ("mxbai-embed-large", "llama3.1")]
+    results = [controller.force_gpu_load(node.url, name) for name in ("mxbai-embed-large", "llama3.1")]
 
-        assert [r["reason"] for r in results] == ["moved", "moved"], results
-        status = ctl.get_model_status(node.url)
-        assert status["gpu_count"] == 2 and status["cpu_count"] == 0
-    finally:
-        ctl.close()
+    assert [r["reason"] for r in results] == ["moved", "moved"], results
+    status = controller.get_model_status(node.url)
+    assert status["gpu_count"] == 2 and status["cpu_count"] == 0
 
 
-def test_two_threads_forcing_the_same_model_reload_it_once(make_node) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "cpu")], load_seconds_per_gb=0.05)
+def test_two_threads_forcing_the_same_model_reload_it_once(quick_sim_node, controller) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu")], load_seconds_per_gb=0.05)
     loads_before = node.counts("llama3.1")["loads"]
-    ctl = GPUController(timeout=2.0, load_timeout=10.0, verify_timeout=5.0)
     barrier = threading.Barrier(2)
     results: list[dict] = []
 
     def force() -> None:
         barrier.wait()
-        results.append(ctl.force_gpu_load(node.url, "LLaMA3.1:latest" if results else "llama3.1"))
+        results.append(controller.force_gpu_load(node.url, "LLaMA3.1:latest" if results else "llama3.1"))
 
     threads = [threading.Thread(target=force) for _ in range(2)]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=20)
-    finally:
-        ctl.close()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
 
     assert sorted(r["reason"] for r in results) == ["already", "moved"], results
     assert all(r["success"] for r in results)
@@ -252,8 +201,8 @@ def test_two_threads_forcing_the_same_model_reload_it_once(make_node) -> None:
     assert loaded(node, "llama3.1")["size_vram"] > 0
 
 
-def test_cancel_while_waiting_for_another_move(make_node, wait_until) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "cpu")])
+def test_cancel_while_waiting_for_another_move(quick_sim_node, wait_until) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu")])
     node.set_fault("hang", paths=("/api/generate",))
     ctl = GPUController(timeout=2.0, load_timeout=20.0, verify_timeout=5.0)
     first = threading.Thread(target=ctl.force_gpu_load, args=(node.url, "llama3.1"), daemon=True)
@@ -261,7 +210,7 @@ def test_cancel_while_waiting_for_another_move(make_node, wait_until) -> None:
     try:
         first.start()
         # once the first move has sent its load, a second one has to wait for its lock
-        wait_until(lambda: any(path == "/api/generate" for _, path, _ in node.request_log))
+        wait_until(lambda: any(path == "/api/generate" for _, path, _ in node.request_log), timeout=5)
         cancel.set()
         result = ctl.force_gpu_load(node.url, "llama3.1", cancel=cancel)
         assert result["reason"] == "cancelled" and result["success"] is False
@@ -272,8 +221,8 @@ def test_cancel_while_waiting_for_another_move(make_node, wait_until) -> None:
         ctl.close()
 
 
-def test_controller_still_works_after_close(make_node) -> None:
-    node = make_node(vram_gb=24, preload=[("llama3.1", "auto")])
+def test_controller_still_works_after_close(quick_sim_node) -> None:
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "auto")])
     ctl = GPUController(timeout=2.0)
     assert ctl.get_model_status(node.url)["gpu_count"] == 1
     ctl.close()
@@ -281,14 +230,10 @@ def test_controller_still_works_after_close(make_node) -> None:
     ctl.close()
 
 
-def test_cpu_move_that_does_not_fit_in_ram_goes_back_to_gpu(make_node) -> None:
+def test_cpu_move_that_does_not_fit_in_ram_goes_back_to_gpu(quick_sim_node, controller) -> None:
     # eras A/B refuse a CPU load larger than free RAM ("model requires more system memory")
-    node = make_node(vram_gb=24, ram_gb=4, preload=[("llama3.1", "gpu")])
-    ctl = GPUController(timeout=2.0, load_timeout=10.0, verify_timeout=5.0)
-    try:
-        result = ctl.force_cpu_load(node.url, "llama3.1")
-    finally:
-        ctl.close()
+    node = quick_sim_node(vram_gb=24, ram_gb=4, preload=[("llama3.1", "gpu")])
+    result = controller.force_cpu_load(node.url, "llama3.1")
     assert result["success"] is False and result["reason"] == "out_of_memory"
     assert "does not fit in RAM" in result["message"]
     assert result["restored"] is True and result["location"] == LOCATION_GPU

@@ -1,91 +1,19 @@
 """GPUOptimizer against simulated nodes over real sockets: what moves, what never moves, and when.
 
-Nodes come from conftest's `sim_node` factory; `make_balancer`, `Recorder` and `wait_for` are shared with
-test_balancer.py.
+Nodes come from conftest's `sim_node` factory and balancers from its `make_balancer`; `Recorder`,
+`wait_until` and the placement checks are in helpers.py, shared with test_balancer.py.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
 
 import pytest
 import requests
+from helpers import EMBED, LLAMA, Recorder, on_cpu, on_gpu, posts, wait_until
 
-from balancer import OllamaLoadBalancer
-from events import Event
 from gpu_controller import GPUController
-from ollama_sim import SimNode
 from optimizer import canonical_model_name, explicit_priority_names, matches_priority, priority_patterns
-
-LLAMA = "llama3.1:latest"
-EMBED = "mxbai-embed-large:latest"
-
-
-# --------------------------------------------------------------------------------------------- helpers
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 15.0) -> None:
-    """Poll with a deadline (never a fixed sleep): fail with `what` if it does not happen."""
-    deadline = time.monotonic() + timeout
-    pause = threading.Event()
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for: {what}")
-        pause.wait(0.02)
-
-
-def on_gpu(node: SimNode, model: str) -> bool:
-    return any(
-        m["name"] == model and not m["stopping"] and m["size_vram"] == m["size"] > 0 for m in node.loaded()
-    )
-
-
-def on_cpu(node: SimNode, model: str) -> bool:
-    return any(m["name"] == model and not m["stopping"] and m["size_vram"] == 0 for m in node.loaded())
-
-
-def posts(node: SimNode) -> list[tuple[str, str, object]]:
-    return [entry for entry in node.request_log if entry[0] == "POST"]
-
-
-class Recorder:
-    """Collects events; `count` and `wait` let a test wait for one without sleeping."""
-
-    def __init__(self, balancer: OllamaLoadBalancer) -> None:
-        self.events: list[Event] = []
-        self._lock = threading.Lock()
-        balancer.subscribe(self._add)
-
-    def _add(self, event: Event) -> None:
-        with self._lock:
-            self.events.append(event)
-
-    def of(self, kind: str) -> list[Event]:
-        with self._lock:
-            return [e for e in self.events if e.kind == kind]
-
-    def wait(self, kind: str, count: int = 1, timeout: float = 15.0) -> list[Event]:
-        wait_for(lambda: len(self.of(kind)) >= count, f"{count} {kind} event(s)", timeout)
-        return self.of(kind)
-
-
-@pytest.fixture(name="make_balancer")
-def make_balancer_fixture() -> Iterator[Callable[..., OllamaLoadBalancer]]:
-    """Fast health checks, optimizer off and a long interval unless a test says otherwise."""
-    balancers: list[OllamaLoadBalancer] = []
-
-    def make(urls: list[str], **options: object) -> OllamaLoadBalancer:
-        options.setdefault("health_interval", 0.2)
-        options.setdefault("check_interval", 300)
-        options.setdefault("auto_optimize_gpu", False)
-        options.setdefault("controller", GPUController(timeout=3.0, load_timeout=20.0, verify_timeout=10.0))
-        balancer = OllamaLoadBalancer(urls, **options)
-        balancers.append(balancer)
-        return balancer
-
-    yield make
-    for balancer in balancers:
-        balancer.close()
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -217,7 +145,7 @@ def test_explicit_priority_model_installed_but_not_loaded_is_loaded_on_a_gpu_nod
 ) -> None:
     node = sim_node(preload=[("llama3.1", "gpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1", "mxbai-embed-large", "nomic*"])
-    wait_for(lambda: EMBED in balancer.node_state(node.url).installed, "installed models known")
+    wait_until(lambda: EMBED in balancer.node_state(node.url).installed, "installed models known")
     assert balancer.node_state(node.url).has_gpu is True
 
     actions = balancer.optimize_gpu_once()
@@ -236,7 +164,7 @@ def test_dead_and_hung_nodes_do_not_hold_up_the_others(sim_node, make_balancer) 
         gpu_priority_models=["llama3.1"],
         controller=GPUController(timeout=1.0),
     )
-    wait_for(lambda: all(s.online for s in balancer.node_states()), "all nodes online")
+    wait_until(lambda: all(s.online for s in balancer.node_states()), "all nodes online")
     hung.set_fault("hang")
     dead.set_fault("down")
 
@@ -282,34 +210,38 @@ def test_restarted_node_gets_its_models_back_on_gpu_without_a_manual_pass(sim_no
     node.clear_fault()
 
     events.wait("node_up", count=2)
-    wait_for(lambda: on_gpu(node, EMBED) and on_gpu(node, LLAMA), "models back on GPU")
+    wait_until(lambda: on_gpu(node, EMBED) and on_gpu(node, LLAMA), "models back on GPU")
 
     def moved_by_optimizer() -> set[str | None]:
         return {e.model for e in events.of("move_finished") if e.data["source"] == "optimizer"}
 
-    wait_for(lambda: moved_by_optimizer() == {EMBED, LLAMA}, "both moves reported")  # verified after the sim
+    wait_until(
+        lambda: moved_by_optimizer() == {EMBED, LLAMA}, "both moves reported"
+    )  # verified after the sim
 
 
 def test_restart_without_downtime_is_seen_as_models_falling_off_gpu(sim_node, make_balancer) -> None:
     node = sim_node(preload=[("llama3.1", "gpu")])
     balancer = make_balancer([node.url], auto_optimize_gpu=True, gpu_priority_models=["llama3.1"])
-    wait_for(lambda: balancer.node_state(node.url).has_gpu, "GPU evidence")
+    wait_until(lambda: balancer.node_state(node.url).has_gpu, "GPU evidence")
 
     node.restart()
 
-    wait_for(lambda: node.counts(LLAMA)["loads"] == 1, "the optimizer reloaded it")  # preloads do not count
-    wait_for(lambda: on_gpu(node, LLAMA), "llama3.1 back on GPU")
+    wait_until(lambda: node.counts(LLAMA)["loads"] == 1, "the optimizer reloaded it")  # preloads do not count
+    wait_until(lambda: on_gpu(node, LLAMA), "llama3.1 back on GPU")
 
 
 def test_with_the_optimizer_off_nothing_moves(sim_node, make_balancer) -> None:
     node = sim_node(preload=[("llama3.1", "gpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
-    wait_for(lambda: balancer.node_state(node.url).online, "node online")
+    wait_until(lambda: balancer.node_state(node.url).online, "node online")
 
     node.restart()
-    wait_for(lambda: any(m["location"] == "CPU (RAM)" for m in balancer.node_state(node.url).models), "seen")
+    wait_until(
+        lambda: any(m["location"] == "CPU (RAM)" for m in balancer.node_state(node.url).models), "seen"
+    )
     checks = sum(path == "/api/ps" for _, path, _ in node.request_log)
-    wait_for(lambda: sum(p == "/api/ps" for _, p, _ in node.request_log) >= checks + 3, "three more checks")
+    wait_until(lambda: sum(p == "/api/ps" for _, p, _ in node.request_log) >= checks + 3, "three more checks")
 
     assert on_cpu(node, LLAMA) and posts(node) == []
     assert balancer.optimization_running is False
@@ -323,7 +255,7 @@ def test_an_added_node_gets_a_pass_at_once(sim_node, make_balancer) -> None:
 
     balancer.add_node(added.url)
 
-    wait_for(lambda: on_gpu(added, LLAMA), "the added node's model on GPU")
+    wait_until(lambda: on_gpu(added, LLAMA), "the added node's model on GPU")
     assert [e.node for e in events.of("node_added")] == [added.url]
     assert posts(first) == []
 
@@ -335,7 +267,7 @@ def test_a_node_coming_up_gets_absent_priority_models_warmed_onto_gpu(sim_node, 
         [node.url], auto_optimize_gpu=True, gpu_priority_models=["llama3.1", "mxbai-embed-large", "nomic*"]
     )
 
-    wait_for(lambda: on_gpu(node, EMBED), "mxbai-embed-large warmed onto GPU by the node-up pass")
+    wait_until(lambda: on_gpu(node, EMBED), "mxbai-embed-large warmed onto GPU by the node-up pass")
     assert on_gpu(node, LLAMA)
     assert node.counts("nomic-embed-text")["loads"] == 0  # a glob never loads what is not loaded
 
@@ -347,14 +279,14 @@ def test_interval_passes_do_not_reload_a_priority_model_that_expired(sim_node, m
         [node.url], auto_optimize_gpu=True, gpu_priority_models=["llama3.1"], check_interval=300
     )
     events = Recorder(balancer)
-    wait_for(lambda: balancer.optimizer_status()["last_pass"] is not None, "the start-up pass")
+    wait_until(lambda: balancer.optimizer_status()["last_pass"] is not None, "the start-up pass")
     unload = requests.post(f"{node.url}/api/generate", json={"model": "llama3.1", "keep_alive": 0}, timeout=5)
     assert unload.json()["done_reason"] == "unload"
-    wait_for(lambda: not node.loaded(), "llama3.1 unloaded (it expired)")
+    wait_until(lambda: not node.loaded(), "llama3.1 unloaded (it expired)")
     passes, loads = len(events.of("pass_finished")), node.counts(LLAMA)["loads"]
 
     balancer.check_interval = 0.1
-    wait_for(lambda: len(events.of("pass_finished")) >= passes + 3, "three interval passes")
+    wait_until(lambda: len(events.of("pass_finished")) >= passes + 3, "three interval passes")
 
     assert node.loaded() == []
     assert node.counts(LLAMA)["loads"] == loads
@@ -366,12 +298,12 @@ def test_interval_change_at_run_time_wakes_the_optimizer(sim_node, make_balancer
         [node.url], auto_optimize_gpu=True, check_interval=300, gpu_priority_models=["llama3.1"]
     )
     events = Recorder(balancer)
-    wait_for(lambda: balancer.optimizer_status()["last_pass"] is not None, "the start-up pass")
+    wait_until(lambda: balancer.optimizer_status()["last_pass"] is not None, "the start-up pass")
     full_passes = len([e for e in events.of("pass_finished") if e.data["scope"] == "all"])
 
     balancer.check_interval = 0.1
 
-    wait_for(
+    wait_until(
         lambda: len([e for e in events.of("pass_finished") if e.data["scope"] == "all"]) >= full_passes + 2,
         "two more interval passes",
     )
@@ -384,7 +316,7 @@ def test_the_spec_loop_name_blocks_until_stopped(sim_node, make_balancer) -> Non
     balancer = make_balancer([node.url])
     loop = threading.Thread(target=balancer._gpu_optimization_loop)
     loop.start()
-    wait_for(lambda: balancer.optimization_running, "optimizer running")
+    wait_until(lambda: balancer.optimization_running, "optimizer running")
     assert loop.is_alive()
 
     balancer.stop_gpu_optimization()
@@ -399,7 +331,7 @@ def test_stop_mid_wait_ends_the_thread(sim_node, make_balancer) -> None:
     events = Recorder(balancer)
     assert balancer.optimization_running and balancer.auto_optimize_gpu
     thread = balancer.optimizer._thread
-    wait_for(lambda: balancer.optimizer_status()["last_pass"] is not None, "the start-up pass")
+    wait_until(lambda: balancer.optimizer_status()["last_pass"] is not None, "the start-up pass")
 
     assert balancer.stop_gpu_optimization() is True
 
@@ -412,7 +344,7 @@ def test_stop_mid_wait_ends_the_thread(sim_node, make_balancer) -> None:
 def test_stop_mid_pass_ends_the_thread_while_a_load_is_running(sim_node, make_balancer) -> None:
     node = sim_node(load_seconds_per_gb=2.0, preload=[("llama3.1", "cpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
-    wait_for(lambda: balancer.node_state(node.url).online, "node online")
+    wait_until(lambda: balancer.node_state(node.url).online, "node online")
     events = Recorder(balancer)
     balancer._start_gpu_optimization()
     events.wait("move_started")
@@ -445,7 +377,9 @@ def test_a_load_that_pushes_another_priority_model_off_the_gpu_is_backed_off(sim
     """Two priority models that do not fit together must not ping-pong every pass."""
     node = sim_node(vram_gb=8, preload=[("llama3.1", "gpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1", "codellama"])
-    wait_for(lambda: "codellama:latest" in balancer.node_state(node.url).installed, "installed models known")
+    wait_until(
+        lambda: "codellama:latest" in balancer.node_state(node.url).installed, "installed models known"
+    )
 
     [first] = balancer.optimize_gpu_once()  # loads codellama, which evicts llama3.1
     assert (first["model"], first["action"]) == ("codellama:latest", "moved") and "displaced" in first[

@@ -8,7 +8,7 @@ import socket
 import httpx
 import ollama
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 
 from ollama_sim import CATALOG
 
@@ -60,7 +60,7 @@ def test_generate_load_then_unload(client, node):
     assert "llama3.1:latest" in [m.model for m in client.ps().models]
     unloaded = client.generate(model="llama3.1", prompt="", keep_alive=0)
     assert unloaded.done_reason == "unload"
-    wait_until(lambda: "llama3.1:latest" not in [m.model for m in client.ps().models])
+    wait_until(lambda: "llama3.1:latest" not in [m.model for m in client.ps().models], timeout=5)
     assert node.counts("llama3.1") == {"loads": 1, "unloads": 1}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import wait_until
+from helpers import wait_until
 
 from ollama_sim import BUSY_TEXT, SimCluster, SimNode
 
@@ -50,7 +50,7 @@ def test_restart_with_downtime_refuses_connections_then_recovers_on_the_same_por
     port = node.port
     restarting = threading.Thread(target=node.restart, kwargs={"downtime": 0.5})
     restarting.start()
-    wait_until(lambda: connect_refused(node))
+    wait_until(lambda: connect_refused(node), timeout=5)
     with pytest.raises(requests.ConnectionError):
         requests.get(node.url + "/api/ps", timeout=2)
     restarting.join(timeout=5)
@@ -89,7 +89,7 @@ def test_hang_holds_the_reply_until_cleared(sim_node):
         target=lambda: result.update(reply=requests.get(node.url + "/api/version", timeout=10))
     )
     waiting.start()
-    wait_until(lambda: len(node.request_log) >= 2)
+    wait_until(lambda: len(node.request_log) >= 2, timeout=5)
     node.clear_fault()
     waiting.join(timeout=10)
     assert result["reply"].json() == {"version": "0.33.0-rc2"}
@@ -109,7 +109,7 @@ def test_stop_releases_hung_handlers():
 
     caller = threading.Thread(target=call)
     caller.start()
-    wait_until(lambda: node.request_log)
+    wait_until(lambda: node.request_log, timeout=5)
     cluster.stop()  # must return although a handler is hung (pytest-timeout guards it)
     caller.join(timeout=5)
     assert not caller.is_alive() and len(errors) == 1
@@ -128,7 +128,7 @@ def test_stop_ends_a_load_in_progress(sim_node):
 
     loader = threading.Thread(target=load)
     loader.start()
-    wait_until(lambda: node.loading == "llama3.1:latest")
+    wait_until(lambda: node.loading == "llama3.1:latest", timeout=5)
     node.stop()
     loader.join(timeout=5)
     assert not loader.is_alive()
@@ -237,7 +237,7 @@ def test_byte_counters_count_headers_and_bodies_exactly(sim_node):
     reply = raw_exchange(node, request)
     assert reply.startswith(b"HTTP/1.1 200 ") and b'"done_reason":"load"' in reply
     assert b"\r\nServer:" not in reply
-    wait_until(lambda: node.bytes_out == len(reply))
+    wait_until(lambda: node.bytes_out == len(reply), timeout=5)
     assert node.bytes_in == len(request)
 
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
-from conftest import wait_until
+from helpers import wait_until
 
 from ollama_sim import CATALOG
 
@@ -287,7 +287,9 @@ def test_eviction_prefers_an_idle_model_over_a_busy_shorter_one(sim_node):
 
     busy = threading.Thread(target=generate_until_stopped)
     busy.start()
-    wait_until(lambda: any(m["name"] == "codellama:latest" and m["in_flight"] for m in node.loaded()))
+    wait_until(
+        lambda: any(m["name"] == "codellama:latest" and m["in_flight"] for m in node.loaded()), timeout=5
+    )
     node.inference_time_scale = 0.0
     reply = generate(node, "llama3.2:3b")  # needs one victim: the idle llama3.1, not the busy codellama
     assert reply.status_code == 200
@@ -310,7 +312,7 @@ def test_a_runner_computes_one_request_at_a_time(sim_node):
     askers = [threading.Thread(target=ask) for _ in range(2)]
     for asker in askers:
         asker.start()
-    wait_until(lambda: node.loaded()[0]["computing"] + node.loaded()[0]["waiting"] == 2)
+    wait_until(lambda: node.loaded()[0]["computing"] + node.loaded()[0]["waiting"] == 2, timeout=5)
     runner = node.loaded()[0]
     assert (runner["computing"], runner["waiting"]) == (1, 1)  # OLLAMA_NUM_PARALLEL=1: one waits its turn
     node.stop()
@@ -392,7 +394,7 @@ def test_keep_alive_zero_with_a_prompt_generates_then_unloads(sim_node):
     node = sim_node(vram_gb=24)
     reply = generate(node, "llama3.2:3b", prompt="hi", keep_alive=0, stream=False)
     assert reply.status_code == 200 and reply.json()["done_reason"] == "stop"
-    wait_until(lambda: "llama3.2:3b" not in ps(node))
+    wait_until(lambda: "llama3.2:3b" not in ps(node), timeout=5)
 
 
 def test_fractional_keep_alive_is_a_load_not_an_unload(sim_node):
@@ -410,7 +412,7 @@ def test_unload_is_asynchronous(sim_node):
     stopping = ps(node)["llama3.1:latest"]  # still listed, expiring now ("Stopping...")
     assert expires_at(stopping) <= datetime.now(UTC) + timedelta(seconds=1)
     assert node.loaded()[0]["stopping"]
-    wait_until(lambda: "llama3.1:latest" not in ps(node))
+    wait_until(lambda: "llama3.1:latest" not in ps(node), timeout=5)
     assert node.counts("llama3.1") == {"loads": 0, "unloads": 1}
 
 
@@ -419,7 +421,7 @@ def test_unload_of_an_unknown_model_is_a_404_and_of_an_embedding_model_works(sim
     reply = generate(node, "nope", keep_alive=0)
     assert reply.status_code == 404 and reply.json() == {"error": "model 'nope' not found"}
     assert generate(node, "all-minilm", keep_alive=0).json()["done_reason"] == "unload"
-    wait_until(lambda: ps(node) == {})
+    wait_until(lambda: ps(node) == {}, timeout=5)
 
 
 def test_unload_of_a_model_not_loaded_is_a_200_no_op(sim_node):
@@ -435,7 +437,7 @@ def test_a_model_is_listed_only_after_its_load_finished(sim_node):
         target=lambda: result.update(reply=post(node, "/api/embed", model="mxbai-embed-large", input=""))
     )
     worker.start()
-    wait_until(lambda: node.loading == "mxbai-embed-large:latest")
+    wait_until(lambda: node.loading == "mxbai-embed-large:latest", timeout=5)
     assert ps(node) == {}
     node.load_seconds_per_gb = 0.0
     worker.join(timeout=10)
@@ -460,10 +462,10 @@ def test_full_pending_queue_is_a_503_but_loaded_models_bypass_it(sim_node):
 
     first = threading.Thread(target=embed, args=("mxbai-embed-large",))  # holds the load slot
     first.start()
-    wait_until(lambda: node.loading == "mxbai-embed-large:latest")
+    wait_until(lambda: node.loading == "mxbai-embed-large:latest", timeout=5)
     second = threading.Thread(target=embed, args=("all-minilm",))
     second.start()
-    wait_until(lambda: node.queued == 1)
+    wait_until(lambda: node.queued == 1, timeout=5)
     busy = post(node, "/api/embed", model="nomic-embed-text", input="")
     assert busy.status_code == 503
     assert busy.json() == {"error": "server busy, please try again.  maximum pending requests exceeded"}
