@@ -61,6 +61,19 @@ class Terminal:
     def type(self, keys: str) -> None:
         self.child.send(keys.encode())
 
+    def wait_for_exit(self, timeout: float = 15.0) -> int | None:
+        """Wait (bounded) for the console to end; its exit status."""
+        self.child.expect(pexpect.EOF, timeout=timeout)
+        self.child.close()
+        return self.child.exitstatus
+
+    def __enter__(self) -> Terminal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.child.isalive():
+            self.child.terminate(force=True)
+
 
 @pytest.fixture
 def terminal_env(tmp_path: Path) -> dict[str, str]:
@@ -72,7 +85,7 @@ def terminal_env(tmp_path: Path) -> dict[str, str]:
 def test_console_in_a_real_terminal(sim_node, terminal_env: dict[str, str]) -> None:
     node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "gpu")])
     short = node.url.split("://")[1]
-    term = Terminal(
+    with Terminal(
         [
             "--nodes",
             node.url,
@@ -84,8 +97,7 @@ def test_console_in_a_real_terminal(sim_node, terminal_env: dict[str, str]) -> N
             "0.2",
         ],
         terminal_env,
-    )
-    try:
+    ) as term:
         term.wait_for(lambda: PROMPT.strip() in term.cursor_line(), "the prompt")
         term.wait_for(lambda: "GPU auto-optimization enabled" in term.text(), "the optimizer start line")
         term.wait_for(lambda: "1/1 nodes online  1 with GPU  optimizer on" in term.text(), "the toolbar")
@@ -109,38 +121,26 @@ def test_console_in_a_real_terminal(sim_node, terminal_env: dict[str, str]) -> N
         term.wait_for(lambda: f"{short}  already there: GPU (VRAM)" in term.text(), "the force_gpu result")
 
         term.type("exit\r")
-        term.child.expect(pexpect.EOF, timeout=15)
-        term.child.close()
-        assert term.child.exitstatus == 0
-    finally:
-        if term.child.isalive():
-            term.child.terminate(force=True)
+        assert term.wait_for_exit() == 0
 
 
 def test_unreachable_default_node_and_bad_input_in_a_terminal(sim_node, terminal_env: dict[str, str]) -> None:
     dead = sim_node(vram_gb=0)
     dead.set_fault("down")
     terminal_env["OLLAMA_HOST"] = dead.url
-    term = Terminal(["--health-interval", "0.2"], terminal_env)
-    try:
+    with Terminal(["--health-interval", "0.2"], terminal_env) as term:
         term.wait_for(lambda: "--demo" in term.text(), "the --demo suggestion")
         term.wait_for(lambda: PROMPT.strip() in term.cursor_line(), "the prompt")
         term.type("vram_repotr\r")
         term.wait_for(lambda: "did you mean `vram_report`?" in term.text(), "the did-you-mean line")
         term.wait_for(lambda: term.cursor_line().endswith(PROMPT.strip()), "a fresh prompt")
         term.type("\x04")  # Ctrl-D
-        term.child.expect(pexpect.EOF, timeout=15)
-        term.child.close()
-        assert term.child.exitstatus == 0
-    finally:
-        if term.child.isalive():
-            term.child.terminate(force=True)
+        assert term.wait_for_exit() == 0
 
 
 def test_ctrl_c_cancels_a_long_move_and_exit_is_prompt(sim_node, terminal_env: dict[str, str]) -> None:
     node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")], load_seconds_per_gb=60)
-    term = Terminal(["--nodes", node.url, "--no-optimizer", "--health-interval", "0.2"], terminal_env)
-    try:
+    with Terminal(["--nodes", node.url, "--no-optimizer", "--health-interval", "0.2"], terminal_env) as term:
         term.wait_for(lambda: "1/1 nodes online" in term.text(), "the toolbar")
         term.type("force_gpu mxbai-embed-large\r")
         term.wait_for(lambda: "moving to GPU..." in term.text(), "the move to start")
@@ -148,27 +148,16 @@ def test_ctrl_c_cancels_a_long_move_and_exit_is_prompt(sim_node, terminal_env: d
         term.wait_for(lambda: "cancelled" in term.text(), "the cancel line")
         term.wait_for(lambda: term.cursor_line().endswith(PROMPT.strip()), "a fresh prompt")
         term.type("exit\r")
-        term.child.expect(pexpect.EOF, timeout=15)  # well before the simulated load would end
-        term.child.close()
-        assert term.child.exitstatus == 0
-    finally:
-        if term.child.isalive():
-            term.child.terminate(force=True)
+        assert term.wait_for_exit() == 0  # well before the simulated load would end
 
 
 def test_demo_shows_the_optimizer_loop(terminal_env: dict[str, str], tmp_path: Path) -> None:
-    term = Terminal(["--demo"], terminal_env)
-    try:
+    with Terminal(["--demo"], terminal_env) as term:
         term.wait_for(lambda: "demo: 3 simulated Ollama nodes" in term.text(), "the demo banner")
         banner = next(line for line in term.lines() if line.startswith("demo: 3 simulated"))
         restarted_port = banner.split("(", 1)[1].split(")", 1)[0].split(", ")[2]
         moved = f"mxbai-embed-large:latest now on GPU on 127.0.0.1:{restarted_port}"
         term.wait_for(lambda: moved in term.text(), "the optimizer to fix the restarted node", timeout=30)
         term.type("exit\r")
-        term.child.expect(pexpect.EOF, timeout=15)
-        term.child.close()
-        assert term.child.exitstatus == 0
+        assert term.wait_for_exit() == 0
         assert not (tmp_path / "config.toml").exists()  # the demo never writes the user's config
-    finally:
-        if term.child.isalive():
-            term.child.terminate(force=True)

@@ -23,6 +23,14 @@ def generate(node, model: str, **body) -> requests.Response:
     return post(node, "/api/generate", model=model, **body)
 
 
+def generate_into(outcomes: list, node, model: str) -> None:
+    """One generation; appends its status code, or the error when the node's stop cuts the connection."""
+    try:
+        outcomes.append(generate(node, model, prompt="hi", stream=False).status_code)
+    except requests.RequestException as err:
+        outcomes.append(err)
+
+
 def load(node, model: str, **body) -> dict:
     """Load (generate with no prompt; /api/embed with empty input for embedding models): its /api/ps entry."""
     if CATALOG[canonical(model)].embedding_only:
@@ -278,14 +286,7 @@ def test_eviction_prefers_an_idle_model_over_a_busy_shorter_one(sim_node):
     load(node, "llama3.1", keep_alive="1h")
     node.inference_time_scale = 10_000.0  # the next generation runs until the node stops
     outcome: list = []
-
-    def generate_until_stopped() -> None:
-        try:
-            outcome.append(generate(node, "codellama", prompt="hi", stream=False).status_code)
-        except requests.RequestException as err:  # the stop cuts the connection
-            outcome.append(err)
-
-    busy = threading.Thread(target=generate_until_stopped)
+    busy = threading.Thread(target=generate_into, args=(outcome, node, "codellama"))
     busy.start()
     wait_until(
         lambda: any(m["name"] == "codellama:latest" and m["in_flight"] for m in node.loaded()), timeout=5
@@ -302,14 +303,7 @@ def test_eviction_prefers_an_idle_model_over_a_busy_shorter_one(sim_node):
 def test_a_runner_computes_one_request_at_a_time(sim_node):
     node = sim_node(vram_gb=24, inference_time_scale=10_000.0, preload=[("llama3.2:3b", "auto")])
     outcomes: list = []
-
-    def ask() -> None:
-        try:
-            outcomes.append(generate(node, "llama3.2:3b", prompt="hi", stream=False).status_code)
-        except requests.RequestException as err:  # the stop cuts the connection
-            outcomes.append(err)
-
-    askers = [threading.Thread(target=ask) for _ in range(2)]
+    askers = [threading.Thread(target=generate_into, args=(outcomes, node, "llama3.2:3b")) for _ in range(2)]
     for asker in askers:
         asker.start()
     wait_until(lambda: node.loaded()[0]["computing"] + node.loaded()[0]["waiting"] == 2, timeout=5)
