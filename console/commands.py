@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import shlex
+import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +66,7 @@ class Context:
         (self.progress or self.console).print(Text(message, style="dim"))
 
     def run_cancellable(self, work: Callable[[threading.Event], Any]) -> Any:
-        """Run a long core call in a worker thread so Ctrl-C in the main thread can cancel it."""
+        """Run a long core call in a worker thread; Ctrl-C sets its cancel Event and returns to the prompt."""
         self.cancel = threading.Event()
         done = threading.Event()
         box: dict[str, Any] = {}
@@ -77,18 +79,34 @@ class Context:
             finally:
                 done.set()
 
-        try:
+        with ctrl_c_sets(self.cancel):
             threading.Thread(target=worker, name="console-command", daemon=True).start()
-            while not done.wait(0.1):  # short waits keep the main thread responsive to SIGINT
-                pass
-        except KeyboardInterrupt:
-            self.cancel.set()  # the core stops at its next check point; we do not wait for it
+            while not (done.wait(0.1) or self.cancel.is_set()):  # the SIGINT handler runs between waits
+                continue
+        if self.cancel.is_set():  # the core stops at its next check point
             if done.wait(CANCEL_GRACE_S):
-                raise Cancelled("cancelled") from None
-            raise Cancelled("cancelled (a step already under way finishes in the background)") from None
+                raise Cancelled("cancelled")
+            raise Cancelled("cancelled (a step already under way finishes in the background)")
         if "error" in box:
             raise box["error"]
         return box.get("value")
+
+
+@contextmanager
+def ctrl_c_sets(event: threading.Event) -> Iterator[None]:
+    """While a long command runs, SIGINT sets `event` instead of raising KeyboardInterrupt.
+
+    A KeyboardInterrupt lands wherever the main thread happens to be, including inside a lock taken
+    by a print; an Event set by the handler cannot leave anything half done.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass(frozen=True)
