@@ -382,9 +382,11 @@ class GPUOptimizer:
             elif is_off_gpu(model):
                 candidates.append(name)
         if load_absent and state.has_gpu is True:
-            reply = balancer.controller.list_installed(url)  # fresh: the node may have just restarted
-            balancer._record_installed(url, reply)
-            installed = {canonical_model_name(name) for name in reply.get("models", [])}
+            installed = set(state.installed)
+            if not state.installed_checked_at:  # seen up by this pass before the monitor read /api/tags
+                reply = balancer.controller.list_installed(url)
+                balancer._record_installed(url, reply)
+                installed = {canonical_model_name(name) for name in reply.get("models", [])}
             candidates += [n for n in explicit_priority_names(patterns) if n not in loaded and n in installed]
         actions = []
         for name in candidates:
