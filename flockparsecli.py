@@ -27,7 +27,16 @@ from rich.text import Text
 
 from balancer import OllamaLoadBalancer
 from console import render
-from console.commands import REGISTRY, CommandError, Context, Outcome, dispatch, parse_line
+from console.commands import (
+    REGISTRY,
+    CommandError,
+    Context,
+    Outcome,
+    check_arity,
+    dispatch,
+    parse_line,
+    resolve,
+)
 from console.config import Config, ConfigError, config_dir, load_config
 from gpu_controller import GPUController
 
@@ -207,7 +216,7 @@ def run_line(ctx: Context, line: str) -> Outcome:
 
 def one_shot(ctx: Context, words: list[str], as_json: bool) -> int:
     """Run one command; exit 0 on success, 1 when it failed or a node was unreachable, 2 on usage errors."""
-    errors = Console(stderr=True, highlight=False)
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         outcome = dispatch(ctx, words)
     except CommandError as exc:
@@ -322,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.config, args.nodes, args.priority, args.interval, args.health_interval, args.timeout
             )
     except ConfigError as exc:
-        Console(stderr=True).print(render.error_line(str(exc)))
+        Console(stderr=True, soft_wrap=True).print(render.error_line(str(exc)))
         return 2
     words = list(args.command)
     balancer = make_balancer(config, optimize=not words and not args.no_optimizer)
@@ -338,7 +347,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_one_shot(balancer: OllamaLoadBalancer, config: Config, words: list[str], as_json: bool) -> int:
     """Health monitor only (no optimizer thread), one bounded health round, then the command."""
-    errors = Console(stderr=True, highlight=False)
+    errors = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:  # a mistyped command is told at once, before any node is contacted
+        check_arity(resolve(words[0]), words[1:])
+    except CommandError as exc:
+        errors.print(render.error_line(str(exc)))
+        return exc.exit_code
     ctx = Context(balancer=balancer, console=make_one_shot_console(), config=config, progress=errors)
     if not as_json:
         balancer.subscribe(EventPrinter(errors, ONE_SHOT_PROGRESS))

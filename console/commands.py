@@ -22,6 +22,7 @@ from rich.text import Text
 
 from console import render
 from console.config import Config, ConfigError, normalize_url, save_nodes
+from gpu_controller import model_key
 
 CANCEL_GRACE_S = 0.5  # after Ctrl-C, how long we give the core to notice the cancel Event
 
@@ -211,16 +212,10 @@ def as_dict(value: Any) -> dict[str, Any]:
     return {key: val for key, val in vars(value).items() if not key.startswith("_")}
 
 
-def canonical(name: str) -> str:
-    """Ollama's spelling: lower case, `:latest` when no tag (`llama3.1` == `llama3.1:latest`)."""
-    name = name.strip().lower()
-    return name if ":" in name.rsplit("/", 1)[-1] else name + ":latest"
-
-
 def check_known_model(ctx: Context, name: str) -> None:
     """Refuse a model no node knows, before touching any node."""
     known = ctx.balancer.known_models()
-    if canonical(name) in {canonical(model) for model in known}:
+    if model_key(name) in {model_key(model) for model in known}:
         return
     if not known:
         raise CommandError(
@@ -397,7 +392,7 @@ def cmd_priority(ctx: Context, args: list[str]) -> Outcome:
             raise CommandError(f"{name} is already a priority model")
         balancer.gpu_priority_models = [*current, name]  # a new list: the optimizer may be iterating
     elif sub == "remove":
-        keep = [c for c in current if c.lower() != args[1].lower() and canonical(c) != canonical(args[1])]
+        keep = [c for c in current if c.lower() != args[1].lower() and model_key(c) != model_key(args[1])]
         if len(keep) == len(current):
             raise CommandError(
                 f"{args[1]} is not a priority model (priority: {', '.join(current) or 'none'})"

@@ -24,11 +24,12 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 import flockparsecli
-from console.commands import Cancelled, Context, canonical
+from console.commands import Cancelled, Context
 from console.completion import ConsoleCompleter, ModelNameRefresher
 from console.config import Config
 from console.toolbar import toolbar_fragments, toolbar_state
 from flockparsecli import first_health_round, interactive, main, make_balancer, run_line
+from gpu_controller import model_key
 from ollama_sim import SimCluster
 
 
@@ -244,7 +245,7 @@ def test_completion_offers_whole_model_names_known_to_the_cluster(harness: Harne
     assert offered == ["llama3.1:70b", "llama3.1:latest"]
     offered = [c.text for c in completer.get_completions(Document("force_cpu mxb"), None)]
     assert offered == ["mxbai-embed-large:latest"]
-    assert canonical(offered[0]) in harness.ctx.balancer.known_models()
+    assert model_key(offered[0]) in harness.ctx.balancer.known_models()
 
 
 # ------------------------------------------------------------------ the real loop through a pipe
@@ -304,9 +305,11 @@ def test_one_shot_json_vram_report(harness: Harness, capsys: pytest.CaptureFixtu
 def test_one_shot_exit_codes(harness: Harness, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     nodes = ",".join(harness.cluster.urls)
     assert one_shot(["--nodes", nodes, "nodes"], capsys)[0] == 0
+    requests_before = [len(node.request_log) for node in harness.cluster.nodes]
     code, _, err = one_shot(["--nodes", nodes, "frobnicate"], capsys)
     assert code == 2 and "unknown command `frobnicate`" in err
     assert one_shot(["--nodes", nodes, "force_gpu"], capsys)[0] == 2
+    assert [len(node.request_log) for node in harness.cluster.nodes] == requests_before  # told at once
     assert one_shot(["--nodes", nodes, "force_gpu", "nope"], capsys)[0] == 1
     code, out, _ = one_shot(["--nodes", nodes, "force_gpu", "mxbai-embed-large", "--json"], capsys)
     assert code == 0 and {item["result"].get("reason") for item in json.loads(out)} == {"no_gpu", "moved"}

@@ -11,11 +11,12 @@ from prompt_toolkit.document import Document
 from rich.console import Console
 
 from console import render
-from console.commands import REGISTRY, UsageError, canonical, check_arity, parse_line, resolve
+from console.commands import REGISTRY, UsageError, check_arity, parse_line, resolve
 from console.completion import ConsoleCompleter, argument_kind
 from console.config import ConfigError, dumps, load_config, normalize_url, save_nodes
 from console.toolbar import toolbar_fragments
 from events import Event
+from gpu_controller import model_key
 
 NOW = 1_800_000_000.0
 
@@ -156,9 +157,9 @@ def test_parse_line_reports_unbalanced_quotes() -> None:
 
 
 def test_canonical_names() -> None:
-    assert canonical("Llama3.1") == "llama3.1:latest"
-    assert canonical("llama3.1:8b") == "llama3.1:8b"
-    assert canonical("hf.co/x/y") == "hf.co/x/y:latest"
+    assert model_key("Llama3.1") == "llama3.1:latest"
+    assert model_key("llama3.1:8b") == "llama3.1:8b"
+    assert model_key("hf.co/x/y") == "hf.co/x/y:latest"
 
 
 def test_help_lists_every_command_from_the_registry() -> None:
