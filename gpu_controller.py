@@ -33,6 +33,7 @@ LOCATION_CPU = "CPU (RAM)"
 LOCATION_UNKNOWN = "Unknown"
 
 MIB = 1024 * 1024
+USER_AGENT = "flockparse"
 FOREVER_AFTER = timedelta(days=365 * 20)  # `ollama ps` shows "Forever" beyond 20 years
 ALL_LAYERS_FALLBACK = 999  # llama.cpp clamps an explicit layer count to the model's layers
 POLL_INTERVAL = 0.025  # seconds between /api/ps polls while verifying a placement
@@ -302,6 +303,8 @@ class GPUController:
             if session is None:
                 session = requests.Session()
                 session.trust_env = False  # no proxy from the environment: nodes are reached directly
+                # only what Ollama needs: the health check runs every few seconds on every node
+                session.headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
                 adapter = HTTPAdapter(pool_connections=1, pool_maxsize=8, max_retries=0)
                 session.mount("http://", adapter)
                 session.mount("https://", adapter)
