@@ -2,7 +2,7 @@
 
 Node 1 is CPU-only, node 2 is a GPU node with llama3.1 on GPU, node 3 is a GPU node that has "just
 restarted": mxbai-embed-large sits on CPU although the GPU is free. Within seconds the optimizer moves it
-to GPU; `vram_report` shows before and after. Nothing is written to the user's config file.
+to GPU and says so above the prompt. Nothing is written to the user's config file.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ def toolbar_state(balancer: Any) -> dict[str, Any]:
         "nodes_gpu": sum(1 for state in states if state.online and state.has_gpu),
         "optimizer_running": bool(status.get("running")),
         "next_pass_in": status.get("next_pass_in"),
-        "busy": None,
     }
 
 
@@ -58,7 +57,5 @@ def toolbar_fragments(state: dict[str, Any]) -> list[tuple[str, str]]:
             fragments.append(("class:bottom-toolbar", f", next pass in {human_seconds(float(next_in))}"))
     else:
         fragments.append(("class:bottom-toolbar.warn", "off"))
-    if state.get("busy"):
-        fragments.append(("class:bottom-toolbar.warn", f"  {state['busy']}"))
     fragments.append(("class:bottom-toolbar.dim", "  [Tab] complete  [help]  [Ctrl-D] exit "))
     return fragments
