@@ -16,11 +16,28 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import gpu_state as gs
 from events import Event, EventBus
-from gpu_controller import LOCATION_GPU, GPUController, NodeError, normalize_url
-from optimizer import GPUOptimizer, canonical_model_name, is_off_gpu, matches_priority, priority_patterns
+from gpu_controller import (
+    LOCATION_GPU,
+    GPUController,
+    NodeError,
+    canonical_name,
+    normalize_url,
+    parse_expires_at,
+    same_model,
+)
+from optimizer import (
+    UNMOVABLE_REASONS,
+    GPUOptimizer,
+    canonical_model_name,
+    is_off_gpu,
+    matches_priority,
+    priority_patterns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +45,7 @@ DEFAULT_PRIORITY_MODELS = ["mxbai-embed-large", "llama3.1"]
 OFFLINE_RECHECK_SECONDS = 1.0  # an offline node is re-checked this often (a refused connect is cheap)
 INSTALLED_REFRESH_SECONDS = 180.0  # how often the monitor re-reads /api/tags (for completion only)
 MAX_WORKERS = 64  # threads are created lazily; 200 nodes x 50 ms still finish in well under a second
-EVIDENCE_VRAM = "model seen in VRAM"
-EVIDENCE_RAM = "all-layers load landed in RAM"
-EVIDENCE_DECLARED = "declared in configuration"
+RESTART_MARGIN_S = 10.0  # models gone this long before their expiry did not expire: the node restarted
 
 
 class AllNodesFailedError(RuntimeError):
@@ -58,9 +73,16 @@ class NodeState:
 
     url: str
     online: bool | None = None  # None until the first check
-    has_gpu: bool | None = None  # None = unknown: only evidence or configuration decides
+    gpu: str = gs.GPU_UNKNOWN  # yes | no | unknown | lost (gpu_state.py): only evidence or configuration
+    has_gpu: bool | None = None  # the same as a tri-state: True, False (no or lost), None (unknown)
     declared_gpu: bool | None = None
     gpu_evidence: str = ""
+    gpu_seen: bool = False  # a GPU was seen here once: a load landing in RAM now means it was lost
+    gpu_lost_since: float | None = None  # time.time() the current loss began; None when not lost
+    cpu_landings: int = 0  # all-layers loads in RAM in a row (Ollama < 0.30 needs two to conclude)
+    ollama_version: str | None = None
+    previous_gpu_models: list[str] = field(default_factory=list)  # on its GPU before it restarted
+    unmovable: dict[str, dict] = field(default_factory=dict)  # model key -> {"reason", "message"}
     latency_ms: float | None = None
     last_error: str | None = None
     last_seen: float | None = None  # time.time() of the last good reply
@@ -74,8 +96,17 @@ class NodeState:
 
     def snapshot(self) -> NodeState:
         return dataclasses.replace(
-            self, models=[dict(m) for m in self.models], installed=list(self.installed)
+            self,
+            models=[dict(m) for m in self.models],
+            installed=list(self.installed),
+            previous_gpu_models=list(self.previous_gpu_models),
+            unmovable={k: dict(v) for k, v in self.unmovable.items()},
         )
+
+    @property
+    def reports_estimates(self) -> bool:
+        """Ollama < 0.30: /api/ps figures are estimates, and one RAM landing proves nothing."""
+        return gs.reports_estimates(self.ollama_version)
 
 
 class OllamaLoadBalancer:
@@ -93,6 +124,8 @@ class OllamaLoadBalancer:
         controller: GPUController | None = None,
         start: bool = True,
         request_timeout: float = 300.0,
+        on_gpu_lost: str | None = None,
+        remedy_timeout: float = gs.REMEDY_TIMEOUT_S,
     ) -> None:
         self.events = EventBus()
         self.controller = controller if controller is not None else GPUController(keep_alive=keep_alive)
@@ -101,6 +134,8 @@ class OllamaLoadBalancer:
         )
         self.health_interval = float(health_interval)
         self.request_timeout = float(request_timeout)
+        self.on_gpu_lost = on_gpu_lost  # the operator's remedy command; off by default
+        self.remedy_timeout = float(remedy_timeout)
         self._lock = threading.Lock()  # guards _states and _checks_in_flight; never held during I/O
         self._states: dict[str, NodeState] = {}
         self._checks_in_flight: set[str] = set()
@@ -289,6 +324,8 @@ class OllamaLoadBalancer:
             if "error" not in status and self._installed_due(node):
                 # before the status is recorded: a node coming up gets a pass that needs this list
                 self._record_installed(node, self.controller.list_installed(node))
+            if "error" not in status and self._version_due(node):
+                self._record_version(node, self.controller.version(node))
             self._record_status(node, status)
         except Exception as error:  # the controller promises not to raise; never let the monitor die
             logger.exception("health check of %s failed", node)
@@ -306,6 +343,18 @@ class OllamaLoadBalancer:
                 or time.monotonic() - state.installed_checked_at >= INSTALLED_REFRESH_SECONDS
             )
 
+    def _version_due(self, node: str) -> bool:
+        """Read /api/version when a node comes up (it may have been upgraded while down)."""
+        with self._lock:
+            state = self._states.get(node)
+            return state is not None and (state.online is not True or state.ollama_version is None)
+
+    def _record_version(self, node: str, version: str | None) -> None:
+        with self._lock:
+            state = self._states.get(node)
+            if state is not None and version is not None:
+                state.ollama_version = version
+
     def _record_installed(self, node: str, reply: dict) -> None:
         with self._lock:
             state = self._states.get(node)
@@ -318,30 +367,31 @@ class OllamaLoadBalancer:
     def _record_status(self, node: str, status: dict, trigger: bool = True) -> None:
         """Fold one get_model_status reply into the node's state; emit up/down; maybe trigger a pass.
 
-        A node that comes (back) online gets its no-GPU evidence reset (the GPU may be back after a
-        restart) and an immediate optimizer pass; so does a priority model newly seen off GPU.
+        A node that comes (back) online or restarted gets its no-GPU or lost-GPU verdict asked again (a
+        restarted Ollama discovers its GPUs anew) and its back-offs dropped; one that comes up also gets an
+        immediate warm-up pass. A priority model newly seen off GPU gets an immediate pass too.
         """
         with self._lock:
             state = self._states.get(node)
             if state is None:
                 return
             if "error" in status:
-                events, came_back, needs_pass = (
+                events, fresh_start, needs_pass = (
                     self._record_failure(state, str(status["error"])),
                     False,
                     False,
                 )
             else:
-                events, came_back, needs_pass = self._record_success(state, status)
-        if came_back:
+                events, fresh_start, needs_pass = self._record_success(state, status)
+        if fresh_start:
             self._optimizer.forget_node(node)  # fresh memory after a restart: old back-offs no longer apply
         for event in events:
             self.events.emit(event)
-        came_up = any(e.kind == "node_up" for e in events)
-        if came_up or (trigger and needs_pass):
-            # a node that just came up also gets its absent priority models loaded (warm-up), even when
-            # the optimizer's own pass saw it first; a model that fell off the GPU is only moved back
-            self._optimizer.trigger(node, load_absent=came_up)
+        warm_up = any(e.kind == "node_up" for e in events)
+        if warm_up or (trigger and needs_pass):
+            # a node that just came up or restarted also gets its absent priority models loaded (warm-up),
+            # even when the optimizer's own pass saw it first; a model that fell off the GPU is only moved
+            self._optimizer.trigger(node, load_absent=warm_up)
 
     def _record_failure(self, state: NodeState, error: str) -> list[Event]:
         """Lock held. The node keeps its last known models, now stale."""
@@ -355,24 +405,42 @@ class OllamaLoadBalancer:
         ]
 
     def _record_success(self, state: NodeState, status: dict) -> tuple[list[Event], bool, bool]:
-        """Lock held. Returns (events, came back from offline, needs an optimizer pass)."""
+        """Lock held. Returns (events, came back or restarted, needs an optimizer pass)."""
         was_online = state.online
-        previous = {canonical_model_name(m["name"]): m.get("location") for m in state.models}
+        previous_models = state.models
+        previous = {canonical_model_name(m["name"]): m.get("location") for m in previous_models}
         state.online, state.last_error, state.stale = True, None, False
         state.last_seen = time.time()
         state.latency_ms = status.get("latency_ms", state.latency_ms)
         state.models = [dict(m) for m in status.get("models", [])]
-        if any(_in_vram(m) for m in state.models):
-            state.has_gpu, state.gpu_evidence = True, EVIDENCE_VRAM
+        # every model gone before its time: a restart no health check saw (or all unloaded by hand)
+        restarted = was_online is True and _looks_restarted(previous_models, state.models)
+        events: list[Event] = []
+        if was_online is False or restarted:
+            self._fresh_start(state, previous_models)
+        if state.gpu != gs.GPU_LOST and any(_in_vram(m) for m in state.models):
+            # a lost GPU's old runners may still hold VRAM: only a new load (or a restart) ends a loss
+            events += _note_gpu_seen(state, gs.EVIDENCE_VRAM)
         if was_online is True:
-            return [], False, self._priority_model_fell_off_gpu(previous, state.models)
-        came_back = was_online is False
-        if came_back and state.has_gpu is False:  # the GPU may be back after a restart: ask again
-            _reset_gpu_evidence(state)
+            return events, restarted, self._priority_model_fell_off_gpu(previous, state.models)
         up = Event(
             "node_up", node=state.url, message=f"{state.url} is online", data={"latency_ms": state.latency_ms}
         )
-        return [up], came_back, True
+        return [up, *events], was_online is False, True
+
+    @staticmethod
+    def _fresh_start(state: NodeState, previous_models: list[dict]) -> None:
+        """Lock held. The node came back or restarted: remember what was on its GPU (the warm-up of glob
+        priorities brings those back), forget Modelfile verdicts, and ask a no/lost GPU verdict again."""
+        on_gpu = [
+            canonical_model_name(m["name"]) for m in previous_models if m.get("location") == LOCATION_GPU
+        ]
+        if on_gpu:
+            state.previous_gpu_models = on_gpu
+        state.unmovable.clear()
+        state.cpu_landings = 0
+        if state.gpu in (gs.GPU_NO, gs.GPU_LOST):
+            _reset_gpu_evidence(state, gs.EVIDENCE_RESTARTED)
 
     def _priority_model_fell_off_gpu(self, previous: dict[str, str | None], models: list[dict]) -> bool:
         """A priority model not on GPU that was on GPU before, or that we see for the first time."""
@@ -385,18 +453,77 @@ class OllamaLoadBalancer:
                 return True
         return False
 
-    def _record_move_result(self, node: str, result: dict) -> None:
-        """Moves are evidence too: landing in VRAM proves a GPU, an all-layers load in RAM proves none."""
+    def _record_move_result(self, node: str, model: str, result: dict) -> None:
+        """Moves are evidence: a load in VRAM proves a GPU; an all-layers load in RAM proves none, or that
+        the GPU was lost when one was seen before. Modelfile pins and MLX models are remembered."""
         with self._lock:
             state = self._states.get(node)
             if state is None:
                 return
-            if result.get("reason") == "no_gpu":
-                state.has_gpu, state.gpu_evidence = False, EVIDENCE_RAM
-            elif result.get("success") and result.get("location") == LOCATION_GPU:
-                state.has_gpu, state.gpu_evidence = True, EVIDENCE_VRAM
+            events = self._note_load_evidence(state, result)
+            key = canonical_model_name(model)
+            if result.get("reason") in UNMOVABLE_REASONS:
+                state.unmovable[key] = {"reason": result["reason"], "message": str(result.get("message", ""))}
+            elif result.get("success"):
+                state.unmovable.pop(key, None)
+        self._emit_gpu_events(events)
         if result.get("reason") in ("unreachable", "timeout"):
             self._schedule_check(node)
+
+    @staticmethod
+    def _note_load_evidence(state: NodeState, result: dict) -> list[Event]:
+        """Lock held."""
+        if result.get("reason") == "no_gpu":
+            return _note_cpu_landing(state)
+        if (
+            result.get("success")
+            and result.get("location") == LOCATION_GPU
+            and result.get("reason") != "already"
+        ):
+            return _note_gpu_seen(state, gs.EVIDENCE_LOAD_VRAM)
+        return []
+
+    def _emit_gpu_events(self, events: list[Event]) -> None:
+        """Emit; a GPU loss also starts the operator's remedy command (once per loss, in the background)."""
+        for event in events:
+            self.events.emit(event)
+            if event.kind == "gpu_lost" and self.on_gpu_lost and not self._closed.is_set():
+                threading.Thread(
+                    target=self._run_remedy, args=(event.node,), name="gpu-remedy", daemon=True
+                ).start()
+
+    def _run_remedy(self, node: str) -> None:
+        command = gs.remedy_command(str(self.on_gpu_lost), node)
+        self.events.emit(Event("remedy_started", node=node, message=f"running the GPU remedy: {command}",
+                               data={"command": command}))  # fmt: skip
+        outcome = gs.run_remedy(str(self.on_gpu_lost), node, self.remedy_timeout)
+        if outcome.error is not None:
+            message = f"the GPU remedy for {node} could not start: {outcome.error}"
+        elif outcome.timed_out:
+            message = (
+                f"the GPU remedy for {node} did not finish within {self.remedy_timeout:g}s and was stopped"
+            )
+        else:
+            message = f"the GPU remedy for {node} exited with {outcome.exit_code}"
+        data = dataclasses.asdict(outcome)
+        self.events.emit(Event("remedy_finished", node=node, message=message, data=data))
+
+    def probe_gpu(self, node: str, cancel: threading.Event | None = None, trust_vram: bool = True) -> dict:
+        """Ask the node whether it has a usable GPU with a tiny load (see GPUController.probe_gpu) and
+        record the answer as evidence; returns the probe's dict."""
+        result = self.controller.probe_gpu(node, cancel=cancel or self._closed, trust_vram=trust_vram)
+        with self._lock:
+            state = self._states.get(node)
+            if state is None:
+                return result
+            if result["gpu"] is True:
+                events = _note_gpu_seen(state, gs.EVIDENCE_LOAD_VRAM)
+            elif result["gpu"] is False:
+                events = _note_cpu_landing(state)
+            else:
+                events = []
+        self._emit_gpu_events(events)
+        return result
 
     # ------------------------------------------------------------------ reports
     def vram_report(self) -> list[dict]:
@@ -427,10 +554,9 @@ class OllamaLoadBalancer:
                 "stale": state.stale or state.url in late,
                 "last_seen": state.last_seen,
                 "error": error,
-                "has_gpu": state.has_gpu,
-                "gpu_evidence": state.gpu_evidence,
+                **_gpu_fields(state),
                 "latency_ms": state.latency_ms,
-                "models": state.models,
+                "models": _report_models(state),
             })  # fmt: skip
         return report
 
@@ -440,8 +566,7 @@ class OllamaLoadBalancer:
             {
                 "node": s.url,
                 "online": s.online,
-                "has_gpu": s.has_gpu,
-                "gpu_evidence": s.gpu_evidence,
+                **_gpu_fields(s),
                 "latency_ms": s.latency_ms,
                 "requests": s.requests,
                 "errors": s.errors,
@@ -471,7 +596,8 @@ class OllamaLoadBalancer:
         return self._force_all_nodes(model, "GPU", cancel)
 
     def force_cpu_all_nodes(self, model: str, cancel: threading.Event | None = None) -> list[dict]:
-        """Move `model` to CPU on every node and pin it there, so the optimizer leaves it alone."""
+        """Move `model` to CPU on every node where it is loaded, and pin it there (the optimizer leaves it
+        alone); nodes where it is not loaded are skipped: nothing is loaded just to sit in RAM."""
         self._optimizer.release_model(model)
         for node in self.nodes:
             self._optimizer.pin_cpu(node, model)
@@ -485,13 +611,29 @@ class OllamaLoadBalancer:
         ]
 
     def _force_one(self, node: str, model: str, target: str, cancel: threading.Event | None) -> dict:
+        """Do no harm: a model is loaded where it was not only onto a GPU known, declared or probed."""
         state = self.node_state(node)
         if state is None:
             return _skipped("removed", f"{node} was removed from the cluster")
         if state.online is False:
             return _skipped("offline", f"skipped {node}: offline ({state.last_error})")
-        if target == "GPU" and state.has_gpu is False:
+        if target == "GPU" and state.gpu == gs.GPU_LOST:
+            return _skipped("gpu_lost", f"skipped {node}: its GPU is lost. {gs.lost_remedy_text(node)}")
+        if target == "GPU" and state.gpu == gs.GPU_NO:
             return _skipped("no_gpu", f"skipped {node}: no GPU ({state.gpu_evidence})")
+        if target == "GPU" and state.gpu == gs.GPU_YES:
+            return self._move(node, model, target, cancel=cancel, source="user")
+        status = self.controller.get_model_status(node)
+        self._record_status(node, status, trigger=False)
+        if "error" in status:
+            return _skipped("offline", f"skipped {node}: {status['error']}")
+        if not any(same_model(m["name"], model) for m in status["models"]):
+            if target == "CPU":
+                return _skipped("not_loaded", f"skipped {node}: {canonical_name(model)} is not loaded there")
+            probe = self.probe_gpu(node, cancel=cancel)
+            if probe["gpu"] is not True:
+                reason = "no_gpu" if probe["gpu"] is False else "gpu_unknown"
+                return _skipped(reason, f"skipped {node}: no GPU shown by a probe ({probe['message']})")
         return self._move(node, model, target, cancel=cancel, source="user")
 
     def _move(self, node: str, model: str, target: str, cancel: threading.Event | None, source: str) -> dict:
@@ -507,7 +649,7 @@ class OllamaLoadBalancer:
             logger.exception("move of %s on %s failed", name, node)
             result = {"success": False, "message": str(error), "location": None, "vram_mb": 0.0,
                       "reason": "error", "restored": False}  # fmt: skip
-        self._record_move_result(node, result)
+        self._record_move_result(node, name, result)
         data.update(
             location=result.get("location"), reason=result.get("reason"), vram_mb=result.get("vram_mb")
         )
@@ -596,10 +738,95 @@ class OllamaLoadBalancer:
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _reset_gpu_evidence(state: NodeState) -> None:
+def _set_gpu(state: NodeState, gpu: str, evidence: str) -> None:
+    state.gpu, state.has_gpu, state.gpu_evidence = gpu, gs.has_gpu_flag(gpu), evidence
+
+
+def _reset_gpu_evidence(state: NodeState, evidence: str = "") -> None:
     """Back to what configuration says, or unknown: evidence must be gathered again."""
-    state.has_gpu = state.declared_gpu
-    state.gpu_evidence = EVIDENCE_DECLARED if state.declared_gpu is not None else ""
+    if state.declared_gpu is None:
+        _set_gpu(state, gs.GPU_UNKNOWN, evidence)
+    else:
+        _set_gpu(state, gs.GPU_YES if state.declared_gpu else gs.GPU_NO, gs.EVIDENCE_DECLARED)
+    if state.declared_gpu:
+        state.gpu_seen = True
+
+
+def _note_gpu_seen(state: NodeState, evidence: str) -> list[Event]:
+    """Lock held. A GPU is there; a loss in progress ends (one `gpu_back` event)."""
+    state.cpu_landings, state.gpu_seen = 0, True
+    events = []
+    if state.gpu_lost_since is not None:
+        lost_for = time.time() - state.gpu_lost_since
+        state.gpu_lost_since = None
+        message = f"{state.url} has its GPU again ({evidence})"
+        events.append(
+            Event("gpu_back", node=state.url, message=message, data={"lost_for_s": round(lost_for, 1)})
+        )
+    _set_gpu(state, gs.GPU_YES, evidence)
+    return events
+
+
+def _note_cpu_landing(state: NodeState) -> list[Event]:
+    """Lock held. An all-layers load landed in RAM: a CPU-only node, or a lost GPU (one `gpu_lost` event
+    per loss, however many loads land in RAM until the GPU is seen again)."""
+    state.cpu_landings += 1
+    if state.reports_estimates and state.cpu_landings < 2:
+        state.gpu_evidence = gs.EVIDENCE_ONE_LANDING
+        return []
+    if not state.gpu_seen:
+        _set_gpu(state, gs.GPU_NO, gs.EVIDENCE_RAM)
+        return []
+    _set_gpu(state, gs.GPU_LOST, gs.EVIDENCE_LOST)
+    if state.gpu_lost_since is not None:
+        return []
+    state.gpu_lost_since = time.time()
+    message = f"{state.url} lost its GPU: a load with every layer on the GPU landed in RAM. "
+    message += gs.lost_remedy_text(state.url)
+    return [
+        Event("gpu_lost", node=state.url, message=message, data={"remedy": gs.lost_remedy_text(state.url)})
+    ]
+
+
+def _looks_restarted(previous: list[dict], now: list[dict]) -> bool:
+    """Nothing loaded now, though models that were loaded had time left: Ollama restarted (a restarted
+    Ollama has nothing loaded, sched.go:97), even if no health check saw it down."""
+    if now or not previous:
+        return False
+    horizon = datetime.now(UTC) + timedelta(seconds=RESTART_MARGIN_S)
+    for model in previous:
+        expires = parse_expires_at(model.get("expires_at"))
+        if not model.get("stopping") and expires is not None and expires > horizon:
+            return True
+    return False
+
+
+def _gpu_fields(state: NodeState) -> dict[str, Any]:
+    """The GPU verdict as reports and stats show it."""
+    return {
+        "gpu": state.gpu,
+        "has_gpu": state.has_gpu,
+        "gpu_evidence": state.gpu_evidence,
+        "gpu_lost_since": state.gpu_lost_since,
+        "ollama_version": state.ollama_version,
+        "estimates": state.reports_estimates,
+    }
+
+
+def _report_models(state: NodeState) -> list[dict]:
+    """The node's model rows, each saying why it cannot be moved when that is known."""
+    rows = []
+    for model in state.models:
+        row = dict(model)
+        known = state.unmovable.get(canonical_model_name(row["name"]))
+        if known is not None:
+            row["unmovable"] = known["reason"]
+            row["unmovable_message"] = known["message"]
+        elif row.get("controllable") is False:
+            row["unmovable"] = "not_controllable"
+            row["unmovable_message"] = "a safetensors (MLX) model: Ollama ignores num_gpu for it"
+        rows.append(row)
+    return rows
 
 
 def _in_vram(model: dict) -> bool:
@@ -617,7 +844,7 @@ def _route_rank(state: NodeState, model: str | None) -> tuple:
     elif location is not None:
         tier = 1
     else:
-        tier = {True: 2, None: 3, False: 4}[state.has_gpu]
+        tier = {gs.GPU_YES: 2, gs.GPU_UNKNOWN: 3}.get(state.gpu, 4)
     latency = state.latency_ms if state.latency_ms is not None else float("inf")
     return (state.online is not True, tier, state.in_flight, latency)
 

@@ -17,7 +17,7 @@ import math
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -39,7 +39,11 @@ ALL_LAYERS_FALLBACK = 999  # llama.cpp clamps an explicit layer count to the mod
 POLL_INTERVAL = 0.025  # seconds between /api/ps polls while verifying a placement
 MIN_KEEP_ALIVE_S = 30  # a model moved with seconds left must live long enough to be verified
 MIN_CLOCK_SKEW = timedelta(seconds=2)  # smaller skews are within the Date header's 1 s resolution
-_MEMORY_ERROR = re.compile(r"memory|cudamalloc|\boom\b|vram", re.IGNORECASE)
+_MEMORY_ERROR = re.compile(r"memory|cudamalloc|\boom\b|vram|signal: killed", re.IGNORECASE)
+# Contexts Ollama picks by itself (>= 0.15.5, by total VRAM: ollama-api.md "vram-based default context"); a
+# loaded model showing one of these, or its trained context, was most likely loaded without num_ctx.
+AUTOMATIC_CONTEXTS = frozenset({4096, 32768, 262144})
+FORMAT_SAFETENSORS = "safetensors"  # MLX models: Ollama ignores num_gpu for them (sched.go:1425)
 _BARE_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
@@ -165,6 +169,12 @@ class _Loaded:
     context_length: int | None
     digest: str
     clock_offset: timedelta = field(default=timedelta(0))
+    format: str = ""  # details.format: "gguf", or "safetensors" for MLX models
+
+    @property
+    def controllable(self) -> bool:
+        """MLX (safetensors) models ignore num_gpu and always report size == size_vram."""
+        return self.format != FORMAT_SAFETENSORS
 
     def remaining(self) -> timedelta | None:
         """Time left before expiry, by the node's clock (expires_at is node time; clocks drift)."""
@@ -215,6 +225,7 @@ def _parse_ps(body: Any, clock_offset: timedelta = timedelta(0)) -> list[_Loaded
         if not _is_int(entry.get("size")) or not _is_int(entry.get("size_vram")):
             raise ValueError(f"entry {index} lacks integer size/size_vram")
         context_length = entry.get("context_length")
+        details = entry.get("details") if isinstance(entry.get("details"), dict) else {}
         loaded.append(
             _Loaded(
                 name=name,
@@ -225,6 +236,7 @@ def _parse_ps(body: Any, clock_offset: timedelta = timedelta(0)) -> list[_Loaded
                 context_length=context_length if _is_int(context_length) else None,
                 digest=entry.get("digest") if isinstance(entry.get("digest"), str) else "",
                 clock_offset=clock_offset,
+                format=details.get("format") if isinstance(details.get("format"), str) else "",
             )
         )
     return loaded
@@ -254,6 +266,8 @@ def _model_row(entry: _Loaded) -> dict:
         "stopping": entry.stopping,
         "context_length": entry.context_length,
         "digest": entry.digest,
+        "format": entry.format,
+        "controllable": entry.controllable,
     }
 
 
@@ -271,6 +285,34 @@ class _ModelInfo:
 
     embedding_only: bool
     all_layers: int
+    trained_context: int | None = None
+    format: str = ""
+    modelfile: dict[str, str] = field(default_factory=dict)  # PARAMETER lines: they apply to every request
+
+
+def parse_parameters(text: Any) -> dict[str, str]:
+    """/api/show `parameters` -> {name: value}, one `name   value` a line (routes.go ShowHandler).
+
+    A repeated name (e.g. `stop`) keeps its first value; values lose their Go quotes.
+    """
+    options: dict[str, str] = {}
+    if not isinstance(text, str):
+        return options
+    for line in text.splitlines():
+        name, _, value = line.strip().partition(" ")
+        value = value.strip()
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        if name and value:
+            options.setdefault(name, value)
+    return options
+
+
+def _modelfile_int(info: _ModelInfo, name: str) -> int | None:
+    try:
+        return int(float(info.modelfile[name]))
+    except (KeyError, ValueError):
+        return None
 
 
 class GPUController:
@@ -418,34 +460,139 @@ class GPUController:
         return {"models": [canonical_name(n) for n in names if isinstance(n, str) and n]}
 
     def _show(self, node_url: str, model: str) -> _ModelInfo:
-        """Embedding-only or not, and the all-layers count, from /api/show."""
+        """Embedding-only or not, the all-layers count, trained context, format and Modelfile options."""
         reply = self.call(node_url, "POST", "/api/show", {"model": model})
         if reply.status == 404:
             raise NodeError("not_found", f"{model} is not installed on {node_url}")
         if reply.status != 200 or not isinstance(reply.body, dict):
             what = reply.error_text() if reply.status != 200 else "malformed reply"
             raise NodeError("error", f"{node_url} could not describe {model} ({reply.status}: {what})")
-        capabilities = reply.body.get("capabilities") or []
+        body = reply.body
+        capabilities = body.get("capabilities") or []
         embedding_only = "embedding" in capabilities and "completion" not in capabilities
-        info = reply.body.get("model_info") if isinstance(reply.body.get("model_info"), dict) else {}
+        info = body.get("model_info") if isinstance(body.get("model_info"), dict) else {}
+        details = body.get("details") if isinstance(body.get("details"), dict) else {}
         arch = info.get("general.architecture")
         block_count = info.get(f"{arch}.block_count") if isinstance(arch, str) else None
+        trained = info.get(f"{arch}.context_length") if isinstance(arch, str) else None
         all_layers = block_count + 1 if _is_int(block_count) and block_count > 0 else ALL_LAYERS_FALLBACK
-        return _ModelInfo(embedding_only=embedding_only, all_layers=all_layers)
+        return _ModelInfo(
+            embedding_only=embedding_only,
+            all_layers=all_layers,
+            trained_context=trained if _is_int(trained) and trained > 0 else None,
+            format=details.get("format") if isinstance(details.get("format"), str) else "",
+            modelfile=parse_parameters(body.get("parameters")),
+        )
+
+    def version(self, node_url: str) -> str | None:
+        """The node's Ollama version (/api/version), None when it does not say."""
+        try:
+            body = self._get_json(_node_key(node_url), "/api/version").body
+        except NodeError:
+            return None
+        version = body.get("version") if isinstance(body, dict) else None
+        return version if isinstance(version, str) and version else None
+
+    def _installed_sizes(self, node_url: str) -> list[tuple[str, int, str]]:
+        """(name, bytes on disk, format) of every installed model, from /api/tags."""
+        body = self._get_json(node_url, "/api/tags").body
+        entries = body.get("models") if isinstance(body, dict) else None
+        found = []
+        for entry in entries if isinstance(entries, list) else []:
+            if not isinstance(entry, dict):
+                continue
+            name, size = entry.get("name") or entry.get("model"), entry.get("size")
+            details = entry.get("details") if isinstance(entry.get("details"), dict) else {}
+            if isinstance(name, str) and name and _is_int(size):
+                found.append((canonical_name(name), size, str(details.get("format") or "")))
+        return found
 
     # ----------------------------------------------------------------------------- moving
 
-    def force_gpu_load(self, node_url: str, model_name: str, cancel: threading.Event | None = None) -> dict:
+    def force_gpu_load(
+        self,
+        node_url: str,
+        model_name: str,
+        cancel: threading.Event | None = None,
+        load_if_absent: bool = True,
+    ) -> dict:
         """Reload `model_name` with all layers on the GPU and verify it in /api/ps.
 
         Success only when /api/ps shows it 100% in VRAM. If it does not fit, the model is put
-        back where it was (see 'restored'), so a failed move never loses a loaded model.
+        back where it was (see 'restored'), so a failed move never loses a loaded model; a model that
+        was not loaded before and landed in RAM is unloaded again. `load_if_absent=False` only moves a
+        model that is loaded (else reason 'not_loaded', nothing sent).
         """
-        return self._move(_node_key(node_url), model_name, "gpu", cancel or threading.Event())
+        return self._move(_node_key(node_url), model_name, "gpu", cancel or threading.Event(), load_if_absent)
 
-    def force_cpu_load(self, node_url: str, model_name: str, cancel: threading.Event | None = None) -> dict:
+    def force_cpu_load(
+        self,
+        node_url: str,
+        model_name: str,
+        cancel: threading.Event | None = None,
+        load_if_absent: bool = True,
+    ) -> dict:
         """Reload `model_name` with num_gpu 0 (all in RAM, frees its VRAM) and verify it."""
-        return self._move(_node_key(node_url), model_name, "cpu", cancel or threading.Event())
+        return self._move(_node_key(node_url), model_name, "cpu", cancel or threading.Event(), load_if_absent)
+
+    def probe_gpu(
+        self, node_url: str, cancel: threading.Event | None = None, trust_vram: bool = True
+    ) -> dict:
+        """Does this node's Ollama have a usable GPU? {'gpu': True|False|None, 'model', 'message'}.
+
+        A model already in VRAM answers at once (unless `trust_vram` is False: runners from before a GPU
+        was lost may still hold it). Otherwise the smallest installed model that is not loaded is loaded
+        with all layers on the GPU, judged, and unloaded again: a few MB, and the node is left as it was.
+        """
+        node_url = _node_key(node_url)
+        cancel = cancel or threading.Event()
+        try:
+            loaded = self._ps(node_url)
+            if trust_vram and any(e.size_vram > 0 for e in loaded):
+                return {"gpu": True, "model": None, "message": f"a model is in VRAM on {node_url}"}
+            taken = {model_key(e.name) for e in loaded}
+            sizes = [x for x in self._installed_sizes(node_url) if x[2] != FORMAT_SAFETENSORS]
+        except NodeError as exc:
+            return {"gpu": None, "model": None, "message": exc.message}
+        candidates = sorted((size, name) for name, size, _ in sizes if model_key(name) not in taken)
+        if not candidates:
+            return {"gpu": None, "model": None, "message": f"no model on {node_url} is free to probe with"}
+        probe = candidates[0][1]
+        result = self._move(node_url, probe, "gpu", cancel, load_if_absent=True)
+        if result["success"]:
+            unloaded = self.unload(node_url, probe, cancel)
+            message = f"{probe} loaded into VRAM on {node_url}"
+            if not unloaded["success"]:
+                message += f"; {unloaded['message']}"
+            return {"gpu": True, "model": probe, "message": message}
+        gpu = False if result["reason"] == "no_gpu" else None
+        return {"gpu": gpu, "model": probe, "message": result["message"]}
+
+    def unload(self, node_url: str, model_name: str, cancel: threading.Event | None = None) -> dict:
+        """Unload a model (keep_alive 0, like `ollama stop`) and wait until /api/ps no longer lists it."""
+        node_url, model = _node_key(node_url), canonical_name(model_name)
+        cancel = cancel or threading.Event()
+        payload = {"model": model, "prompt": "", "keep_alive": 0, "stream": False}
+        try:
+            reply = self.call(node_url, "POST", "/api/generate", payload)
+            if reply.status == 404:
+                return _result(False, f"{model} is not installed on {node_url}", "not_found")
+            if reply.status != 200:
+                return _result(False, f"{node_url} refused to unload {model} ({reply.error_text()})", "error")
+            deadline = time.monotonic() + self.verify_timeout
+            while _find(self._ps(node_url), model, include_stopping=True) is not None:
+                if time.monotonic() >= deadline:
+                    message = (
+                        f"{model} is still listed on {node_url} {self.verify_timeout:g}s after its unload"
+                    )
+                    return _result(False, message, "timeout")
+                if cancel.wait(POLL_INTERVAL):
+                    return _result(
+                        False, f"waiting for {model} to unload on {node_url} cancelled", "cancelled"
+                    )
+        except NodeError as exc:
+            return _result(False, exc.message, exc.reason)
+        return _result(True, f"{model} unloaded on {node_url}", "unloaded")
 
     def _claim_move(self, node_url: str, model: str) -> threading.Event | None:
         """Register a move of (node, model); None if one is already under way (its Event says when it ends).
@@ -468,7 +615,14 @@ class GPUController:
             del self._moves[(node_url, model_key(model))]
         done.set()
 
-    def _move(self, node_url: str, model_name: str, target: str, cancel: threading.Event) -> dict:
+    def _move(
+        self,
+        node_url: str,
+        model_name: str,
+        target: str,
+        cancel: threading.Event,
+        load_if_absent: bool = True,
+    ) -> dict:
         model = canonical_name(model_name)
         if not model:
             return _result(False, "no model name given", "error")
@@ -484,13 +638,15 @@ class GPUController:
             if time.monotonic() > deadline:
                 return _result(False, f"another move of {model} on {node_url} is still running", "timeout")
         try:
-            return self._move_claimed(node_url, model, target, cancel)
+            return self._move_claimed(node_url, model, target, cancel, load_if_absent)
         except NodeError as exc:
             return _result(False, exc.message, exc.reason)
         finally:
             self._end_move(node_url, model, done)
 
-    def _move_claimed(self, node_url: str, model: str, target: str, cancel: threading.Event) -> dict:
+    def _move_claimed(
+        self, node_url: str, model: str, target: str, cancel: threading.Event, load_if_absent: bool
+    ) -> dict:
         where = "GPU" if target == "gpu" else "CPU"
         if cancel.is_set():
             return _result(False, f"move of {model} to {where} on {node_url} cancelled", "cancelled")
@@ -498,12 +654,20 @@ class GPUController:
         before = _find(before_all, model)
         if before is not None:
             model = before.name  # the spelling Ollama uses
+            if not before.controllable:
+                return _not_controllable(node_url, model, before)
             if (target == "gpu" and before.on_gpu) or (target == "cpu" and before.on_cpu):
                 return _result(True, f"{model} is already on {where} on {node_url}", "already", before)
+        elif not load_if_absent:
+            return _result(False, f"{model} is not loaded on {node_url}", "not_loaded")
         info = self._show(node_url, model)
+        if info.format == FORMAT_SAFETENSORS:
+            return _not_controllable(node_url, model, before)
+        num_gpu = self._num_gpu_for(info, target)
+        if isinstance(num_gpu, dict):  # the Modelfile sets another num_gpu: every request would undo the move
+            return num_gpu | ({} if before is None else _location_fields(before))
         keep_alive = self._keep_alive_for(before)
-        num_ctx = before.context_length if before is not None else None
-        num_gpu = info.all_layers if target == "gpu" else 0
+        num_ctx = _num_ctx_to_keep(info, before)
         if cancel.is_set():
             return _result(False, f"move of {model} to {where} on {node_url} cancelled", "cancelled")
         log.debug("moving %s to %s on %s (num_gpu=%s)", model, where, node_url, num_gpu)
@@ -518,7 +682,37 @@ class GPUController:
         after = self._wait_listed(node_url, model, cancel)
         if isinstance(after, dict):  # cancelled or timed out while verifying
             return after
-        return self._judge(node_url, model, target, after)
+        result = self._judge(node_url, model, target, after)
+        if not result["success"] and before is None:
+            self._undo_load(node_url, model, result)
+        return result
+
+    @staticmethod
+    def _num_gpu_for(info: _ModelInfo, target: str) -> int | dict:
+        """The layer count to send, or a `pinned_by_modelfile` result when the Modelfile's own num_gpu
+        (applied to every request, routes.go:141-146) contradicts the move."""
+        pinned = _modelfile_int(info, "num_gpu")
+        wanted = info.all_layers if target == "gpu" else 0
+        if pinned is None or pinned < 0:
+            return wanted
+        if (target == "gpu" and pinned >= info.all_layers) or (target == "cpu" and pinned == 0):
+            return pinned  # the same value every ordinary request sends: no reload afterwards
+        where = "GPU" if target == "gpu" else "CPU"
+        message = (
+            f"its Modelfile sets num_gpu {pinned}, which every request applies, so a move to {where} "
+            f"would be undone by the next request; re-create the model without that PARAMETER "
+            f"(ollama show --modelfile, remove the num_gpu line, ollama create)"
+        )
+        return _result(False, message, "pinned_by_modelfile") | {"modelfile_num_gpu": pinned}
+
+    def _undo_load(self, node_url: str, model: str, result: dict) -> None:
+        """Do no harm: a model that was not loaded before the move and is not where asked goes away again."""
+        unloaded = self.unload(node_url, model)
+        if unloaded["success"]:
+            result["message"] += "; unloaded it again (it was not loaded before)"
+            result["location"], result["vram_mb"] = None, 0.0
+        else:
+            result["message"] += f"; could not unload it again: {unloaded['message']}"
 
     def _keep_alive_for(self, before: _Loaded | None) -> str | int | float | None:
         """Keep the model's lifetime across a move: forever stays forever (-1)."""
@@ -557,8 +751,10 @@ class GPUController:
         reply = self.call(node_url, "POST", path, payload, read_timeout=self.load_timeout)
         if path == "/api/generate" and reply.status == 400 and "does not support" in reply.error_text():
             # capabilities were missing from /api/show (older Ollama): it is an embedding model
-            as_embedding = _ModelInfo(embedding_only=True, all_layers=info.all_layers)
-            return self._load(node_url, model, as_embedding, num_gpu, keep_alive, num_ctx)
+            as_embedding = replace(info, embedding_only=True)
+            return self._load(
+                node_url, model, as_embedding, num_gpu, keep_alive, None
+            )  # no num_ctx: see below
         return reply
 
     def _wait_listed(self, node_url: str, model: str, cancel: threading.Event) -> _Loaded | dict:
@@ -713,9 +909,36 @@ class GPUController:
             result["message"] += f"; reloaded {len(brought_back)} of {len(missing)} models it evicted"
 
 
+def _num_ctx_to_keep(info: _ModelInfo, before: _Loaded | None) -> int | None:
+    """The context to send with a move, or None to let Ollama choose it as for any ordinary request.
+
+    An explicit num_ctx the next ordinary request does not send makes Ollama reload the model with
+    automatic placement (sched.go:1398-1425), undoing the move. So it is sent only when the model was
+    clearly loaded with a client's own context: never for embedding models (their batch follows the
+    requested num_ctx and is compared literally, routes.go:151,217), never when the Modelfile sets it,
+    and not when the context is the trained one or one Ollama picks by itself.
+    """
+    if before is None or not before.context_length or info.embedding_only or "num_ctx" in info.modelfile:
+        return None
+    if before.context_length == info.trained_context or before.context_length in AUTOMATIC_CONTEXTS:
+        return None
+    return before.context_length
+
+
+def _location_fields(entry: _Loaded) -> dict:
+    return {"location": placement(entry.size, entry.size_vram)[0], "vram_mb": round(entry.size_vram / MIB, 1)}
+
+
+def _not_controllable(node_url: str, model: str, entry: _Loaded | None) -> dict:
+    message = (
+        f"{model} on {node_url} is a safetensors (MLX) model: Ollama places it itself and ignores num_gpu, "
+        "so it cannot be moved"
+    )
+    return _result(False, message, "not_controllable", entry)
+
+
 def _set_location(result: dict, entry: _Loaded) -> None:
-    result["location"] = placement(entry.size, entry.size_vram)[0]
-    result["vram_mb"] = round(entry.size_vram / MIB, 1)
+    result.update(_location_fields(entry))
 
 
 def _result(success: bool, message: str, reason: str, entry: _Loaded | None = None) -> dict:

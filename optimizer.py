@@ -19,17 +19,19 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
+import gpu_state as gs
 from events import Event
 from gpu_controller import LOCATION_CPU, LOCATION_GPU, model_key
 
 if TYPE_CHECKING:
-    from balancer import OllamaLoadBalancer
+    from balancer import NodeState, OllamaLoadBalancer
 
 logger = logging.getLogger(__name__)
 
 GLOB_CHARS = frozenset("*?[")
 BACKOFF_MAX_PASSES = 32
 NO_BACKOFF_REASONS = frozenset({"unreachable", "cancelled"})  # node-level trouble, handled by online state
+UNMOVABLE_REASONS = frozenset({"pinned_by_modelfile", "not_controllable"})  # remembered by the balancer
 FUTURE_POLL_SECONDS = 0.1  # how often a pass waiting on its nodes checks for cancellation
 
 
@@ -361,14 +363,17 @@ class GPUOptimizer:
             return False, []
         if state.online is False:
             return False, [action(url, None, "skipped", "offline", f"{url} is offline")]
-        if state.has_gpu is False:
+        if state.gpu == gs.GPU_NO:
             return False, [action(url, None, "skipped", "no_gpu", f"{url} has no GPU ({state.gpu_evidence})")]
+        if state.gpu == gs.GPU_LOST and not self._gpu_found_again(url, cancel, full_pass):
+            message = f"{url} has lost its GPU: no move is tried until it is seen again. "
+            return False, [action(url, None, "skipped", "gpu_lost", message + gs.lost_remedy_text(url))]
         status = balancer.controller.get_model_status(url)
         balancer._record_status(url, status, trigger=False)
         if "error" in status:
             return False, [action(url, None, "skipped", "offline", f"{url}: {status['error']}")]
         state = balancer.node_state(url)
-        if state is None or state.has_gpu is False:
+        if state is None or state.gpu in (gs.GPU_NO, gs.GPU_LOST):
             return True, []
         patterns = priority_patterns(balancer.gpu_priority_models)
         loaded = {canonical_model_name(m["name"]): m for m in status.get("models", [])}
@@ -379,15 +384,10 @@ class GPUOptimizer:
                 continue
             if name in on_gpu:
                 self._seen_on_gpu(url, name)
-            elif is_off_gpu(model):
+            elif is_off_gpu(model) and model.get("controllable", True):
                 candidates.append(name)
-        if load_absent and state.has_gpu is True:
-            installed = set(state.installed)
-            if not state.installed_checked_at:  # seen up by this pass before the monitor read /api/tags
-                reply = balancer.controller.list_installed(url)
-                balancer._record_installed(url, reply)
-                installed = {canonical_model_name(name) for name in reply.get("models", [])}
-            candidates += [n for n in explicit_priority_names(patterns) if n not in loaded and n in installed]
+        if load_absent:
+            candidates += self._absent_to_warm(url, state, loaded, patterns, cancel)
         actions = []
         for name in candidates:
             if cancel.is_set():
@@ -400,12 +400,47 @@ class GPUOptimizer:
                 on_gpu.add(name)
         return True, actions
 
+    def _gpu_found_again(self, url: str, cancel: threading.Event, full_pass: bool) -> bool:
+        """A lost GPU is asked again only on interval passes, by a tiny probe load (never a priority
+        model): VRAM still held by runners from before the loss proves nothing."""
+        if not full_pass:
+            return False
+        return self._balancer.probe_gpu(url, cancel=cancel, trust_vram=False)["gpu"] is True
+
+    def _absent_to_warm(
+        self,
+        url: str,
+        state: NodeState,
+        loaded: dict[str, dict],
+        patterns: list[str],
+        cancel: threading.Event,
+    ) -> list[str]:
+        """Warm-up after a (re)start: priority models named exactly, and those matching a glob that were on
+        this node's GPU before; installed and not loaded. They are loaded only onto a GPU that is known,
+        declared or shown by a small probe (never 41 GB into the RAM of a CPU-only node)."""
+        balancer = self._balancer
+        installed = set(state.installed)
+        if not state.installed_checked_at:  # seen up by this pass before the monitor read /api/tags
+            reply = balancer.controller.list_installed(url)
+            balancer._record_installed(url, reply)
+            installed = {canonical_model_name(name) for name in reply.get("models", [])}
+        wanted = explicit_priority_names(patterns)
+        wanted += [n for n in state.previous_gpu_models if matches_priority(n, patterns)]
+        absent = [n for n in dict.fromkeys(wanted) if n not in loaded and n in installed]
+        if not absent or state.gpu == gs.GPU_YES:
+            return absent
+        return absent if balancer.probe_gpu(url, cancel=cancel)["gpu"] is True else []
+
     def _consider_move(
         self, url: str, name: str, priority_on_gpu: set[str], cancel: threading.Event, full_pass: bool
     ) -> dict:
         """Move one priority model to GPU unless pinned or backed off; back off on failure or churn."""
         if self.is_pinned(url, name):
             return action(url, name, "skipped", "pinned_cpu", f"{name} on {url} is pinned to CPU by the user")
+        state = self._balancer.node_state(url)
+        known = state.unmovable.get(name) if state is not None else None
+        if known is not None:  # a Modelfile pin or an MLX model: retrying would only reload it
+            return action(url, name, "skipped", known["reason"], known["message"])
         entry = self._consume_backoff(url, name, count_pass=full_pass)
         if entry is not None:
             return action(
@@ -416,7 +451,7 @@ class GPUOptimizer:
         reason = str(result.get("reason") or ("moved" if result.get("success") else "error"))
         message = str(result.get("message", ""))
         if not result.get("success"):
-            if reason not in NO_BACKOFF_REASONS:
+            if reason not in NO_BACKOFF_REASONS and reason not in UNMOVABLE_REASONS:
                 skip = self._back_off(url, name, reason)
                 message = f"{message} (backed off for {skip} pass(es))"
             return action(url, name, "failed", reason, message)

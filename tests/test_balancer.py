@@ -152,10 +152,12 @@ def test_force_all_nodes_lists_skipped_nodes_with_reasons_in_node_order(sim_node
         ("move_finished", gpu.url),
     ]
 
-    [_, down_cpu, cpu_result] = balancer.force_cpu_all_nodes("llama3.1")
+    [moved_cpu, down_cpu, cpu_result] = balancer.force_cpu_all_nodes("llama3.1")
+    assert moved_cpu["result"]["success"] is True and on_cpu(gpu, LLAMA)
     assert down_cpu["result"]["reason"] == "offline"
-    assert cpu_result["result"]["success"] is True and on_cpu(no_gpu, LLAMA)  # CPU needs no GPU
-    assert on_cpu(gpu, LLAMA)
+    # force_cpu acts only where the model is loaded: nothing is loaded just to sit in RAM
+    assert (cpu_result["result"]["skipped"], cpu_result["result"]["reason"]) == (True, "not_loaded")
+    assert no_gpu.loaded() == [] and no_gpu.counts(LLAMA)["loads"] == 0
 
 
 def test_two_threads_forcing_the_same_model_send_one_load(sim_node, make_balancer) -> None:
