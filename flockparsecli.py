@@ -104,6 +104,8 @@ def make_balancer(config: Config, optimize: bool) -> OllamaLoadBalancer:
         keep_alive=config.keep_alive,
         controller=GPUController(timeout=config.timeout, keep_alive=config.keep_alive),
         start=False,
+        on_gpu_lost=config.on_gpu_lost,
+        remedy_timeout=config.remedy_timeout,
     )
 
 

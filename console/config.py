@@ -9,6 +9,8 @@ own keys, so a tiny writer is enough and tomllib reads it back)::
     keep_alive = "30m"      # passed to Ollama on every load (string duration or seconds)
     health_interval = 5     # seconds between node health checks
     timeout = 5             # seconds: per request to a node (status, tags); a dead node never costs more
+    on_gpu_lost = "ssh {host} sudo systemctl restart ollama"   # remedy when a node loses its GPU (off)
+    remedy_timeout = 120    # seconds the remedy may run
 
     [gpu]                   # declared GPU capability per node; absent = detect
     "http://127.0.0.1:11434" = false
@@ -31,7 +33,18 @@ DEFAULT_NODE = "http://localhost:11434"
 DEFAULT_INTERVAL = 300.0
 DEFAULT_HEALTH_INTERVAL = 5.0
 DEFAULT_TIMEOUT = 5.0
-KNOWN_KEYS = ("nodes", "priority_models", "interval", "keep_alive", "health_interval", "timeout", "gpu")
+KNOWN_KEYS = (
+    "nodes",
+    "priority_models",
+    "interval",
+    "keep_alive",
+    "health_interval",
+    "timeout",
+    "gpu",
+    "on_gpu_lost",
+    "remedy_timeout",
+)
+DEFAULT_REMEDY_TIMEOUT = 120.0
 
 
 class ConfigError(ValueError):
@@ -49,6 +62,8 @@ class Config:
     health_interval: float = DEFAULT_HEALTH_INTERVAL
     timeout: float = DEFAULT_TIMEOUT
     gpu: dict[str, bool] = field(default_factory=dict)
+    on_gpu_lost: str | None = None  # the operator's remedy command ({url}, {host}); None = off
+    remedy_timeout: float = DEFAULT_REMEDY_TIMEOUT
     path: Path | None = None  # None: nothing is persisted (e.g. --demo)
 
 
@@ -113,6 +128,12 @@ def apply_table(config: Config, table: dict[str, Any], source: str) -> None:
         if not isinstance(table["keep_alive"], str | int | float):
             raise ConfigError(f"{source}: keep_alive must be a duration string or seconds")
         config.keep_alive = table["keep_alive"]
+    if "on_gpu_lost" in table:
+        if not isinstance(table["on_gpu_lost"], str) or not table["on_gpu_lost"].strip():
+            raise ConfigError(f"{source}: on_gpu_lost must be a command line (a non-empty string)")
+        config.on_gpu_lost = table["on_gpu_lost"]
+    if "remedy_timeout" in table:
+        config.remedy_timeout = _number(table["remedy_timeout"], "remedy_timeout", source)
     if "gpu" in table:
         gpu = table["gpu"]
         if not isinstance(gpu, dict) or not all(isinstance(v, bool) for v in gpu.values()):

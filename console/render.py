@@ -29,6 +29,15 @@ EVENT_STYLE = {
     "pass_finished": ("optimizer", "dim"),
     "optimizer_started": ("optimizer", "bold green"),
     "optimizer_stopped": ("optimizer", "yellow"),
+    "gpu_lost": ("GPU LOST", "bold red"),
+    "gpu_back": ("GPU", "green"),
+    "remedy_started": ("remedy", "yellow"),
+    "remedy_finished": ("remedy", "yellow"),
+}
+REMEDY_OUTPUT_LINES = 5
+UNMOVABLE_WORDS = {
+    "pinned_by_modelfile": "pinned by its Modelfile",
+    "not_controllable": "MLX: Ollama places it",
 }
 
 
@@ -94,12 +103,21 @@ def placement_text(model: Mapping[str, Any]) -> Text:
     location = str(model.get("location") or "")
     gpu = model.get("gpu_percent")
     if location.startswith("GPU"):
-        return Text("GPU 100%", style="green")
+        return _with_unmovable(Text("GPU 100%", style="green"), model)
     if location.startswith("CPU"):
-        return Text("CPU 100%", style="red")
+        return _with_unmovable(Text("CPU 100%", style="red"), model)
     if location.startswith("Split") and isinstance(gpu, int | float):
-        return Text(f"split {gpu:.0f}% GPU / {100 - gpu:.0f}% CPU", style="yellow")
-    return Text(location or model.get("processor") or "unknown", style="magenta")
+        text = Text(f"split {gpu:.0f}% GPU / {100 - gpu:.0f}% CPU", style="yellow")
+    else:
+        text = Text(location or model.get("processor") or "unknown", style="magenta")
+    return _with_unmovable(text, model)
+
+
+def _with_unmovable(text: Text, model: Mapping[str, Any]) -> Text:
+    reason = model.get("unmovable")
+    if reason:
+        text.append(f" ({UNMOVABLE_WORDS.get(str(reason), str(reason))})", style="dim")
+    return text
 
 
 def node_of(entry: Mapping[str, Any]) -> str | None:
@@ -163,12 +181,26 @@ def state_word(online: bool | None) -> Text:
     return Text("online", style="green") if online else Text("offline", style="red")
 
 
-def _gpu_word(has_gpu: Any) -> Text:
-    if has_gpu is True:
+def _gpu_word(node: Mapping[str, Any]) -> Text:
+    """The node's GPU verdict: GPU, CPU only, LOST (an alert), or unknown."""
+    gpu = node.get("gpu") or {True: "yes", False: "no"}.get(node.get("has_gpu"), "unknown")
+    if gpu == "yes":
         return Text("GPU", style="green")
-    if has_gpu is False:
+    if gpu == "no":
         return Text("CPU only", style="yellow")
+    if gpu == "lost":
+        return Text("LOST", style="bold red")
     return Text("unknown", style="dim")
+
+
+def _version_text(node: Mapping[str, Any]) -> Text:
+    version = node.get("ollama_version")
+    if not version:
+        return Text("-", style="dim")
+    text = Text(str(version))
+    if node.get("estimates"):
+        text.append(" (estimates)", style="yellow")  # /api/ps figures of Ollama < 0.30 are predicted
+    return text
 
 
 def vram_model_names(models: Iterable[Any]) -> list[str]:
@@ -222,7 +254,7 @@ def lb_stats(stats: Mapping[str, Any], now: float | None = None) -> RenderableTy
         table.add_row(
             short_url(node_of(node)),
             state,
-            _gpu_word(node.get("has_gpu")),
+            _gpu_word(node),
             f"{latency:.0f} ms" if isinstance(latency, int | float) else "-",
             str(node.get("requests", 0)),
             str(node.get("errors", 0)),
@@ -237,7 +269,7 @@ def nodes_table(states: Iterable[Mapping[str, Any]], now: float | None = None) -
     now = time.time() if now is None else now
     table = Table(show_edge=False)
     table.add_column("node", no_wrap=True)
-    for column in ("state", "GPU", "evidence", "latency", "last seen"):
+    for column in ("state", "GPU", "evidence", "Ollama", "latency", "last seen"):
         table.add_column(column, no_wrap=True)
     table.add_column("last error")
     for node in states:
@@ -246,8 +278,9 @@ def nodes_table(states: Iterable[Mapping[str, Any]], now: float | None = None) -
         table.add_row(
             short_url(node.get("url")),
             state_word(node.get("online")),
-            _gpu_word(node.get("has_gpu")),
+            _gpu_word(node),
             Text(str(node.get("gpu_evidence") or ""), style="dim"),
+            _version_text(node),
             f"{latency:.0f} ms" if isinstance(latency, int | float) else "-",
             f"{human_seconds(now - seen)} ago" if seen else "never",
             Text(str(node.get("last_error") or "").replace("http://", ""), style="dim red"),
@@ -372,4 +405,7 @@ def event_line(event: Any, duration_s: float | None = None) -> Text:
     line.append(_event_message(event), style=style)
     if duration_s is not None:
         line.append(f" ({duration_s:.1f} s)", style="dim")
+    if kind == "remedy_finished" and data.get("output"):
+        for output_line in str(data["output"]).rstrip().splitlines()[-REMEDY_OUTPUT_LINES:]:
+            line.append(f"\n    {output_line}", style="dim")
     return line
