@@ -367,3 +367,42 @@ def test_forced_cpu_then_back_to_gpu(quick_sim_node, controller) -> None:
     assert loaded(node, "mxbai-embed-large")["size_vram"] == 0
     result = controller.force_gpu_load(node.url, "mxbai-embed-large")
     assert result["success"] is True and result["location"] == LOCATION_GPU
+
+
+# ------------------------------------------------------------------------ the next ordinary request
+def ordinary_request(node: SimNode, model: str) -> None:
+    """What an application sends after a move: no options at all."""
+    if "embed" in model:
+        reply = requests.post(f"{node.url}/api/embed", json={"model": model, "input": "hello"}, timeout=10)
+    else:
+        body = {"model": model, "prompt": "hi", "stream": False}
+        reply = requests.post(f"{node.url}/api/generate", json=body, timeout=10)
+    reply.raise_for_status()
+
+
+@pytest.mark.parametrize(
+    ("model", "preload", "move"),
+    [
+        ("llama3.1", "cpu", "gpu"),  # a completion model that fell to RAM, back on GPU
+        ("llama3.1", "gpu", "cpu"),  # pinned on CPU by the user
+        ("mxbai-embed-large", "cpu", "gpu"),  # an embedding model: its batch follows the requested num_ctx
+        ("mxbai-embed-large", "gpu", "cpu"),
+    ],
+)
+def test_no_move_is_undone_by_the_next_ordinary_request(quick_sim_node, controller, model, preload, move):
+    """sched.go:1398-1425 reloads on any differing runner option; routes.go:151,217 make an embedding
+    model's num_batch follow the requested num_ctx, compared literally."""
+    node = quick_sim_node(vram_gb=24, preload=[(model, preload)])
+    start = len(node.request_log)
+    mover = controller.force_gpu_load if move == "gpu" else controller.force_cpu_load
+    assert mover(node.url, model)["success"] is True
+    loads_sent = ("/api/generate", "/api/embed")
+    [request] = [body for _, path, body in list(node.request_log)[start:] if path in loads_sent]
+    assert "num_ctx" not in request["options"]  # Ollama chose this context: it chooses it again
+    loads = node.counts(model)["loads"]
+
+    ordinary_request(node, model)
+
+    assert node.counts(model)["loads"] == loads
+    entry = loaded(node, model)
+    assert (entry["size_vram"] == entry["size"]) if move == "gpu" else entry["size_vram"] == 0
