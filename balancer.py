@@ -238,7 +238,7 @@ class OllamaLoadBalancer:
 
         Setting `cancel` (e.g. on Ctrl-C) stops waiting for the nodes and stops further moves.
         """
-        return self._optimizer.run_pass(None, cancel=cancel or self._closed, load_absent=True)
+        return self._optimizer.run_pass(None, cancel=cancel or self._closed, load_absent=True, asked=True)
 
     def optimizer_status(self) -> dict:
         return self._optimizer.status()
@@ -321,11 +321,13 @@ class OllamaLoadBalancer:
     def _check_node(self, node: str) -> None:
         try:
             status = self.controller.get_model_status(node)
-            if "error" not in status and self._installed_due(node):
-                # before the status is recorded: a node coming up gets a pass that needs this list
-                self._record_installed(node, self.controller.list_installed(node))
-            if "error" not in status and self._version_due(node):
-                self._record_version(node, self.controller.version(node))
+            up = "error" not in status
+            installed = self.controller.list_installed(node) if up and self._installed_due(node) else None
+            version = self.controller.version(node) if up and self._version_due(node) else None
+            # before the status is recorded: a node coming up gets a pass that needs the installed list
+            if installed is not None:
+                self._record_installed(node, installed)
+            self._record_version(node, version)
             self._record_status(node, status)
         except Exception as error:  # the controller promises not to raise; never let the monitor die
             logger.exception("health check of %s failed", node)

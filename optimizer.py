@@ -33,6 +33,7 @@ BACKOFF_MAX_PASSES = 32
 NO_BACKOFF_REASONS = frozenset({"unreachable", "cancelled"})  # node-level trouble, handled by online state
 UNMOVABLE_REASONS = frozenset({"pinned_by_modelfile", "not_controllable"})  # remembered by the balancer
 FUTURE_POLL_SECONDS = 0.1  # how often a pass waiting on its nodes checks for cancellation
+PASS_INTERVAL, PASS_NODE, PASS_ASKED = "interval", "node", "asked"  # what started a pass
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -263,24 +264,34 @@ class GPUOptimizer:
                 self._pins = {key for key in self._pins if key[0] != node}
 
     def _back_off(self, node: str, model: str, reason: str) -> int:
+        """Record a failure (or churn); returns how many interval passes will skip the model.
+
+        A failed move is retried at the next interval pass, then after 1, 3, 7 ... skipped ones: VRAM
+        another program held may be free by then, and Ollama cannot tell us. A move that displaced
+        another priority model waits 1, 2, 4 ... passes, so two models never swap every pass.
+        """
         with self._lock:
             previous = self._backoff.get((node, model))
             failures = previous.failures + 1 if previous else 1
-            skip = min(2 ** (failures - 1), BACKOFF_MAX_PASSES)
+            doubling = 2 ** (failures - 1)
+            skip = min(doubling if reason == "displaced" else doubling - 1, BACKOFF_MAX_PASSES)
             self._backoff[(node, model)] = Backoff(failures, skip, reason)
             return skip
 
-    def _consume_backoff(self, node: str, model: str, count_pass: bool) -> Backoff | None:
-        """If backed off, return the entry (None means go ahead) and, for a full pass, count it as skipped.
+    def _consume_backoff(self, node: str, model: str, kind: str) -> Backoff | None:
+        """The back-off in force for this kind of pass (None means go ahead).
 
-        Node passes triggered by the monitor do not count: a failed move's own unload/reload can look
-        like a model falling off the GPU, and that must not shorten its back-off.
+        Interval passes count it down. Node passes triggered by the monitor never retry a backed-off
+        model (a failed move's own unload/reload can look like a model falling off the GPU). A pass the
+        user asked for ignores back-offs: it is asked because something changed.
         """
         with self._lock:
             entry = self._backoff.get((node, model))
-            if entry is None or entry.passes_to_skip <= 0:
+            if entry is None or kind == PASS_ASKED:
                 return None
-            if count_pass:
+            if kind == PASS_INTERVAL:
+                if entry.passes_to_skip <= 0:
+                    return None
                 entry.passes_to_skip -= 1
             return Backoff(entry.failures, entry.passes_to_skip, entry.reason)
 
@@ -293,19 +304,25 @@ class GPUOptimizer:
 
     # ------------------------------------------------------------------ the pass
     def run_pass(
-        self, nodes: list[str] | None = None, cancel: threading.Event | None = None, load_absent: bool = False
+        self,
+        nodes: list[str] | None = None,
+        cancel: threading.Event | None = None,
+        load_absent: bool = False,
+        asked: bool = False,
     ) -> list[dict]:
         """One pass now over `nodes` (all when None), nodes concurrently; returns the actions taken.
 
-        `load_absent` also loads explicitly named priority models that are installed but not loaded.
-        Only a node that just came up (or a pass the user asked for) does that: on interval passes it
-        would reload, every pass, a model that Ollama let expire because nobody used it.
+        `load_absent` also loads the priority models a node should hold (warm-up). Only a node that just
+        came up (or a pass the user asked for) does that: on interval passes it would reload, every pass,
+        a model that Ollama let expire because nobody used it. `asked`: the user wants this pass now, so
+        back-offs do not hold it back.
         """
         cancel = cancel or threading.Event()
+        kind = PASS_ASKED if asked else PASS_INTERVAL if nodes is None else PASS_NODE
         if not self._claim_pass(cancel):
             return []
         try:
-            return self._run_claimed_pass(nodes, cancel, load_absent)
+            return self._run_claimed_pass(nodes, cancel, load_absent, kind)
         finally:
             self._no_pass_running.set()
 
@@ -321,7 +338,7 @@ class GPUOptimizer:
             self._no_pass_running.wait(FUTURE_POLL_SECONDS)
 
     def _run_claimed_pass(
-        self, nodes: list[str] | None, cancel: threading.Event, load_absent: bool
+        self, nodes: list[str] | None, cancel: threading.Event, load_absent: bool, kind: str
     ) -> list[dict]:
         known = self._balancer.nodes
         urls = known if nodes is None else [url for url in known if url in set(nodes)]
@@ -335,7 +352,7 @@ class GPUOptimizer:
             node=only_node,
         )
         submit = self._balancer._work_pool.submit
-        futures = [submit(self._optimize_node, url, cancel, scope == "all", load_absent) for url in urls]
+        futures = [submit(self._optimize_node, url, cancel, kind, load_absent) for url in urls]
         results = _collect(futures, cancel)
         actions = [a for _, node_actions in results for a in node_actions]
         summary = {
@@ -354,7 +371,7 @@ class GPUOptimizer:
         return actions
 
     def _optimize_node(
-        self, url: str, cancel: threading.Event, full_pass: bool, load_absent: bool
+        self, url: str, cancel: threading.Event, kind: str, load_absent: bool
     ) -> tuple[bool, list[dict]]:
         """Read one node's status and move what needs moving; (status read?, actions)."""
         balancer = self._balancer
@@ -365,7 +382,7 @@ class GPUOptimizer:
             return False, [action(url, None, "skipped", "offline", f"{url} is offline")]
         if state.gpu == gs.GPU_NO:
             return False, [action(url, None, "skipped", "no_gpu", f"{url} has no GPU ({state.gpu_evidence})")]
-        if state.gpu == gs.GPU_LOST and not self._gpu_found_again(url, cancel, full_pass):
+        if state.gpu == gs.GPU_LOST and not self._gpu_found_again(url, cancel, kind):
             message = f"{url} has lost its GPU: no move is tried until it is seen again. "
             return False, [action(url, None, "skipped", "gpu_lost", message + gs.lost_remedy_text(url))]
         status = balancer.controller.get_model_status(url)
@@ -393,17 +410,17 @@ class GPUOptimizer:
             if cancel.is_set():
                 break
             priority_on_gpu = {n for n in on_gpu if matches_priority(n, patterns)}
-            actions.append(self._consider_move(url, name, priority_on_gpu, cancel, full_pass))
+            actions.append(self._consider_move(url, name, priority_on_gpu, cancel, kind))
             if actions[-1]["reason"] == "no_gpu":
                 break  # the node just proved it has no GPU: reloading the others would land in RAM too
             if actions[-1]["action"] == "moved":
                 on_gpu.add(name)
         return True, actions
 
-    def _gpu_found_again(self, url: str, cancel: threading.Event, full_pass: bool) -> bool:
-        """A lost GPU is asked again only on interval passes, by a tiny probe load (never a priority
-        model): VRAM still held by runners from before the loss proves nothing."""
-        if not full_pass:
+    def _gpu_found_again(self, url: str, cancel: threading.Event, kind: str) -> bool:
+        """A lost GPU is asked again on interval and asked-for passes, by a tiny probe load (never a
+        priority model): VRAM still held by runners from before the loss proves nothing."""
+        if kind == PASS_NODE:
             return False
         return self._balancer.probe_gpu(url, cancel=cancel, trust_vram=False)["gpu"] is True
 
@@ -432,7 +449,7 @@ class GPUOptimizer:
         return absent if balancer.probe_gpu(url, cancel=cancel)["gpu"] is True else []
 
     def _consider_move(
-        self, url: str, name: str, priority_on_gpu: set[str], cancel: threading.Event, full_pass: bool
+        self, url: str, name: str, priority_on_gpu: set[str], cancel: threading.Event, kind: str
     ) -> dict:
         """Move one priority model to GPU unless pinned or backed off; back off on failure or churn."""
         if self.is_pinned(url, name):
@@ -441,7 +458,7 @@ class GPUOptimizer:
         known = state.unmovable.get(name) if state is not None else None
         if known is not None:  # a Modelfile pin or an MLX model: retrying would only reload it
             return action(url, name, "skipped", known["reason"], known["message"])
-        entry = self._consume_backoff(url, name, count_pass=full_pass)
+        entry = self._consume_backoff(url, name, kind)
         if entry is not None:
             return action(
                 url, name, "skipped", "backed_off",

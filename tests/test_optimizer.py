@@ -121,24 +121,26 @@ def test_forced_cpu_stays_pinned_until_forced_back(sim_node, make_balancer) -> N
 def test_out_of_memory_is_backed_off_instead_of_retried_every_pass(sim_node, make_balancer) -> None:
     node = sim_node(vram_gb=8, ram_gb=64, preload=[("llama3.1:70b", "cpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1:70b"])
+    interval_pass = balancer.optimizer.run_pass  # over all nodes, as the background thread runs it
 
-    [first] = balancer.optimize_gpu_once()
+    [first] = interval_pass()
     assert (first["action"], first["reason"]) == ("failed", "out_of_memory")
     assert on_cpu(node, "llama3.1:70b")  # the controller put it back
-    posts_after_first = len(posts(node))
-    [triggered] = balancer.optimizer.run_pass([node.url])  # a monitor-triggered node pass does not count
+    [triggered] = balancer.optimizer.run_pass([node.url])  # a monitor-triggered node pass never retries
     assert triggered["reason"] == "backed_off"
-
-    [second] = balancer.optimize_gpu_once()
-    assert (second["action"], second["reason"]) == ("skipped", "backed_off")
-    assert len(posts(node)) == posts_after_first  # no load was sent
+    # the next interval pass retries once (VRAM another program held may be free by now) ...
+    assert [a["reason"] for a in interval_pass()] == ["out_of_memory"]
+    posts_after_second = len(posts(node))
+    # ... then the retries come after 1, then 3 skipped passes
+    assert [a["reason"] for a in interval_pass()] == ["backed_off"]
+    assert len(posts(node)) == posts_after_second  # no load was sent
     [entry] = balancer.optimizer_status()["backed_off"]
     assert entry["reason"] == "out_of_memory"
-
-    third = balancer.optimize_gpu_once()  # back-off doubles: the retry comes after 1, then 2 passes
-    assert third[0]["action"] == "failed"
-    assert [a["reason"] for a in balancer.optimize_gpu_once()] == ["backed_off"]
-    assert [a["reason"] for a in balancer.optimize_gpu_once()] == ["backed_off"]
+    assert [a["reason"] for a in interval_pass()] == ["out_of_memory"]
+    assert [a["reason"] for _ in range(3) for a in interval_pass()] == ["backed_off"] * 3
+    # a pass the user asks for is not held back
+    [asked] = balancer.optimize_gpu_once()
+    assert (asked["action"], asked["reason"]) == ("failed", "out_of_memory")
 
 
 def test_explicit_priority_model_installed_but_not_loaded_is_loaded_on_a_gpu_node(
@@ -147,7 +149,7 @@ def test_explicit_priority_model_installed_but_not_loaded_is_loaded_on_a_gpu_nod
     node = sim_node(preload=[("llama3.1", "gpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1", "mxbai-embed-large", "nomic*"])
     wait_until(lambda: EMBED in balancer.node_state(node.url).installed, "installed models known")
-    assert balancer.node_state(node.url).has_gpu is True
+    wait_until(lambda: balancer.node_state(node.url).has_gpu is True, "llama3.1 seen in VRAM")
 
     actions = balancer.optimize_gpu_once()
 
@@ -382,15 +384,17 @@ def test_a_load_that_pushes_another_priority_model_off_the_gpu_is_backed_off(sim
         lambda: "codellama:latest" in balancer.node_state(node.url).installed, "installed models known"
     )
 
-    [first] = balancer.optimize_gpu_once()  # loads codellama, which evicts llama3.1
+    [first] = balancer.optimizer.run_pass(None, load_absent=True)  # loads codellama, which evicts llama3.1
     assert (first["model"], first["action"]) == ("codellama:latest", "moved") and "displaced" in first[
         "message"
     ]
-    [second] = balancer.optimize_gpu_once()  # llama3.1 comes back and evicts codellama: backed off too
+    [second] = balancer.optimizer.run_pass(
+        None, load_absent=True
+    )  # llama3.1 comes back and evicts codellama: backed off too
     assert (second["model"], second["action"]) == (LLAMA, "moved")
     loads = node.counts("codellama")["loads"] + node.counts(LLAMA)["loads"]
 
-    third = balancer.optimize_gpu_once()
+    third = balancer.optimizer.run_pass(None, load_absent=True)
 
     assert [(a["model"], a["reason"]) for a in third] == [("codellama:latest", "backed_off")]
     assert node.counts("codellama")["loads"] + node.counts(LLAMA)["loads"] == loads
