@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import http.server
 import json
@@ -38,7 +39,12 @@ FOREVER_NS = 2**63 - 1  # Go's time.Duration(math.MaxInt64): keep_alive < 0
 VERSION = "0.33.0-rc2"
 BUSY_TEXT = "server busy, please try again.  maximum pending requests exceeded"
 FIT_FRACTION = 0.8  # era C eviction test: next to other models the prediction must be <= 80% of free VRAM
-FIT_TARGET = 1 * GiB  # llama.cpp --fit leaves this much free per GPU when it places layers (a model alone)
+FIT_TARGET = 1 * GiB  # llama.cpp --fit leaves this much free per GPU when it places layers automatically
+# CUDA context + cuBLAS/library workspaces of one llama-server process on the GPU: real, but in no "buffer
+# size" log line, so never in /api/ps size_vram (only the driver's free figure shows it)
+RUNNER_VRAM_OVERHEAD = int(0.4 * GiB)
+ERA_A_MINIMUM_MEMORY = 457 * MiB  # v0.12.10 ml/device.go:324 MinimumMemory() for CUDA/ROCm
+REQUEST_LOG_MAX = 10_000  # request_log keeps the newest entries only
 REAPER_MAX_WAIT = 30.0  # the expiry thread is woken on every state change; this is only a safety net
 
 
@@ -63,6 +69,9 @@ class ModelSpec:
     capabilities: tuple[str, ...]
     parameter_count: int
     modified_at: str = "2026-01-15T10:00:00.123456789Z"
+    format: str = "gguf"  # "safetensors" = an MLX-engine model (images.go:88-90 IsMLX)
+    options: tuple[tuple[str, Any], ...] = ()  # Modelfile PARAMETERs, applied to every request
+    base: str = ""  # a copy made with `ollama create` (FROM base + PARAMETER) shares the base's blob
 
     @property
     def digest(self) -> str:
@@ -72,7 +81,12 @@ class ModelSpec:
     @property
     def blob(self) -> str:
         """The model blob's sha256: Ollama breaks eviction ties by this path."""
-        return hashlib.sha256(b"blob:" + self.name.encode()).hexdigest()
+        return hashlib.sha256(b"blob:" + (self.base or self.name).encode()).hexdigest()
+
+    @property
+    def mlx(self) -> bool:
+        """images.go:88-90: a safetensors model runs in the MLX runner, not llama-server."""
+        return self.format == "safetensors"
 
     @property
     def layers(self) -> int:
@@ -99,6 +113,16 @@ class ModelSpec:
         elif not self.embedding_only and num_batch >= 1024:
             graph += 768 * MiB
         return self.file_size + self.kv_bytes(num_ctx) + graph
+
+    def predicted_vram(self, num_ctx: int, num_batch: int = 512) -> int:
+        """The scheduler's pre-flight figure: file + f16 KV (llama_server.go:2681-2701 PredictServerVRAM)
+        + the generation batch surcharge for completion models (sched.go:541 predictedForLoad)."""
+        surcharge = 0
+        if not self.embedding_only and num_batch >= 2048:
+            surcharge = 2 * GiB
+        elif not self.embedding_only and num_batch >= 1024:
+            surcharge = 768 * MiB
+        return self.file_size + self.kv_bytes(num_ctx) + surcharge
 
 
 _CHAT = ("completion", "tools")
@@ -139,6 +163,42 @@ def _spec_from_row(index: int, row: tuple) -> ModelSpec:
 
 
 CATALOG: dict[str, ModelSpec] = {row[0]: _spec_from_row(i, row) for i, row in enumerate(_CATALOG_ROWS)}
+DEFAULT_MODELS: tuple[str, ...] = tuple(CATALOG)  # what SimNode(models=None) installs: the 7 above
+
+
+def _variant(base: str, name: str, options: tuple[tuple[str, Any], ...], day: int) -> ModelSpec:
+    """A copy made with `ollama create NAME -f Modelfile` (FROM base + PARAMETER lines)."""
+    spec = CATALOG[base]
+    stamp = f"2026-02-{day:02d}T10:00:00.123456789Z"
+    return dataclasses.replace(spec, name=name, options=options, base=base, modified_at=stamp)
+
+
+# Catalogue variants, installed only when a test or the CLI names them (models=[...]):
+# - llama3.1-cpu: `PARAMETER num_gpu 0`, the documented way to get a CPU copy (Ollama issue #9836);
+# - codellama-16k: `PARAMETER num_ctx 16384`;
+# - qwen3.5:2b-nvfp4: an MLX (safetensors) model of the Ollama library (integration/reg_release_test.go:18).
+VARIANTS: dict[str, ModelSpec] = {
+    "llama3.1-cpu:latest": _variant("llama3.1:latest", "llama3.1-cpu:latest", (("num_gpu", 0),), 2),
+    "codellama-16k:latest": _variant("codellama:latest", "codellama-16k:latest", (("num_ctx", 16384),), 1),
+    "qwen3.5:2b-nvfp4": ModelSpec(
+        name="qwen3.5:2b-nvfp4",
+        family="qwen35",
+        parameter_size="2.3B",
+        quantization_level="nvfp4",
+        file_size=1_712_381_952,
+        block_count=24,
+        context_length=262144,
+        embedding_length=2048,
+        head_count=8,
+        head_count_kv=2,
+        head_dim=256,
+        capabilities=("completion", "tools", "thinking"),
+        parameter_count=2_274_000_000,
+        modified_at="2026-02-03T10:00:00.123456789Z",
+        format="safetensors",
+    ),
+}
+CATALOG.update(VARIANTS)
 
 
 def canonical_name(name: str) -> str:
@@ -158,6 +218,22 @@ def default_num_ctx(total_vram_bytes: int) -> int:
     if total_vram_bytes >= 23 * GiB:
         return 32768
     return 4096
+
+
+def _parse_era(version: str) -> bool:
+    """True for era A (<= 0.12.10, /api/ps shows llm/memory.go estimates); False for era C (>= 0.30).
+
+    Era B (0.12.11-0.29.x) places layers its own way (createLayout) and is not simulated: ValueError.
+    """
+    parts = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    if parts is None:
+        raise ValueError(f"version {version!r} is not MAJOR.MINOR.PATCH")
+    number = tuple(int(p) for p in parts.groups())
+    if number <= (0, 12, 10):
+        return True
+    if number < (0, 30, 0):
+        raise ValueError(f"version {version}: era B (0.12.11-0.29.x) not simulated; use <=0.12.10 or >=0.30")
+    return False
 
 
 # --------------------------------------------------------------------------------------------- wire helpers
@@ -363,11 +439,13 @@ class Runner:
     num_ctx: int  # resolved per-slot context (/api/ps context_length)
     num_ctx_explicit: int | None
     num_batch_explicit: int | None
+    num_batch: int  # resolved batch (embedding models: compared literally by needsReload)
     main_gpu: int | None
     use_mmap: bool | None
     num_thread: int
     keep_alive_ns: int
     expires_at_ns: int
+    held_vram: int = 0  # what the process really holds on the GPU: size_vram + RUNNER_VRAM_OVERHEAD, or 0
     ref_count: int = 0  # requests in flight: a runner is only removed once idle
     stop_at: float | None = None  # set when unloading: removal happens at/after this moment (monotonic)
     # OLLAMA_NUM_PARALLEL (default 1): how many requests compute at once; the others wait their turn
@@ -380,6 +458,11 @@ class Runner:
 class _Placement:
     size: int
     size_vram: int
+    held_vram: int = 0  # size_vram plus the runner's unreported overhead when it uses the GPU
+
+
+class _Killed(Exception):
+    """A CPU load larger than RAM: the kernel OOM-kills llama-server (no Ollama memory check stops it)."""
 
 
 class _NeedsEviction(Exception):
@@ -394,7 +477,12 @@ class _OutOfMemory(Exception):
 
 
 class SimNode:
-    """A simulated Ollama server on 127.0.0.1 with a VRAM/RAM budget and Ollama's scheduler."""
+    """A simulated Ollama server on 127.0.0.1 with a VRAM/RAM budget and Ollama's scheduler.
+
+    Scenarios a real node meets: `restart()` (nothing loaded afterwards), a GPU not discovered at start
+    (`gpu_found=False`), VRAM held by other programs (`external_vram_gb`), a GPU lost at run time
+    (`vram_gb = 0`), `/api/ps` stalling during unloads (`ps_stall_seconds`), an older Ollama (`version`).
+    """
 
     def __init__(
         self,
@@ -410,9 +498,19 @@ class SimNode:
         keep_alive_default: str | int | float = "5m",
         port: int = 0,
         inference_time_scale: float = 0.0,
+        gpu_found: bool = True,
+        external_vram_gb: float = 0.0,
+        ps_stall_seconds: float = 0.0,
+        version: str = VERSION,
     ) -> None:
         self.ram_gb = ram_gb
         self._vram_gb = float(vram_gb)
+        self._gpu_found = bool(gpu_found)  # discovered once per process (discover/runner.go:45,265)
+        self._external_vram_gb = float(external_vram_gb)
+        # /api/ps waits while a runner unloads and its VRAM recovers (sched.go:416-463, :1757); 0 = never
+        self.ps_stall_seconds = float(ps_stall_seconds)
+        self.version = version
+        self._era_a = _parse_era(version)
         self.installed: dict[str, ModelSpec] = self._resolve_installed(models)
         self.preload = list(preload or [])
         self._load_seconds_per_gb = load_seconds_per_gb
@@ -426,7 +524,7 @@ class SimNode:
         self.inference_time_scale = inference_time_scale
         self.port = port
         self.host = "127.0.0.1"
-        self.default_num_ctx = default_num_ctx(self.vram_bytes)
+        self.default_num_ctx = default_num_ctx(self.discovered_vram_bytes)
 
         self._lock = threading.Lock()  # guards the memory state below; never held while sleeping
         self._changed = threading.Condition(self._lock)
@@ -435,7 +533,8 @@ class SimNode:
         self._counts: dict[str, dict[str, int]] = {}
         self._queued = 0
         self._epoch = 0  # bumped by restart(): loads in progress from before are lost
-        self.request_log: list[tuple[str, str, Any]] = []
+        self.request_log: list[tuple[str, str, Any]] = []  # the newest REQUEST_LOG_MAX requests
+        self.request_log_max = REQUEST_LOG_MAX
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -505,6 +604,43 @@ class SimNode:
         return int(self._vram_gb * GiB)
 
     @property
+    def gpu_found(self) -> bool:
+        """Whether this Ollama process discovered the GPU when it started (only restart() changes it)."""
+        return self._gpu_found
+
+    @property
+    def discovered_vram_bytes(self) -> int:
+        """Total VRAM this process found at start: what the default context tier is computed from."""
+        return self.vram_bytes if self._gpu_found else 0
+
+    @property
+    def external_vram_gb(self) -> float:
+        """VRAM held by other programs (a training job, a desktop): never in /api/ps."""
+        return self._external_vram_gb
+
+    @external_vram_gb.setter
+    def external_vram_gb(self, value: float) -> None:
+        """Takes effect for the next placement; loaded models stay where they are."""
+        with self._changed:
+            self._external_vram_gb = max(0.0, float(value))
+            self._changed.notify_all()
+
+    def _gpu_usable(self) -> bool:
+        """A GPU list for the next load: discovered at start and not lost since. Lock held."""
+        return self._gpu_found and self.vram_bytes > 0
+
+    def _real_free_vram(self, exclude: str = "") -> int:
+        """What the driver reports free: VRAM - other programs - every runner's size_vram + overhead."""
+        held = sum(r.held_vram for r in self._runners.values() if r.spec.name != exclude)
+        return max(0, self.vram_bytes - int(self._external_vram_gb * GiB) - held)
+
+    def _scheduler_free_vram(self, exclude: str = "") -> int:
+        """sched.go:1295-1336 updateFreeSpace + llama_server.go:2600-2634: the smaller of Ollama's own
+        bookkeeping (total - Σ size_vram) and the driver's figure ("Take the minimum - never optimistic")."""
+        booked = sum(r.size_vram for r in self._runners.values() if r.spec.name != exclude)
+        return min(max(0, self.vram_bytes - booked), self._real_free_vram(exclude))
+
+    @property
     def ram_bytes(self) -> int:
         return int(self.ram_gb * GiB)
 
@@ -532,8 +668,10 @@ class SimNode:
     # ----------------------------------------------------------------------------- faults and scenarios
 
     def set_fault(self, kind: str, seconds: float = 0.0, paths: Iterable[str] | None = None) -> None:
-        """down | drop | hang | slow | error500 | garbage | busy, optionally only for some paths."""
-        if kind not in ("down", "drop", "hang", "slow", "error500", "garbage", "busy"):
+        """down | drop | hang | slow | error500 | garbage | busy | size_fallback, optionally only for some
+        paths. size_fallback: /api/ps reports size == size_vram == the GGUF file size, Ollama's fallback
+        when no llama-server buffer line was parsed (llama_server.go:2669-2675)."""
+        if kind not in ("down", "drop", "hang", "slow", "error500", "garbage", "busy", "size_fallback"):
             raise ValueError(f"unknown fault {kind!r}")
         self.clear_fault()
         self._fault_released.clear()
@@ -553,39 +691,26 @@ class SimNode:
     def fault(self) -> str | None:
         return self._fault
 
-    def restart(self, downtime: float = 0.0) -> None:
-        """Ollama restarts: connections refused for `downtime` s, then the same models are back, on CPU.
+    def restart(self, downtime: float = 0.0, gpu_found: bool = True) -> None:
+        """Ollama restarts: connections refused for `downtime` s, then it serves with NOTHING loaded.
 
-        This is the bug the product exists for: after a restart (or suspend/resume) automatic loads fall
-        back to RAM, stored num_gpu -1, keep_alive kept. Counts are not changed by a restart.
+        SIGTERM kills every runner (routes.go:2023-2028 unloadAllRunners) and the new process starts with
+        an empty map (sched.go:97); nothing reloads by itself. Loads in progress are lost. The GPU is
+        discovered again (discover/runner.go:45,265): `gpu_found=False` = not found by this process, so
+        every load lands on CPU until a later restart finds it. The default context follows the VRAM
+        discovered now (routes.go:2043-2057). Load/unload counts are kept.
         """
         if self._started and self._fault != "down":
             self._unbind()
         with self._lock:
-            survivors = [r for r in self._runners.values() if r.stop_at is None]
             self._runners.clear()
             self._epoch += 1
             self._changed.notify_all()
         if downtime > 0:
             self._stopping.wait(downtime)
-        now = time.time_ns()
         with self._lock:
-            self.default_num_ctx = default_num_ctx(self.vram_bytes)
-            for old in survivors:
-                self._runners[old.spec.name] = Runner(
-                    spec=old.spec,
-                    size=old.size,
-                    size_vram=0,
-                    num_gpu=-1,
-                    num_ctx=old.num_ctx,
-                    num_ctx_explicit=None,
-                    num_batch_explicit=None,
-                    main_gpu=None,
-                    use_mmap=None,
-                    num_thread=0,
-                    keep_alive_ns=old.keep_alive_ns,
-                    expires_at_ns=_expiry_ns(now, old.keep_alive_ns),
-                )
+            self._gpu_found = bool(gpu_found)
+            self.default_num_ctx = default_num_ctx(self.discovered_vram_bytes)
         if self._started and self._fault != "down":
             self._bind()
         self._reaper_wake.set()
@@ -607,6 +732,7 @@ class SimNode:
                     "name": r.spec.name,
                     "size": r.size,
                     "size_vram": r.size_vram,
+                    "held_vram": r.held_vram,  # what the GPU really holds for it: + RUNNER_VRAM_OVERHEAD
                     "num_gpu": r.num_gpu,
                     "keep_alive": math.inf if r.keep_alive_ns == FOREVER_NS else r.keep_alive_ns / 1e9,
                     "expires_at": r.expires_at_ns / 1e9,
@@ -622,6 +748,9 @@ class SimNode:
     def _record(self, method: str, path: str, body: Any) -> None:
         with self._lock:
             self.request_log.append((method, path, body))
+            excess = len(self.request_log) - self.request_log_max
+            if excess > 0:
+                del self.request_log[:excess]
 
     def _count(self, name: str, kind: str) -> None:
         self._counts.setdefault(name, {"loads": 0, "unloads": 0})[kind] += 1
@@ -636,7 +765,7 @@ class SimNode:
     @staticmethod
     def _resolve_installed(models: Iterable[str] | None) -> dict[str, ModelSpec]:
         if models is None:
-            return dict(CATALOG)
+            return {name: CATALOG[name] for name in DEFAULT_MODELS}
         installed = {}
         for model in models:
             name = canonical_name(model)
@@ -656,53 +785,93 @@ class SimNode:
     # ----------------------------------------------------------------------------- preload
 
     def _apply_preload(self) -> None:
+        """Preloads, each made by a real sequence of events (counted as neither loads nor unloads):
+
+        auto       an automatic load (no options);
+        gpu        an automatic load that must land fully on the GPU, else ValueError;
+        forced-cpu a client loaded it with num_gpu 0;
+        cpu        it fell back to RAM by automatic placement: loaded while another program held all the
+                   VRAM, which then went back to `external_vram_gb`. On a GPU node Ollama's pre-flight
+                   would evict one such model to load the next (sched.go:547), so only one is possible;
+                   they load first, before the others.
+        """
+        placements = []
         for model, where in self.preload:
             spec = self._lookup(model)
             if spec is None:
                 raise ValueError(f"preload: {model!r} is not installed")
-            if where == "auto":
-                self.release(self.schedule(spec, {}, None, count=False, load_delay=False))
-                continue
-            if where not in ("gpu", "cpu", "forced-cpu"):
+            if where not in ("auto", "gpu", "cpu", "forced-cpu"):
                 raise ValueError(f"preload placement must be auto|gpu|cpu|forced-cpu, not {where!r}")
-            num_ctx = self._resolve_ctx(spec, {})
-            size = spec.loaded_size(num_ctx, self._resolve_batch(spec, {}, num_ctx))
-            size_vram = size if where == "gpu" and self.vram_bytes > 0 else 0
-            if size_vram > self.vram_bytes - sum(r.size_vram for r in self._runners.values()):
-                raise ValueError(f"preload: {spec.name} ({size / GiB:.1f} GiB) does not fit on the GPU")
-            runner = self._new_runner(spec, {}, None, _Placement(size, size_vram))
-            if where == "forced-cpu":
-                runner.num_gpu = 0
-            with self._lock:
-                self._runners[spec.name] = runner
+            placements.append((spec, where))
+        fell_back = [spec for spec, where in placements if where == "cpu"]
+        if len(fell_back) > 1 and self._gpu_usable():
+            names = ", ".join(spec.name for spec in fell_back)
+            raise ValueError(
+                f"preload: {names}: only one model can have fallen back to RAM automatically on a GPU node "
+                "(loading the next one would evict it); use forced-cpu for the others"
+            )
+        for spec in fell_back:
+            configured = self._external_vram_gb
+            self._external_vram_gb = self._vram_gb if self._gpu_usable() else configured
+            try:
+                self._preload_one(spec, {})
+            finally:
+                self._external_vram_gb = configured
+        for spec, where in placements:
+            if where == "cpu":
+                continue
+            runner = self._preload_one(spec, {"num_gpu": 0} if where == "forced-cpu" else {})
+            if where == "gpu" and not (runner.size_vram == runner.size > 0):
+                with self._lock:
+                    self._runners.pop(spec.name, None)
+                size = runner.size / GiB
+                raise ValueError(f"preload: {spec.name} ({size:.1f} GiB) does not fit on the GPU")
+
+    def _preload_one(self, spec: ModelSpec, opts: dict) -> Runner:
+        try:
+            runner = self.schedule(spec, opts, None, count=False, load_delay=False)
+        except ApiError as err:
+            raise ValueError(f"preload: {spec.name}: {err.message}") from None
+        self.release(runner)
+        return runner
 
     # ----------------------------------------------------------------------------- scheduler
 
     def _resolve_ctx(self, spec: ModelSpec, opts: dict) -> int:
         """num_ctx: explicit, else the automatic one (VRAM-based default, or lowered by an OOM retry),
         clamped to the trained context."""
-        automatic = opts.get("_auto_ctx") or self.default_num_ctx
-        return max(1, min(opts.get("num_ctx") or automatic, spec.context_length))
+        return max(1, min(self._requested_ctx(opts), spec.context_length))
 
-    @staticmethod
-    def _resolve_batch(spec: ModelSpec, opts: dict, num_ctx: int) -> int:
+    def _requested_ctx(self, opts: dict) -> int:
+        """opts.NumCtx before the clamp to the trained context (routes.go:132 defaultNumCtx)."""
+        return opts.get("num_ctx") or opts.get("_auto_ctx") or self.default_num_ctx
+
+    def _resolve_batch(self, spec: ModelSpec, opts: dict) -> int:
+        """num_batch: explicit, else 512 for completion models; for embedding models min(2048, the
+        REQUESTED num_ctx), unclamped (routes.go:151 WithDefaultEmbeddingNumBatch; llama_server.go:92-103)."""
         if opts.get("num_batch"):
             return opts["num_batch"]
-        return min(2048, num_ctx) if spec.embedding_only else 512
+        return min(2048, self._requested_ctx(opts)) if spec.embedding_only else 512
 
     def _needs_reload(self, runner: Runner, opts: dict) -> bool:
-        """sched.go needsReload over the api.Runner fields; sampling options never reload.
+        """sched.go:1381-1432 needsReload over the api.Runner fields; sampling options never reload.
 
-        A new num_gpu < 0 (or absent) equals anything; num_ctx and num_batch count as equal when both the
-        loaded and the new value are automatic, otherwise their resolved values are compared.
+        A new num_gpu < 0 (or absent) equals anything; num_ctx counts as equal when both the loaded and the
+        new value are automatic, num_batch too except for embedding models, whose batch is never automatic
+        (routes.go:217) and is compared literally. MLX models skip the comparison entirely (:1425).
         """
+        if runner.spec.mlx:
+            return False
         new_gpu = opts.get("num_gpu", -1)
         gpu_differs = new_gpu >= 0 and new_gpu != runner.num_gpu
         ctx_auto = opts.get("num_ctx") is None and runner.num_ctx_explicit is None
         ctx_differs = not ctx_auto and self._resolve_ctx(runner.spec, opts) != runner.num_ctx
-        batch_auto = opts.get("num_batch") is None and runner.num_batch_explicit is None
-        new_batch, old_batch = opts.get("num_batch") or 512, runner.num_batch_explicit or 512
-        batch_differs = not batch_auto and new_batch != old_batch
+        if runner.spec.embedding_only:
+            batch_differs = self._resolve_batch(runner.spec, opts) != runner.num_batch
+        else:
+            batch_auto = opts.get("num_batch") is None and runner.num_batch_explicit is None
+            new_batch, old_batch = opts.get("num_batch") or 512, runner.num_batch_explicit or 512
+            batch_differs = not batch_auto and new_batch != old_batch
         return (
             gpu_differs
             or ctx_differs
@@ -724,11 +893,13 @@ class SimNode:
             num_ctx=self._resolve_ctx(spec, opts),
             num_ctx_explicit=opts.get("num_ctx"),
             num_batch_explicit=opts.get("num_batch"),
+            num_batch=self._resolve_batch(spec, opts),
             main_gpu=opts.get("main_gpu"),
             use_mmap=opts.get("use_mmap"),
             num_thread=opts.get("num_thread", 0),
             keep_alive_ns=keep,
             expires_at_ns=_expiry_ns(time.time_ns(), keep),
+            held_vram=place.held_vram,
         )
 
     def _try_use(self, spec: ModelSpec, opts: dict, keep_alive_ns: int | None) -> Runner | None:
@@ -753,7 +924,9 @@ class SimNode:
 
         A loaded runner that needs no reload is used at once (getRunner fast path); anything else waits
         in the pending queue (503 when `max_queue` requests already wait) for the single load slot.
+        The model's Modelfile options come first, then the request's (routes.go:141-146).
         """
+        opts = {**dict(spec.options), **opts}
         with self._lock:
             runner = self._try_use(spec, opts, keep_alive_ns)
             if runner is not None:
@@ -796,6 +969,8 @@ class SimNode:
             except _NeedsEviction:
                 self._unload_and_wait(self._victims(spec.name, evict_all=False))
                 continue
+            except _Killed:
+                raise ApiError(500, "llama-server process has terminated: signal: killed") from None
             except _OutOfMemory:
                 retry_opts = None if retried_after_oom else self._opts_for_oom_retry(spec, opts)
                 if retry_opts is None:
@@ -823,51 +998,61 @@ class SimNode:
             return self._queued
 
     def _plan(self, spec: ModelSpec, opts: dict) -> _Placement:
-        """Era C placement for a model not loaded yet. Lock held.
+        """Era C placement for a model not loaded yet (era A differences noted). Lock held.
 
         Raises _NeedsEviction (pre-flight: evict one victim), _OutOfMemory (the load itself would fail)
-        or ApiError (not enough system RAM for a model alone).
+        or _Killed (a CPU load larger than RAM).
         """
         others = [r for r in self._runners.values() if r.spec.name != spec.name]
         max_loaded = self.max_loaded or 3  # 3 x max(#GPUs, 1); a GPU node has one GPU here
         if len([r for r in others if r.stop_at is None]) >= max_loaded:
             raise _NeedsEviction()
         num_ctx = self._resolve_ctx(spec, opts)
-        size = spec.loaded_size(num_ctx, self._resolve_batch(spec, opts, num_ctx))
-        per_layer = size / spec.layers
-        free_vram = max(0, self.vram_bytes - sum(r.size_vram for r in others))
+        batch = self._resolve_batch(spec, opts)
+        size = spec.loaded_size(num_ctx, batch)
         num_gpu = opts.get("num_gpu", -1)
-        if self.vram_bytes == 0 or num_gpu == 0:
-            size_vram = 0  # no GPU backend, or CPU only: era C does no memory check
-        elif num_gpu > 0:
-            partial = num_gpu < spec.layers  # explicitPartialGPUOffload skips the pre-flight eviction
-            size_vram = size if not partial else int(num_gpu * per_layer)
-            if others and not partial and size > FIT_FRACTION * free_vram:
-                raise _NeedsEviction()
-            if size_vram > free_vram:
+        gpu = self._gpu_usable() and num_gpu != 0  # sched.go:272-273: num_gpu 0 -> empty GPU list
+        if spec.mlx:  # no pre-flight (sched.go:528); x/mlxrunner/client.go:485-488 reports size == size_vram
+            return _Placement(size, size, size + RUNNER_VRAM_OVERHEAD if gpu else 0)
+        if not gpu:
+            # No GPU backend: no memory check (sched.go:547 needs GPUs), mmap off (sched.go:1162), so the
+            # whole model is read into RAM; the kernel kills a llama-server larger than RAM
+            if size > self.ram_bytes:
+                raise _Killed()
+            return _Placement(size, 0)
+        per_layer = size / spec.layers
+        real_free = self._real_free_vram(spec.name)
+        sched_free = self._scheduler_free_vram(spec.name)
+        predicted = spec.predicted_vram(num_ctx, batch)
+        partial = 0 < num_gpu < spec.layers  # explicitPartialGPUOffload skips the pre-flight (sched.go:790)
+        if others and not partial and predicted > FIT_FRACTION * sched_free:
+            raise _NeedsEviction()  # sched.go:547-562: the 80% pre-flight, for forced and automatic loads
+        if num_gpu > 0:
+            if self._era_a and self._era_a_layers_fit(spec, size, real_free) == 0:
+                return _Placement(size, 0)  # v0.12.10 llm/server.go:501-503: no layer fits -> CPU, silently
+            size_vram = int(num_gpu * per_layer) if partial else size  # -ngl N: --fit leaves it alone
+            if size_vram + RUNNER_VRAM_OVERHEAD > real_free:
                 raise _OutOfMemory()
-        elif others:
-            if size > FIT_FRACTION * free_vram:  # requireFull: never split next to resident models
-                raise _NeedsEviction()
-            size_vram = size
-        else:
-            layers = min(spec.layers, int(max(0, free_vram - FIT_TARGET) // per_layer))
-            size_vram = size if layers == spec.layers else int(layers * per_layer)
-        cpu_part = size - size_vram
-        free_ram = self.ram_bytes - sum(r.size - r.size_vram for r in others)
-        if cpu_part > free_ram:
-            if others:
-                raise _NeedsEviction()
-            raise ApiError(
-                500,
-                f"model requires more system memory ({cpu_part / GiB:.1f} GiB) than is available "
-                f"({max(0, free_ram) / GiB:.1f} GiB)",
-            )
-        return _Placement(size=size, size_vram=size_vram)
+            return _Placement(size, size_vram, size_vram + RUNNER_VRAM_OVERHEAD)
+        # automatic: llama.cpp --fit places what fits against real free memory, keeping FIT_TARGET free
+        layers = min(spec.layers, int(max(0, real_free - RUNNER_VRAM_OVERHEAD - FIT_TARGET) // per_layer))
+        size_vram = size if layers == spec.layers else int(layers * per_layer)
+        return _Placement(size, size_vram, size_vram + RUNNER_VRAM_OVERHEAD if size_vram else 0)
+
+    @staticmethod
+    def _era_a_layers_fit(spec: ModelSpec, size: int, free: int) -> int:
+        """v0.12.10 llm/memory.go EstimateGPULayers: a GPU takes layers only if it can hold the graph, the
+        minimum memory and two layers (:285); then the estimate counts what fits (:323-340)."""
+        per_layer = size / spec.layers
+        graph = min(256 * MiB, spec.file_size // 2)
+        room = free - graph - ERA_A_MINIMUM_MEMORY
+        if room < 2 * per_layer:
+            return 0
+        return min(spec.layers, int(room // per_layer))
 
     def _oom_text(self, spec: ModelSpec, opts: dict) -> str:
         num_ctx = self._resolve_ctx(spec, opts)
-        size = spec.loaded_size(num_ctx, self._resolve_batch(spec, opts, num_ctx))
+        size = spec.loaded_size(num_ctx, self._resolve_batch(spec, opts))
         return (
             "llama-server process has terminated: error: ggml_backend_cuda_buffer_type_alloc_buffer: "
             f"allocating {size / MiB:.2f} MiB on device 0: cudaMalloc failed: out of memory"
@@ -981,33 +1166,47 @@ class SimNode:
                 if runner.stop_at is None:
                     if runner.ref_count == 0:
                         next_wake = min(next_wake, (runner.expires_at_ns - now_ns) / 1e9)
-                elif runner.ref_count == 0 and now_mono >= runner.stop_at:
-                    del self._runners[name]
+                elif runner.ref_count == 0 and now_mono >= runner.stop_at + self.ps_stall_seconds:
+                    del self._runners[name]  # with ps_stall_seconds: after the VRAM-recovery wait
                     self._count(name, "unloads")
                     self._changed.notify_all()
                 else:
-                    next_wake = min(next_wake, max(0.001, runner.stop_at - now_mono))
+                    due = runner.stop_at + self.ps_stall_seconds - now_mono
+                    next_wake = min(next_wake, max(0.001, due))
         return next_wake
 
     # ----------------------------------------------------------------------------- replies (JSON bodies)
 
     def ps_body(self) -> dict:
-        """/api/ps: canonical names, sorted by expires_at descending at 1-second resolution (stable)."""
-        with self._lock:
+        """/api/ps: canonical names, sorted by expires_at descending at 1-second resolution (stable).
+
+        With ps_stall_seconds > 0 it waits while a runner unloads: processCompleted holds the runner's
+        refMu through the unload and the VRAM-recovery wait (sched.go:416-463) and loadedModels takes
+        every refMu (sched.go:1757); the reply then no longer lists that runner.
+        """
+        with self._changed:
+            while self.ps_stall_seconds > 0 and not self._stopping.is_set() and self._unloading_locked():
+                self._changed.wait(timeout=0.05)
             runners = sorted(self._runners.values(), key=lambda r: r.expires_at_ns // 10**9, reverse=True)
-            return {"models": [self._ps_entry(r) for r in runners]}
+            fallback = self._fault == "size_fallback"
+            return {"models": [self._ps_entry(r, fallback) for r in runners]}
+
+    def _unloading_locked(self) -> bool:
+        return any(r.stop_at is not None and r.ref_count == 0 for r in self._runners.values())
 
     @staticmethod
-    def _ps_entry(runner: Runner) -> dict:
+    def _ps_entry(runner: Runner, fallback: bool = False) -> dict:
+        """fallback: no buffer line was parsed, both figures are the file size (llama_server.go:2669-2675)."""
         spec = runner.spec
+        size, size_vram = (spec.file_size, spec.file_size) if fallback else (runner.size, runner.size_vram)
         return {
             "name": spec.name,
             "model": spec.name,
-            "size": runner.size,
+            "size": size,
             "digest": spec.digest,
             "details": _details(spec),
             "expires_at": _rfc3339(runner.expires_at_ns, utc=False),
-            "size_vram": runner.size_vram,
+            "size_vram": size_vram,
             "context_length": runner.num_ctx,
         }
 
@@ -1035,7 +1234,7 @@ class SimNode:
 def _details(spec: ModelSpec) -> dict:
     return {
         "parent_model": "",
-        "format": "gguf",
+        "format": spec.format,
         "family": spec.family,
         "families": [spec.family],
         "parameter_size": spec.parameter_size,
@@ -1049,7 +1248,7 @@ def show_body(spec: ModelSpec, verbose: bool) -> dict:
     tokens: list = [f"<tok{i}>" for i in range(8)] if verbose else []
     info = {
         "general.architecture": arch,
-        "general.file_type": {"F16": 1, "Q4_0": 2, "Q4_K_M": 15}[spec.quantization_level],
+        "general.file_type": {"F16": 1, "Q4_0": 2, "Q4_K_M": 15}.get(spec.quantization_level, 0),
         "general.parameter_count": spec.parameter_count,
         "general.quantization_version": 2,
         f"{arch}.block_count": spec.block_count,
@@ -1061,14 +1260,23 @@ def show_body(spec: ModelSpec, verbose: bool) -> dict:
         "tokenizer.ggml.model": "gpt2" if not spec.embedding_only else "bert",
         "tokenizer.ggml.tokens": tokens,
     }
-    parameters = f"{'stop':<30} {_go_quote('<|eot_id|>')}" if not spec.embedding_only else ""
-    return {
-        "license": "",
-        "modelfile": (
+    params = list(spec.options)
+    if not spec.embedding_only and not spec.mlx:
+        params.append(("stop", "<|eot_id|>"))
+    # routes.go:1497-1509: fmt.Sprintf("%-*s %#v", 30, k, v), joined by "\n" (Go's map order varies)
+    parameters = "\n".join(f"{key:<30} {_go_value(value)}" for key, value in params)
+    lines = "".join(f"PARAMETER {key} {value}\n" for key, value in params)  # images.go:586 String()
+    if spec.mlx:  # routes.go:1522-1526: an MLX model's Modelfile names the model itself
+        modelfile = f'# Modelfile generated by "ollama show"\nFROM {spec.name}\n{lines}'
+    else:
+        modelfile = (
             '# Modelfile generated by "ollama show"\n'
             "# To build a new Modelfile based on this, replace FROM with:\n"
-            f"# FROM {spec.name}\n\nFROM /root/.ollama/models/blobs/sha256-{spec.blob}\n"
-        ),
+            f"# FROM {spec.name}\n\nFROM /root/.ollama/models/blobs/sha256-{spec.blob}\n{lines}"
+        )
+    return {
+        "license": "",
+        "modelfile": modelfile,
         "parameters": parameters,
         "template": "{{ .Prompt }}" if not spec.embedding_only else "",
         "details": _details(spec),
@@ -1083,6 +1291,15 @@ def show_body(spec: ModelSpec, verbose: bool) -> dict:
         "capabilities": list(spec.capabilities),
         "modified_at": spec.modified_at,
     }
+
+
+def _go_value(value: Any) -> str:
+    """Go's %#v for the option values a Modelfile stores: numbers bare, strings quoted."""
+    if isinstance(value, str):
+        return _go_quote(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 # --------------------------------------------------------------------------------------------- fake inference
@@ -1331,7 +1548,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         """Apply the current fault; True when the request was answered (or dropped) by it."""
         node = self.node
         kind, paths = node._fault, node._fault_paths
-        if kind is None or (paths is not None and path not in paths):
+        if kind is None or kind == "size_fallback" or (paths is not None and path not in paths):
             return False
         if kind in ("down", "drop"):
             self.close_connection = True
@@ -1360,7 +1577,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if path == "/":
             self._send(200, b"Ollama is running", "text/plain; charset=utf-8")
         elif path == "/api/version":
-            self._send_json(200, {"version": VERSION})
+            self._send_json(200, {"version": node.version})
         elif path == "/api/status":
             self._send_json(200, {"cloud": {"disabled": False, "source": "default"}})
         elif path == "/api/tags":
@@ -1607,7 +1824,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vram-gb", type=float, default=24.0, help="GPU memory in GiB, 0 = CPU-only node")
     parser.add_argument("--ram-gb", type=float, default=64.0)
     parser.add_argument(
-        "--models", nargs="*", default=None, help="installed models (default: whole catalogue)"
+        "--models", nargs="*", default=None, help="installed models (default: the 7 base models)"
     )
     parser.add_argument("--preload", action="append", default=[], type=_parse_preload,
                         metavar="NAME@auto|gpu|cpu|forced-cpu")  # fmt: skip
@@ -1618,6 +1835,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queue", type=int, default=512, help="OLLAMA_MAX_QUEUE (503 beyond)")
     parser.add_argument("--keep-alive", default="5m", help="OLLAMA_KEEP_ALIVE")
     parser.add_argument("--inference-time-scale", type=float, default=0.0, help="1 = simulated token rates")
+    parser.add_argument("--gpu-missing", action="store_true", help="GPU not discovered by this process")
+    parser.add_argument("--external-vram-gb", type=float, default=0.0, help="VRAM held by other programs")
+    parser.add_argument("--ps-stall-seconds", type=float, default=0.0, help="/api/ps waits during unloads")
+    parser.add_argument("--version", default=VERSION, help="Ollama version to report (<= 0.12.10: era A)")
     args = parser.parse_args(argv)
     node = SimNode(
         vram_gb=args.vram_gb,
@@ -1632,6 +1853,10 @@ def main(argv: list[str] | None = None) -> int:
         keep_alive_default=args.keep_alive,
         port=args.port,
         inference_time_scale=args.inference_time_scale,
+        gpu_found=not args.gpu_missing,
+        external_vram_gb=args.external_vram_gb,
+        ps_stall_seconds=args.ps_stall_seconds,
+        version=args.version,
     )
     try:
         node.start()

@@ -10,7 +10,7 @@ import ollama
 import pytest
 from helpers import wait_until
 
-from ollama_sim import CATALOG
+from ollama_sim import CATALOG, DEFAULT_MODELS
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def client(node) -> ollama.Client:
 def test_list_reports_every_catalogue_model_with_details_and_capabilities(client):
     listed = client.list()
     names = [m.model for m in listed.models]
-    assert sorted(names) == sorted(CATALOG)
+    assert sorted(names) == sorted(DEFAULT_MODELS)
     llama = next(m for m in listed.models if m.model == "llama3.1:latest")
     assert llama.size == CATALOG["llama3.1:latest"].file_size
     assert llama.details.family == "llama" and llama.details.quantization_level == "Q4_K_M"

@@ -30,22 +30,22 @@ def connect_refused(node) -> bool:
         return sock.connect_ex(("127.0.0.1", node.port)) != 0
 
 
-def test_restart_brings_models_back_on_cpu_with_stored_num_gpu_minus_one(sim_node):
+def test_restart_comes_back_with_nothing_loaded_until_a_client_asks(sim_node):
+    """routes.go:2023-2028 (SIGTERM -> unloadAllRunners) and sched.go:97 (a new process starts with an
+    empty map): after a restart /api/ps is empty; the next automatic load lands on the GPU."""
     node = sim_node(vram_gb=24, preload=[("llama3.1", "gpu"), ("mxbai-embed-large", "auto")])
     assert all(vram > 0 for vram in ps_names(node).values())
-    requests.post(node.url + "/api/generate", json={"model": "llama3.1", "keep_alive": -1}, timeout=5)
     node.restart()
-    assert ps_names(node) == {"llama3.1:latest": 0, "mxbai-embed-large:latest": 0}
-    by_name = {m["name"]: m for m in node.loaded()}
-    assert by_name["llama3.1:latest"]["num_gpu"] == -1
-    assert by_name["llama3.1:latest"]["keep_alive"] == float("inf")
-    assert node.counts("llama3.1") == {"loads": 0, "unloads": 0}
-    # and a request without num_gpu leaves it there: the bug the product fixes
+    assert ps_names(node) == {} and node.loaded() == []
+    assert node.counts("llama3.1") == {"loads": 0, "unloads": 0}  # counts are kept, not reset or bumped
     requests.post(node.url + "/api/generate", json={"model": "llama3.1"}, timeout=5).raise_for_status()
-    assert ps_names(node)["llama3.1:latest"] == 0
+    (entry,) = requests.get(node.url + "/api/ps", timeout=5).json()["models"]
+    assert entry["size_vram"] == entry["size"] > 0
+    assert node.counts("llama3.1") == {"loads": 1, "unloads": 0}
 
 
 def test_restart_with_downtime_refuses_connections_then_recovers_on_the_same_port(sim_node):
+    """routes.go:2023-2028: the old process is gone during the downtime; sched.go:97: nothing loaded after."""
     node = sim_node(vram_gb=24, preload=[("llama3.2:3b", "auto")])
     port = node.port
     restarting = threading.Thread(target=node.restart, kwargs={"downtime": 0.5})
@@ -55,7 +55,7 @@ def test_restart_with_downtime_refuses_connections_then_recovers_on_the_same_por
         requests.get(node.url + "/api/ps", timeout=2)
     restarting.join(timeout=5)
     assert node.port == port
-    assert ps_names(node) == {"llama3.2:3b": 0}
+    assert ps_names(node) == {}
 
 
 def test_down_refuses_connections_and_recovers(sim_node):
@@ -167,6 +167,15 @@ def test_fault_limited_to_some_paths(sim_node):
     assert requests.post(node.url + "/api/generate", json={"model": "llama3.1"}, timeout=2).status_code == 500
     assert requests.get(node.url + "/api/ps", timeout=2).status_code == 200
     assert ps_names(node) == {}
+
+
+def test_request_log_keeps_the_newest_entries_only(sim_node):
+    node = sim_node(vram_gb=24)
+    node.request_log_max = 3
+    for _ in range(5):
+        requests.get(node.url + "/api/version", timeout=5)
+    requests.get(node.url + "/api/ps", timeout=5)
+    assert len(node.request_log) == 3 and node.request_log[-1] == ("GET", "/api/ps", None)
 
 
 def test_request_log_and_byte_counters(sim_node):
