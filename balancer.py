@@ -370,8 +370,8 @@ class OllamaLoadBalancer:
         """Fold one get_model_status reply into the node's state; emit up/down; maybe trigger a pass.
 
         A node that comes (back) online or restarted gets its no-GPU or lost-GPU verdict asked again (a
-        restarted Ollama discovers its GPUs anew) and its back-offs dropped; one that comes up also gets an
-        immediate warm-up pass. A priority model newly seen off GPU gets an immediate pass too.
+        restarted Ollama discovers its GPUs anew), its back-offs dropped and an immediate warm-up pass. A
+        priority model newly seen off GPU gets an immediate pass too.
         """
         with self._lock:
             state = self._states.get(node)
@@ -389,7 +389,7 @@ class OllamaLoadBalancer:
             self._optimizer.forget_node(node)  # fresh memory after a restart: old back-offs no longer apply
         for event in events:
             self.events.emit(event)
-        warm_up = any(e.kind == "node_up" for e in events)
+        warm_up = any(e.kind in ("node_up", "node_restarted") for e in events)
         if warm_up or (trigger and needs_pass):
             # a node that just came up or restarted also gets its absent priority models loaded (warm-up),
             # even when the optimizer's own pass saw it first; a model that fell off the GPU is only moved
@@ -423,8 +423,14 @@ class OllamaLoadBalancer:
         if state.gpu != gs.GPU_LOST and any(_in_vram(m) for m in state.models):
             # a lost GPU's old runners may still hold VRAM: only a new load (or a restart) ends a loss
             events += _note_gpu_seen(state, gs.EVIDENCE_VRAM)
+        if restarted:
+            message = (
+                f"{state.url} has nothing loaded any more, though its models had time left: Ollama restarted "
+                "(or every model was unloaded by hand)"
+            )
+            return [Event("node_restarted", node=state.url, message=message), *events], True, True
         if was_online is True:
-            return events, restarted, self._priority_model_fell_off_gpu(previous, state.models)
+            return events, False, self._priority_model_fell_off_gpu(previous, state.models)
         up = Event(
             "node_up", node=state.url, message=f"{state.url} is online", data={"latency_ms": state.latency_ms}
         )
@@ -791,14 +797,15 @@ def _note_cpu_landing(state: NodeState) -> list[Event]:
 
 
 def _looks_restarted(previous: list[dict], now: list[dict]) -> bool:
-    """Nothing loaded now, though models that were loaded had time left: Ollama restarted (a restarted
-    Ollama has nothing loaded, sched.go:97), even if no health check saw it down."""
-    if now or not previous:
+    """Nothing loaded now, though models that were loaded had time left and none was being unloaded:
+    Ollama restarted (a restarted Ollama has nothing loaded, sched.go:97), even if no health check saw it
+    down. Models that expired on time, or that were seen stopping, are not a restart."""
+    if now or not previous or any(model.get("stopping") for model in previous):
         return False
     horizon = datetime.now(UTC) + timedelta(seconds=RESTART_MARGIN_S)
     for model in previous:
         expires = parse_expires_at(model.get("expires_at"))
-        if not model.get("stopping") and expires is not None and expires > horizon:
+        if expires is not None and expires > horizon:
             return True
     return False
 

@@ -20,6 +20,7 @@ EVENT_KINDS = (
     "node_down",
     "node_added",
     "node_removed",
+    "node_restarted",
     "gpu_lost",
     "gpu_back",
     "remedy_started",

@@ -22,6 +22,7 @@ EVENT_STYLE = {
     "node_down": ("node", "red"),
     "node_added": ("node", "cyan"),
     "node_removed": ("node", "cyan"),
+    "node_restarted": ("node", "yellow"),
     "move_started": ("move", "yellow"),
     "move_finished": ("move", "green"),
     "move_failed": ("move", "red"),

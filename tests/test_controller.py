@@ -190,21 +190,6 @@ def test_cpu_model_forced_to_gpu_with_all_layers_and_empty_prompt(quick_sim_node
     assert node.counts("llama3.1")["loads"] == loads_before + 1
 
 
-def test_ordinary_requests_after_a_move_do_not_reload(quick_sim_node, controller) -> None:
-    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "cpu"), ("mxbai-embed-large", "cpu")])
-    for model in ("llama3.1", "mxbai-embed-large"):
-        assert controller.force_gpu_load(node.url, model)["success"] is True
-    loads = {m: node.counts(m)["loads"] for m in ("llama3.1", "mxbai-embed-large")}
-
-    chat = {"model": "llama3.1", "prompt": "hi", "stream": False}
-    assert requests.post(f"{node.url}/api/generate", json=chat, timeout=5).status_code == 200
-    embed = {"model": "mxbai-embed-large", "input": "hi"}
-    assert requests.post(f"{node.url}/api/embed", json=embed, timeout=5).status_code == 200
-
-    assert {m: node.counts(m)["loads"] for m in loads} == loads
-    assert controller.get_model_status(node.url)["gpu_count"] == 2
-
-
 def test_model_already_on_gpu_is_left_alone(quick_sim_node, controller) -> None:
     node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "gpu")])
     loads_before = node.counts("llama3.1")["loads"]

@@ -165,18 +165,21 @@ def test_gpu_lost_after_resume_gives_no_gpu(quick_sim_node, controller) -> None:
 # ------------------------------------------------------------------------------------- restart, races
 
 
-def test_restart_puts_models_on_cpu_and_force_gpu_brings_them_back(quick_sim_node, controller) -> None:
+def test_a_gpu_missing_at_start_is_no_gpu_and_a_later_restart_finds_it(quick_sim_node, controller) -> None:
+    """GPUs are discovered once per process (discover/runner.go:45,265): no API call brings one back."""
     node = quick_sim_node(vram_gb=24, preload=[("mxbai-embed-large", "gpu"), ("llama3.1", "gpu")])
     assert controller.get_model_status(node.url)["gpu_count"] == 2  # a pooled connection to the old process
-    node.restart(downtime=0.1)
-    status = controller.get_model_status(node.url)
-    assert status["cpu_count"] == 2 and status["gpu_count"] == 0, status
+    node.restart(downtime=0.1, gpu_found=False)
+    assert controller.get_model_status(node.url)["models"] == []  # a restarted Ollama has nothing loaded
 
+    missing = controller.force_gpu_load(node.url, "llama3.1")
+
+    assert (missing["success"], missing["reason"]) == (False, "no_gpu")
+    assert controller.get_model_status(node.url)["models"] == []  # not left in RAM: it was not loaded
+    node.restart(gpu_found=True)
     results = [controller.force_gpu_load(node.url, name) for name in ("mxbai-embed-large", "llama3.1")]
-
     assert [r["reason"] for r in results] == ["moved", "moved"], results
-    status = controller.get_model_status(node.url)
-    assert status["gpu_count"] == 2 and status["cpu_count"] == 0
+    assert controller.get_model_status(node.url)["gpu_count"] == 2
 
 
 def test_two_threads_forcing_the_same_model_reload_it_once(quick_sim_node, controller) -> None:
