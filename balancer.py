@@ -797,15 +797,15 @@ def _note_cpu_landing(state: NodeState) -> list[Event]:
 
 
 def _looks_restarted(previous: list[dict], now: list[dict]) -> bool:
-    """Nothing loaded now, though models that were loaded had time left and none was being unloaded:
-    Ollama restarted (a restarted Ollama has nothing loaded, sched.go:97), even if no health check saw it
-    down. Models that expired on time, or that were seen stopping, are not a restart."""
-    if now or not previous or any(model.get("stopping") for model in previous):
+    """Nothing loaded now, though models that were loaded (and not being unloaded) had time left: Ollama
+    restarted (a restarted Ollama has nothing loaded, sched.go:97), even if no health check saw it down.
+    Models that expired on time, or that were seen stopping, are not a restart."""
+    if now or not previous:
         return False
     horizon = datetime.now(UTC) + timedelta(seconds=RESTART_MARGIN_S)
     for model in previous:
         expires = parse_expires_at(model.get("expires_at"))
-        if expires is not None and expires > horizon:
+        if not model.get("stopping") and expires is not None and expires > horizon:
             return True
     return False
 

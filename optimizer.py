@@ -472,6 +472,7 @@ class GPUOptimizer:
                 skip = self._back_off(url, name, reason)
                 message = f"{message} (backed off for {skip} pass(es))"
             return action(url, name, "failed", reason, message)
+        self._seen_on_gpu(url, name)  # a failure back-off ends with a move that worked
         if reason == "already":
             return action(url, name, "skipped", "already", message)
         displaced = self._displaced_after_move(url, priority_on_gpu)
