@@ -93,6 +93,7 @@ class NodeState:
     models: list[dict] = field(default_factory=list)
     installed: list[str] = field(default_factory=list)
     installed_checked_at: float = 0.0  # time.monotonic(); 0 = never
+    models_requested_at: float = 0.0  # time.monotonic() the status behind `models` was asked for
 
     def snapshot(self) -> NodeState:
         return dataclasses.replace(
@@ -416,7 +417,12 @@ class OllamaLoadBalancer:
         state.latency_ms = status.get("latency_ms", state.latency_ms)
         state.models = [dict(m) for m in status.get("models", [])]
         # every model gone before its time: a restart no health check saw (or all unloaded by hand)
-        restarted = was_online is True and _looks_restarted(previous_models, state.models)
+        previous_at, state.models_requested_at = state.models_requested_at, status.get("requested_at", 0.0)
+        restarted = (
+            was_online is True
+            and _looks_restarted(previous_models, state.models)
+            and not self.controller.changed_models_since(state.url, previous_at)  # our moves unload too
+        )
         events: list[Event] = []
         if was_online is False or restarted:
             self._fresh_start(state, previous_models)

@@ -335,6 +335,8 @@ class GPUController:
         self.keep_alive = keep_alive
         self._sessions: dict[str, requests.Session] = {}
         self._moves: dict[tuple[str, str], threading.Event] = {}  # moves under way; set when one ends
+        self._unloading: dict[str, int] = {}  # node -> unloads under way
+        self._last_change: dict[str, float] = {}  # node -> time.monotonic() a move or unload last ended
         self._lock = threading.Lock()  # guards the two dicts above, never held during I/O
 
     # ----------------------------------------------------------------------------- transport
@@ -427,6 +429,7 @@ class GPUController:
             "latency_ms": None,
         }
         started = time.monotonic()
+        status["requested_at"] = started  # time.monotonic(): lets a caller order replies
         try:
             loaded = self._ps(node_url)
         except NodeError as exc:
@@ -571,7 +574,16 @@ class GPUController:
     def unload(self, node_url: str, model_name: str, cancel: threading.Event | None = None) -> dict:
         """Unload a model (keep_alive 0, like `ollama stop`) and wait until /api/ps no longer lists it."""
         node_url, model = _node_key(node_url), canonical_name(model_name)
-        cancel = cancel or threading.Event()
+        with self._lock:
+            self._unloading[node_url] = self._unloading.get(node_url, 0) + 1
+        try:
+            return self._unload(node_url, model, cancel or threading.Event())
+        finally:
+            with self._lock:
+                self._unloading[node_url] -= 1
+                self._last_change[node_url] = time.monotonic()
+
+    def _unload(self, node_url: str, model: str, cancel: threading.Event) -> dict:
         payload = {"model": model, "prompt": "", "keep_alive": 0, "stream": False}
         try:
             reply = self.call(node_url, "POST", "/api/generate", payload)
@@ -613,7 +625,16 @@ class GPUController:
     def _end_move(self, node_url: str, model: str, done: threading.Event) -> None:
         with self._lock:
             del self._moves[(node_url, model_key(model))]
+            self._last_change[node_url] = time.monotonic()
         done.set()
+
+    def changed_models_since(self, node_url: str, since: float) -> bool:
+        """Did this controller unload or reload models on the node after `since` (time.monotonic()), or is
+        it doing so now? Models vanishing then are our own doing, not a restart."""
+        node_url = _node_key(node_url)
+        with self._lock:
+            busy = self._unloading.get(node_url, 0) > 0 or any(node == node_url for node, _ in self._moves)
+            return busy or self._last_change.get(node_url, -math.inf) >= since
 
     def _move(
         self,

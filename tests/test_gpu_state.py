@@ -154,3 +154,22 @@ def test_ollama_version_is_read_when_a_node_comes_up(sim_node, make_balancer) ->
     [stats] = balancer.get_stats()["nodes"]
     assert stats["ollama_version"] == "0.33.0-rc2" and stats["estimates"] is False
     assert stats["gpu"] in gs.GPU_STATES
+
+
+def test_models_the_core_itself_unloaded_are_not_taken_for_a_restart(sim_node, make_balancer) -> None:
+    """A restarted Ollama has nothing loaded, but so has a node whose last model we just unloaded."""
+    node = sim_node(preload=[("llama3.1", "gpu")])
+    balancer = make_balancer([node.url], health_interval=300)  # only the reports below read the node
+    events = Recorder(balancer)
+    balancer.vram_report()
+
+    assert balancer.controller.unload(node.url, "llama3.1")["success"] is True
+    balancer.vram_report()
+
+    assert events.of("node_restarted") == []
+    body = {"model": "llama3.1", "prompt": "", "stream": False}
+    assert balancer.controller.call(node.url, "POST", "/api/generate", body).status == 200
+    balancer.vram_report()
+    node.restart()
+    balancer.vram_report()
+    assert [e.node for e in events.of("node_restarted")] == [node.url]
