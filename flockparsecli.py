@@ -253,6 +253,7 @@ def interactive(
     balancer: OllamaLoadBalancer,
     config: Config,
     banner: str | None = None,
+    demo_script: Any = None,
     console: Console | None = None,
     pt_input: Any = None,
     pt_output: Any = None,
@@ -297,6 +298,8 @@ def interactive(
             if banner:
                 console.print(Text(banner, style="cyan"))
             balancer.start()  # after subscribing, so the "enabled" line and node_down lines are shown
+            if demo_script is not None:
+                demo_script.start(printer, ready=lambda: balancer.optimizer_status()["last_pass"] is not None)
             threading.Thread(
                 target=warn_if_unreachable, args=(balancer, config, console), name="first-health", daemon=True
             ).start()  # the prompt comes up at once; the hint appears above it if nothing answers
@@ -320,14 +323,15 @@ def interactive(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    cluster, banner = None, None
+    cluster, banner, script = None, None, None
     try:
         if args.demo:
-            from console.demo import demo_banner, demo_config, start_demo_cluster
+            from console.demo import DemoScript, demo_banner, demo_config, start_demo_cluster
 
             cluster = start_demo_cluster()
             config = demo_config(cluster.urls)
             banner = demo_banner(cluster.urls)
+            script = DemoScript(cluster)
         else:
             config = load_config(
                 args.config, args.nodes, args.priority, args.interval, args.health_interval, args.timeout
@@ -340,8 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if words:
             return run_one_shot(balancer, config, words, args.json)
-        return interactive(balancer, config, banner)
+        return interactive(balancer, config, banner, script)
     finally:
+        if script is not None:
+            script.stop()
         balancer.close()
         if cluster is not None:
             cluster.stop()

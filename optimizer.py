@@ -432,9 +432,12 @@ class GPUOptimizer:
         patterns: list[str],
         cancel: threading.Event,
     ) -> list[str]:
-        """Warm-up after a (re)start: priority models named exactly, and those matching a glob that were on
-        this node's GPU before; installed and not loaded. They are loaded only onto a GPU that is known,
-        declared or shown by a small probe (never 41 GB into the RAM of a CPU-only node)."""
+        """Warm-up of a node that holds nothing (after a restart Ollama has nothing loaded): priority models
+        named exactly, and those matching a glob that were on this node's GPU before; installed ones. They
+        are loaded only onto a GPU that is known, declared or shown by a small probe (never 41 GB into the
+        RAM of a CPU-only node). A node holding models gets none: loading more could evict them."""
+        if loaded:  # a warm-up never evicts what clients loaded: it is for a node that holds nothing
+            return []
         balancer = self._balancer
         installed = set(state.installed)
         if not state.installed_checked_at:  # seen up by this pass before the monitor read /api/tags

@@ -34,6 +34,7 @@ EVENT_STYLE = {
     "gpu_back": ("GPU", "green"),
     "remedy_started": ("remedy", "yellow"),
     "remedy_finished": ("remedy", "yellow"),
+    "demo": ("demo", "bold magenta"),
 }
 REMEDY_OUTPUT_LINES = 5
 UNMOVABLE_WORDS = {

@@ -350,13 +350,17 @@ def test_unreachable_default_node_suggests_demo(tmp_path: Path, monkeypatch, cap
 def test_demo_cluster_one_shot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setenv("FLOCKPARSE_CONFIG_DIR", str(tmp_path))
     code, out, _ = one_shot(["--demo", "vram_report", "--json"], capsys)
-    cpu_only, gpu, restarted = json.loads(out)
+    cpu_only, training, healthy = json.loads(out)
     assert code == 0
-    assert cpu_only["has_gpu"] is False and gpu["has_gpu"] is True
-    assert [(m["name"], m["location"]) for m in gpu["models"]] == [("llama3.1:latest", "GPU (VRAM)")]
-    assert [(m["name"], m["location"]) for m in restarted["models"]] == [
-        ("mxbai-embed-large:latest", "CPU (RAM)")
-    ]
+    assert (cpu_only["gpu"], training["gpu"], healthy["gpu"]) == ("no", "yes", "yes")
+    assert [(m["name"], m["location"]) for m in cpu_only["models"]] == [("llama3.1:latest", "CPU (RAM)")]
+    # a training job holds 20 of the 24 GB: llama3.1 loaded next to it is split
+    [split] = training["models"]
+    assert split["name"] == "llama3.1:latest" and split["location"].startswith("Split")
+    assert {(m["name"], m["location"]) for m in healthy["models"]} == {
+        ("llama3.1:latest", "GPU (VRAM)"),
+        ("mxbai-embed-large:latest", "GPU (VRAM)"),
+    }
     code, out, _ = one_shot(["--demo", "add_node", "http://127.0.0.1:9"], capsys)
     assert code == 0 and "not saved" in out
     assert not (tmp_path / "config.toml").exists()

@@ -151,13 +151,27 @@ def test_ctrl_c_cancels_a_long_move_and_exit_is_prompt(sim_node, terminal_env: d
         assert term.wait_for_exit() == 0  # well before the simulated load would end
 
 
-def test_demo_shows_the_optimizer_loop(terminal_env: dict[str, str], tmp_path: Path) -> None:
+def test_demo_shows_freed_vram_and_a_restart(terminal_env: dict[str, str], tmp_path: Path) -> None:
+    terminal_env["FLOCKPARSE_DEMO_PACE"] = "0.1"  # the demo's timeline, ten times faster
     with Terminal(["--demo"], terminal_env) as term:
         term.wait_for(lambda: "demo: 3 simulated Ollama nodes" in term.text(), "the demo banner")
         banner = next(line for line in term.lines() if line.startswith("demo: 3 simulated"))
-        restarted_port = banner.split("(", 1)[1].split(")", 1)[0].split(", ")[2]
-        moved = f"mxbai-embed-large:latest now on GPU on 127.0.0.1:{restarted_port}"
-        term.wait_for(lambda: moved in term.text(), "the optimizer to fix the restarted node", timeout=30)
+
+        def flat() -> str:  # long event lines wrap at the terminal's width
+            return term.text().replace("\n", "")
+
+        _, training, restarting = banner.split("(", 1)[1].split(")", 1)[0].split(", ")
+        term.wait_for(lambda: PROMPT.strip() in term.cursor_line(), "the prompt")
+        term.wait_for(lambda: "restored to Split" in flat(), "the start-up move failing honestly")
+        term.type("vram_report\r")  # the "before" state: llama3.1 split next to the training job
+        term.wait_for(lambda: "llama3.1:latest │ split" in term.text(), "llama3.1 split on the training node")
+        term.wait_for(lambda: "ended. Ollama moves nothing by itself" in flat(), "the job's end")
+        term.type("optimizer now\r")
+        moved = f"llama3.1:latest now on GPU on 127.0.0.1:{training}"
+        term.wait_for(lambda: moved in flat(), "llama3.1 moved once the VRAM is free")
+        term.wait_for(lambda: f"127.0.0.1:{restarting} is restarting" in flat(), "the restart")
+        warmed = f"mxbai-embed-large:latest now on GPU on 127.0.0.1:{restarting}"
+        term.wait_for(lambda: warmed in flat(), "the warm-up after the restart")
         term.type("exit\r")
         assert term.wait_for_exit() == 0
         assert not (tmp_path / "config.toml").exists()  # the demo never writes the user's config

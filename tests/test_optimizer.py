@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-from helpers import EMBED, LLAMA, Recorder, on_cpu, on_gpu, posts, wait_until
+import requests
+from helpers import EMBED, LLAMA, Recorder, loaded, on_cpu, on_gpu, posts, wait_until
 
 from gpu_controller import GPUController
 from optimizer import canonical_model_name, explicit_priority_names, matches_priority, priority_patterns
@@ -145,19 +146,31 @@ def test_out_of_memory_is_backed_off_instead_of_retried_every_pass(sim_node, mak
     assert (asked["action"], asked["reason"]) == ("failed", "out_of_memory")
 
 
-def test_explicit_priority_model_installed_but_not_loaded_is_loaded_on_a_gpu_node(
-    sim_node, make_balancer
-) -> None:
-    node = sim_node(preload=[("llama3.1", "gpu")])
-    balancer = make_balancer([node.url], gpu_priority_models=["llama3.1", "mxbai-embed-large", "nomic*"])
+def test_an_asked_pass_loads_named_priority_models_onto_an_idle_gpu_node(sim_node, make_balancer) -> None:
+    node = sim_node()
+    balancer = make_balancer(
+        [node.url],
+        gpu_priority_models=["llama3.1", "mxbai-embed-large", "nomic*"],
+        gpu_capability={node.url: True},
+    )
     wait_until(lambda: EMBED in balancer.node_state(node.url).installed, "installed models known")
-    wait_until(lambda: balancer.node_state(node.url).has_gpu is True, "llama3.1 seen in VRAM")
 
     actions = balancer.optimize_gpu_once()
 
-    assert [(a["model"], a["action"]) for a in actions] == [(EMBED, "moved")]
+    assert sorted((a["model"], a["action"]) for a in actions) == [(LLAMA, "moved"), (EMBED, "moved")]
     assert on_gpu(node, EMBED) and on_gpu(node, LLAMA)
     assert node.counts("nomic-embed-text")["loads"] == 0  # a glob never loads what is not loaded
+
+
+def test_a_warm_up_never_loads_next_to_models_clients_loaded(sim_node, make_balancer) -> None:
+    """Loading more next to them could make Ollama evict them (sched.go:547-575 pre-flight)."""
+    node = sim_node(vram_gb=8, preload=[("codellama", "gpu")])
+    balancer = make_balancer([node.url], gpu_priority_models=["llama3.1"])
+    wait_until(lambda: balancer.node_state(node.url).gpu == "yes", "codellama seen in VRAM")
+
+    assert balancer.optimize_gpu_once() == []
+
+    assert on_gpu(node, "codellama:latest") and posts(node) == []
 
 
 def test_dead_and_hung_nodes_do_not_hold_up_the_others(sim_node, make_balancer) -> None:
@@ -275,15 +288,16 @@ def test_an_added_node_gets_a_pass_at_once(sim_node, make_balancer) -> None:
 
 
 def test_a_node_coming_up_gets_absent_priority_models_warmed_onto_gpu(sim_node, make_balancer) -> None:
-    """After a real restart Ollama has nothing loaded: the node-up pass loads the named priority models."""
-    node = sim_node(preload=[("llama3.1", "gpu")])
+    """After a real restart Ollama has nothing loaded: the node-up pass loads the named priority models,
+    once a small probe showed a GPU."""
+    node = sim_node()
     make_balancer(
         [node.url], auto_optimize_gpu=True, gpu_priority_models=["llama3.1", "mxbai-embed-large", "nomic*"]
     )
 
-    wait_until(lambda: on_gpu(node, EMBED), "mxbai-embed-large warmed onto GPU by the node-up pass")
-    assert on_gpu(node, LLAMA)
+    wait_until(lambda: on_gpu(node, EMBED) and on_gpu(node, LLAMA), "the node-up warm-up onto the GPU")
     assert node.counts("nomic-embed-text")["loads"] == 0  # a glob never loads what is not loaded
+    assert node.counts("all-minilm")["loads"] == 1 and loaded(node, "all-minilm") is None  # the probe
 
 
 def test_interval_passes_do_not_reload_a_priority_model_that_expired(sim_node, make_balancer) -> None:
@@ -387,27 +401,21 @@ def test_pass_events_carry_a_summary(sim_node, make_balancer) -> None:
 
 def test_a_load_that_pushes_another_priority_model_off_the_gpu_is_backed_off(sim_node, make_balancer) -> None:
     """Two priority models that do not fit together must not ping-pong every pass."""
-    node = sim_node(vram_gb=8, preload=[("llama3.1", "gpu")])
+    node = sim_node(vram_gb=8, preload=[("llama3.1", "gpu"), ("codellama", "forced-cpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1", "codellama"])
-    wait_until(
-        lambda: "codellama:latest" in balancer.node_state(node.url).installed, "installed models known"
-    )
+    interval_pass = balancer.optimizer.run_pass
 
-    [first] = balancer.optimizer.run_pass(None, load_absent=True)  # loads codellama, which evicts llama3.1
-    assert (first["model"], first["action"]) == ("codellama:latest", "moved") and "displaced" in first[
-        "message"
-    ]
-    [second] = balancer.optimizer.run_pass(
-        None, load_absent=True
-    )  # llama3.1 comes back and evicts codellama: backed off too
-    assert (second["model"], second["action"]) == (LLAMA, "moved")
-    loads = node.counts("codellama")["loads"] + node.counts(LLAMA)["loads"]
+    [first] = interval_pass()  # codellama to GPU: Ollama evicts llama3.1 to make room
 
-    third = balancer.optimizer.run_pass(None, load_absent=True)
-
-    assert [(a["model"], a["reason"]) for a in third] == [("codellama:latest", "backed_off")]
-    assert node.counts("codellama")["loads"] + node.counts(LLAMA)["loads"] == loads
+    assert (first["model"], first["action"]) == ("codellama:latest", "moved")
+    assert "displaced llama3.1:latest" in first["message"] and loaded(node, LLAMA) is None
     assert {b["reason"] for b in balancer.optimizer_status()["backed_off"]} == {"displaced"}
+    body = {"model": "codellama", "prompt": "", "stream": False, "options": {"num_gpu": 0}}
+    requests.post(f"{node.url}/api/generate", json=body, timeout=10).raise_for_status()  # a client: CPU
+    loads = node.counts("codellama")["loads"]
+    [second] = interval_pass()
+    assert (second["model"], second["reason"]) == ("codellama:latest", "backed_off")
+    assert node.counts("codellama")["loads"] == loads
 
 
 def test_a_cpu_only_node_is_probed_once_then_skipped(sim_node, make_balancer) -> None:
