@@ -1,11 +1,12 @@
-"""Measure the four figures of issue #3 against the simulator and write bench/results/latest.json.
+"""Measure the figures of issues #3 and #7 against the simulator and write bench/results/latest.json.
 
     python3 bench/run_all.py            # about a minute on 2 cores
 
 1. one optimizer pass over 200 nodes with 50 ms added latency each, against the serial bound (10 s);
 2. force_gpu wall time against the simulated load time (goal: at most 0.2 s over it);
-3. a node restarting with its priority models on CPU until they are on GPU again, at default settings
-   (health every 5 s, pass every 300 s), against the 300 s a plain 5-minute loop can take;
+3. a restarted node (nothing loaded, as real Ollama) until the warm-up has its priority models on GPU, at
+   default settings (health every 5 s, pass every 300 s), from the node answering again; once with the
+   downtime seen by a health check and once without (the restart noticed by its models vanishing);
 4. bytes on the wire per node per idle health check (goal: at most 1.5 KB).
 """
 
@@ -120,30 +121,33 @@ def bench_force_gpu_overhead(repeats: int = 3, seconds_per_gb: float = 0.5) -> d
 
 
 # --------------------------------------------------------------------------------------------- 3
-def bench_restart_to_gpu(trials: int = 3, seconds_per_gb: float = 0.5, downtime: float = 1.0) -> dict:
-    """Default settings; wall time from the restart call until both priority models are on GPU."""
+def bench_restart_warm_up(downtime: float, trials: int = 3, seconds_per_gb: float = 0.5) -> dict:
+    """Default settings (health every 5 s, pass every 300 s). A restarted Ollama has nothing loaded; the
+    warm-up loads the priority models onto its GPU. Measured from the node answering again (restart()
+    returns once it listens) until both are on GPU, against the simulated load time of the two models."""
     preload = [("mxbai-embed-large", "gpu"), ("llama3.1", "gpu")]
-    times = []
+    times, load_s = [], 0.0
     with (
         SimNode(load_seconds_per_gb=seconds_per_gb, preload=preload) as node,
         OllamaLoadBalancer([node.url]) as balancer,  # defaults: health 5 s, pass every 300 s
     ):
         wait_for(lambda: balancer.optimizer_status()["last_pass"] is not None, 30, "start-up pass")
+        load_s = seconds_per_gb * sum(m["size"] for m in node.loaded()) / GiB
         for trial in range(trials):
-            pause = threading.Event()
-            pause.wait(0.5 + trial * 1.3)  # vary the phase against the 5 s health cycle
-            started = time.monotonic()
-            node.restart(downtime=downtime)  # returns after the downtime, models back on CPU
+            threading.Event().wait(0.5 + trial * 1.3)  # vary the phase against the 5 s health cycle
+            node.restart(downtime=downtime)  # returns once the new process listens, nothing loaded
+            answering = time.monotonic()
             done = wait_for(lambda: on_gpu(node, EMBED) and on_gpu(node, LLAMA), 120, "models on GPU")
-            times.append(done - started)
+            times.append(done - answering)
     return {
         "health_interval_s": 5.0,
         "check_interval_s": 300,
-        "load_seconds_per_gb": seconds_per_gb,
         "downtime_s": downtime,
+        "seen_down": downtime > 5.0,
+        "simulated_load_s": round(load_s, 2),
         "trials_s": [round(t, 2) for t in times],
         "worst_s": round(max(times), 2),
-        "plain_loop_bound_s": 300,
+        "worst_over_load_s": round(max(times) - load_s, 2),
         "ratio_to_plain_loop": round(max(times) / 300, 3),
         "goal": "worst <= 15 s",
         "met": max(times) <= 15,
@@ -185,7 +189,8 @@ def main() -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "pass_200_nodes": bench_pass_over_200_nodes(),
         "force_gpu_overhead": bench_force_gpu_overhead(),
-        "restart_to_gpu": bench_restart_to_gpu(),
+        "restart_seen_down": bench_restart_warm_up(downtime=6.0),
+        "restart_unseen": bench_restart_warm_up(downtime=0.0),
         "idle_check_bytes": bench_idle_check_bytes(),
     }
     results["bench_duration_s"] = round(time.monotonic() - started, 1)
@@ -196,14 +201,17 @@ def main() -> int:
 
 
 def print_table(r: dict) -> None:
-    p, f, s, b = r["pass_200_nodes"], r["force_gpu_overhead"], r["restart_to_gpu"], r["idle_check_bytes"]
+    p, f, b = r["pass_200_nodes"], r["force_gpu_overhead"], r["idle_check_bytes"]
+    s, u = r["restart_seen_down"], r["restart_unseen"]
     rows = [
         ("pass over 200 nodes x 50 ms", f"{p['pass_s_median']:.2f} s (worst {p['pass_s_worst']:.2f} s)",
          f"{p['speedup_worst']:.0f}x faster than 10 s serial", ">= 10x", p["met"]),
         ("force_gpu overhead", f"{f['wall_s_median']:.2f} s for {f['simulated_load_s']:.2f} s load",
          f"+{f['overhead_s_worst']:.3f} s worst", "<= 0.2 s", f["met"]),
-        ("restart -> models on GPU", f"{s['trials_s']} s", f"{s['ratio_to_plain_loop']:.3f} of 300 s",
-         "<= 15 s", s["met"]),
+        ("restart (seen down) -> on GPU", f"{s['trials_s']} s", f"+{s['worst_over_load_s']:.2f} s over "
+         f"{s['simulated_load_s']:.1f} s load", "<= 15 s", s["met"]),
+        ("restart (unseen) -> on GPU", f"{u['trials_s']} s", f"+{u['worst_over_load_s']:.2f} s over "
+         f"{u['simulated_load_s']:.1f} s load", "<= 15 s", u["met"]),
         ("bytes per idle check", f"{b['bytes_per_check']} B", f"{b['bytes_per_check'] / 1536:.2f} of 1.5 KB",
          "<= 1.5 KB", b["met"]),
     ]  # fmt: skip
