@@ -25,7 +25,6 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from balancer import OllamaLoadBalancer
 from console import render
 from console.commands import (
     REGISTRY,
@@ -38,6 +37,7 @@ from console.commands import (
     resolve,
 )
 from console.config import Config, ConfigError, config_dir, load_config
+from flockparse.balancer import OllamaLoadBalancer
 from gpu_controller import GPUController
 
 __all__ = ["OllamaLoadBalancer", "GPUController", "main"]
@@ -382,5 +382,10 @@ def exit_without_joining_core_threads(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The installed `flockparse` command: the same as `python3 flockparsecli.py`."""
     exit_without_joining_core_threads(main())
+
+
+if __name__ == "__main__":
+    cli()

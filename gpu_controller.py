@@ -21,16 +21,23 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 
-log = logging.getLogger(__name__)
+from flockparse.rules import (  # noqa: F401 - re-exported: the design card's names live here too
+    LOCATION_CPU,
+    LOCATION_GPU,
+    LOCATION_UNKNOWN,
+    canonical_name,
+    model_key,
+    normalize_url,
+    parse_expires_at,
+    placement,
+    same_model,
+)
 
-LOCATION_GPU = "GPU (VRAM)"
-LOCATION_CPU = "CPU (RAM)"
-LOCATION_UNKNOWN = "Unknown"
+log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 USER_AGENT = "flockparse"
@@ -47,89 +54,12 @@ FORMAT_SAFETENSORS = "safetensors"  # MLX models: Ollama ignores num_gpu for the
 _BARE_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
-def canonical_name(name: str) -> str:
-    """`llama3.1` -> `llama3.1:latest`: the form /api/ps and /api/tags use.
-
-    Case is kept (it is what gets sent to Ollama); compare names with `same_model` or
-    `canonical_name(x).casefold()`. Never compare by substring: `llama3` is not `llama3.1:70b`.
-    """
-    name = name.strip()
-    for default_prefix in ("registry.ollama.ai/", "library/"):  # Ollama's shortest display form
-        if name.casefold().startswith(default_prefix):
-            name = name[len(default_prefix) :]
-    if not name:
-        return name
-    last_segment = name.rsplit("/", 1)[-1]
-    return name if ":" in last_segment else f"{name}:latest"
-
-
-def model_key(name: str) -> str:
-    """The comparable form of a model name: canonical, case-folded (`LLaMA3.1` -> `llama3.1:latest`)."""
-    return canonical_name(name).casefold()
-
-
-def same_model(a: str, b: str) -> bool:
-    """True when two spellings name the same model (`LLaMA3.1` == `llama3.1:latest`)."""
-    return model_key(a) == model_key(b)
-
-
-def placement(size: int, size_vram: int) -> tuple[str, int, str]:
-    """(location, gpu_percent, PROCESSOR text) exactly as `ollama ps` decides it (cmd/cmd.go).
-
-    A split is judged by the rounded CPU share, so `Split (52% GPU)` matches `48%/52% CPU/GPU`.
-    """
-    if size_vram == 0:
-        return LOCATION_CPU, 0, "100% CPU"
-    if size_vram == size:
-        return LOCATION_GPU, 100, "100% GPU"
-    if size_vram > size or size == 0:
-        return LOCATION_UNKNOWN, 0, "Unknown"
-    cpu = math.floor((size - size_vram) / size * 100 + 0.5)  # Go math.Round: half away from zero
-    gpu = 100 - cpu
-    return f"Split ({gpu}% GPU)", gpu, f"{cpu}%/{gpu}% CPU/GPU"
-
-
-def normalize_url(node_url: str) -> str:
-    """One spelling per node, read the way OLLAMA_HOST is: `gpu1` -> `http://gpu1:11434`.
-
-    Without a scheme the port defaults to 11434; with one, to the scheme's own (as Ollama's envconfig).
-    Raises ValueError with a one-line reason for anything that is not an http(s) node address.
-    """
-    text = str(node_url).strip()
-    has_scheme = "://" in text
-    parts = urlsplit(text if has_scheme else f"http://{text}")
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"invalid node URL {node_url!r}: {exc}") from None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"invalid node URL {node_url!r}: expected http://host:port")
-    if parts.query or parts.fragment:
-        raise ValueError(f"invalid node URL {node_url!r}: no query or fragment allowed")
-    if port is None and not has_scheme:
-        port = 11434
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname.lower()
-    netloc = host if port is None else f"{host}:{port}"
-    return f"{parts.scheme.lower()}://{netloc}{parts.path.rstrip('/')}"
-
-
 def _node_key(node_url: str) -> str:
     """normalize_url, or the text as given: a bad address then fails as a reply-less call, never raises."""
     try:
         return normalize_url(node_url)
     except ValueError:
         return str(node_url).strip()
-
-
-def parse_expires_at(text: Any) -> datetime | None:
-    """RFC3339Nano in the node's zone -> aware datetime; None when absent or unreadable."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 class NodeError(Exception):

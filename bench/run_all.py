@@ -24,11 +24,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from flockparse.balancer import OllamaLoadBalancer
+from ollama_sim import GiB, SimNode
 
-from balancer import OllamaLoadBalancer  # noqa: E402
-from ollama_sim import GiB, SimNode  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
 LLAMA = "llama3.1:latest"

@@ -9,11 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ollama_sim import SimCluster  # noqa: E402
+from ollama_sim import SimCluster
 
 
 def main() -> int:

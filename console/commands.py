@@ -22,7 +22,7 @@ from rich.text import Text
 
 from console import render
 from console.config import Config, ConfigError, normalize_url, save_nodes
-from gpu_controller import model_key
+from flockparse.rules import model_key
 
 CANCEL_GRACE_S = 0.5  # after Ctrl-C, how long we give the core to notice the cancel Event
 

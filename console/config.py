@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpu_controller import normalize_url as core_normalize_url
+from flockparse.rules import normalize_url as core_normalize_url
 
 DEFAULT_NODE = "http://localhost:11434"
 DEFAULT_INTERVAL = 300.0

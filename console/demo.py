@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from console.config import Config
-from events import Event
+from flockparse.events import Event
 
 DEMO_INTERVAL_S = 20.0
 DEMO_HEALTH_INTERVAL_S = 1.0

@@ -6,20 +6,15 @@ Plain helpers (the poll itself, placement checks, Recorder) live in helpers.py.
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import wait_until
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from helpers import wait_until  # noqa: E402
-
-from balancer import OllamaLoadBalancer  # noqa: E402
-from gpu_controller import GPUController  # noqa: E402
-from ollama_sim import SimCluster, SimNode  # noqa: E402
+from flockparse.balancer import OllamaLoadBalancer
+from gpu_controller import GPUController
+from ollama_sim import SimCluster, SimNode
 
 
 @pytest.fixture

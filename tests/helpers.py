@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from balancer import OllamaLoadBalancer
-from events import Event
-from gpu_controller import same_model
+from flockparse.balancer import OllamaLoadBalancer
+from flockparse.events import Event
+from flockparse.rules import same_model
 from ollama_sim import SimNode
 
 LLAMA = "llama3.1:latest"

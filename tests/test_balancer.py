@@ -7,7 +7,7 @@ import threading
 import pytest
 from helpers import LLAMA, Recorder, on_cpu, on_gpu, wait_until
 
-from balancer import AllNodesFailedError, OllamaLoadBalancer, RequestRejectedError
+from flockparse.balancer import AllNodesFailedError, OllamaLoadBalancer, RequestRejectedError
 from gpu_controller import GPUController, normalize_url
 
 

@@ -28,8 +28,8 @@ from console.commands import Cancelled, Context
 from console.completion import ConsoleCompleter, ModelNameRefresher
 from console.config import Config
 from console.toolbar import toolbar_fragments, toolbar_state
+from flockparse.rules import model_key
 from flockparsecli import first_health_round, interactive, main, make_balancer, run_line
-from gpu_controller import model_key
 from ollama_sim import SimCluster
 
 
@@ -395,7 +395,7 @@ def test_toolbar_from_the_live_balancer(harness: Harness) -> None:
 
 
 def test_flockparsecli_reexports_the_core() -> None:
-    from balancer import OllamaLoadBalancer
+    from flockparse.balancer import OllamaLoadBalancer
     from gpu_controller import GPUController
 
     assert flockparsecli.OllamaLoadBalancer is OllamaLoadBalancer

@@ -15,8 +15,8 @@ from console.commands import REGISTRY, UsageError, check_arity, parse_line, reso
 from console.completion import ConsoleCompleter, argument_kind
 from console.config import ConfigError, dumps, load_config, normalize_url, save_nodes
 from console.toolbar import toolbar_fragments
-from events import Event
-from gpu_controller import model_key
+from flockparse.events import Event
+from flockparse.rules import model_key
 
 NOW = 1_800_000_000.0
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from events import Event, EventBus
+from flockparse.events import Event, EventBus
 
 
 def test_subscribers_receive_events_in_order_until_they_unsubscribe() -> None:

@@ -10,7 +10,7 @@ import shlex
 
 from helpers import LLAMA, Recorder, on_gpu, posts, wait_until
 
-import gpu_state as gs
+from flockparse import gpu_state as gs
 from gpu_controller import parse_parameters
 
 SMALLEST = "all-minilm:latest"  # the catalogue's smallest model: what a probe loads

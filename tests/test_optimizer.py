@@ -12,8 +12,8 @@ import pytest
 import requests
 from helpers import EMBED, LLAMA, Recorder, loaded, on_cpu, on_gpu, posts, wait_until
 
+from flockparse.rules import explicit_priority_names, matches_priority, model_key, priority_patterns
 from gpu_controller import GPUController
-from optimizer import canonical_model_name, explicit_priority_names, matches_priority, priority_patterns
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -47,8 +47,8 @@ def test_a_lone_string_is_one_pattern_not_a_list_of_letters() -> None:
 
 
 def test_canonical_names_and_explicit_priority_names() -> None:
-    assert canonical_model_name(" Llama3.1 ") == "llama3.1:latest"
-    assert canonical_model_name("localhost:5000/lib/model") == "localhost:5000/lib/model:latest"
+    assert model_key(" Llama3.1 ") == "llama3.1:latest"
+    assert model_key("localhost:5000/lib/model") == "localhost:5000/lib/model:latest"
     assert explicit_priority_names(["llama3.1", "llama3*", "*", "LLAMA3.1:latest", "codellama:7b"]) == [
         "llama3.1:latest",
         "codellama:7b",

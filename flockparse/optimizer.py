@@ -16,15 +16,21 @@ import threading
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
 
-import gpu_state as gs
-from events import Event
-from gpu_controller import LOCATION_CPU, LOCATION_GPU, model_key
+from flockparse import gpu_state as gs
+from flockparse.events import Event
+from flockparse.rules import (
+    LOCATION_GPU,
+    explicit_priority_names,
+    is_off_gpu,
+    matches_priority,
+    model_key,
+    priority_patterns,
+)
 
 if TYPE_CHECKING:
-    from balancer import NodeState, OllamaLoadBalancer
+    from flockparse.balancer import NodeState, OllamaLoadBalancer
 
 logger = logging.getLogger(__name__)
 
@@ -37,63 +43,6 @@ PASS_INTERVAL, PASS_NODE, PASS_ASKED = "interval", "node", "asked"  # what start
 
 
 # --------------------------------------------------------------------------------------------- names
-def split_tag(name: str) -> tuple[str, str | None]:
-    """`llama3.1:70b` -> ("llama3.1", "70b"); a colon before the last slash is a host port, not a tag."""
-    colon, slash = name.rfind(":"), name.rfind("/")
-    if colon > slash:
-        return name[:colon], name[colon + 1 :]
-    return name, None
-
-
-def canonical_model_name(name: str) -> str:
-    """Ollama's spelling in /api/ps, lower case: the key for pins, back-offs and priority matching."""
-    return model_key(name)
-
-
-def is_glob(pattern: str) -> bool:
-    return bool(GLOB_CHARS & set(pattern))
-
-
-def matches_priority(model_name: str, patterns: list[str]) -> bool:
-    """True if `model_name` is a priority model.
-
-    `llama3.1` means `llama3.1:latest` only (not `llama3.1:70b`); matching ignores case; shell globs
-    (`llama3*`, `*:70b`) are matched against the whole canonical name, and a glob without a tag also
-    against the name without its tag; `"*"` matches every model.
-    """
-    canonical = canonical_model_name(model_name)
-    base, _ = split_tag(canonical)
-    for raw in patterns:
-        pattern = raw.strip().lower()
-        if not pattern:
-            continue
-        if not is_glob(pattern):
-            if canonical_model_name(pattern) == canonical:
-                return True
-        elif fnmatchcase(canonical, pattern) or (
-            split_tag(pattern)[1] is None and fnmatchcase(base, pattern)
-        ):
-            return True
-    return False
-
-
-def priority_patterns(value: str | list[str] | tuple[str, ...]) -> list[str]:
-    """A copy of the configured list (it may change under us); a lone string means one pattern."""
-    return [value] if isinstance(value, str) else [str(p) for p in value]
-
-
-def explicit_priority_names(patterns: list[str]) -> list[str]:
-    """Canonical names of the patterns that name one model (no glob): those may be loaded when absent."""
-    names = [canonical_model_name(p) for p in patterns if p.strip() and not is_glob(p)]
-    return list(dict.fromkeys(names))
-
-
-def is_off_gpu(model: dict) -> bool:
-    """Loaded on CPU or split, and not being unloaded (a model on its way out is left alone)."""
-    location = str(model.get("location") or "")
-    return not model.get("stopping") and (location == LOCATION_CPU or location.startswith("Split"))
-
-
 # --------------------------------------------------------------------------------------------- policy
 @dataclass
 class Backoff:
@@ -243,15 +192,15 @@ class GPUOptimizer:
     # ------------------------------------------------------------------ pins and back-off
     def pin_cpu(self, node: str, model: str) -> None:
         with self._lock:
-            self._pins.add((node, canonical_model_name(model)))
+            self._pins.add((node, model_key(model)))
 
     def is_pinned(self, node: str, model: str) -> bool:
         with self._lock:
-            return (node, canonical_model_name(model)) in self._pins
+            return (node, model_key(model)) in self._pins
 
     def release_model(self, model: str) -> None:
         """The user forced `model` somewhere: drop its pins and back-offs on every node."""
-        name = canonical_model_name(model)
+        name = model_key(model)
         with self._lock:
             self._pins = {key for key in self._pins if key[1] != name}
             self._backoff = {key: b for key, b in self._backoff.items() if key[1] != name}
@@ -393,7 +342,7 @@ class GPUOptimizer:
         if state is None or state.gpu in (gs.GPU_NO, gs.GPU_LOST):
             return True, []
         patterns = priority_patterns(balancer.gpu_priority_models)
-        loaded = {canonical_model_name(m["name"]): m for m in status.get("models", [])}
+        loaded = {model_key(m["name"]): m for m in status.get("models", [])}
         on_gpu = {name for name, m in loaded.items() if m.get("location") == LOCATION_GPU}
         candidates = []
         for name, model in loaded.items():
@@ -443,7 +392,7 @@ class GPUOptimizer:
         if not state.installed_checked_at:  # seen up by this pass before the monitor read /api/tags
             reply = balancer.controller.list_installed(url)
             balancer._record_installed(url, reply)
-            installed = {canonical_model_name(name) for name in reply.get("models", [])}
+            installed = {model_key(name) for name in reply.get("models", [])}
         wanted = explicit_priority_names(patterns)
         wanted += [n for n in state.previous_gpu_models if matches_priority(n, patterns)]
         absent = [n for n in dict.fromkeys(wanted) if n not in loaded and n in installed]
@@ -495,9 +444,7 @@ class GPUOptimizer:
         if "error" in status:
             return set()
         now_on_gpu = {
-            canonical_model_name(m["name"])
-            for m in status.get("models", [])
-            if m.get("location") == LOCATION_GPU
+            model_key(m["name"]) for m in status.get("models", []) if m.get("location") == LOCATION_GPU
         }
         return priority_on_gpu - now_on_gpu
 

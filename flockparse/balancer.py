@@ -19,25 +19,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import gpu_state as gs
-from events import Event, EventBus
-from gpu_controller import (
+from flockparse import gpu_state as gs
+from flockparse.events import Event, EventBus
+from flockparse.optimizer import UNMOVABLE_REASONS, GPUOptimizer
+from flockparse.rules import (
     LOCATION_GPU,
-    GPUController,
-    NodeError,
     canonical_name,
-    normalize_url,
-    parse_expires_at,
-    same_model,
-)
-from optimizer import (
-    UNMOVABLE_REASONS,
-    GPUOptimizer,
-    canonical_model_name,
     is_off_gpu,
     matches_priority,
+    model_key,
+    normalize_url,
+    parse_expires_at,
     priority_patterns,
+    same_model,
 )
+from gpu_controller import GPUController, NodeError
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +361,7 @@ class OllamaLoadBalancer:
                 return
             state.installed_checked_at = time.monotonic()
             if "error" not in reply:
-                state.installed = [canonical_model_name(name) for name in reply.get("models", [])]
+                state.installed = [model_key(name) for name in reply.get("models", [])]
 
     def _record_status(self, node: str, status: dict, trigger: bool = True) -> None:
         """Fold one get_model_status reply into the node's state; emit up/down; maybe trigger a pass.
@@ -411,7 +407,7 @@ class OllamaLoadBalancer:
         """Lock held. Returns (events, came back or restarted, needs an optimizer pass)."""
         was_online = state.online
         previous_models = state.models
-        previous = {canonical_model_name(m["name"]): m.get("location") for m in previous_models}
+        previous = {model_key(m["name"]): m.get("location") for m in previous_models}
         state.online, state.last_error, state.stale = True, None, False
         state.last_seen = time.time()
         state.latency_ms = status.get("latency_ms", state.latency_ms)
@@ -446,9 +442,7 @@ class OllamaLoadBalancer:
     def _fresh_start(state: NodeState, previous_models: list[dict]) -> None:
         """Lock held. The node came back or restarted: remember what was on its GPU (the warm-up of glob
         priorities brings those back), forget Modelfile verdicts, and ask a no/lost GPU verdict again."""
-        on_gpu = [
-            canonical_model_name(m["name"]) for m in previous_models if m.get("location") == LOCATION_GPU
-        ]
+        on_gpu = [model_key(m["name"]) for m in previous_models if m.get("location") == LOCATION_GPU]
         if on_gpu:
             state.previous_gpu_models = on_gpu
         state.unmovable.clear()
@@ -460,7 +454,7 @@ class OllamaLoadBalancer:
         """A priority model not on GPU that was on GPU before, or that we see for the first time."""
         patterns = priority_patterns(self.gpu_priority_models)
         for model in models:
-            name = canonical_model_name(model["name"])
+            name = model_key(model["name"])
             if not is_off_gpu(model) or not matches_priority(name, patterns):
                 continue
             if name not in previous or previous[name] == LOCATION_GPU:
@@ -475,7 +469,7 @@ class OllamaLoadBalancer:
             if state is None:
                 return
             events = self._note_load_evidence(state, result)
-            key = canonical_model_name(model)
+            key = model_key(model)
             if result.get("reason") in UNMOVABLE_REASONS:
                 state.unmovable[key] = {"reason": result["reason"], "message": str(result.get("message", ""))}
             elif result.get("success"):
@@ -600,7 +594,7 @@ class OllamaLoadBalancer:
         names: set[str] = set()
         for state in self.node_states():
             names.update(state.installed)
-            names.update(canonical_model_name(m["name"]) for m in state.models)
+            names.update(model_key(m["name"]) for m in state.models)
         return sorted(names)
 
     # ------------------------------------------------------------------ placement
@@ -652,7 +646,7 @@ class OllamaLoadBalancer:
 
     def _move(self, node: str, model: str, target: str, cancel: threading.Event | None, source: str) -> dict:
         """One verified move through the controller (which serialises moves per node and model)."""
-        name = canonical_model_name(model)
+        name = model_key(model)
         data: dict[str, Any] = {"target": target, "source": source}
         self.events.emit(Event("move_started", node=node, model=name, data=dict(data),
                                message=f"moving {name} to {target} on {node}"))  # fmt: skip
@@ -681,7 +675,7 @@ class OllamaLoadBalancer:
         after every online node; offline nodes are never chosen.
         """
         excluded = set(exclude)
-        name = canonical_model_name(model) if model else None
+        name = model_key(model) if model else None
         with self._lock:
             candidates = [s for s in self._states.values() if s.online is not False and s.url not in excluded]
             if not candidates:
@@ -833,7 +827,7 @@ def _report_models(state: NodeState) -> list[dict]:
     rows = []
     for model in state.models:
         row = dict(model)
-        known = state.unmovable.get(canonical_model_name(row["name"]))
+        known = state.unmovable.get(model_key(row["name"]))
         if known is not None:
             row["unmovable"] = known["reason"]
             row["unmovable_message"] = known["message"]
@@ -851,9 +845,7 @@ def _in_vram(model: dict) -> bool:
 def _route_rank(state: NodeState, model: str | None) -> tuple:
     location = None
     if model is not None:
-        location = next(
-            (m.get("location") for m in state.models if canonical_model_name(m["name"]) == model), None
-        )
+        location = next((m.get("location") for m in state.models if model_key(m["name"]) == model), None)
     if location == LOCATION_GPU:
         tier = 0
     elif location is not None:

@@ -1,0 +1,61 @@
+"""The bottom toolbar: a pure function of a small state dict -> prompt_toolkit style fragments.
+
+Colours live only in TOOLBAR_STYLE (litecli's clitoolbar pattern); `toolbar_state` gathers the state from
+the balancer's in-memory snapshots (no network I/O: it runs on every redraw).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prompt_toolkit.styles import Style
+
+from console.render import human_seconds
+
+TOOLBAR_STYLE = Style.from_dict(
+    {
+        "bottom-toolbar": "noreverse bg:#222222 #aaaaaa",
+        "bottom-toolbar.ok": "bg:#222222 #5fd75f bold",
+        "bottom-toolbar.warn": "bg:#222222 #ffaf00 bold",
+        "bottom-toolbar.bad": "bg:#222222 #ff5f5f bold",
+        "bottom-toolbar.dim": "bg:#222222 #777777",
+    }
+)
+
+
+def toolbar_state(balancer: Any) -> dict[str, Any]:
+    """Counts from node_states() and the optimizer_status(): both in-memory reads in the core."""
+    states = balancer.node_states()
+    status = balancer.optimizer_status()
+    return {
+        "nodes_total": len(states),
+        "nodes_online": sum(1 for state in states if state.online),
+        "nodes_gpu": sum(1 for state in states if state.online and state.has_gpu),
+        "optimizer_running": bool(status.get("running")),
+        "next_pass_in": status.get("next_pass_in"),
+    }
+
+
+def toolbar_fragments(state: dict[str, Any]) -> list[tuple[str, str]]:
+    """` 2/3 nodes online  1 with GPU  optimizer on, next pass in 12s  [F1/help] `."""
+    total, online = state.get("nodes_total", 0), state.get("nodes_online", 0)
+    health = "ok" if total and online == total else "warn" if online else "bad"
+    fragments = [
+        ("class:bottom-toolbar", " "),
+        (f"class:bottom-toolbar.{health}", f"{online}/{total}"),
+        ("class:bottom-toolbar", " nodes online  "),
+        (
+            "class:bottom-toolbar.ok" if state.get("nodes_gpu") else "class:bottom-toolbar.dim",
+            str(state.get("nodes_gpu", 0)),
+        ),
+        ("class:bottom-toolbar", " with GPU  optimizer "),
+    ]
+    if state.get("optimizer_running"):
+        fragments.append(("class:bottom-toolbar.ok", "on"))
+        next_in = state.get("next_pass_in")
+        if next_in is not None:
+            fragments.append(("class:bottom-toolbar", f", next pass in {human_seconds(float(next_in))}"))
+    else:
+        fragments.append(("class:bottom-toolbar.warn", "off"))
+    fragments.append(("class:bottom-toolbar.dim", "  [Tab] complete  [help]  [Ctrl-D] exit "))
+    return fragments
