@@ -267,7 +267,8 @@ class GPUController:
         self._moves: dict[tuple[str, str], threading.Event] = {}  # moves under way; set when one ends
         self._unloading: dict[str, int] = {}  # node -> unloads under way
         self._last_change: dict[str, float] = {}  # node -> time.monotonic() a move or unload last ended
-        self._lock = threading.Lock()  # guards the two dicts above, never held during I/O
+        self._closed = False  # after close() nothing is sent
+        self._lock = threading.Lock()  # guards the registries above, never held during I/O
 
     # ----------------------------------------------------------------------------- transport
 
@@ -293,6 +294,8 @@ class GPUController:
         The balancer routes requests through here too, so each node has one pool and one error vocabulary.
         """
         read_timeout = read_timeout or self.timeout
+        if self._closed:
+            raise NodeError("cancelled", f"{node_url}: not sent, the controller is closed")
         try:
             response = self._session(node_url).request(
                 method, node_url + path, json=payload, timeout=(self.timeout, read_timeout)
@@ -337,6 +340,12 @@ class GPUController:
             session = self._sessions.pop(_node_key(node_url), None)
         if session is not None:
             session.close()
+
+    def shutdown(self) -> None:
+        """Close, and send nothing from now on (a call ends as `cancelled`): a move still running in another
+        thread stops at its next step instead of loading, verifying or restoring. For an owner going away."""
+        self._closed = True
+        self.close()
 
     def close(self) -> None:
         """Close every node's connections. The controller can still be used afterwards."""

@@ -1,10 +1,11 @@
-"""OllamaLoadBalancer: the public API of the core.
+"""OllamaLoadBalancer: the public API of the core (the product spec's facade).
 
-It keeps one `NodeState` per node (online, latency, last error, GPU evidence, last good model list), a
-health monitor that checks every node concurrently, request routing with fail-over, cluster-wide
-force-GPU/force-CPU, and owns the `GPUOptimizer`. It never prints: everything it has to say is an `Event`.
+It keeps one `NodeAgent` per node (flockparse/agent.py: the node's state, its ordered status replies and its
+move lane), a health monitor that checks every node concurrently, request routing with fail-over,
+cluster-wide force-GPU/force-CPU, and owns the `GPUOptimizer`. It never prints: everything it has to say
+is an `Event`, and after `close()` it says nothing and sends nothing.
 
-Locking rule: `self._lock` guards the node states and nothing else; no network call runs while it is held.
+Locking rule: `self._lock` guards the registry of agents and nothing else; no network call runs under it.
 """
 
 from __future__ import annotations
@@ -14,34 +15,23 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from concurrent.futures import Future, wait
 from typing import Any
 
 from flockparse import gpu_state as gs
+from flockparse.agent import OPTIMIZER_PRIORITY, USER_PRIORITY, Folded, NodeAgent, NodeState, run_daemon
 from flockparse.events import Event, EventBus
-from flockparse.optimizer import UNMOVABLE_REASONS, GPUOptimizer
-from flockparse.rules import (
-    LOCATION_GPU,
-    canonical_name,
-    is_off_gpu,
-    matches_priority,
-    model_key,
-    normalize_url,
-    parse_expires_at,
-    priority_patterns,
-    same_model,
-)
+from flockparse.optimizer import GPUOptimizer
+from flockparse.rules import LOCATION_GPU, canonical_name, model_key, normalize_url, same_model
 from gpu_controller import GPUController, NodeError
+
+__all__ = ["AllNodesFailedError", "NodeState", "OllamaLoadBalancer", "RequestRejectedError"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PRIORITY_MODELS = ["mxbai-embed-large", "llama3.1"]
 OFFLINE_RECHECK_SECONDS = 1.0  # an offline node is re-checked this often (a refused connect is cheap)
-INSTALLED_REFRESH_SECONDS = 180.0  # how often the monitor re-reads /api/tags (for completion only)
-MAX_WORKERS = 64  # threads are created lazily; 200 nodes x 50 ms still finish in well under a second
-RESTART_MARGIN_S = 10.0  # models gone this long before their expiry did not expire: the node restarted
+REPORT_SLACK_S = 1.0  # a report waits a node's timeout plus this, never longer
 
 
 class AllNodesFailedError(RuntimeError):
@@ -61,49 +51,6 @@ class RequestRejectedError(RuntimeError):
         self.node = node
         self.status_code = status_code
         super().__init__(f"{node} rejected the request ({status_code}): {message}")
-
-
-@dataclass
-class NodeState:
-    """What the balancer knows about one node; handed out as copies (see `node_states`)."""
-
-    url: str
-    online: bool | None = None  # None until the first check
-    gpu: str = gs.GPU_UNKNOWN  # yes | no | unknown | lost (gpu_state.py): only evidence or configuration
-    has_gpu: bool | None = None  # the same as a tri-state: True, False (no or lost), None (unknown)
-    declared_gpu: bool | None = None
-    gpu_evidence: str = ""
-    gpu_seen: bool = False  # a GPU was seen here once: a load landing in RAM now means it was lost
-    gpu_lost_since: float | None = None  # time.time() the current loss began; None when not lost
-    cpu_landings: int = 0  # all-layers loads in RAM in a row (Ollama < 0.30 needs two to conclude)
-    ollama_version: str | None = None
-    previous_gpu_models: list[str] = field(default_factory=list)  # on its GPU before it restarted
-    unmovable: dict[str, dict] = field(default_factory=dict)  # model key -> {"reason", "message"}
-    latency_ms: float | None = None
-    last_error: str | None = None
-    last_seen: float | None = None  # time.time() of the last good reply
-    stale: bool = False  # models are the last known ones, the node is not answering
-    requests: int = 0
-    errors: int = 0
-    in_flight: int = 0
-    models: list[dict] = field(default_factory=list)
-    installed: list[str] = field(default_factory=list)
-    installed_checked_at: float = 0.0  # time.monotonic(); 0 = never
-    models_requested_at: float = 0.0  # time.monotonic() the status behind `models` was asked for
-
-    def snapshot(self) -> NodeState:
-        return dataclasses.replace(
-            self,
-            models=[dict(m) for m in self.models],
-            installed=list(self.installed),
-            previous_gpu_models=list(self.previous_gpu_models),
-            unmovable={k: dict(v) for k, v in self.unmovable.items()},
-        )
-
-    @property
-    def reports_estimates(self) -> bool:
-        """Ollama < 0.30: /api/ps figures are estimates, and one RAM landing proves nothing."""
-        return gs.reports_estimates(self.ollama_version)
 
 
 class OllamaLoadBalancer:
@@ -133,14 +80,11 @@ class OllamaLoadBalancer:
         self.request_timeout = float(request_timeout)
         self.on_gpu_lost = on_gpu_lost  # the operator's remedy command; off by default
         self.remedy_timeout = float(remedy_timeout)
-        self._lock = threading.Lock()  # guards _states and _checks_in_flight; never held during I/O
-        self._states: dict[str, NodeState] = {}
-        self._checks_in_flight: set[str] = set()
+        self._lock = threading.Lock()  # guards _agents; never held during I/O
+        self._agents: dict[str, NodeAgent] = {}
         self._closed = threading.Event()
         self._monitor_stop = threading.Event()
         self._monitor_thread: threading.Thread | None = None
-        self._check_pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="lb-check")
-        self._work_pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="lb-work")
         self._optimizer = GPUOptimizer(self, interval=check_interval)
         self._auto_optimize_gpu = bool(auto_optimize_gpu)
         self._started = False
@@ -163,17 +107,24 @@ class OllamaLoadBalancer:
         self._monitor_thread.start()
 
     def close(self) -> None:
-        """Stop the threads, drop connections and close the controller; safe to call twice."""
+        """Stop everything within a second: no event is delivered and no request is sent afterwards.
+
+        Moves in flight are cancelled (a load already sent finishes on the node; its daemon thread never
+        holds the interpreter at exit). Safe to call twice.
+        """
         if self._closed.is_set():
             return
         self._closed.set()
+        self.events.close()
+        self.controller.shutdown()
         self._optimizer.stop()
         self._monitor_stop.set()
+        with self._lock:
+            agents = list(self._agents.values())
+        for agent in agents:
+            agent.close()
         if self._monitor_thread is not None:
             self._monitor_thread.join(1.0)
-        self._check_pool.shutdown(wait=False, cancel_futures=True)
-        self._work_pool.shutdown(wait=False, cancel_futures=True)
-        self.controller.close()
 
     def __enter__(self) -> OllamaLoadBalancer:
         return self
@@ -247,22 +198,27 @@ class OllamaLoadBalancer:
     @property
     def nodes(self) -> list[str]:
         with self._lock:
-            return list(self._states)
+            return list(self._agents)
+
+    def _agent(self, url: str) -> NodeAgent | None:
+        with self._lock:
+            return self._agents.get(url)
+
+    def _all_agents(self) -> list[NodeAgent]:
+        with self._lock:
+            return list(self._agents.values())
 
     def add_node(self, url: str, has_gpu: bool | None = None) -> NodeState:
         """Add a node at run time; it is checked at once and gets an optimizer pass when it answers."""
         node = normalize_url(url)
         with self._lock:
-            if node in self._states:
+            if node in self._agents:
                 raise ValueError(f"node already in the cluster: {node}")
-            state = NodeState(url=node, declared_gpu=has_gpu)
-            _reset_gpu_evidence(state)
-            self._states[node] = state
-            snapshot = state.snapshot()
+            agent = self._agents[node] = NodeAgent(node, self.controller, has_gpu, self._closed)
         self.events.emit(Event("node_added", node=node, message=f"added node {node}"))
         if self._started:
-            self._schedule_check(node)
-        return snapshot
+            self._check(agent)
+        return agent.snapshot()
 
     def remove_node(self, url: str) -> bool:
         """Forget a node (its pins and back-offs too); False if it was not in the cluster."""
@@ -271,22 +227,21 @@ class OllamaLoadBalancer:
         except ValueError:
             return False
         with self._lock:
-            state = self._states.pop(node, None)
-        if state is None:
+            agent = self._agents.pop(node, None)
+        if agent is None:
             return False
+        agent.close()
         self.controller.forget_node(node)
         self._optimizer.forget_node(node, keep_pins=False)
         self.events.emit(Event("node_removed", node=node, message=f"removed node {node}"))
         return True
 
     def node_state(self, url: str) -> NodeState | None:
-        with self._lock:
-            state = self._states.get(url)
-            return state.snapshot() if state is not None else None
+        agent = self._agent(url)
+        return agent.snapshot() if agent is not None else None
 
     def node_states(self) -> list[NodeState]:
-        with self._lock:
-            return [state.snapshot() for state in self._states.values()]
+        return [agent.snapshot() for agent in self._all_agents()]
 
     # ------------------------------------------------------------------ health monitor
     def _monitor_loop(self) -> None:
@@ -297,201 +252,59 @@ class OllamaLoadBalancer:
             every_node = time.monotonic() >= next_round
             if every_node:
                 next_round = time.monotonic() + self.health_interval
-            with self._lock:
-                due = [url for url, s in self._states.items() if every_node or s.online is False]
-            for node in due:
-                self._schedule_check(node)
+            for agent in self._all_agents():
+                if every_node or agent.snapshot().online is False:
+                    self._check(agent)
             if self._monitor_stop.wait(min(self.health_interval, OFFLINE_RECHECK_SECONDS)):
                 return
 
-    def _schedule_check(self, node: str) -> None:
-        with self._lock:
-            if node in self._checks_in_flight or node not in self._states or self._closed.is_set():
-                return
-            self._checks_in_flight.add(node)
+    def _check(self, agent: NodeAgent) -> None:
+        """One monitor check of a node (at most one in flight per node); its result is acted on when in."""
+        future = agent.check(self._patterns())
+        if future is not None:
+            future.add_done_callback(lambda done: self._after_check(agent, done))
+
+    def _after_check(self, agent: NodeAgent, done: Future) -> None:
         try:
-            self._check_pool.submit(self._check_node, node)
-        except RuntimeError:  # pool shut down by close()
-            with self._lock:
-                self._checks_in_flight.discard(node)
+            folded = done.result()
+        except Exception:  # the controller promises not to raise; never let the monitor die
+            logger.exception("health check of %s failed", agent.url)
+            return
+        self._act_on(agent, folded, trigger=True)
 
-    def _check_node(self, node: str) -> None:
-        try:
-            status = self.controller.get_model_status(node)
-            up = "error" not in status
-            installed = self.controller.list_installed(node) if up and self._installed_due(node) else None
-            version = self.controller.version(node) if up and self._version_due(node) else None
-            # before the status is recorded: a node coming up gets a pass that needs the installed list
-            if installed is not None:
-                self._record_installed(node, installed)
-            self._record_version(node, version)
-            self._record_status(node, status)
-        except Exception as error:  # the controller promises not to raise; never let the monitor die
-            logger.exception("health check of %s failed", node)
-            self._record_status(node, {"node_url": node, "models": [], "error": f"check failed: {error}"})
-        finally:
-            with self._lock:
-                self._checks_in_flight.discard(node)
+    def _act_on(self, agent: NodeAgent, folded: Folded, trigger: bool) -> None:
+        """Emit what a status reply changed; a fresh start drops back-offs; trigger a pass when needed.
 
-    def _installed_due(self, node: str) -> bool:
-        with self._lock:
-            state = self._states.get(node)
-            return state is not None and (
-                state.online is not True
-                or state.installed_checked_at == 0.0
-                or time.monotonic() - state.installed_checked_at >= INSTALLED_REFRESH_SECONDS
-            )
-
-    def _version_due(self, node: str) -> bool:
-        """Read /api/version when a node comes up (it may have been upgraded while down)."""
-        with self._lock:
-            state = self._states.get(node)
-            return state is not None and (state.online is not True or state.ollama_version is None)
-
-    def _record_version(self, node: str, version: str | None) -> None:
-        with self._lock:
-            state = self._states.get(node)
-            if state is not None and version is not None:
-                state.ollama_version = version
-
-    def _record_installed(self, node: str, reply: dict) -> None:
-        with self._lock:
-            state = self._states.get(node)
-            if state is None:
-                return
-            state.installed_checked_at = time.monotonic()
-            if "error" not in reply:
-                state.installed = [model_key(name) for name in reply.get("models", [])]
-
-    def _record_status(self, node: str, status: dict, trigger: bool = True) -> None:
-        """Fold one get_model_status reply into the node's state; emit up/down; maybe trigger a pass.
-
-        A node that comes (back) online or restarted gets its no-GPU or lost-GPU verdict asked again (a
-        restarted Ollama discovers its GPUs anew), its back-offs dropped and an immediate warm-up pass. A
-        priority model newly seen off GPU gets an immediate pass too.
+        A node that comes up or restarted gets an immediate warm-up pass (even from a pass's own read);
+        a priority model newly seen off GPU gets an immediate pass when `trigger` (the monitor's reads).
         """
-        with self._lock:
-            state = self._states.get(node)
-            if state is None:
-                return
-            if "error" in status:
-                events, fresh_start, needs_pass = (
-                    self._record_failure(state, str(status["error"])),
-                    False,
-                    False,
-                )
-            else:
-                events, fresh_start, needs_pass = self._record_success(state, status)
-        if fresh_start:
-            self._optimizer.forget_node(node)  # fresh memory after a restart: old back-offs no longer apply
-        for event in events:
-            self.events.emit(event)
-        warm_up = any(e.kind in ("node_up", "node_restarted") for e in events)
-        if warm_up or (trigger and needs_pass):
-            # a node that just came up or restarted also gets its absent priority models loaded (warm-up),
-            # even when the optimizer's own pass saw it first; a model that fell off the GPU is only moved
-            self._optimizer.trigger(node, load_absent=warm_up)
+        if folded.fresh_start:
+            self._optimizer.forget_node(
+                agent.url
+            )  # fresh memory after a restart: old back-offs no longer apply
+        self._emit_all(folded.events)
+        if folded.warm_up or (trigger and folded.needs_pass):
+            self._optimizer.trigger(agent.url, load_absent=folded.warm_up)
 
-    def _record_failure(self, state: NodeState, error: str) -> list[Event]:
-        """Lock held. The node keeps its last known models, now stale."""
-        was_online = state.online
-        state.online, state.last_error = False, error
-        state.stale = state.last_seen is not None
-        if was_online is False:
-            return []
-        return [
-            Event("node_down", node=state.url, message=f"{state.url} is down: {error}", data={"error": error})
-        ]
+    def _patterns(self) -> list[str]:
+        value = self.gpu_priority_models
+        return [value] if isinstance(value, str) else [str(p) for p in value]
 
-    def _record_success(self, state: NodeState, status: dict) -> tuple[list[Event], bool, bool]:
-        """Lock held. Returns (events, came back or restarted, needs an optimizer pass)."""
-        was_online = state.online
-        previous_models = state.models
-        previous = {model_key(m["name"]): m.get("location") for m in previous_models}
-        state.online, state.last_error, state.stale = True, None, False
-        state.last_seen = time.time()
-        state.latency_ms = status.get("latency_ms", state.latency_ms)
-        state.models = [dict(m) for m in status.get("models", [])]
-        # every model gone before its time: a restart no health check saw (or all unloaded by hand)
-        previous_at, state.models_requested_at = state.models_requested_at, status.get("requested_at", 0.0)
-        restarted = (
-            was_online is True
-            and _looks_restarted(previous_models, state.models)
-            and not self.controller.changed_models_since(state.url, previous_at)  # our moves unload too
-        )
-        events: list[Event] = []
-        if was_online is False or restarted:
-            self._fresh_start(state, previous_models)
-        if state.gpu != gs.GPU_LOST and any(_in_vram(m) for m in state.models):
-            # a lost GPU's old runners may still hold VRAM: only a new load (or a restart) ends a loss
-            events += _note_gpu_seen(state, gs.EVIDENCE_VRAM)
-        if restarted:
-            message = (
-                f"{state.url} has nothing loaded any more, though its models had time left: Ollama restarted "
-                "(or every model was unloaded by hand)"
-            )
-            return [Event("node_restarted", node=state.url, message=message), *events], True, True
-        if was_online is True:
-            return events, False, self._priority_model_fell_off_gpu(previous, state.models)
-        up = Event(
-            "node_up", node=state.url, message=f"{state.url} is online", data={"latency_ms": state.latency_ms}
-        )
-        return [up, *events], was_online is False, True
+    def read_status(self, node: str, trigger: bool = False) -> dict:
+        """Read a node's /api/ps now (on this thread) and record it, in order with every other reply."""
+        agent = self._agent(node)
+        if agent is None:
+            return {"node_url": node, "models": [], "error": f"{node} is not in the cluster"}
+        seq, sent_at, status = agent.read_status()
+        self._act_on(agent, agent.record(seq, sent_at, status, self._patterns()), trigger=trigger)
+        return status
 
-    @staticmethod
-    def _fresh_start(state: NodeState, previous_models: list[dict]) -> None:
-        """Lock held. The node came back or restarted: remember what was on its GPU (the warm-up of glob
-        priorities brings those back), forget Modelfile verdicts, and ask a no/lost GPU verdict again."""
-        on_gpu = [model_key(m["name"]) for m in previous_models if m.get("location") == LOCATION_GPU]
-        if on_gpu:
-            state.previous_gpu_models = on_gpu
-        state.unmovable.clear()
-        state.cpu_landings = 0
-        if state.gpu in (gs.GPU_NO, gs.GPU_LOST):
-            _reset_gpu_evidence(state, gs.EVIDENCE_RESTARTED)
+    def installed_models(self, node: str) -> set[str]:
+        """Canonical keys of the models installed on a node (read now if never read successfully)."""
+        agent = self._agent(node)
+        return agent.installed() if agent is not None else set()
 
-    def _priority_model_fell_off_gpu(self, previous: dict[str, str | None], models: list[dict]) -> bool:
-        """A priority model not on GPU that was on GPU before, or that we see for the first time."""
-        patterns = priority_patterns(self.gpu_priority_models)
-        for model in models:
-            name = model_key(model["name"])
-            if not is_off_gpu(model) or not matches_priority(name, patterns):
-                continue
-            if name not in previous or previous[name] == LOCATION_GPU:
-                return True
-        return False
-
-    def _record_move_result(self, node: str, model: str, result: dict) -> None:
-        """Moves are evidence: a load in VRAM proves a GPU; an all-layers load in RAM proves none, or that
-        the GPU was lost when one was seen before. Modelfile pins and MLX models are remembered."""
-        with self._lock:
-            state = self._states.get(node)
-            if state is None:
-                return
-            events = self._note_load_evidence(state, result)
-            key = model_key(model)
-            if result.get("reason") in UNMOVABLE_REASONS:
-                state.unmovable[key] = {"reason": result["reason"], "message": str(result.get("message", ""))}
-            elif result.get("success"):
-                state.unmovable.pop(key, None)
-        self._emit_gpu_events(events)
-        if result.get("reason") in ("unreachable", "timeout"):
-            self._schedule_check(node)
-
-    @staticmethod
-    def _note_load_evidence(state: NodeState, result: dict) -> list[Event]:
-        """Lock held."""
-        if result.get("reason") == "no_gpu":
-            return _note_cpu_landing(state)
-        if (
-            result.get("success")
-            and result.get("location") == LOCATION_GPU
-            and result.get("reason") != "already"
-        ):
-            return _note_gpu_seen(state, gs.EVIDENCE_LOAD_VRAM)
-        return []
-
-    def _emit_gpu_events(self, events: list[Event]) -> None:
+    def _emit_all(self, events: Iterable[Event]) -> None:
         """Emit; a GPU loss also starts the operator's remedy command (once per loss, in the background)."""
         for event in events:
             self.events.emit(event)
@@ -513,55 +326,49 @@ class OllamaLoadBalancer:
             )
         else:
             message = f"the GPU remedy for {node} exited with {outcome.exit_code}"
-        data = dataclasses.asdict(outcome)
-        self.events.emit(Event("remedy_finished", node=node, message=message, data=data))
+        self.events.emit(
+            Event("remedy_finished", node=node, message=message, data=dataclasses.asdict(outcome))
+        )
 
     def probe_gpu(self, node: str, cancel: threading.Event | None = None, trust_vram: bool = True) -> dict:
-        """Ask the node whether it has a usable GPU with a tiny load (see GPUController.probe_gpu) and
-        record the answer as evidence; returns the probe's dict."""
-        result = self.controller.probe_gpu(node, cancel=cancel or self._closed, trust_vram=trust_vram)
-        with self._lock:
-            state = self._states.get(node)
-            if state is None:
-                return result
-            if result["gpu"] is True:
-                events = _note_gpu_seen(state, gs.EVIDENCE_LOAD_VRAM)
-            elif result["gpu"] is False:
-                events = _note_cpu_landing(state)
-            else:
-                events = []
-        self._emit_gpu_events(events)
+        """Ask the node whether it has a usable GPU with a tiny load (see GPUController.probe_gpu), in the
+        node's move lane, and record the answer as evidence; returns the probe's dict."""
+        agent = self._agent(node)
+        if agent is None:
+            return {"gpu": None, "model": None, "message": f"{node} is not in the cluster"}
+
+        def probe(stop: threading.Event) -> dict:
+            return self.controller.probe_gpu(node, cancel=stop, trust_vram=trust_vram)
+
+        result = agent.lane.submit(probe, cancel, USER_PRIORITY).result()
+        if "gpu" not in result:  # the lane was closed
+            return {"gpu": None, "model": None, "message": result["message"]}
+        self._emit_all(agent.record_probe(result))
         return result
 
     # ------------------------------------------------------------------ reports
     def vram_report(self) -> list[dict]:
         """Fresh placement of every model on every node, nodes concurrently, bounded by the timeout.
 
-        A node that does not answer keeps its last known models, marked `stale`.
+        Each node is read on a thread of its own (never queued behind the monitor or another node), so a
+        node that answers within its timeout is never reported stale. A node that does not answer keeps its
+        last known models, marked `stale`.
         """
-        nodes = self.nodes
-        futures = {node: self._check_pool.submit(self.controller.get_model_status, node) for node in nodes}
-        wait(futures.values(), timeout=float(getattr(self.controller, "timeout", 5.0)) + 1.0)
-        late: set[str] = set()
-        for node, future in futures.items():
-            if not future.done():
-                late.add(node)
-                continue
-            try:
-                self._record_status(node, future.result())
-            except Exception as error:
-                self._record_status(node, {"node_url": node, "models": [], "error": str(error)})
+        agents = self._all_agents()
+        futures = {
+            agent.url: run_daemon(lambda a=agent: self.read_status(a.url), "report") for agent in agents
+        }
+        wait(futures.values(), timeout=float(getattr(self.controller, "timeout", 5.0)) + REPORT_SLACK_S)
         report = []
-        for state in self.node_states():
-            if state.url not in futures:
-                continue
-            error = "no reply within the timeout" if state.url in late else state.last_error
+        for agent in agents:
+            state = agent.snapshot()
+            late = not futures[agent.url].done()
             report.append({
                 "node": state.url,
                 "online": state.online,
-                "stale": state.stale or state.url in late,
+                "stale": state.stale or late,
                 "last_seen": state.last_seen,
-                "error": error,
+                "error": "no reply within the timeout" if late else state.last_error,
                 **_gpu_fields(state),
                 "latency_ms": state.latency_ms,
                 "models": _report_models(state),
@@ -612,8 +419,11 @@ class OllamaLoadBalancer:
         return self._force_all_nodes(model, "CPU", cancel)
 
     def _force_all_nodes(self, model: str, target: str, cancel: threading.Event | None) -> list[dict]:
+        """Every node at once, each on a thread of its own: 200 nodes take about one load, not four rounds."""
         nodes = self.nodes
-        futures = [self._work_pool.submit(self._force_one, node, model, target, cancel) for node in nodes]
+        futures = [
+            run_daemon(lambda n=node: self._force_one(n, model, target, cancel), "force") for node in nodes
+        ]
         return [
             {"node": node, "result": future.result()} for node, future in zip(nodes, futures, strict=True)
         ]
@@ -630,9 +440,8 @@ class OllamaLoadBalancer:
         if target == "GPU" and state.gpu == gs.GPU_NO:
             return _skipped("no_gpu", f"skipped {node}: no GPU ({state.gpu_evidence})")
         if target == "GPU" and state.gpu == gs.GPU_YES:
-            return self._move(node, model, target, cancel=cancel, source="user")
-        status = self.controller.get_model_status(node)
-        self._record_status(node, status, trigger=False)
+            return self.move(node, model, target, cancel=cancel, source="user")
+        status = self.read_status(node)
         if "error" in status:
             return _skipped("offline", f"skipped {node}: {status['error']}")
         if not any(same_model(m["name"], model) for m in status["models"]):
@@ -642,30 +451,43 @@ class OllamaLoadBalancer:
             if probe["gpu"] is not True:
                 reason = "no_gpu" if probe["gpu"] is False else "gpu_unknown"
                 return _skipped(reason, f"skipped {node}: no GPU shown by a probe ({probe['message']})")
-        return self._move(node, model, target, cancel=cancel, source="user")
+        return self.move(node, model, target, cancel=cancel, source="user")
 
-    def _move(self, node: str, model: str, target: str, cancel: threading.Event | None, source: str) -> dict:
-        """One verified move through the controller (which serialises moves per node and model)."""
-        name = model_key(model)
-        data: dict[str, Any] = {"target": target, "source": source}
-        self.events.emit(Event("move_started", node=node, model=name, data=dict(data),
-                               message=f"moving {name} to {target} on {node}"))  # fmt: skip
+    def move(
+        self, node: str, model: str, target: str, cancel: threading.Event | None = None, source: str = "user"
+    ) -> dict:
+        """One verified move in the node's lane (one move per node at a time; a user's move goes before the
+        optimizer's queued ones), with move_started / move_finished / move_failed events."""
+        agent = self._agent(node)
+        if agent is None:
+            return _skipped("removed", f"{node} was removed from the cluster")
+        name = canonical_name(model)
         mover = self.controller.force_gpu_load if target == "GPU" else self.controller.force_cpu_load
-        try:
-            result = mover(node, model, cancel=cancel)
-        except Exception as error:  # the controller promises not to raise; report it as a failed move
-            logger.exception("move of %s on %s failed", name, node)
-            result = {"success": False, "message": str(error), "location": None, "vram_mb": 0.0,
-                      "reason": "error", "restored": False}  # fmt: skip
-        self._record_move_result(node, name, result)
-        data.update(
-            location=result.get("location"), reason=result.get("reason"), vram_mb=result.get("vram_mb")
-        )
-        kind = "move_finished" if result.get("success") else "move_failed"
-        self.events.emit(
-            Event(kind, node=node, model=name, data=data, message=str(result.get("message", "")))
-        )
-        return result
+        priority = USER_PRIORITY if source == "user" else OPTIMIZER_PRIORITY
+
+        def run(stop: threading.Event) -> dict:
+            data: dict[str, Any] = {"target": target, "source": source}
+            self.events.emit(Event("move_started", node=node, model=name, data=dict(data),
+                                   message=f"moving {name} to {target} on {node}"))  # fmt: skip
+            try:
+                result = mover(node, model, cancel=stop)
+            except Exception as error:  # the controller promises not to raise; report it as a failed move
+                logger.exception("move of %s on %s failed", name, node)
+                result = {"success": False, "message": str(error), "location": None, "vram_mb": 0.0,
+                          "reason": "error", "restored": False}  # fmt: skip
+            self._emit_all(agent.record_move(name, result))
+            data.update(
+                location=result.get("location"), reason=result.get("reason"), vram_mb=result.get("vram_mb")
+            )
+            kind = "move_finished" if result.get("success") else "move_failed"
+            self.events.emit(
+                Event(kind, node=node, model=name, data=data, message=str(result.get("message", "")))
+            )
+            if result.get("reason") in ("unreachable", "timeout"):
+                self._check(agent)
+            return result
+
+        return agent.lane.submit(run, cancel, priority).result()
 
     # ------------------------------------------------------------------ routing
     def pick_node(self, model: str | None = None, exclude: Iterable[str] = ()) -> str | None:
@@ -676,11 +498,10 @@ class OllamaLoadBalancer:
         """
         excluded = set(exclude)
         name = model_key(model) if model else None
-        with self._lock:
-            candidates = [s for s in self._states.values() if s.online is not False and s.url not in excluded]
-            if not candidates:
-                return None
-            return min(candidates, key=lambda s: _route_rank(s, name)).url
+        candidates = [s for s in self.node_states() if s.online is not False and s.url not in excluded]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda s: _route_rank(s, name)).url
 
     def generate(self, model: str, prompt: str, **options: Any) -> dict:
         """POST /api/generate (stream false) on the best node, failing over to other nodes.
@@ -706,110 +527,33 @@ class OllamaLoadBalancer:
         raise AllNodesFailedError(model, errors)
 
     def _post_once(self, node: str, path: str, body: dict) -> tuple[dict, str | None]:
-        """One attempt; returns (reply, None) or ({}, reason to fail over). 4xx other than 404 raises."""
-        with self._lock:
-            state = self._states.get(node)
-            if state is None:
-                return {}, "removed from the cluster"
-            state.requests += 1
-            state.in_flight += 1
-        error: str | None = None
-        reply: dict = {}
+        """One attempt; returns (reply, None) or ({}, reason to fail over). 4xx other than 404 raises and
+        is not counted against the node: another node would say the same about the caller's request."""
+        agent = self._agent(node)
+        if agent is None:
+            return {}, "removed from the cluster"
+        agent.request_started()
+        node_error: str | None = None
         try:
             answer = self.controller.call(node, "POST", path, body, read_timeout=self.request_timeout)
+        except NodeError as exc:  # refused, reset, timed out: fail over
+            node_error = exc.message
+        else:
             if 400 <= answer.status < 500 and answer.status != 404:
-                error = f"HTTP {answer.status}: {answer.error_text()}"
+                agent.request_finished(None)
                 raise RequestRejectedError(node, answer.status, answer.error_text())
             if answer.status != 200:
-                error = f"HTTP {answer.status}: {answer.error_text()}"
+                node_error = f"HTTP {answer.status}: {answer.error_text()}"
             elif not isinstance(answer.body, dict):
-                error = "reply is not a JSON object"
-            else:
-                reply = answer.body
-        except NodeError as exc:  # refused, reset, timed out: fail over
-            error = exc.message
-        finally:
-            self._finish_request(node, error)
-        return reply, error
-
-    def _finish_request(self, node: str, error: str | None) -> None:
-        with self._lock:
-            state = self._states.get(node)
-            if state is None:
-                return
-            state.in_flight -= 1
-            if error is not None:
-                state.errors += 1
-                state.last_error = error
-        if error is not None:
-            self._schedule_check(node)  # let the monitor confirm up/down now rather than in 5 s
+                node_error = "reply is not a JSON object"
+        agent.request_finished(node_error)
+        if node_error is not None:
+            self._check(agent)  # let the monitor confirm up/down now rather than in 5 s
+            return {}, node_error
+        return answer.body, None
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _set_gpu(state: NodeState, gpu: str, evidence: str) -> None:
-    state.gpu, state.has_gpu, state.gpu_evidence = gpu, gs.has_gpu_flag(gpu), evidence
-
-
-def _reset_gpu_evidence(state: NodeState, evidence: str = "") -> None:
-    """Back to what configuration says, or unknown: evidence must be gathered again."""
-    if state.declared_gpu is None:
-        _set_gpu(state, gs.GPU_UNKNOWN, evidence)
-    else:
-        _set_gpu(state, gs.GPU_YES if state.declared_gpu else gs.GPU_NO, gs.EVIDENCE_DECLARED)
-    if state.declared_gpu:
-        state.gpu_seen = True
-
-
-def _note_gpu_seen(state: NodeState, evidence: str) -> list[Event]:
-    """Lock held. A GPU is there; a loss in progress ends (one `gpu_back` event)."""
-    state.cpu_landings, state.gpu_seen = 0, True
-    events = []
-    if state.gpu_lost_since is not None:
-        lost_for = time.time() - state.gpu_lost_since
-        state.gpu_lost_since = None
-        message = f"{state.url} has its GPU again ({evidence})"
-        events.append(
-            Event("gpu_back", node=state.url, message=message, data={"lost_for_s": round(lost_for, 1)})
-        )
-    _set_gpu(state, gs.GPU_YES, evidence)
-    return events
-
-
-def _note_cpu_landing(state: NodeState) -> list[Event]:
-    """Lock held. An all-layers load landed in RAM: a CPU-only node, or a lost GPU (one `gpu_lost` event
-    per loss, however many loads land in RAM until the GPU is seen again)."""
-    state.cpu_landings += 1
-    if state.reports_estimates and state.cpu_landings < 2:
-        state.gpu_evidence = gs.EVIDENCE_ONE_LANDING
-        return []
-    if not state.gpu_seen:
-        _set_gpu(state, gs.GPU_NO, gs.EVIDENCE_RAM)
-        return []
-    _set_gpu(state, gs.GPU_LOST, gs.EVIDENCE_LOST)
-    if state.gpu_lost_since is not None:
-        return []
-    state.gpu_lost_since = time.time()
-    message = f"{state.url} lost its GPU: a load with every layer on the GPU landed in RAM. "
-    message += gs.lost_remedy_text(state.url)
-    return [
-        Event("gpu_lost", node=state.url, message=message, data={"remedy": gs.lost_remedy_text(state.url)})
-    ]
-
-
-def _looks_restarted(previous: list[dict], now: list[dict]) -> bool:
-    """Nothing loaded now, though models that were loaded (and not being unloaded) had time left: Ollama
-    restarted (a restarted Ollama has nothing loaded, sched.go:97), even if no health check saw it down.
-    Models that expired on time, or that were seen stopping, are not a restart."""
-    if now or not previous:
-        return False
-    horizon = datetime.now(UTC) + timedelta(seconds=RESTART_MARGIN_S)
-    for model in previous:
-        expires = parse_expires_at(model.get("expires_at"))
-        if not model.get("stopping") and expires is not None and expires > horizon:
-            return True
-    return False
-
-
 def _gpu_fields(state: NodeState) -> dict[str, Any]:
     """The GPU verdict as reports and stats show it."""
     return {
@@ -836,10 +580,6 @@ def _report_models(state: NodeState) -> list[dict]:
             row["unmovable_message"] = "a safetensors (MLX) model: Ollama ignores num_gpu for it"
         rows.append(row)
     return rows
-
-
-def _in_vram(model: dict) -> bool:
-    return float(model.get("vram_mb") or 0) > 0 or float(model.get("gpu_percent") or 0) > 0
 
 
 def _route_rank(state: NodeState, model: str | None) -> tuple:

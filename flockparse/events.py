@@ -56,6 +56,12 @@ class EventBus:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribers: list[Subscriber] = []
+        self._closed = False
+
+    def close(self) -> None:
+        """Deliver nothing from now on: a closed core says nothing (its late threads included)."""
+        with self._lock:
+            self._closed = True
 
     def subscribe(self, callback: Subscriber) -> Callable[[], None]:
         """Register `callback`; the returned function unsubscribes it (calling it twice is harmless)."""
@@ -72,7 +78,7 @@ class EventBus:
     def emit(self, event: Event) -> None:
         """Deliver `event` to every subscriber; one failing subscriber does not stop the others."""
         with self._lock:
-            subscribers = list(self._subscribers)
+            subscribers = [] if self._closed else list(self._subscribers)
         for callback in subscribers:
             try:
                 callback(event)

@@ -15,58 +15,48 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, wait
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from flockparse import gpu_state as gs
+from flockparse import planner
 from flockparse.events import Event
-from flockparse.rules import (
-    LOCATION_GPU,
-    explicit_priority_names,
-    is_off_gpu,
-    matches_priority,
-    model_key,
-    priority_patterns,
-)
-
-if TYPE_CHECKING:
-    from flockparse.balancer import NodeState, OllamaLoadBalancer
+from flockparse.planner import PASS_ASKED, PASS_INTERVAL, PASS_NODE, Action, Backoff
+from flockparse.rules import model_key, priority_patterns
 
 logger = logging.getLogger(__name__)
 
-GLOB_CHARS = frozenset("*?[")
-BACKOFF_MAX_PASSES = 32
-NO_BACKOFF_REASONS = frozenset({"unreachable", "cancelled"})  # node-level trouble, handled by online state
-UNMOVABLE_REASONS = frozenset({"pinned_by_modelfile", "not_controllable"})  # remembered by the balancer
-FUTURE_POLL_SECONDS = 0.1  # how often a pass waiting on its nodes checks for cancellation
-PASS_INTERVAL, PASS_NODE, PASS_ASKED = "interval", "node", "asked"  # what started a pass
+FUTURE_POLL_SECONDS = 0.1  # how often a caller waiting on a pass checks for cancellation
+UNMOVABLE_REASONS = planner.UNMOVABLE_REASONS
 
 
-# --------------------------------------------------------------------------------------------- names
-# --------------------------------------------------------------------------------------------- policy
-@dataclass
-class Backoff:
-    """A (node, model) that failed: skip it for `passes_to_skip` more passes (1, 2, 4 ... capped)."""
+class Cluster(Protocol):
+    """What the optimizer needs from the cluster (OllamaLoadBalancer): observe nodes, move through their
+    owners, emit events. The optimizer imports no balancer and touches none of its private members."""
 
-    failures: int
-    passes_to_skip: int
-    reason: str
+    events: Any
+    gpu_priority_models: list[str]
 
-
-def action(node: str, model: str | None, kind: str, reason: str, message: str) -> dict:
-    """One entry of a pass result: kind is 'moved' | 'failed' | 'skipped'."""
-    return {"node": node, "model": model, "action": kind, "reason": reason, "message": message}
+    @property
+    def nodes(self) -> list[str]: ...
+    def node_state(self, url: str) -> Any: ...
+    def read_status(self, node: str, trigger: bool = False) -> dict: ...
+    def installed_models(self, node: str) -> set[str]: ...
+    def probe_gpu(
+        self, node: str, cancel: threading.Event | None = None, trust_vram: bool = True
+    ) -> dict: ...
+    def move(
+        self, node: str, model: str, target: str, cancel: threading.Event | None = None, source: str = "user"
+    ) -> dict: ...
 
 
 class GPUOptimizer:
     """Background thread plus the pass logic; the balancer owns one and forwards its public methods."""
 
-    def __init__(self, balancer: OllamaLoadBalancer, interval: float = 300.0) -> None:
-        self._balancer = balancer
+    def __init__(self, cluster: Cluster, interval: float = 300.0) -> None:
+        self._cluster = cluster
         self._interval = _positive(interval)
         self._lock = threading.Lock()  # guards the fields below; never held during I/O
-        self._no_pass_running = threading.Event()  # one pass at a time, whoever asks (waited on, not locked)
-        self._no_pass_running.set()
+        self._pass_free = threading.Event()  # set while no pass runs: one pass at a time, whoever asks
+        self._pass_free.set()
         self._control_lock = threading.Lock()  # start/stop from two threads cannot make two optimizers
         self._wake = threading.Event()
         self._stop: threading.Event = threading.Event()
@@ -191,6 +181,7 @@ class GPUOptimizer:
 
     # ------------------------------------------------------------------ pins and back-off
     def pin_cpu(self, node: str, model: str) -> None:
+        """The user forced `model` to CPU on `node`: the optimizer leaves it there until forced back."""
         with self._lock:
             self._pins.add((node, model_key(model)))
 
@@ -212,44 +203,30 @@ class GPUOptimizer:
             if not keep_pins:
                 self._pins = {key for key in self._pins if key[0] != node}
 
-    def _back_off(self, node: str, model: str, reason: str) -> int:
-        """Record a failure (or churn); returns how many interval passes will skip the model.
-
-        A failed move is retried at the next interval pass, then after 1, 3, 7 ... skipped ones: VRAM
-        another program held may be free by then, and Ollama cannot tell us. A move that displaced
-        another priority model waits 1, 2, 4 ... passes, so two models never swap every pass.
-        """
+    def _record_outcome(self, node: str, model: str, reason: str) -> int | None:
+        """Back off after a failure or churn (planner.after_failure); the passes it will skip, or None."""
         with self._lock:
-            previous = self._backoff.get((node, model))
-            failures = previous.failures + 1 if previous else 1
-            doubling = 2 ** (failures - 1)
-            skip = min(doubling if reason == "displaced" else doubling - 1, BACKOFF_MAX_PASSES)
-            self._backoff[(node, model)] = Backoff(failures, skip, reason)
-            return skip
-
-    def _consume_backoff(self, node: str, model: str, kind: str) -> Backoff | None:
-        """The back-off in force for this kind of pass (None means go ahead).
-
-        Interval passes count it down. Node passes triggered by the monitor never retry a backed-off
-        model (a failed move's own unload/reload can look like a model falling off the GPU). A pass the
-        user asked for ignores back-offs: it is asked because something changed.
-        """
-        with self._lock:
-            entry = self._backoff.get((node, model))
-            if entry is None or kind == PASS_ASKED:
+            backoff = planner.after_failure(self._backoff.get((node, model)), reason)
+            if backoff is None:
                 return None
-            if kind == PASS_INTERVAL:
-                if entry.passes_to_skip <= 0:
-                    return None
-                entry.passes_to_skip -= 1
-            return Backoff(entry.failures, entry.passes_to_skip, entry.reason)
+            self._backoff[(node, model)] = backoff
+            return backoff.passes_to_skip
 
     def _seen_on_gpu(self, node: str, model: str) -> None:
-        """A failure back-off ends once the model is seen on GPU; a churn back-off only expires."""
+        """A failure back-off ends once the model is seen on GPU (or moved there); churn only counts down."""
         with self._lock:
-            entry = self._backoff.get((node, model))
-            if entry is not None and entry.reason != "displaced":
+            if planner.ends_on_gpu(self._backoff.get((node, model))):
                 del self._backoff[(node, model)]
+
+    def _decide(self, url: str, name: str, unmovable: dict | None, kind: str) -> Action | None:
+        """The planner's decision with this optimizer's pins and back-offs; an interval skip counts down."""
+        with self._lock:
+            key = (url, name)
+            backoff = self._backoff.get(key)
+            skip = planner.decide(url, name, key in self._pins, unmovable, backoff, kind)
+            if skip is not None and skip.reason == "backed_off" and backoff is not None:
+                self._backoff[key] = planner.counted_down(backoff, kind)
+            return skip
 
     # ------------------------------------------------------------------ the pass
     def run_pass(
@@ -261,213 +238,202 @@ class GPUOptimizer:
     ) -> list[dict]:
         """One pass now over `nodes` (all when None), nodes concurrently; returns the actions taken.
 
-        `load_absent` also loads the priority models a node should hold (warm-up). Only a node that just
-        came up (or a pass the user asked for) does that: on interval passes it would reload, every pass,
-        a model that Ollama let expire because nobody used it. `asked`: the user wants this pass now, so
-        back-offs do not hold it back.
+        `load_absent` also loads the priority models an idle node should hold (warm-up). Only a node that
+        just came up (or a pass the user asked for) does that: on interval passes it would reload, every
+        pass, a model that Ollama let expire because nobody used it. `asked`: the user wants this pass now,
+        so back-offs do not hold it back.
+
+        One pass at a time: the pass stays claimed until every node task has ended. A `cancel` stops further
+        moves and returns at once with what is done; the pass itself then finishes in the background (a
+        load already sent ends on the node) and only then emits `pass_finished`, with every move counted.
         """
         cancel = cancel or threading.Event()
         kind = PASS_ASKED if asked else PASS_INTERVAL if nodes is None else PASS_NODE
         if not self._claim_pass(cancel):
             return []
-        try:
-            return self._run_claimed_pass(nodes, cancel, load_absent, kind)
-        finally:
-            self._no_pass_running.set()
+        actions: list[Action] = []
+        finished = threading.Thread(
+            target=self._run_claimed_pass,
+            args=(nodes, cancel, load_absent, kind, actions),
+            name="gpu-pass",
+            daemon=True,
+        )
+        finished.start()
+        while finished.is_alive() and not cancel.is_set():
+            finished.join(FUTURE_POLL_SECONDS)
+        with self._lock:
+            return [a.as_dict() for a in actions]
 
     def _claim_pass(self, cancel: threading.Event) -> bool:
         """Wait (cancellably) until no other pass runs, then mark ours as running."""
         while True:
             with self._lock:
-                if self._no_pass_running.is_set():
-                    self._no_pass_running.clear()
+                if self._pass_free.is_set():
+                    self._pass_free.clear()
                     return True
             if cancel.is_set():
                 return False
-            self._no_pass_running.wait(FUTURE_POLL_SECONDS)
+            self._pass_free.wait(FUTURE_POLL_SECONDS)
 
     def _run_claimed_pass(
-        self, nodes: list[str] | None, cancel: threading.Event, load_absent: bool, kind: str
-    ) -> list[dict]:
-        known = self._balancer.nodes
-        urls = known if nodes is None else [url for url in known if url in set(nodes)]
-        started, t0 = time.time(), time.monotonic()
-        scope = "all" if nodes is None else "nodes"
-        only_node = urls[0] if scope == "nodes" and len(urls) == 1 else None
-        self._emit(
-            "pass_started",
-            f"GPU optimization pass over {only_node or f'{len(urls)} node(s)'}",
-            {"scope": scope, "nodes": len(urls), "node_urls": urls if scope == "nodes" else []},
-            node=only_node,
-        )
-        submit = self._balancer._work_pool.submit
-        futures = [submit(self._optimize_node, url, cancel, kind, load_absent) for url in urls]
-        results = _collect(futures, cancel)
-        actions = [a for _, node_actions in results for a in node_actions]
-        summary = {
-            "moved": sum(a["action"] == "moved" for a in actions),
-            "failed": sum(a["action"] == "failed" for a in actions),
-            "skipped": sum(a["action"] == "skipped" for a in actions),
-            "checked_nodes": sum(checked for checked, _ in results),
-            "duration_s": round(time.monotonic() - t0, 3),
-            "scope": scope,
-            "started_at": started,
-            "cancelled": cancel.is_set(),
-        }
-        with self._lock:
-            self._last_pass = summary
-        self._emit("pass_finished", _summary_sentence(summary), dict(summary), node=only_node)
-        return actions
+        self,
+        nodes: list[str] | None,
+        cancel: threading.Event,
+        load_absent: bool,
+        kind: str,
+        actions: list[Action],
+    ) -> None:
+        try:
+            known = self._cluster.nodes
+            urls = known if nodes is None else [url for url in known if url in set(nodes)]
+            started, t0 = time.time(), time.monotonic()
+            scope = "all" if nodes is None else "nodes"
+            only_node = urls[0] if scope == "nodes" and len(urls) == 1 else None
+            self._emit(
+                "pass_started",
+                f"GPU optimization pass over {only_node or f'{len(urls)} node(s)'}",
+                {"scope": scope, "nodes": len(urls), "node_urls": urls if scope == "nodes" else []},
+                node=only_node,
+            )
+            tasks = [_daemon_future(lambda u=url: self._optimize_node(u, cancel, kind, load_absent, actions))
+                     for url in urls]  # fmt: skip
+            wait(tasks)
+            checked = sum(1 for task in tasks if task.exception() is None and task.result())
+            for task in tasks:
+                if task.exception() is not None:
+                    logger.error("GPU optimizer node task failed", exc_info=task.exception())
+            with self._lock:
+                done = list(actions)
+            summary = {
+                "moved": sum(a.action == "moved" for a in done),
+                "failed": sum(a.action == "failed" for a in done),
+                "skipped": sum(a.action == "skipped" for a in done),
+                "checked_nodes": checked,
+                "duration_s": round(time.monotonic() - t0, 3),
+                "scope": scope,
+                "started_at": started,
+                "cancelled": cancel.is_set(),
+            }
+            with self._lock:
+                self._last_pass = summary
+            self._emit("pass_finished", _summary_sentence(summary), dict(summary), node=only_node)
+        finally:
+            self._pass_free.set()
 
     def _optimize_node(
-        self, url: str, cancel: threading.Event, kind: str, load_absent: bool
-    ) -> tuple[bool, list[dict]]:
-        """Read one node's status and move what needs moving; (status read?, actions)."""
-        balancer = self._balancer
-        state = balancer.node_state(url)
+        self, url: str, cancel: threading.Event, kind: str, load_absent: bool, actions: list[Action]
+    ) -> bool:
+        """Observe one node, ask the planner, have the node's owner move; True when its status was read."""
+        cluster = self._cluster
+
+        def add(action: Action) -> Action:
+            with self._lock:
+                actions.append(action)
+            return action
+
+        state = cluster.node_state(url)
         if state is None or cancel.is_set():
-            return False, []
-        if state.online is False:
-            return False, [action(url, None, "skipped", "offline", f"{url} is offline")]
-        if state.gpu == gs.GPU_NO:
-            return False, [action(url, None, "skipped", "no_gpu", f"{url} has no GPU ({state.gpu_evidence})")]
-        if state.gpu == gs.GPU_LOST and not self._gpu_found_again(url, cancel, kind):
-            message = f"{url} has lost its GPU: no move is tried until it is seen again. "
-            return False, [action(url, None, "skipped", "gpu_lost", message + gs.lost_remedy_text(url))]
-        status = balancer.controller.get_model_status(url)
-        balancer._record_status(url, status, trigger=False)
+            return False
+        entry = planner.gate(url, state.online, state.gpu, state.gpu_evidence, kind)
+        if (
+            entry.probe_lost_gpu
+            and cluster.probe_gpu(url, cancel=cancel, trust_vram=False)["gpu"] is not True
+        ):
+            add(planner.lost_gpu_skip(url))
+            return False
+        if entry.skip is not None:
+            add(entry.skip)
+            return False
+        status = cluster.read_status(url)
         if "error" in status:
-            return False, [action(url, None, "skipped", "offline", f"{url}: {status['error']}")]
-        state = balancer.node_state(url)
-        if state is None or state.gpu in (gs.GPU_NO, gs.GPU_LOST):
-            return True, []
-        patterns = priority_patterns(balancer.gpu_priority_models)
-        loaded = {model_key(m["name"]): m for m in status.get("models", [])}
-        on_gpu = {name for name, m in loaded.items() if m.get("location") == LOCATION_GPU}
-        candidates = []
-        for name, model in loaded.items():
-            if not matches_priority(name, patterns):
-                continue
-            if name in on_gpu:
-                self._seen_on_gpu(url, name)
-            elif is_off_gpu(model) and model.get("controllable", True):
-                candidates.append(name)
-        if load_absent:
-            candidates += self._absent_to_warm(url, state, loaded, patterns, cancel)
-        actions = []
-        for name in candidates:
+            add(Action(url, None, "skipped", "offline", f"{url}: {status['error']}"))
+            return False
+        state = cluster.node_state(url)
+        if state is None or state.gpu in ("no", "lost"):
+            return True
+        patterns = priority_patterns(cluster.gpu_priority_models)
+        installed = cluster.installed_models(url) if load_absent and not status["models"] else set()
+        wanted = planner.candidates(
+            status["models"], patterns, installed, state.previous_gpu_models, load_absent
+        )
+        for name in wanted.on_gpu_priority:
+            self._seen_on_gpu(url, name)
+        absent = list(wanted.absent)
+        if absent and state.gpu != "yes" and cluster.probe_gpu(url, cancel=cancel)["gpu"] is not True:
+            absent = []  # never 41 GB into the RAM of a CPU-only node
+        on_gpu = set(wanted.on_gpu_priority)
+        for name in [*wanted.off_gpu, *absent]:
             if cancel.is_set():
                 break
-            priority_on_gpu = {n for n in on_gpu if matches_priority(n, patterns)}
-            actions.append(self._consider_move(url, name, priority_on_gpu, cancel, kind))
-            if actions[-1]["reason"] == "no_gpu":
+            action = add(
+                self._consider_move(url, name, frozenset(on_gpu), state.unmovable.get(name), cancel, kind)
+            )
+            if action.reason == "no_gpu":
                 break  # the node just proved it has no GPU: reloading the others would land in RAM too
-            if actions[-1]["action"] == "moved":
+            if action.action == "moved":
                 on_gpu.add(name)
-        return True, actions
-
-    def _gpu_found_again(self, url: str, cancel: threading.Event, kind: str) -> bool:
-        """A lost GPU is asked again on interval and asked-for passes, by a tiny probe load (never a
-        priority model): VRAM still held by runners from before the loss proves nothing."""
-        if kind == PASS_NODE:
-            return False
-        return self._balancer.probe_gpu(url, cancel=cancel, trust_vram=False)["gpu"] is True
-
-    def _absent_to_warm(
-        self,
-        url: str,
-        state: NodeState,
-        loaded: dict[str, dict],
-        patterns: list[str],
-        cancel: threading.Event,
-    ) -> list[str]:
-        """Warm-up of a node that holds nothing (after a restart Ollama has nothing loaded): priority models
-        named exactly, and those matching a glob that were on this node's GPU before; installed ones. They
-        are loaded only onto a GPU that is known, declared or shown by a small probe (never 41 GB into the
-        RAM of a CPU-only node). A node holding models gets none: loading more could evict them."""
-        if loaded:  # a warm-up never evicts what clients loaded: it is for a node that holds nothing
-            return []
-        balancer = self._balancer
-        installed = set(state.installed)
-        if not state.installed_checked_at:  # seen up by this pass before the monitor read /api/tags
-            reply = balancer.controller.list_installed(url)
-            balancer._record_installed(url, reply)
-            installed = {model_key(name) for name in reply.get("models", [])}
-        wanted = explicit_priority_names(patterns)
-        wanted += [n for n in state.previous_gpu_models if matches_priority(n, patterns)]
-        absent = [n for n in dict.fromkeys(wanted) if n not in loaded and n in installed]
-        if not absent or state.gpu == gs.GPU_YES:
-            return absent
-        return absent if balancer.probe_gpu(url, cancel=cancel)["gpu"] is True else []
+        return True
 
     def _consider_move(
-        self, url: str, name: str, priority_on_gpu: set[str], cancel: threading.Event, kind: str
-    ) -> dict:
-        """Move one priority model to GPU unless pinned or backed off; back off on failure or churn."""
-        if self.is_pinned(url, name):
-            return action(url, name, "skipped", "pinned_cpu", f"{name} on {url} is pinned to CPU by the user")
-        state = self._balancer.node_state(url)
-        known = state.unmovable.get(name) if state is not None else None
-        if known is not None:  # a Modelfile pin or an MLX model: retrying would only reload it
-            return action(url, name, "skipped", known["reason"], known["message"])
-        entry = self._consume_backoff(url, name, kind)
-        if entry is not None:
-            return action(
-                url, name, "skipped", "backed_off",
-                f"{name} on {url} is backed off after {entry.reason} ({entry.passes_to_skip} more pass(es))",
-            )  # fmt: skip
-        result = self._balancer._move(url, name, "GPU", cancel=cancel, source="optimizer")
+        self,
+        url: str,
+        name: str,
+        priority_on_gpu: frozenset[str],
+        unmovable: dict | None,
+        cancel: threading.Event,
+        kind: str,
+    ) -> Action:
+        """Move one priority model to GPU unless the planner says skip; back off on failure or churn."""
+        skip = self._decide(url, name, unmovable, kind)
+        if skip is not None:
+            return skip
+        result = self._cluster.move(url, name, "GPU", cancel=cancel, source="optimizer")
         reason = str(result.get("reason") or ("moved" if result.get("success") else "error"))
         message = str(result.get("message", ""))
         if not result.get("success"):
-            if reason not in NO_BACKOFF_REASONS and reason not in UNMOVABLE_REASONS:
-                skip = self._back_off(url, name, reason)
-                message = f"{message} (backed off for {skip} pass(es))"
-            return action(url, name, "failed", reason, message)
+            skipped = self._record_outcome(url, name, reason)
+            if skipped is not None:
+                message = f"{message} (backed off for {skipped} pass(es))"
+            return Action(url, name, "failed", reason, message)
         self._seen_on_gpu(url, name)  # a failure back-off ends with a move that worked
         if reason == "already":
-            return action(url, name, "skipped", "already", message)
+            return Action(url, name, "skipped", "already", message)
         displaced = self._displaced_after_move(url, priority_on_gpu)
         if displaced:
-            skip = self._back_off(url, name, "displaced")
+            skipped = self._record_outcome(url, name, planner.DISPLACED)
             message = (
-                f"{message}; it displaced {', '.join(sorted(displaced))} (backed off for {skip} pass(es))"
+                f"{message}; it displaced {', '.join(sorted(displaced))} (backed off for {skipped} pass(es))"
             )
-        return action(url, name, "moved", reason, message)
+        return Action(url, name, "moved", reason, message)
 
-    def _displaced_after_move(self, url: str, priority_on_gpu: set[str]) -> set[str]:
+    def _displaced_after_move(self, url: str, priority_on_gpu: frozenset[str]) -> set[str]:
         """Priority models that were on GPU before a move and are not any more (churn guard)."""
         if not priority_on_gpu:
             return set()
-        status = self._balancer.controller.get_model_status(url)
-        self._balancer._record_status(url, status, trigger=False)
+        status = self._cluster.read_status(url)
         if "error" in status:
             return set()
-        now_on_gpu = {
-            model_key(m["name"]) for m in status.get("models", []) if m.get("location") == LOCATION_GPU
-        }
-        return priority_on_gpu - now_on_gpu
+        now_on_gpu = {model_key(m["name"]) for m in status["models"] if m.get("location") == "GPU (VRAM)"}
+        return set(priority_on_gpu) - now_on_gpu
 
     def _emit(
         self, kind: str, message: str, data: dict[str, Any] | None = None, node: str | None = None
     ) -> None:
-        self._balancer.events.emit(Event(kind, node=node, message=message, data=data or {}))
+        self._cluster.events.emit(Event(kind, node=node, message=message, data=data or {}))
 
 
-def _collect(futures: list[Future], cancel: threading.Event) -> list[tuple[bool, list[dict]]]:
-    """Results of the node tasks in node order; stops waiting when cancelled (tasks finish on their own)."""
-    pending = set(futures)
-    while pending and not cancel.is_set():
-        _, pending = wait(pending, timeout=FUTURE_POLL_SECONDS)
-    results = []
-    for future in futures:
-        if not future.done() or future.cancelled():
-            continue
+def _daemon_future(work: Any) -> Future:
+    """Run `work` on a daemon thread: a pass never holds the interpreter at exit."""
+    future: Future = Future()
+
+    def run() -> None:
         try:
-            results.append(future.result())
-        except Exception:
-            logger.exception("GPU optimizer node task failed")
-    return results
+            future.set_result(work())
+        except BaseException as error:
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="gpu-pass-node", daemon=True).start()
+    return future
 
 
 def _summary_sentence(summary: dict) -> str:

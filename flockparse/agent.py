@@ -1,0 +1,484 @@
+"""One owner per node: `NodeAgent` holds a node's state, orders its status replies and runs its moves.
+
+Why one owner (shared/review/code-review.md, section 5): work on a node used to be coordinated by two shared
+thread pools, a registry of move Events, a pass flag and a set of checks in flight, and cancellation,
+shutdown and the order of results fell between them. Here:
+- every status request takes a sequence number when it is *sent*; a reply older than the newest one
+  recorded is dropped, so a late reply never reports a dead node `online`;
+- status reads run on daemon threads of their own (one monitor check in flight per node), so a hung node
+  delays only itself and never a report about another node;
+- moves go through the node's `MoveLane`: one daemon worker, one move at a time (as Ollama loads one model
+  at a time), the user's moves ahead of the optimizer's queued ones; `close()` cancels what is queued and
+  signals what runs, and no daemon thread holds the interpreter at exit.
+
+The agent's lock guards its state only; no I/O runs under it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flockparse import gpu_state as gs
+from flockparse.events import Event
+from flockparse.rules import LOCATION_GPU, is_off_gpu, matches_priority, model_key, parse_expires_at
+
+RESTART_MARGIN_S = 10.0  # models gone this long before their expiry did not expire: the node restarted
+INSTALLED_REFRESH_SECONDS = 180.0  # how often the monitor re-reads /api/tags (for completion only)
+INSTALLED_RETRY_SECONDS = 5.0  # after a failed /api/tags: ask again soon, not in 3 minutes
+UNMOVABLE_REASONS = frozenset({"pinned_by_modelfile", "not_controllable"})
+USER_PRIORITY, OPTIMIZER_PRIORITY = 0, 1  # lane order: a user's move goes before queued optimizer moves
+
+
+@dataclass
+class NodeState:
+    """What is known about one node; handed out as copies (`NodeAgent.snapshot`)."""
+
+    url: str
+    online: bool | None = None  # None until the first check
+    gpu: str = gs.GPU_UNKNOWN  # yes | no | unknown | lost (gpu_state.py): only evidence or configuration
+    has_gpu: bool | None = None  # the same as a tri-state: True, False (no or lost), None (unknown)
+    declared_gpu: bool | None = None
+    gpu_evidence: str = ""
+    gpu_seen: bool = False  # a GPU was seen here once: a load landing in RAM now means it was lost
+    gpu_lost_since: float | None = None  # time.time() the current loss began; None when not lost
+    cpu_landings: int = 0  # all-layers loads in RAM in a row (Ollama < 0.30 needs two to conclude)
+    ollama_version: str | None = None
+    previous_gpu_models: list[str] = field(default_factory=list)  # on its GPU before it restarted
+    unmovable: dict[str, dict] = field(default_factory=dict)  # model key -> {"reason", "message"}
+    latency_ms: float | None = None
+    last_error: str | None = None
+    last_seen: float | None = None  # time.time() of the last good reply
+    stale: bool = False  # models are the last known ones, the node is not answering
+    requests: int = 0
+    errors: int = 0
+    in_flight: int = 0
+    models: list[dict] = field(default_factory=list)
+    installed: list[str] = field(default_factory=list)
+    installed_known: bool = False  # /api/tags was read successfully at least once
+
+    @property
+    def reports_estimates(self) -> bool:
+        """Ollama < 0.30: /api/ps figures are estimates, and one RAM landing proves nothing."""
+        return gs.reports_estimates(self.ollama_version)
+
+
+@dataclass(frozen=True)
+class Folded:
+    """What recording one status reply changed: events to emit, and what the optimizer should do."""
+
+    events: tuple[Event, ...] = ()
+    fresh_start: bool = False  # came back or restarted: old back-offs no longer apply
+    warm_up: bool = False  # came up or restarted: load what it should hold
+    needs_pass: bool = False  # a priority model newly off the GPU
+
+
+class NodeAgent:
+    """The one owner of a node (see the module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        controller: Any,
+        declared_gpu: bool | None = None,
+        closed: threading.Event | None = None,
+    ) -> None:
+        self.url = url
+        self.controller = controller
+        self._closed = closed or threading.Event()
+        self._lock = threading.Lock()
+        self._state = NodeState(url=url, declared_gpu=declared_gpu)
+        _reset_gpu_evidence(self._state)
+        self._sent = 0  # sequence number of the newest status request sent
+        self._recorded = 0  # ... and of the newest reply recorded
+        self._models_sent_at = 0.0  # time.monotonic() the request behind `models` was sent
+        self._checking = False  # a monitor check is in flight
+        self._installed_at = -1e9  # time.monotonic() of the last /api/tags attempt
+        self._installed_ok = False  # ... and whether it worked
+        self.lane = MoveLane(url, self._closed)
+
+    # ------------------------------------------------------------------ state
+    def snapshot(self) -> NodeState:
+        with self._lock:
+            state = self._state
+            return dataclasses.replace(
+                state,
+                models=[dict(m) for m in state.models],
+                installed=list(state.installed),
+                previous_gpu_models=list(state.previous_gpu_models),
+                unmovable={k: dict(v) for k, v in state.unmovable.items()},
+            )
+
+    # ------------------------------------------------------------------ status reads
+    def read_status(self) -> tuple[int, float, dict]:
+        """One /api/ps read on the caller's thread: (sequence, time sent, status). Never raises."""
+        with self._lock:
+            self._sent += 1
+            seq = self._sent
+        sent_at = time.monotonic()
+        return seq, sent_at, self.controller.get_model_status(self.url)
+
+    def check(self, patterns: list[str]) -> Future[Folded] | None:
+        """A monitor check on a daemon thread (status, then /api/tags and /api/version when due); None
+        when one is already in flight: a hung node has one blocked thread, never a growing pile."""
+        with self._lock:
+            if self._checking or self._closed.is_set():
+                return None
+            self._checking = True
+
+        def run() -> Folded:
+            try:
+                return self._check(patterns)
+            finally:
+                with self._lock:
+                    self._checking = False
+
+        return run_daemon(run, f"check-{self.url}")
+
+    def _check(self, patterns: list[str]) -> Folded:
+        seq, sent_at, status = self.read_status()
+        up = "error" not in status
+        installed = self.controller.list_installed(self.url) if up and self._installed_due() else None
+        version = self.controller.version(self.url) if up and self._version_due() else None
+        # before the status is recorded: a node coming up gets a pass that needs the installed list
+        if installed is not None:
+            self.record_installed(installed)
+        if version is not None:
+            with self._lock:
+                self._state.ollama_version = version
+        return self.record(seq, sent_at, status, patterns)
+
+    def _installed_due(self) -> bool:
+        with self._lock:
+            wait = INSTALLED_REFRESH_SECONDS if self._installed_ok else INSTALLED_RETRY_SECONDS
+            return self._state.online is not True or time.monotonic() - self._installed_at >= wait
+
+    def _version_due(self) -> bool:
+        with self._lock:
+            return self._state.online is not True or self._state.ollama_version is None
+
+    def record_installed(self, reply: dict) -> None:
+        """A failed read is retried soon (INSTALLED_RETRY_SECONDS), never trusted as an empty list."""
+        with self._lock:
+            self._installed_at = time.monotonic()
+            self._installed_ok = "error" not in reply
+            if self._installed_ok:
+                self._state.installed = [model_key(name) for name in reply.get("models", [])]
+                self._state.installed_known = True
+
+    def installed(self) -> set[str]:
+        """The installed models, read now if no read ever worked."""
+        with self._lock:
+            if self._state.installed_known:
+                return set(self._state.installed)
+        self.record_installed(self.controller.list_installed(self.url))
+        with self._lock:
+            return set(self._state.installed)
+
+    def record(self, seq: int, sent_at: float, status: dict, patterns: list[str]) -> Folded:
+        """Fold a status reply into the state, unless a newer one was recorded already."""
+        with self._lock:
+            if seq <= self._recorded or self._closed.is_set():
+                return Folded()
+            self._recorded = seq
+            if "error" in status:
+                return Folded(events=tuple(self._record_failure(str(status["error"]))))
+            return self._record_success(sent_at, status, patterns)
+
+    def _record_failure(self, error: str) -> list[Event]:
+        """Lock held. The node keeps its last known models, now stale."""
+        state = self._state
+        was_online = state.online
+        state.online, state.last_error = False, error
+        state.stale = state.last_seen is not None
+        if was_online is False:
+            return []
+        return [
+            Event("node_down", node=self.url, message=f"{self.url} is down: {error}", data={"error": error})
+        ]
+
+    def _record_success(self, sent_at: float, status: dict, patterns: list[str]) -> Folded:
+        """Lock held."""
+        state = self._state
+        was_online = state.online
+        previous_models = state.models
+        previous_sent_at, self._models_sent_at = self._models_sent_at, sent_at
+        state.online, state.last_error, state.stale = True, None, False
+        state.last_seen = time.time()
+        state.latency_ms = status.get("latency_ms", state.latency_ms)
+        state.models = [dict(m) for m in status.get("models", [])]
+        # every model gone before its time: a restart no health check saw (or all unloaded by hand); our own
+        # moves and unloads make models vanish too, so they do not count
+        restarted = (
+            was_online is True
+            and _looks_restarted(previous_models, state.models)
+            and not self.controller.changed_models_since(self.url, previous_sent_at)
+        )
+        if was_online is False or restarted:
+            self._fresh_start(previous_models)
+        events: list[Event] = []
+        if state.gpu != gs.GPU_LOST and any(_in_vram(m) for m in state.models):
+            # a lost GPU's old runners may still hold VRAM: only a new load (or a restart) ends a loss
+            events += _note_gpu_seen(state, gs.EVIDENCE_VRAM)
+        if restarted:
+            message = (
+                f"{self.url} has nothing loaded any more, though its models had time left: Ollama restarted "
+                "(or every model was unloaded by hand)"
+            )
+            restart = Event("node_restarted", node=self.url, message=message)
+            return Folded((restart, *events), fresh_start=True, warm_up=True, needs_pass=True)
+        if was_online is True:
+            fell = _priority_model_fell_off_gpu(previous_models, state.models, patterns)
+            return Folded(tuple(events), needs_pass=fell)
+        up = Event(
+            "node_up", node=self.url, message=f"{self.url} is online", data={"latency_ms": state.latency_ms}
+        )
+        return Folded((up, *events), fresh_start=was_online is False, warm_up=True, needs_pass=True)
+
+    def _fresh_start(self, previous_models: list[dict]) -> None:
+        """Lock held. The node came back or restarted: remember what was on its GPU (the warm-up of glob
+        priorities brings those back), forget Modelfile verdicts, and ask a no/lost GPU verdict again."""
+        state = self._state
+        on_gpu = [model_key(m["name"]) for m in previous_models if m.get("location") == LOCATION_GPU]
+        if on_gpu:
+            state.previous_gpu_models = on_gpu
+        state.unmovable.clear()
+        state.cpu_landings = 0
+        if state.gpu in (gs.GPU_NO, gs.GPU_LOST):
+            _reset_gpu_evidence(state, gs.EVIDENCE_RESTARTED)
+
+    # ------------------------------------------------------------------ evidence from moves and probes
+    def record_move(self, model: str, result: dict) -> list[Event]:
+        """Moves are evidence: a load in VRAM proves a GPU; an all-layers load in RAM proves none, or that
+        the GPU was lost when one was seen before. Modelfile pins and MLX models are remembered."""
+        with self._lock:
+            state = self._state
+            events: list[Event] = []
+            if result.get("reason") == "no_gpu":
+                events = _note_cpu_landing(state)
+            elif (
+                result.get("success")
+                and result.get("location") == LOCATION_GPU
+                and result["reason"] != "already"
+            ):
+                events = _note_gpu_seen(state, gs.EVIDENCE_LOAD_VRAM)
+            key = model_key(model)
+            if result.get("reason") in UNMOVABLE_REASONS:
+                state.unmovable[key] = {"reason": result["reason"], "message": str(result.get("message", ""))}
+            elif result.get("success"):
+                state.unmovable.pop(key, None)
+            return events
+
+    def record_probe(self, result: dict) -> list[Event]:
+        with self._lock:
+            if result["gpu"] is True:
+                return _note_gpu_seen(self._state, gs.EVIDENCE_LOAD_VRAM)
+            if result["gpu"] is False:
+                return _note_cpu_landing(self._state)
+            return []
+
+    # ------------------------------------------------------------------ routed requests
+    def request_started(self) -> bool:
+        with self._lock:
+            self._state.requests += 1
+            self._state.in_flight += 1
+            return True
+
+    def request_finished(self, node_error: str | None) -> None:
+        """A node's own failure counts as an error; a caller's rejected request (4xx) does not."""
+        with self._lock:
+            self._state.in_flight -= 1
+            if node_error is not None:
+                self._state.errors += 1
+                self._state.last_error = node_error
+
+    def close(self) -> None:
+        self.lane.close()
+
+
+class MoveLane:
+    """One node's moves, one at a time, on one daemon worker started on demand (it ends when idle).
+
+    `submit(work, cancel, priority)` queues `work(cancel)` and returns a Future of its result. `close()`
+    cancels what is queued (their futures end with a `cancelled` result at once) and sets the cancel
+    Event of the move that runs, so it stops at its next step.
+    """
+
+    def __init__(self, url: str, closed: threading.Event) -> None:
+        self.url = url
+        self._closed = closed
+        self._lock = threading.Lock()
+        self._queue: queue.PriorityQueue[tuple[int, int, _Job]] = queue.PriorityQueue()
+        self._order = itertools.count()
+        self._worker_alive = False
+        self._running: _Job | None = None
+
+    def submit(
+        self, work: Callable[[threading.Event], dict], cancel: threading.Event | None, priority: int
+    ) -> Future[dict]:
+        job = _Job(work, cancel or threading.Event(), Future())
+        with self._lock:
+            if self._closed.is_set():
+                job.future.set_result(_cancelled(self.url))
+                return job.future
+            self._queue.put((priority, next(self._order), job))
+            start = not self._worker_alive
+            self._worker_alive = True
+        if start:
+            threading.Thread(target=self._work, name=f"moves-{self.url}", daemon=True).start()
+        return job.future
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                try:
+                    _, _, job = self._queue.get_nowait()
+                except queue.Empty:
+                    self._worker_alive = False
+                    return
+                self._running = job
+            try:
+                result = (
+                    _cancelled(self.url)
+                    if job.cancel.is_set() or self._closed.is_set()
+                    else job.work(job.cancel)
+                )
+                job.future.set_result(result)
+            except BaseException as error:  # the work promises not to raise; never lose the worker
+                job.future.set_exception(error)
+            finally:
+                with self._lock:
+                    self._running = None
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            return self._running is not None or not self._queue.empty()
+
+    def close(self) -> None:
+        with self._lock:
+            running = self._running
+            pending = []
+            while True:
+                try:
+                    pending.append(self._queue.get_nowait()[2])
+                except queue.Empty:
+                    break
+        if running is not None:
+            running.cancel.set()
+        for job in pending:
+            job.cancel.set()
+            job.future.set_result(_cancelled(self.url))
+
+
+@dataclass
+class _Job:
+    work: Callable[[threading.Event], dict]
+    cancel: threading.Event
+    future: Future
+
+
+def _cancelled(url: str) -> dict:
+    return {"success": False, "message": f"cancelled: {url} is closing", "location": None, "vram_mb": 0.0,
+            "reason": "cancelled", "restored": False}  # fmt: skip
+
+
+def run_daemon(work: Callable[[], Any], name: str) -> Future:
+    """Run `work` on a new daemon thread (it never holds the interpreter at exit); a Future of its result."""
+    future: Future = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(work())
+        except BaseException as error:
+            future.set_exception(error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
+# --------------------------------------------------------------------------------------------- verdict rules
+def _set_gpu(state: NodeState, gpu: str, evidence: str) -> None:
+    state.gpu, state.has_gpu, state.gpu_evidence = gpu, gs.has_gpu_flag(gpu), evidence
+
+
+def _reset_gpu_evidence(state: NodeState, evidence: str = "") -> None:
+    """Back to what configuration says, or unknown: evidence must be gathered again."""
+    if state.declared_gpu is None:
+        _set_gpu(state, gs.GPU_UNKNOWN, evidence)
+    else:
+        _set_gpu(state, gs.GPU_YES if state.declared_gpu else gs.GPU_NO, gs.EVIDENCE_DECLARED)
+    if state.declared_gpu:
+        state.gpu_seen = True
+
+
+def _note_gpu_seen(state: NodeState, evidence: str) -> list[Event]:
+    """A GPU is there; a loss in progress ends (one `gpu_back` event)."""
+    state.cpu_landings, state.gpu_seen = 0, True
+    events = []
+    if state.gpu_lost_since is not None:
+        lost_for = round(time.time() - state.gpu_lost_since, 1)
+        state.gpu_lost_since = None
+        message = f"{state.url} has its GPU again ({evidence})"
+        events.append(Event("gpu_back", node=state.url, message=message, data={"lost_for_s": lost_for}))
+    _set_gpu(state, gs.GPU_YES, evidence)
+    return events
+
+
+def _note_cpu_landing(state: NodeState) -> list[Event]:
+    """An all-layers load landed in RAM: a CPU-only node, or a lost GPU (one `gpu_lost` event per loss,
+    however many loads land in RAM until the GPU is seen again)."""
+    state.cpu_landings += 1
+    if state.reports_estimates and state.cpu_landings < 2:
+        state.gpu_evidence = gs.EVIDENCE_ONE_LANDING
+        return []
+    if not state.gpu_seen:
+        _set_gpu(state, gs.GPU_NO, gs.EVIDENCE_RAM)
+        return []
+    _set_gpu(state, gs.GPU_LOST, gs.EVIDENCE_LOST)
+    if state.gpu_lost_since is not None:
+        return []
+    state.gpu_lost_since = time.time()
+    remedy = gs.lost_remedy_text(state.url)
+    message = f"{state.url} lost its GPU: a load with every layer on the GPU landed in RAM. {remedy}"
+    return [Event("gpu_lost", node=state.url, message=message, data={"remedy": remedy})]
+
+
+def _looks_restarted(previous: list[dict], now: list[dict]) -> bool:
+    """Nothing loaded now, though models that were loaded (and not being unloaded) had time left: Ollama
+    restarted (a restarted Ollama has nothing loaded, sched.go:97), even if no health check saw it down.
+    Models that expired on time, or that were seen stopping, are not a restart."""
+    if now or not previous:
+        return False
+    horizon = datetime.now(UTC) + timedelta(seconds=RESTART_MARGIN_S)
+    for model in previous:
+        expires = parse_expires_at(model.get("expires_at"))
+        if not model.get("stopping") and expires is not None and expires > horizon:
+            return True
+    return False
+
+
+def _priority_model_fell_off_gpu(previous: list[dict], models: list[dict], patterns: list[str]) -> bool:
+    """A priority model not on GPU that was on GPU before, or that we see for the first time."""
+    before = {model_key(m["name"]): m.get("location") for m in previous}
+    for model in models:
+        name = model_key(model["name"])
+        if not is_off_gpu(model) or not matches_priority(name, patterns):
+            continue
+        if name not in before or before[name] == LOCATION_GPU:
+            return True
+    return False
+
+
+def _in_vram(model: dict) -> bool:
+    return float(model.get("vram_mb") or 0) > 0 or float(model.get("gpu_percent") or 0) > 0
