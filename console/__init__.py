@@ -4,3 +4,5 @@ config.py reads flags, TOML and OLLAMA_HOST; commands.py is the one registry tha
 and completion; render.py turns the core's plain return values into rich renderables; toolbar.py and
 completion.py feed the prompt; demo.py starts a simulated cluster for `--demo`.
 """
+
+__version__ = "0.1.0"  # keep in step with pyproject.toml (a test checks)

@@ -2,11 +2,15 @@
 
 Node 1 is CPU-only, node 2 is a GPU node with llama3.1 on GPU, node 3 is a GPU node that has "just
 restarted": mxbai-embed-large sits on CPU although the GPU is free. Within seconds the optimizer moves it
-to GPU and says so above the prompt. Nothing is written to the user's config file.
+to GPU and says so above the prompt. Nothing is written to the user's config directory: history and
+console.log go to a temporary directory (flockparse-demo-*) that is removed at exit.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from console.config import Config
@@ -33,15 +37,32 @@ def start_demo_cluster() -> Any:
     return SimCluster(demo_node_specs()).start()
 
 
-def demo_config(urls: list[str]) -> Config:
-    """A short interval so the loop is visible; path=None so nothing is persisted."""
-    return Config(
+def demo_config(urls: list[str], flags: Config | None = None) -> Config:
+    """A short interval so the loop is visible (unless a flag says otherwise); path=None: nothing saved."""
+    config = Config(
         nodes=list(urls),
         interval=DEMO_INTERVAL_S,
         health_interval=DEMO_HEALTH_INTERVAL_S,
         gpu={urls[0]: False, urls[1]: True, urls[2]: True},
         path=None,
+        nodes_from="demo",
     )
+    if flags is not None:
+        config.priority_models = flags.priority_models
+        config.timeout = flags.timeout
+        config.interval = flags.interval if flags.interval != Config().interval else DEMO_INTERVAL_S
+        if flags.health_interval != Config().health_interval:
+            config.health_interval = flags.health_interval
+    return config
+
+
+def demo_files_dir() -> Path:
+    """A temporary directory for the demo's history and console.log; the caller removes it at exit."""
+    return Path(tempfile.mkdtemp(prefix="flockparse-demo-"))
+
+
+def remove_demo_files(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def demo_banner(urls: list[str]) -> str:

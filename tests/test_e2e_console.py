@@ -103,7 +103,7 @@ def test_console_in_a_real_terminal(sim_node, terminal_env: dict[str, str]) -> N
         term.wait_for(lambda: "1/1 nodes online  1 with GPU  optimizer on" in term.text(), "the toolbar")
 
         term.type("vram_report\r")
-        term.wait_for(lambda: "mxbai-embed-large:latest │ GPU 100%" in term.text(), "the vram_report table")
+        term.wait_for(lambda: "mxbai-embed-large:latest │ 100% GPU" in term.text(), "the vram_report table")
         assert f"{short}  online" in term.text()
 
         # half a command, no Enter; then make the optimizer act in the background
@@ -143,7 +143,8 @@ def test_ctrl_c_cancels_a_long_move_and_exit_is_prompt(sim_node, terminal_env: d
     with Terminal(["--nodes", node.url, "--no-optimizer", "--health-interval", "0.2"], terminal_env) as term:
         term.wait_for(lambda: "1/1 nodes online" in term.text(), "the toolbar")
         term.type("force_gpu mxbai-embed-large\r")
-        term.wait_for(lambda: "moving to GPU..." in term.text(), "the move to start")
+        term.wait_for(lambda: "forcing mxbai-embed-large to GPU" in term.text(), "the move to start")
+        term.wait_for(lambda: node.loaded() or node.request_log[-1][1] == "/api/generate", "the load sent")
         term.type("\x03")  # Ctrl-C while the node is still loading (a minute of simulated load)
         term.wait_for(lambda: "cancelled" in term.text(), "the cancel line")
         term.wait_for(lambda: term.cursor_line().endswith(PROMPT.strip()), "a fresh prompt")
