@@ -35,6 +35,8 @@ class SafeFileHistory(FileHistory):
         self.failed = False
 
     def load_history_strings(self) -> Iterable[str]:
+        if not Path(self.filename).is_file():  # e.g. a link to a device: reading it might never end
+            return []
         try:
             return list(super().load_history_strings())
         except OSError as exc:

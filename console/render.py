@@ -224,18 +224,17 @@ def _vram_table(entry: Mapping[str, Any], now: float) -> Table:
 
 
 def _vram_stacked(entry: Mapping[str, Any], now: float) -> RenderableType:
-    """One model per two lines: the whole name, then placement, sizes, context and expiry."""
+    """One model per three short lines: the whole name; placement, context, expiry; VRAM and RAM."""
+    style = "dim" if is_offline(entry) else ""
     lines: list[RenderableType] = []
     for model in entry.get("models") or []:
         lines.append(Text.assemble("  ", safe_text(model.get("name", "?"), "bold"), overflow="fold"))
         detail = Text("    ")
         detail.append_text(placement_text(model, entry.get("has_gpu")))
-        detail.append(
-            f"  {human_mb(model.get('vram_mb'))} VRAM  {human_mb(model.get('ram_mb'))} RAM"
-            f"  ctx {context_text(model)}  {expiry_text(model, now)}",
-            style="dim" if is_offline(entry) else "",
-        )
+        detail.append(f"  ctx {context_text(model)}  {expiry_text(model, now)}", style=style)
         lines.append(detail)
+        sizes = f"    {human_mb(model.get('vram_mb'))} VRAM  {human_mb(model.get('ram_mb'))} RAM"
+        lines.append(Text(sizes, style=style or "dim"))
     return Group(*lines)
 
 
