@@ -34,7 +34,8 @@ class Terminal:
         self.stream = pyte.ByteStream(self.screen)
 
     def _answer(self, data: str) -> None:
-        self.child.send(data.encode())
+        if not self.child.closed:  # output replayed after the console ended needs no answer
+            self.child.send(data.encode())
 
     def lines(self) -> list[str]:
         return [line.rstrip() for line in self.screen.display]
@@ -73,6 +74,10 @@ class Terminal:
     def __exit__(self, *exc: object) -> None:
         if self.child.isalive():
             self.child.terminate(force=True)
+
+
+def load_sent(node) -> bool:
+    return any(entry[1] in ("/api/generate", "/api/embed") for entry in node.request_log)
 
 
 @pytest.fixture
@@ -144,7 +149,7 @@ def test_ctrl_c_cancels_a_long_move_and_exit_is_prompt(sim_node, terminal_env: d
         term.wait_for(lambda: "1/1 nodes online" in term.text(), "the toolbar")
         term.type("force_gpu mxbai-embed-large\r")
         term.wait_for(lambda: "forcing mxbai-embed-large to GPU" in term.text(), "the move to start")
-        term.wait_for(lambda: node.loaded() or node.request_log[-1][1] == "/api/generate", "the load sent")
+        term.wait_for(lambda: load_sent(node), "the load")
         term.type("\x03")  # Ctrl-C while the node is still loading (a minute of simulated load)
         term.wait_for(lambda: "cancelled" in term.text(), "the cancel line")
         term.wait_for(lambda: term.cursor_line().endswith(PROMPT.strip()), "a fresh prompt")
@@ -161,4 +166,33 @@ def test_demo_shows_the_optimizer_loop(terminal_env: dict[str, str], tmp_path: P
         term.wait_for(lambda: moved in term.text(), "the optimizer to fix the restarted node", timeout=30)
         term.type("exit\r")
         assert term.wait_for_exit() == 0
-        assert not (tmp_path / "config.toml").exists()  # the demo never writes the user's config
+        assert list(tmp_path.iterdir()) == []  # no config, history or log in the user's config dir
+
+
+def test_ctrl_d_typed_while_a_command_runs_is_not_lost(sim_node, terminal_env: dict[str, str]) -> None:
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")], load_seconds_per_gb=4)
+    with Terminal(["--nodes", node.url, "--no-optimizer", "--health-interval", "0.2"], terminal_env) as term:
+        term.wait_for(lambda: "1/1 nodes online" in term.text(), "the toolbar")
+        term.type("force_gpu mxbai-embed-large\r")
+        term.wait_for(lambda: "forcing mxbai-embed-large to GPU" in term.text(), "the command to start")
+        term.type("\x04")  # Ctrl-D while the node is still loading
+        status = term.wait_for_exit(timeout=30)
+        term.stream.feed(term.child.before)  # what it printed before it ended
+        assert status == 0
+        assert "done: GPU (VRAM)" in term.text()  # the command finished, then the Ctrl-D ended the console
+
+
+def test_ctrl_c_in_one_shot_exits_130(sim_node, terminal_env: dict[str, str]) -> None:
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")], load_seconds_per_gb=60)
+    with Terminal(["--nodes", node.url, "force_gpu", "mxbai-embed-large"], terminal_env) as term:
+        term.wait_for(lambda: "forcing mxbai-embed-large to GPU" in term.text(), "the move to start")
+        term.wait_for(lambda: load_sent(node), "the load sent")
+        term.type("\x03")
+        assert term.wait_for_exit() == 130
+
+
+def test_no_color_flag_sends_no_colour_codes(sim_node, terminal_env: dict[str, str]) -> None:
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")])
+    with Terminal(["--no-color", "--nodes", node.url, "vram_report"], terminal_env) as term:
+        raw = term.child.read()
+        assert b"100% CPU" in raw and b"\x1b[3" not in raw and b"\x1b[9" not in raw  # no SGR colours
