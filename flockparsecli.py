@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="store_true", help="show nodes' raw error texts in move results"
     )
     parser.add_argument("--no-color", action="store_true", help="no colours (as NO_COLOR=1)")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        const="2",
+        metavar="SECONDS",
+        help="with vram_report: redraw it every SECONDS (default 2) until q or Ctrl-C",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "command", nargs="*", metavar="COMMAND", help="run one command and exit (e.g. vram_report --json)"
@@ -402,6 +409,7 @@ def interactive(
                 "MODEL": lambda: refresher.names,
                 "NODE": lambda: balancer.nodes,
                 "PRIORITY": lambda: list(balancer.gpu_priority_models),
+                "MODEL|NODE": lambda: [*refresher.names, *balancer.nodes],
             }
         ),
         complete_while_typing=True,
@@ -503,6 +511,10 @@ def _main(argv: Sequence[str] | None) -> int:
     words = list(args.command)
     script = not words and not sys.stdin.isatty()
     reporter = Reporter(args.json, json_lines=script)
+    if args.watch is not None:
+        if words[:1] != ["vram_report"]:
+            return reporter.error("--watch goes with vram_report (or use the `watch` command)", EXIT_USAGE)
+        words = ["watch", args.watch, *words[1:]]
     if args.json and not words and not script:
         return reporter.error("--json needs a COMMAND (e.g. `vram_report --json`)", EXIT_USAGE)
     if args.demo and (args.nodes or args.config):

@@ -10,9 +10,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import fnmatch
+import math
+import os
 import shlex
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -387,16 +391,139 @@ def cmd_remove_node(ctx: Context, args: list[str]) -> Outcome:
     return Outcome(data={"removed": url}, renderable=Text(f"removed {url} {persist_nodes(ctx, remove=url)}"))
 
 
+def filter_report(ctx: Context, report: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
+    """`vram_report NODE` keeps that node; `vram_report MODEL` (name or glob) keeps the nodes holding it,
+    with only the matching models. A filter that matches nothing is a one-line error with a did-you-mean."""
+    with contextlib.suppress(ConfigError):
+        url = normalize_url(what)
+        if url in ctx.balancer.nodes:
+            return [entry for entry in report if render.node_of(entry) == url]
+    pattern = model_name(what, allow_glob=True)
+
+    def matches(name: str) -> bool:
+        if is_glob(pattern):
+            key = name.casefold()
+            return fnmatch.fnmatchcase(key, pattern.casefold()) or fnmatch.fnmatchcase(
+                key.removesuffix(":latest"), pattern.casefold()
+            )
+        return same_name(pattern, name)
+
+    kept = []
+    for entry in report:
+        models = [m for m in entry.get("models") or [] if matches(str(m.get("name", "")))]
+        if models:
+            kept.append({**entry, "models": models})
+    if not kept:
+        known = sorted({str(m.get("name")) for e in report for m in e.get("models") or []})
+        hint = unknown_model_hint(pattern, known) if known else "no model is loaded"
+        nodes = ", ".join(render.short_url(n) for n in ctx.balancer.nodes)
+        raise UsageError(f"no node or loaded model matches {pattern} ({hint}; nodes: {nodes})")
+    return kept
+
+
+def _report(ctx: Context, what: str | None) -> Outcome:
+    report = ctx.balancer.vram_report()
+    if what:
+        report = filter_report(ctx, report, what)
+    ok = not any(render.is_offline(entry) for entry in report)
+    return Outcome(data=report, renderable=render.vram_report(report), ok=ok)
+
+
 @command(
     "vram_report",
-    "where every model sits on every node: GPU, CPU or split; VRAM, RAM, expiry",
+    "where every model sits on every node: GPU, CPU or split; VRAM, RAM, context, expiry; one model or node",
+    optional=("MODEL|NODE",),
     needs_nodes=False,  # it asks every node itself, bounded by the timeout
 )
 def cmd_vram_report(ctx: Context, args: list[str]) -> Outcome:
+    what = args[0] if args else None
+    if what and "://" not in what:
+        model_name(what, allow_glob=True)  # a name no model can have is told before any node is asked
     waiting = f"asking {len(ctx.balancer.nodes)} node(s), up to {ctx.config.timeout:g}s... (Ctrl-C cancels)"
-    report = ctx.run_cancellable(lambda cancel: ctx.balancer.vram_report(), slow_note=waiting)
-    ok = not any(render.is_offline(entry) for entry in report)
-    return Outcome(data=report, renderable=render.vram_report(report), ok=ok)
+    return ctx.run_cancellable(lambda cancel: _report(ctx, what), slow_note=waiting)
+
+
+WATCH_RANGE = (0.5, 3600.0)
+
+
+def watch_seconds(text: str | float) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise UsageError(f"watch: `{text}` is not a number of seconds") from None
+    low, high = WATCH_RANGE
+    if not math.isfinite(seconds) or not low <= seconds <= high:
+        raise UsageError(f"watch: SECONDS must be between {low:g} and {high:g}, got {seconds:g}")
+    return seconds
+
+
+@command(
+    "watch",
+    "a live vram_report, redrawn every SECONDS (default 2), like `gpustat -i`; q or Ctrl-C leaves",
+    optional=("SECONDS", "MODEL|NODE"),
+    needs_nodes=False,
+)
+def cmd_watch(ctx: Context, args: list[str]) -> Outcome:
+    seconds = watch_seconds(args[0]) if args else 2.0
+    return watch(ctx, seconds, args[1] if len(args) > 1 else None)
+
+
+def watch(ctx: Context, seconds: float, what: str | None = None) -> Outcome:
+    """Redraw the report in place until q (on a terminal) or Ctrl-C; returns the last report."""
+    from rich.live import Live
+
+    stop = threading.Event()
+    last = Outcome()
+    with ctrl_c_sets(stop), key_pressed("q", stop), Live(
+        console=ctx.console, auto_refresh=False, transient=False, redirect_stdout=False
+    ) as live:
+        while not stop.is_set():
+            last = _report(ctx, what)
+            header = Text(
+                f"every {seconds:g}s, {time.strftime('%H:%M:%S')}  (q or Ctrl-C leaves)", style="dim"
+            )
+            live.update(Group(header, last.renderable or Text("")), refresh=True)
+            stop.wait(seconds)
+    return Outcome(data=last.data, ok=last.ok)
+
+
+@contextmanager
+def key_pressed(key: str, event: threading.Event) -> Iterator[None]:
+    """On a terminal, set `event` when `key` is typed (the tty is in no-echo, no-line mode meanwhile)."""
+    import sys
+
+    try:
+        import select
+        import termios
+
+        fd = sys.stdin.fileno()
+        if not os.isatty(fd):
+            raise OSError
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    changed = list(saved)
+    changed[3] &= ~(termios.ICANON | termios.ECHO)
+    changed[6] = list(saved[6])
+    changed[6][termios.VMIN], changed[6][termios.VTIME] = 1, 0
+    termios.tcsetattr(fd, termios.TCSANOW, changed)
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set() and not event.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready and os.read(fd, 1).decode(errors="replace").lower() == key:
+                event.set()
+
+    thread = threading.Thread(target=reader, name="watch-keys", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(1.0)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 @command("lb_stats", "per node: online, GPU, latency, requests, errors, in flight; optimizer state")

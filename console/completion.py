@@ -88,9 +88,9 @@ class ConsoleCompleter(Completer):
             return [name for cmd in REGISTRY.values() for name in (cmd.name, *cmd.aliases) if name != "?"]
         if kind and kind.startswith("sub:"):
             return list(REGISTRY[kind[4:]].subcommands or {})
-        if kind and "|" in kind:
-            return kind.split("|")
         source = self.sources.get(kind or "")
+        if source is None and kind and "|" in kind and kind.islower():  # literal choices: gpu|cpu
+            return kind.split("|")
         return list(source()) if source else []
 
     def get_completions(self, document: Document, complete_event: object) -> Iterable[Completion]:

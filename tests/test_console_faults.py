@@ -3,6 +3,7 @@ escape injection, unwritable files. Real sockets to simulated nodes on 127.0.0.1
 
 from __future__ import annotations
 
+import _thread
 import dataclasses
 import io
 import json
@@ -11,10 +12,12 @@ import re
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 from prompt_toolkit.application import create_app_session
 from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
@@ -438,3 +441,52 @@ def test_history_is_private_and_keeps_no_credentials(session, tmp_path: Path) ->
     history = files / "history"
     assert stat.S_IMODE(history.stat().st_mode) == 0o600
     assert "pw@" not in history.read_text() and "+priority list" in history.read_text()
+
+
+# ------------------------------------------------------------------ what users expect: filters and watch
+
+
+def test_vram_report_filters_by_model_or_node(session) -> None:
+    cluster, ctx, buffer = session
+    cpu_node, gpu_node = (url.split("://")[1] for url in cluster.urls)
+    ok, shown = shown_by(ctx, buffer, "vram_report mxbai-embed-large")
+    assert ok and gpu_node in shown and cpu_node not in shown and "llama3.1" not in shown
+    ok, shown = shown_by(ctx, buffer, "vram_report llama*")
+    assert ok and cpu_node in shown and gpu_node not in shown
+    ok, shown = shown_by(ctx, buffer, f"vram_report {cpu_node}")
+    assert ok and cpu_node in shown and gpu_node not in shown
+    ok, shown = shown_by(ctx, buffer, "vram_report lama3.1")
+    assert not ok and "did you mean `llama3.1:latest`?" in shown and shown.count("\n") == 1
+
+
+def test_watch_redraws_until_ctrl_c(session) -> None:
+    cluster, ctx, buffer = session
+    before = sum(entry[1] == "/api/ps" for entry in cluster.nodes[1].request_log)
+
+    def press_ctrl_c_after_redraws() -> None:  # the 5 s health check alone makes at most 4 in 15 s
+        wait_until(lambda: sum(e[1] == "/api/ps" for e in cluster.nodes[1].request_log) >= before + 8)
+        _thread.interrupt_main()
+
+    threading.Thread(target=press_ctrl_c_after_redraws, daemon=True).start()
+    ok, shown = shown_by(ctx, buffer, "watch 0.5 mxbai-embed-large")
+    assert ok and "mxbai-embed-large:latest" in shown and "(q or Ctrl-C leaves)" in shown
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--watch", "nodes"], "--watch goes with vram_report"),
+        (["watch", "0.1"], "SECONDS must be between 0.5 and 3600"),
+        (["vram_report", "bad name"], "is not a model name"),
+    ],
+)
+def test_watch_and_filter_usage_errors(home: Path, capsys, argv: list[str], message: str) -> None:
+    code, _, err = run_main(["--nodes", "127.0.0.1:1", *argv], capsys)
+    assert code == 2 and message in err
+
+
+def test_vram_report_completes_models_and_nodes() -> None:
+    completer = ConsoleCompleter({"MODEL|NODE": lambda: ["llama3.1:latest", "http://127.0.0.1:1"]})
+    offered = [c.text for c in completer.get_completions(Document("vram_report ll"), None)]
+    assert offered == ["llama3.1:latest"]
+    assert [c.text for c in completer.get_completions(Document("add_node x "), None)] == ["gpu", "cpu"]

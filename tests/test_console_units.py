@@ -127,7 +127,7 @@ def test_every_issue_command_is_registered() -> None:
     [
         (["force_gpu"], "missing argument MODEL"),
         (["force_gpu", "a", "b"], "extra argument `b`"),
-        (["vram_report", "x"], "extra argument `x`"),
+        (["vram_report", "x", "y"], "extra argument `y`"),
         (["optimizer"], "missing argument"),
         (["optimizer", "fast"], "unknown subcommand `fast`"),
         (["optimizer", "interval"], "missing argument SECONDS"),
