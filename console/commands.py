@@ -253,10 +253,10 @@ def model_name(name: str, allow_glob: bool = False) -> str:
 
 
 def unknown_model_hint(name: str, known: list[str]) -> str:
-    """`did you mean `llama3.1:latest`?` or the closest few known names; '' when nothing is close."""
+    """`did you mean `llama3.1:latest`?`, else a few of the known names."""
     close = suggestions(name, known)
     if close:
-        return f"did you mean `{close[0]}`?" + (f" (also: {', '.join(close[1:])})" if close[1:] else "")
+        return f"did you mean `{close[0]}`?"
     shown = ", ".join(sorted(known)[:5]) + (f", ... ({len(known)} in all)" if len(known) > 5 else "")
     return f"known: {shown}"
 

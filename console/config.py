@@ -225,7 +225,7 @@ def apply_table(config: Config, table: dict[str, Any], source: str) -> None:
         gpu = table["gpu"]
         if not isinstance(gpu, dict) or not all(isinstance(v, bool) for v in gpu.values()):
             raise ConfigError(f"{source}: [gpu] must map node URLs to true/false")
-        config.gpu = dict(zip(_urls(list(gpu), source, "[gpu]"), gpu.values(), strict=True))
+        config.gpu = {_urls([url], source, "[gpu]")[0]: flag for url, flag in gpu.items()}
 
 
 def load_config(

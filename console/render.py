@@ -6,6 +6,7 @@ line is testable without a terminal. Colours are chosen here and nowhere else.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import unicodedata
@@ -106,6 +107,8 @@ def human_mb(megabytes: float | int | None) -> str:
 
 def human_seconds(seconds: float) -> str:
     """12s, 4m 12s, 2h 05m: short enough for the toolbar and the expiry column."""
+    if not math.isfinite(seconds):  # never raise inside the toolbar's redraw
+        return "never"
     seconds = max(0, int(round(seconds)))
     if seconds < 60:
         return f"{seconds}s"

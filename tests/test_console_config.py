@@ -231,3 +231,8 @@ def test_a_config_that_is_not_utf8_is_one_line_and_exit_2(
     assert code == 2 and "not valid UTF-8" in err and err.count("\n") == 1
     assert json.loads(out) == {"error": json.loads(out)["error"], "exit_code": 2}
     assert "not valid UTF-8" in json.loads(out)["error"]
+
+
+def test_two_spellings_of_one_node_in_the_gpu_table(config_home: Path) -> None:
+    (config_home / "config.toml").write_text('[gpu]\n"h1" = true\n"http://h1:11434" = false\n')
+    assert load_config(env={"FLOCKPARSE_CONFIG_DIR": str(config_home)}).gpu == {"http://h1:11434": False}

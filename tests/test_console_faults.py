@@ -490,3 +490,17 @@ def test_vram_report_completes_models_and_nodes() -> None:
     offered = [c.text for c in completer.get_completions(Document("vram_report ll"), None)]
     assert offered == ["llama3.1:latest"]
     assert [c.text for c in completer.get_completions(Document("add_node x "), None)] == ["gpu", "cpu"]
+
+
+def test_a_priority_flag_name_no_node_has_gets_a_note_at_start(session) -> None:
+    from flockparsecli import warn_at_start
+
+    cluster, ctx, buffer = session
+    ctx.config.priority_models = ["lama3.1", "nomic-*", "mxbai-embed-large"]
+    warn_at_start(ctx.balancer, ctx.config, ctx.console)
+    lines = buffer.getvalue().splitlines()
+    assert lines == ["note: priority model lama3.1 is on no node (did you mean `llama3.1:latest`?)"]
+
+
+def test_durations_that_cannot_be_shown_never_raise() -> None:
+    assert render.human_seconds(float("inf")) == "never" and render.human_seconds(float("nan")) == "never"
