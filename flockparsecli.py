@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.text import Text
@@ -60,8 +60,17 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 log = logging.getLogger("flockparsecli")
 
 
+class ArgumentError(Exception):
+    """A flag argparse refuses; reported like every other usage error (JSON too with --json)."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentError(f"{message} (try --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="flockparsecli.py",
         description="Keep an Ollama cluster's models on GPU. Without COMMAND: the interactive console "
         "(or, with stdin not a terminal, one command per line read from stdin).",
@@ -505,7 +514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    try:
+        args = build_parser().parse_intermixed_args(argv)
+    except ArgumentError as exc:
+        as_json = "--json" in (sys.argv[1:] if argv is None else argv)
+        return Reporter(as_json).error(str(exc), EXIT_USAGE)
     if args.no_color:
         os.environ["NO_COLOR"] = "1"  # rich and prompt_toolkit both honour it
     words = list(args.command)

@@ -582,9 +582,9 @@ def cmd_optimizer(ctx: Context, args: list[str]) -> Outcome:
         balancer.stop_gpu_optimization()
     elif sub == "interval":
         try:
-            seconds = check_seconds(args[1], "interval", "optimizer interval")
+            seconds = check_seconds(args[1], "interval", "optimizer interval", named=True)
         except ConfigError as exc:
-            raise UsageError(str(exc).replace("optimizer interval: interval", "optimizer interval")) from None
+            raise UsageError(str(exc)) from None
         balancer.check_interval = seconds
         ctx.config.interval = seconds
     elif sub == "now":

@@ -150,20 +150,22 @@ def _parse(data: bytes, path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
 
 
-def check_seconds(value: Any, key: str, source: str) -> float:
-    """A finite number of seconds within RANGES[key]; else a one-line ConfigError naming source and key."""
+def check_seconds(value: Any, key: str, source: str, named: bool = False) -> float:
+    """A finite number of seconds within RANGES[key]; else a one-line ConfigError naming source and key.
+
+    `named`: `source` already names the value (a flag, a command), so the key is not repeated.
+    """
     low, high = RANGES[key]
+    where = source if named else f"{source}: {key}"
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
-            raise ConfigError(f"{source}: {key} `{value}` is not a number of seconds") from None
+            raise ConfigError(f"{where}: `{value}` is not a number of seconds") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{source}: {key} `{value!r}` is not a number of seconds")
+        raise ConfigError(f"{where}: `{value!r}` is not a number of seconds")
     if not math.isfinite(value) or not low <= value <= high:
-        raise ConfigError(
-            f"{source}: {key} must be between {low:.10g} and {high:.10g} seconds, got {value:.10g}"
-        )
+        raise ConfigError(f"{where} must be between {low:.10g} and {high:.10g} seconds, got {value:.10g}")
     return float(value)
 
 
@@ -276,7 +278,7 @@ def apply_flags(
         ("timeout", timeout_flag),
     ):
         if flag is not None:
-            setattr(config, key, check_seconds(flag, key, f"--{key.replace('_', '-')}"))
+            setattr(config, key, check_seconds(flag, key, f"--{key.replace('_', '-')}", named=True))
     return config
 
 

@@ -504,3 +504,9 @@ def test_a_priority_flag_name_no_node_has_gets_a_note_at_start(session) -> None:
 
 def test_durations_that_cannot_be_shown_never_raise() -> None:
     assert render.human_seconds(float("inf")) == "never" and render.human_seconds(float("nan")) == "never"
+
+
+def test_a_bad_flag_is_a_usage_error_in_json_too_and_no_flag_is_abbreviated(home: Path, capsys) -> None:
+    code, out, err = run_main(["--json", "--node", "127.0.0.1:1", "help"], capsys)
+    assert code == 2 and "unrecognized arguments: --node" in err  # never read as --nodes
+    assert json.loads(out)["exit_code"] == 2
