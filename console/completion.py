@@ -102,6 +102,8 @@ class ConsoleCompleter(Completer):
         needle = current.lower()
         kind = argument_kind(words)
         for candidate in self.candidates(kind):
+            if not candidate.isprintable():  # a name with escape codes from a node is never offered
+                continue
             name = candidate.lower()
             if name.startswith(needle) or name.split("/")[-1].startswith(needle):
                 meta = resolve(candidate).description if kind in ("command", "COMMAND") else None

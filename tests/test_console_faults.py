@@ -510,3 +510,8 @@ def test_a_bad_flag_is_a_usage_error_in_json_too_and_no_flag_is_abbreviated(home
     code, out, err = run_main(["--json", "--node", "127.0.0.1:1", "help"], capsys)
     assert code == 2 and "unrecognized arguments: --node" in err  # never read as --nodes
     assert json.loads(out)["exit_code"] == 2
+
+
+def test_completion_never_offers_a_name_with_escape_codes() -> None:
+    completer = ConsoleCompleter({"MODEL": lambda: [EVIL, "llama3.1:latest"]})
+    assert [c.text for c in completer.get_completions(Document("force_gpu "), None)] == ["llama3.1:latest"]

@@ -25,11 +25,11 @@ PROMPT = "⚡ Enter command: "
 class Terminal:
     """A pty running the console, mirrored into a pyte screen; every wait has a deadline."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], columns: int = COLUMNS) -> None:
         self.child = pexpect.spawn(
-            sys.executable, ["flockparsecli.py", *args], cwd=str(REPO), env=env, dimensions=(LINES, COLUMNS)
+            sys.executable, ["flockparsecli.py", *args], cwd=str(REPO), env=env, dimensions=(LINES, columns)
         )
-        self.screen = pyte.Screen(COLUMNS, LINES)
+        self.screen = pyte.Screen(columns, LINES)
         self.screen.write_process_input = self._answer  # cursor position reports go back to the app
         self.stream = pyte.ByteStream(self.screen)
 
@@ -196,3 +196,20 @@ def test_no_color_flag_sends_no_colour_codes(sim_node, terminal_env: dict[str, s
     with Terminal(["--no-color", "--nodes", node.url, "vram_report"], terminal_env) as term:
         raw = term.child.read()
         assert b"100% CPU" in raw and b"\x1b[3" not in raw and b"\x1b[9" not in raw  # no SGR colours
+
+
+def test_sixty_columns_keep_addresses_and_model_names_whole(sim_node, terminal_env: dict[str, str]) -> None:
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")])
+    short = node.url.split("://")[1]
+    terminal_env.update(COLUMNS="60")
+    args = ["--nodes", node.url, "--no-optimizer", "--health-interval", "0.2"]
+    with Terminal(args, terminal_env, columns=60) as term:
+        term.wait_for(lambda: "1/1 nodes online" in term.text(), "the toolbar")
+        for command, shown in (("vram_report", "943 MB RAM"), ("nodes", "seen"), ("lb_stats", "in flight")):
+            term.type(f"{command}\r")
+            term.wait_for(lambda shown=shown: shown in term.text(), f"{command}'s output")
+        text = term.text()
+        assert "mxbai-embed-large:latest" in text and "…" not in text
+        assert all(short in line for line in term.lines() if "127.0.0.1:" in line)  # never cut or split
+        term.type("exit\r")
+        assert term.wait_for_exit() == 0
