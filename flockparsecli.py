@@ -143,8 +143,8 @@ class EventPrinter:
     per move, and never a line printed after the command's summary and the next prompt.
     """
 
-    def __init__(self, console: Console, kinds: Sequence[str] | None = None) -> None:
-        self.console, self.kinds = console, kinds
+    def __init__(self, console: Console, kinds: Sequence[str] | None = None, verbose: bool = False) -> None:
+        self.console, self.kinds, self.verbose = console, kinds, verbose
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._move_started: dict[tuple[str | None, str | None], float] = {}
         self._pass_nodes: int | None = None
@@ -179,17 +179,20 @@ class EventPrinter:
             return
         if event.kind == "pass_started":  # the finished line says over how many nodes
             self._pass_nodes = (event.data or {}).get("nodes")
+        if event.kind == "move_started":  # one line per move: the result, with its duration
+            with self._lock:
+                self._move_started[(event.node, event.model)] = event.time
+            return
         if (self.kinds is None or event.kind in self.kinds) and render.worth_showing(event):
             self._idle.clear()
             self._queue.put((event, self._pass_nodes))
 
     def _duration(self, event: Any) -> float | None:
         """Seconds since the matching move_started: the number a user wants to see next to a move."""
-        key = (event.node, event.model)
-        if event.kind == "move_started":
-            self._move_started[key] = event.time
-        elif event.kind in ("move_finished", "move_failed") and key in self._move_started:
-            return event.time - self._move_started.pop(key)
+        with self._lock:
+            started = self._move_started.pop((event.node, event.model), None)
+        if event.kind in ("move_finished", "move_failed") and started is not None:
+            return event.time - started
         return None
 
     def _run(self) -> None:
@@ -198,7 +201,7 @@ class EventPrinter:
             if item is None:
                 return
             event, pass_nodes = item
-            line = render.event_line(event, self._duration(event), pass_nodes)
+            line = render.event_line(event, self._duration(event), pass_nodes, self.verbose)
             self.console.print(line, highlight=False)  # word-wrapped: an address is never split
             if self._queue.empty():
                 self._idle.set()
@@ -391,7 +394,7 @@ def interactive(
     from console.toolbar import TOOLBAR_STYLE, toolbar_fragments, toolbar_state
 
     console = console or make_interactive_console()
-    printer = EventPrinter(console)
+    printer = EventPrinter(console, verbose=verbose)
     ctx = Context(
         balancer=balancer,
         console=console,

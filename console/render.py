@@ -537,7 +537,7 @@ def worth_showing(event: Any) -> bool:
     return True
 
 
-def _event_message(event: Any, nodes_total: int | None = None) -> str:
+def _event_message(event: Any, nodes_total: int | None = None, verbose: bool = False) -> str:
     kind, data = getattr(event, "kind", ""), getattr(event, "data", None) or {}
     model, node = getattr(event, "model", None), short_url(getattr(event, "node", None))
     if kind == "optimizer_started":
@@ -554,13 +554,15 @@ def _event_message(event: Any, nodes_total: int | None = None) -> str:
             f"GPU pass finished{took}{over}: {data.get('moved', 0)} moved, {data.get('failed', 0)} failed, "
             f"{data.get('skipped', 0)} skipped"
         )
-    if kind == "move_failed":
+    if kind == "move_failed" and not verbose:  # the node's raw error text only with --verbose
         return f"{clean(model)} on {node}: {short_message(getattr(event, 'message', ''), event.node)}"
     message = getattr(event, "message", "") or " ".join(p for p in (kind, model, node) if p and p != "-")
     return clean(message).replace("http://", "")
 
 
-def event_line(event: Any, duration_s: float | None = None, nodes_total: int | None = None) -> Text:
+def event_line(
+    event: Any, duration_s: float | None = None, nodes_total: int | None = None, verbose: bool = False
+) -> Text:
     """`03:41:07 optimizer mxbai-embed-large:latest now on GPU on 127.0.0.1:5001 (1.2 s)`: one line.
 
     Print it word-wrapped (not soft-wrapped): a narrow terminal then breaks it between words, never
@@ -573,7 +575,7 @@ def event_line(event: Any, duration_s: float | None = None, nodes_total: int | N
     stamp = time.strftime("%H:%M:%S", time.localtime(getattr(event, "time", time.time())))
     line = Text(f"{stamp} ", style="dim")
     line.append(f"{tag:<9} ", style=f"bold {style}".strip())
-    line.append(_event_message(event, nodes_total), style=style)
+    line.append(_event_message(event, nodes_total, verbose), style=style)
     if duration_s is not None:
         line.append(f" ({duration_s:.1f} s)", style="dim")
     return line

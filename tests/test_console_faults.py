@@ -515,3 +515,20 @@ def test_a_bad_flag_is_a_usage_error_in_json_too_and_no_flag_is_abbreviated(home
 def test_completion_never_offers_a_name_with_escape_codes() -> None:
     completer = ConsoleCompleter({"MODEL": lambda: [EVIL, "llama3.1:latest"]})
     assert [c.text for c in completer.get_completions(Document("force_gpu "), None)] == ["llama3.1:latest"]
+
+
+def test_a_background_move_is_one_line_with_its_duration() -> None:
+    out = io.StringIO()
+    printer = EventPrinter(Console(file=out, width=200, color_system=None))
+    started = Event("move_started", node="http://127.0.0.1:1", model="m:latest", data={"source": "optimizer"})
+    printer(started)
+    printer(
+        Event(
+            "move_finished", node="http://127.0.0.1:1", model="m:latest", data={"source": "optimizer"},
+            message="m:latest now on GPU on http://127.0.0.1:1", time=started.time + 1.5,
+        )
+    )  # fmt: skip
+    printer.drain(5.0)
+    printer.close()
+    [line] = out.getvalue().splitlines()
+    assert line.endswith("optimizer m:latest now on GPU on 127.0.0.1:1 (1.5 s)")
