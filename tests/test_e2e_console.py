@@ -213,3 +213,12 @@ def test_sixty_columns_keep_addresses_and_model_names_whole(sim_node, terminal_e
         assert all(short in line for line in term.lines() if "127.0.0.1:" in line)  # never cut or split
         term.type("exit\r")
         assert term.wait_for_exit() == 0
+
+
+def test_vram_report_watch_leaves_on_q(sim_node, terminal_env: dict[str, str]) -> None:
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")])
+    with Terminal(["--nodes", node.url, "vram_report", "--watch", "0.5"], terminal_env) as term:
+        term.wait_for(lambda: "(q or Ctrl-C leaves)" in term.text(), "the live report")
+        term.wait_for(lambda: "mxbai-embed-large:latest │ 100% CPU" in term.text(), "the table")
+        term.type("q")
+        assert term.wait_for_exit() == 0
