@@ -170,7 +170,7 @@ def test_demo_shows_the_optimizer_loop(terminal_env: dict[str, str], tmp_path: P
 
 
 def test_ctrl_d_typed_while_a_command_runs_is_not_lost(sim_node, terminal_env: dict[str, str]) -> None:
-    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")], load_seconds_per_gb=4)
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")], load_seconds_per_gb=2)
     with Terminal(["--nodes", node.url, "--no-optimizer", "--health-interval", "0.2"], terminal_env) as term:
         term.wait_for(lambda: "1/1 nodes online" in term.text(), "the toolbar")
         term.type("force_gpu mxbai-embed-large\r")
