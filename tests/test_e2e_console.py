@@ -222,3 +222,14 @@ def test_vram_report_watch_leaves_on_q(sim_node, terminal_env: dict[str, str]) -
         term.wait_for(lambda: "mxbai-embed-large:latest │ 100% CPU" in term.text(), "the table")
         term.type("q")
         assert term.wait_for_exit() == 0
+
+
+def test_ctrl_c_while_waiting_for_a_hung_node_exits_130(sim_node, terminal_env: dict[str, str]) -> None:
+    hung = sim_node(vram_gb=0)
+    hung.set_fault("hang")
+    with Terminal(["--nodes", hung.url, "--timeout", "30", "nodes"], terminal_env) as term:
+        term.wait_for(lambda: any(entry[1] == "/api/ps" for entry in hung.request_log), "the first check")
+        term.type("\x03")  # during the first health round, before the command runs
+        assert term.wait_for_exit() == 130
+        term.stream.feed(term.child.before)
+        assert "Traceback" not in term.text() and "cancelled" in term.text()
