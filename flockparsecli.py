@@ -12,6 +12,7 @@ the Events it emits, and never reaches into private state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -19,24 +20,29 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 from rich.console import Console
 from rich.text import Text
 
-from console import render
+from console import __version__, render
 from console.commands import (
+    EXIT_INTERRUPTED,
     REGISTRY,
     CommandError,
     Context,
     Outcome,
+    UsageError,
     check_arity,
     dispatch,
     parse_line,
     resolve,
+    unknown_model_hint,
 )
-from console.config import Config, ConfigError, config_dir, load_config
+from console.config import Config, ConfigError, apply_flags, config_dir, load_config
+from console.names import is_glob, same_name
 from flockparse.balancer import OllamaLoadBalancer
 from gpu_controller import GPUController
 
@@ -44,48 +50,71 @@ __all__ = ["OllamaLoadBalancer", "GPUController", "main"]
 
 PROMPT = "⚡ Enter command: "
 ONE_SHOT_PIPE_WIDTH = 120  # columns when one-shot output goes to a pipe or file
-ONE_SHOT_PROGRESS = ("move_started", "move_finished", "move_failed")  # event lines shown on stderr
-EXIT_INTERRUPTED = 130  # what shells report for a command ended by Ctrl-C
+EXIT_USAGE = 2
 HEALTH_POLL_S = 0.05
-FIRST_ROUND_SLACK_S = 2.0  # on top of two per-request timeouts (a status and a tags request per node)
+FIRST_ROUND_SLACK_S = 1.0  # on top of one request timeout: a hung node is marked down by then
 SHUTDOWN_DRAIN_S = 2.0  # at exit, how long queued event lines may take to print
+EVENT_DRAIN_S = 0.5  # before a command's own output, how long earlier event lines may take to print
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 log = logging.getLogger("flockparsecli")
 
 
+class ArgumentError(Exception):
+    """A flag argparse refuses; reported like every other usage error (JSON too with --json)."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentError(f"{message} (try --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="flockparsecli.py",
-        description="Keep an Ollama cluster's models on GPU. Without COMMAND: the interactive console.",
-        epilog=f"commands: {', '.join(REGISTRY)}. Config dir: $FLOCKPARSE_CONFIG_DIR or {config_dir()}.",
+        description="Keep an Ollama cluster's models on GPU. Without COMMAND: the interactive console "
+        "(or, with stdin not a terminal, one command per line read from stdin).",
+        epilog=f"commands: {', '.join(REGISTRY)}. Config dir: $FLOCKPARSE_CONFIG_DIR or {config_dir()}. "
+        "Exit codes: 0 ok, 1 failed or a node unreachable, 2 usage or config error, 130 Ctrl-C.",
+        allow_abbrev=False,  # `--node` must never silently mean `--nodes`
     )
     parser.add_argument(
         "--nodes",
         metavar="URL,...",
-        help="comma-separated node URLs (default: config, $OLLAMA_HOST, localhost)",
+        help="comma-separated node URLs (default: config, $OLLAMA_HOST, localhost); never saved",
     )
     parser.add_argument(
         "--priority", metavar="MODEL,...", help="comma-separated models the optimizer keeps on GPU (globs, *)"
     )
     parser.add_argument(
-        "--interval", type=float, metavar="SECONDS", help="seconds between optimizer passes (default 300)"
+        "--interval", metavar="SECONDS", help="seconds between optimizer passes (default 300, 5 .. 2592000)"
     )
     parser.add_argument(
         "--health-interval",
-        type=float,
         metavar="SECONDS",
-        help="seconds between node health checks (default 5)",
+        help="seconds between node health checks (default 5, 0.1 .. 3600)",
     )
     parser.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help="seconds per request to a node (default 5)"
+        "--timeout", metavar="SECONDS", help="seconds per request to a node (default 5, 0.1 .. 600)"
     )
     parser.add_argument("--no-optimizer", action="store_true", help="do not start the background optimizer")
     parser.add_argument(
         "--config", metavar="FILE", help="TOML config file (default: <config dir>/config.toml)"
     )
     parser.add_argument("--demo", action="store_true", help="start a simulated 3-node cluster in-process")
-    parser.add_argument("--json", action="store_true", help="one-shot: print the result as JSON")
+    parser.add_argument("--json", action="store_true", help="one-shot: print the result (or error) as JSON")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show nodes' raw error texts in move results"
+    )
+    parser.add_argument("--no-color", action="store_true", help="no colours (as NO_COLOR=1)")
+    parser.add_argument(
+        "--watch",
+        nargs="?",
+        const="2",
+        metavar="SECONDS",
+        help="with vram_report: redraw it every SECONDS (default 2) until q or Ctrl-C",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "command", nargs="*", metavar="COMMAND", help="run one command and exit (e.g. vram_report --json)"
     )
@@ -110,38 +139,72 @@ def make_balancer(config: Config, optimize: bool) -> OllamaLoadBalancer:
 
 
 class EventPrinter:
-    """Core Events -> one rendered line each, printed by our own thread so the core never waits on a tty."""
+    """Core Events -> one rendered line each, printed by our own thread so the core never waits on a tty.
 
-    def __init__(self, console: Console, kinds: Sequence[str] | None = None) -> None:
-        self.console, self.kinds = console, kinds
+    While a command reports its own moves (`quiet`), their event lines are left out: one line per node
+    per move, and never a line printed after the command's summary and the next prompt.
+    """
+
+    def __init__(self, console: Console, kinds: Sequence[str] | None = None, verbose: bool = False) -> None:
+        self.console, self.kinds, self.verbose = console, kinds, verbose
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._move_started: dict[tuple[str | None, str | None], float] = {}
+        self._pass_nodes: int | None = None
+        self._muted: dict[str, int] = {}
+        self._lock = threading.Lock()
         self._idle = threading.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name="event-printer", daemon=True)
         self._thread.start()
 
+    def _is_muted(self, event: Any) -> bool:
+        with self._lock:
+            muted = {what for what, count in self._muted.items() if count}
+        source = (event.data or {}).get("source")
+        if "user" in muted and event.kind.startswith("move_") and source == "user":
+            return True
+        return "pass" in muted and (event.kind.startswith("pass_") or source == "optimizer")
+
+    @contextlib.contextmanager
+    def quiet(self, what: str) -> Iterator[None]:
+        """Leave out `user` moves, or (`pass`) the optimizer's pass and moves, while the block runs."""
+        with self._lock:
+            self._muted[what] = self._muted.get(what, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._muted[what] -= 1
+
     def __call__(self, event: Any) -> None:
+        if self._is_muted(event):
+            return
+        if event.kind == "pass_started":  # the finished line says over how many nodes
+            self._pass_nodes = (event.data or {}).get("nodes")
+        if event.kind == "move_started":  # one line per move: the result, with its duration
+            with self._lock:
+                self._move_started[(event.node, event.model)] = event.time
+            return
         if (self.kinds is None or event.kind in self.kinds) and render.worth_showing(event):
             self._idle.clear()
-            self._queue.put(event)
+            self._queue.put((event, self._pass_nodes))
 
     def _duration(self, event: Any) -> float | None:
         """Seconds since the matching move_started: the number a user wants to see next to a move."""
-        key = (event.node, event.model)
-        if event.kind == "move_started":
-            self._move_started[key] = event.time
-        elif event.kind in ("move_finished", "move_failed") and key in self._move_started:
-            return event.time - self._move_started.pop(key)
+        with self._lock:
+            started = self._move_started.pop((event.node, event.model), None)
+        if event.kind in ("move_finished", "move_failed") and started is not None:
+            return event.time - started
         return None
 
     def _run(self) -> None:
         while True:
-            event = self._queue.get()
-            if event is None:
+            item = self._queue.get()
+            if item is None:
                 return
-            line = render.event_line(event, self._duration(event))
-            self.console.print(line, soft_wrap=True, highlight=False)
+            event, pass_nodes = item
+            line = render.event_line(event, self._duration(event), pass_nodes, self.verbose)
+            self.console.print(line, highlight=False)  # word-wrapped: an address is never split
             if self._queue.empty():
                 self._idle.set()
 
@@ -154,7 +217,7 @@ class EventPrinter:
 
 
 def first_round_timeout(config: Config) -> float:
-    return 2 * config.timeout + FIRST_ROUND_SLACK_S
+    return config.timeout + FIRST_ROUND_SLACK_S
 
 
 def first_health_round(balancer: OllamaLoadBalancer, timeout: float) -> list[Any]:
@@ -174,10 +237,22 @@ def checked(state: Any) -> bool:
     return state.online is False or getattr(state, "installed_checked_at", 1.0) > 0
 
 
-def warn_if_unreachable(balancer: OllamaLoadBalancer, config: Config, console: Console) -> None:
-    hint = unreachable_hint(first_health_round(balancer, first_round_timeout(config)), config)
+def warn_at_start(balancer: OllamaLoadBalancer, config: Config, console: Console) -> None:
+    """After the first health round: nothing answers -> suggest --demo; a priority name no node has."""
+    states = first_health_round(balancer, first_round_timeout(config))
+    hint = unreachable_hint(states, config)
     if hint:
         console.print(render.error_line(hint))
+        return
+    known = balancer.known_models()
+    for name in config.priority_models or []:
+        if known and not is_glob(name) and not any(same_name(name, model) for model in known):
+            console.print(
+                render.safe_text(
+                    f"note: priority model {name} is on no node ({unknown_model_hint(name, known)})",
+                    style="yellow",
+                )
+            )
 
 
 def unreachable_hint(states: list[Any], config: Config) -> str | None:
@@ -195,44 +270,61 @@ def print_outcome(console: Console, outcome: Outcome) -> None:
         console.print(outcome.renderable)
 
 
-def run_line(ctx: Context, line: str) -> Outcome:
+def run_line(ctx: Context, line: str, log_path: Path | None = None) -> Outcome:
     """Parse and dispatch one line; any failure becomes one red line and the console carries on."""
     try:
         outcome = dispatch(ctx, parse_line(line))
     except CommandError as exc:
         ctx.console.print(render.error_line(str(exc)))
-        return Outcome(ok=False)
+        return Outcome(ok=False, data={"error": str(exc), "exit_code": exc.exit_code})
     except KeyboardInterrupt:  # Ctrl-C during a short command: nothing to cancel in the core
         ctx.console.print(render.error_line("cancelled"))
-        return Outcome(ok=False)
+        return Outcome(ok=False, data={"error": "cancelled", "exit_code": EXIT_INTERRUPTED})
     except Exception as exc:  # a core bug must not end the console the user lives in
         log.exception("command %r failed", line)
-        where = config_dir() / "console.log"
-        ctx.console.print(
-            render.error_line(f"{line.split()[0]} failed: {type(exc).__name__}: {exc} (see {where})")
-        )
-        return Outcome(ok=False)
+        where = f" (see {log_path})" if log_path else ""
+        message = f"{line.split()[0]} failed: {type(exc).__name__}: {exc}{where}"
+        ctx.console.print(render.error_line(message))
+        return Outcome(ok=False, data={"error": message, "exit_code": 1})
+    if ctx.flush_events is not None:
+        ctx.flush_events()
     print_outcome(ctx.console, outcome)
     return outcome
 
 
-def one_shot(ctx: Context, words: list[str], as_json: bool) -> int:
+class Reporter:
+    """Where one-shot results and errors go: people read stderr/stdout, `--json` scripts read stdout."""
+
+    def __init__(self, as_json: bool, json_lines: bool = False) -> None:
+        self.as_json, self.json_lines = as_json, json_lines
+        self.errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    def json(self, value: Any) -> None:
+        indent = None if self.json_lines else 2
+        sys.stdout.write(json.dumps(value, default=str, indent=indent) + "\n")
+        sys.stdout.flush()
+
+    def error(self, message: str, code: int) -> int:
+        """One red line on stderr; with --json also `{"error": ..., "exit_code": ...}` on stdout."""
+        self.errors.print(render.error_line(message))
+        if self.as_json:
+            self.json({"error": message, "exit_code": code})
+        return code
+
+
+def one_shot(ctx: Context, words: list[str], reporter: Reporter) -> int:
     """Run one command; exit 0 on success, 1 when it failed or a node was unreachable, 2 on usage errors."""
-    errors = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         outcome = dispatch(ctx, words)
     except CommandError as exc:
-        errors.print(render.error_line(str(exc)))
-        return exc.exit_code
+        return reporter.error(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        errors.print(render.error_line("cancelled"))
-        return EXIT_INTERRUPTED
+        return reporter.error("cancelled", EXIT_INTERRUPTED)
     except Exception as exc:
         log.exception("command %r failed", words)
-        errors.print(render.error_line(f"{words[0]} failed: {type(exc).__name__}: {exc}"))
-        return 1
-    if as_json:
-        sys.stdout.write(json.dumps(outcome.data, default=str, indent=2) + "\n")
+        return reporter.error(f"{words[0]} failed: {type(exc).__name__}: {exc}", 1)
+    if reporter.as_json:
+        reporter.json(outcome.data)
     else:
         print_outcome(ctx.console, outcome)
     return 0 if outcome.ok else 1
@@ -246,7 +338,39 @@ def make_one_shot_console() -> Console:
 def make_interactive_console() -> Console:
     """Rich writes raw ANSI (colours detected on the real terminal) into patch_stdout's proxy."""
     probe = Console()
+    if probe.no_color:
+        return Console(force_terminal=True, no_color=True, highlight=False)
     return Console(force_terminal=True, color_system=probe.color_system or "standard", highlight=False)
+
+
+@contextlib.contextmanager
+def keep_typeahead(stream: Any = None) -> Iterator[None]:
+    """While a command runs, keys typed ahead (Ctrl-D too) wait for the next prompt instead of being lost.
+
+    In the tty's cooked mode a Ctrl-D is consumed by the line discipline (an empty read) before the prompt
+    comes back; with ICANON and ECHO off it stays a byte in the queue that prompt_toolkit reads. ISIG
+    stays on, so Ctrl-C still cancels the command.
+    """
+    stream = sys.stdin if stream is None else stream
+    try:
+        import termios
+
+        fd = stream.fileno()
+        if not os.isatty(fd):
+            raise OSError
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    changed = list(saved)
+    changed[3] &= ~(termios.ICANON | termios.ECHO)
+    changed[6] = list(saved[6])
+    changed[6][termios.VMIN], changed[6][termios.VTIME] = 1, 0
+    termios.tcsetattr(fd, termios.TCSANOW, changed)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def interactive(
@@ -257,33 +381,50 @@ def interactive(
     console: Console | None = None,
     pt_input: Any = None,
     pt_output: Any = None,
+    files_dir: Path | None = None,
+    verbose: bool = False,
 ) -> int:
     """The prompt_toolkit loop; background lines appear above the prompt, the typed line stays intact.
 
+    `files_dir` holds the history and console.log (None: the config dir; --demo passes a temp dir).
     `console`, `pt_input` and `pt_output` let tests drive the real loop through a pipe.
     """
     from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory
     from prompt_toolkit.patch_stdout import patch_stdout
 
     from console.completion import ConsoleCompleter, ModelNameRefresher
+    from console.history import open_history, open_log
     from console.toolbar import TOOLBAR_STYLE, toolbar_fragments, toolbar_state
 
     console = console or make_interactive_console()
-    ctx = Context(balancer=balancer, console=console, config=config)
-    printer = EventPrinter(console)
+    printer = EventPrinter(console, verbose=verbose)
+    ctx = Context(
+        balancer=balancer,
+        console=console,
+        config=config,
+        verbose=verbose,
+        quiet_events=printer.quiet,
+        flush_events=lambda: printer.drain(EVENT_DRAIN_S),
+    )
     unsubscribe = balancer.subscribe(printer)
     refresher = ModelNameRefresher(balancer.known_models).start()
-    history_dir = config_dir()
-    history_dir.mkdir(parents=True, exist_ok=True)
+    files_dir = files_dir or config_dir()
+    told: list[str] = []  # file problems, said once each (printed above the prompt)
+
+    def tell(message: str) -> None:
+        told.append(message)
+        console.print(render.safe_text(message + " (the console carries on)", style="yellow"))
+
     # tracebacks (a failing command, a failing event subscriber) go to a file, never into the prompt
-    logging.basicConfig(filename=history_dir / "console.log", level=logging.WARNING, format=LOG_FORMAT)
+    log_path = open_log(files_dir, LOG_FORMAT, tell)
     session: PromptSession[str] = PromptSession(
-        history=FileHistory(str(history_dir / "history")),
+        history=open_history(files_dir, tell),
         completer=ConsoleCompleter(
             {
                 "MODEL": lambda: refresher.names,
                 "NODE": lambda: balancer.nodes,
+                "PRIORITY": lambda: list(balancer.gpu_priority_models),
+                "MODEL|NODE": lambda: [*refresher.names, *balancer.nodes],
             }
         ),
         complete_while_typing=True,
@@ -301,7 +442,7 @@ def interactive(
             if demo_script is not None:
                 demo_script.start(printer, ready=lambda: balancer.optimizer_status()["last_pass"] is not None)
             threading.Thread(
-                target=warn_if_unreachable, args=(balancer, config, console), name="first-health", daemon=True
+                target=warn_at_start, args=(balancer, config, console), name="first-health", daemon=True
             ).start()  # the prompt comes up at once; the hint appears above it if nothing answers
             while True:
                 try:
@@ -310,8 +451,9 @@ def interactive(
                     continue  # Ctrl-C clears the half-typed line, like a shell
                 except EOFError:
                     break
-                if run_line(ctx, line).exit:
-                    break
+                with keep_typeahead(None if pt_input is None else pt_input):
+                    if run_line(ctx, line, log_path).exit:
+                        break
             balancer.stop_gpu_optimization()
             printer.drain(SHUTDOWN_DRAIN_S)
     finally:
@@ -321,54 +463,142 @@ def interactive(
     return 0
 
 
+def run_script(
+    balancer: OllamaLoadBalancer, config: Config, reporter: Reporter, verbose: bool, lines: Any = None
+) -> int:
+    """stdin is not a terminal: run each line as a command (like `sqlite3 < file`), no prompt, no
+    optimizer thread, no escape codes into a pipe. Blank lines and `#` comments are skipped. Exit code:
+    the highest of the lines' (0 all ok, 1 a command failed, 2 a usage error); 130 at once on Ctrl-C."""
+    ctx = Context(
+        balancer=balancer,
+        console=make_one_shot_console(),
+        config=config,
+        progress=reporter.errors,
+        verbose=verbose,
+    )
+    started = False
+    worst = 0
+    for raw in sys.stdin if lines is None else lines:
+        try:
+            words = parse_line(raw)
+        except UsageError as exc:
+            worst = max(worst, reporter.error(str(exc), exc.exit_code))
+            continue
+        if not words or words[0].startswith("#"):
+            continue
+        try:
+            cmd = resolve(words[0])
+            check_arity(cmd, words[1:])
+        except UsageError as exc:
+            worst = max(worst, reporter.error(str(exc), exc.exit_code))
+            continue
+        if cmd.name == "exit":
+            break
+        if cmd.wants_nodes(words[1:]) and not started:
+            started = True
+            start_and_check(balancer, config, reporter)
+        code = one_shot(ctx, words, reporter)
+        if code == EXIT_INTERRUPTED:
+            return code
+        worst = max(worst, code)
+    return worst
+
+
+def start_and_check(balancer: OllamaLoadBalancer, config: Config, reporter: Reporter) -> None:
+    """Start the health monitor and wait (at most one timeout and a second) for its first round."""
+    balancer.start()
+    hint = unreachable_hint(first_health_round(balancer, first_round_timeout(config)), config)
+    if hint:
+        reporter.errors.print(render.error_line(hint))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
-    cluster, banner, script = None, None, None
+    """Parse flags, build the config and the core, run the console, one command, or stdin's lines."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before or between commands (e.g. during the first health round)
+        Console(stderr=True).print(render.error_line("cancelled"))
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    try:
+        args = build_parser().parse_intermixed_args(argv)
+    except ArgumentError as exc:
+        as_json = "--json" in (sys.argv[1:] if argv is None else argv)
+        return Reporter(as_json).error(str(exc), EXIT_USAGE)
+    if args.no_color:
+        os.environ["NO_COLOR"] = "1"  # rich and prompt_toolkit both honour it
+    words = list(args.command)
+    script = not words and not sys.stdin.isatty()
+    reporter = Reporter(args.json, json_lines=script)
+    if args.watch is not None:
+        if words[:1] != ["vram_report"]:
+            return reporter.error("--watch goes with vram_report (or use the `watch` command)", EXIT_USAGE)
+        words = ["watch", args.watch, *words[1:]]
+    if args.json and not words and not script:
+        return reporter.error("--json needs a COMMAND (e.g. `vram_report --json`)", EXIT_USAGE)
+    if args.demo and (args.nodes or args.config):
+        flag = "--nodes" if args.nodes else "--config"
+        return reporter.error(f"--demo starts its own nodes and saves nothing: drop {flag}", EXIT_USAGE)
+    cluster, banner, files_dir, demo_script = None, None, None, None
     try:
         if args.demo:
-            from console.demo import DemoScript, demo_banner, demo_config, start_demo_cluster
+            from console.demo import DemoScript, demo_banner, demo_config, demo_files_dir, start_demo_cluster
 
+            flags = apply_flags(Config(), args.priority, args.interval, args.health_interval, args.timeout)
             cluster = start_demo_cluster()
-            config = demo_config(cluster.urls)
+            config = demo_config(cluster.urls, flags)
             banner = demo_banner(cluster.urls)
-            script = DemoScript(cluster)
+            files_dir = demo_files_dir()
+            demo_script = DemoScript(cluster)
         else:
             config = load_config(
                 args.config, args.nodes, args.priority, args.interval, args.health_interval, args.timeout
             )
     except ConfigError as exc:
-        Console(stderr=True, soft_wrap=True).print(render.error_line(str(exc)))
-        return 2
-    words = list(args.command)
-    balancer = make_balancer(config, optimize=not words and not args.no_optimizer)
+        return reporter.error(str(exc), EXIT_USAGE)
+    interactive_mode = not words and not script
+    balancer = make_balancer(config, optimize=interactive_mode and not args.no_optimizer)
     try:
         if words:
-            return run_one_shot(balancer, config, words, args.json)
-        return interactive(balancer, config, banner, script)
+            return run_one_shot(balancer, config, words, reporter, args.verbose)
+        if script:
+            return run_script(balancer, config, reporter, args.verbose)
+        return interactive(
+            balancer, config, banner, files_dir=files_dir, verbose=args.verbose, demo_script=demo_script
+        )
     finally:
-        if script is not None:
-            script.stop()
+        if demo_script is not None:
+            demo_script.stop()
         balancer.close()
         if cluster is not None:
             cluster.stop()
+        if files_dir is not None:
+            from console.demo import remove_demo_files
+
+            remove_demo_files(files_dir)
 
 
-def run_one_shot(balancer: OllamaLoadBalancer, config: Config, words: list[str], as_json: bool) -> int:
-    """Health monitor only (no optimizer thread), one bounded health round, then the command."""
-    errors = Console(stderr=True, highlight=False, soft_wrap=True)
+def run_one_shot(
+    balancer: OllamaLoadBalancer, config: Config, words: list[str], reporter: Reporter, verbose: bool = False
+) -> int:
+    """No optimizer thread; the health monitor and its first round (bounded) only if the command needs it."""
     try:  # a mistyped command is told at once, before any node is contacted
-        check_arity(resolve(words[0]), words[1:])
+        cmd = resolve(words[0])
+        check_arity(cmd, words[1:])
     except CommandError as exc:
-        errors.print(render.error_line(str(exc)))
-        return exc.exit_code
-    ctx = Context(balancer=balancer, console=make_one_shot_console(), config=config, progress=errors)
-    if not as_json:
-        balancer.subscribe(EventPrinter(errors, ONE_SHOT_PROGRESS))
-    balancer.start()
-    hint = unreachable_hint(first_health_round(balancer, first_round_timeout(config)), config)
-    if hint:
-        errors.print(render.error_line(hint))
-    return one_shot(ctx, words, as_json)
+        return reporter.error(str(exc), exc.exit_code)
+    ctx = Context(
+        balancer=balancer,
+        console=make_one_shot_console(),
+        config=config,
+        progress=reporter.errors,
+        verbose=verbose,
+    )
+    if cmd.wants_nodes(words[1:]):
+        start_and_check(balancer, config, reporter)
+    return one_shot(ctx, words, reporter)
 
 
 def exit_without_joining_core_threads(code: int) -> None:

@@ -930,19 +930,42 @@ def _clock_offset(date_header: str | None) -> timedelta:
     return offset if abs(offset) >= MIN_CLOCK_SKEW else timedelta(0)
 
 
-_CAUSES = {  # words inside a requests/urllib3 exception -> what to tell the user
+_CAUSES = {  # words inside a requests/urllib3 exception -> one clear phrase for the user (first match wins)
+    "NameResolutionError": "host name not found (check the spelling, or DNS)",
+    "Name or service not known": "host name not found (check the spelling, or DNS)",
+    "nodename nor servname": "host name not found (check the spelling, or DNS)",
+    "Temporary failure in name resolution": "host name not found (DNS did not answer)",
+    "getaddrinfo failed": "host name not found (check the spelling, or DNS)",
     "Connection refused": "connection refused",
+    "CERTIFICATE_VERIFY_FAILED": "TLS certificate not trusted",
+    "WRONG_VERSION_NUMBER": "TLS handshake failed: the node does not speak HTTPS (try http://)",
+    "wrong version number": "TLS handshake failed: the node does not speak HTTPS (try http://)",
+    "SSLError": "TLS handshake failed",
+    "Too many open files": "too many open files on this machine (raise `ulimit -n`)",
+    "Errno 24": "too many open files on this machine (raise `ulimit -n`)",
+    "Network is unreachable": "network unreachable",
+    "No route to host": "no route to host",
     "Remote end closed connection": "closed the connection without a reply",
     "Connection reset": "connection reset",
     "Connection aborted": "connection aborted",
     "Read timed out": "read timed out",
+    "timed out": "timed out",
 }
+_CAUSE_LIMIT = 120
 
 
-def _short_cause(exc: Exception) -> str:
-    """The useful words of a requests/urllib3 exception, e.g. 'connection refused'."""
+def _short_cause(exc: BaseException) -> str:
+    """The useful words of a requests/urllib3 exception as one phrase, e.g. 'connection refused'.
+
+    Unknown causes keep what follows urllib3's "Caused by", cut at a word, never mid-word.
+    """
     text = str(exc)
     for marker, words in _CAUSES.items():
         if marker in text:
             return words
-    return text.splitlines()[0][:120] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    text = text.split("Caused by ", 1)[-1].splitlines()[0].strip()
+    if len(text) <= _CAUSE_LIMIT:
+        return text
+    return text[:_CAUSE_LIMIT].rsplit(" ", 1)[0].rstrip(" ,;:(") + "…"

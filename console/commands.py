@@ -7,24 +7,32 @@ CommandError / UsageError with a one-line message; the caller prints it and carr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import fnmatch
+import math
+import os
 import shlex
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
 from console import render
-from console.config import Config, ConfigError, normalize_url, save_nodes
-from flockparse.rules import model_key
+from console.config import Config, ConfigError, check_seconds, normalize_url, update_nodes
+from console.names import ModelNameError, check_name, is_glob, same_name, suggestions, unique_names
 
 CANCEL_GRACE_S = 0.5  # after Ctrl-C, how long we give the core to notice the cancel Event
+SLOW_NOTE_S = 0.5  # a command that waits on nodes longer than this says what it waits for
+INTERNAL_KEYS = ("installed_checked_at",)  # core bookkeeping (a monotonic clock): not for users or scripts
+EXIT_INTERRUPTED = 130  # what shells report for a command ended by Ctrl-C
 
 
 class CommandError(Exception):
@@ -41,6 +49,8 @@ class UsageError(CommandError):
 
 class Cancelled(CommandError):
     """Ctrl-C during a long command: the cancel Event was set and we returned to the prompt."""
+
+    exit_code = EXIT_INTERRUPTED
 
 
 @dataclass
@@ -62,12 +72,18 @@ class Context:
     config: Config
     cancel: threading.Event = field(default_factory=threading.Event)
     progress: Console | None = None  # where "working..." notes go (stderr in one-shot, so --json stays clean)
+    verbose: bool = False  # show nodes' raw error texts in move results
+    quiet_events: Callable[[str], Any] | None = None  # mutes event lines a command reports itself
+    flush_events: Callable[[], None] | None = None  # prints queued event lines before a command's output
 
     def note(self, message: str) -> None:
-        (self.progress or self.console).print(Text(message, style="dim"))
+        (self.progress or self.console).print(render.safe_text(message, style="dim"))
 
-    def run_cancellable(self, work: Callable[[threading.Event], Any]) -> Any:
-        """Run a long core call in a worker thread; Ctrl-C sets its cancel Event and returns to the prompt."""
+    def run_cancellable(self, work: Callable[[threading.Event], Any], slow_note: str | None = None) -> Any:
+        """Run a long core call in a worker thread; Ctrl-C sets its cancel Event and returns to the prompt.
+
+        `slow_note` is printed if the call has not returned within SLOW_NOTE_S, so a wait is never silent.
+        """
         self.cancel = threading.Event()
         done = threading.Event()
         box: dict[str, Any] = {}
@@ -82,6 +98,8 @@ class Context:
 
         with ctrl_c_sets(self.cancel):
             threading.Thread(target=worker, name="console-command", daemon=True).start()
+            if slow_note and not done.wait(SLOW_NOTE_S) and not self.cancel.is_set():
+                self.note(slow_note)
             while not (done.wait(0.1) or self.cancel.is_set()):  # the SIGINT handler runs between waits
                 continue
         if self.cancel.is_set():  # the core stops at its next check point
@@ -121,6 +139,12 @@ class Command:
     optional: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     subcommands: Mapping[str, tuple[str, ...]] | None = None
+    needs_nodes: bool | Callable[[list[str]], bool] = True  # False: answered without any node (no wait)
+    complete_as: Mapping[str, str] | None = None  # subcommand -> completion source for its argument
+
+    def wants_nodes(self, args: list[str]) -> bool:
+        """Whether this call needs the first health round (one-shot mode waits for it, bounded)."""
+        return self.needs_nodes(args) if callable(self.needs_nodes) else self.needs_nodes
 
     @property
     def usage(self) -> str:
@@ -141,11 +165,15 @@ def command(
     optional: tuple[str, ...] = (),
     aliases: tuple[str, ...] = (),
     subcommands: Mapping[str, tuple[str, ...]] | None = None,
+    needs_nodes: bool | Callable[[list[str]], bool] = True,
+    complete_as: Mapping[str, str] | None = None,
 ) -> Callable[[Callable[[Context, list[str]], Outcome]], Callable[[Context, list[str]], Outcome]]:
     """Register a handler (litecli's special-command pattern)."""
 
     def register(handler: Callable[[Context, list[str]], Outcome]) -> Callable[[Context, list[str]], Outcome]:
-        REGISTRY[name] = Command(name, handler, description, args, optional, aliases, subcommands)
+        REGISTRY[name] = Command(
+            name, handler, description, args, optional, aliases, subcommands, needs_nodes, complete_as
+        )
         return handler
 
     return register
@@ -204,36 +232,75 @@ def dispatch(ctx: Context, words: list[str]) -> Outcome:
 
 
 def as_dict(value: Any) -> dict[str, Any]:
-    """NodeState snapshots (dataclasses or objects) -> plain dicts for render and --json."""
+    """NodeState snapshots (dataclasses or objects) -> plain dicts for render and --json, minus internals."""
     if isinstance(value, Mapping):
-        return dict(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return {key: val for key, val in vars(value).items() if not key.startswith("_")}
+        data = dict(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        data = dataclasses.asdict(value)
+    else:
+        data = {key: val for key, val in vars(value).items() if not key.startswith("_")}
+    for key in INTERNAL_KEYS:
+        data.pop(key, None)
+    return data
+
+
+def model_name(name: str, allow_glob: bool = False) -> str:
+    """The console's one name rule (console.names) as a usage error."""
+    try:
+        return check_name(name, allow_glob)
+    except ModelNameError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def unknown_model_hint(name: str, known: list[str]) -> str:
+    """`did you mean `llama3.1:latest`?`, else a few of the known names."""
+    close = suggestions(name, known)
+    if close:
+        return f"did you mean `{close[0]}`?"
+    shown = ", ".join(sorted(known)[:5]) + (f", ... ({len(known)} in all)" if len(known) > 5 else "")
+    return f"known: {shown}"
 
 
 def check_known_model(ctx: Context, name: str) -> None:
-    """Refuse a model no node knows, before touching any node."""
+    """Refuse a model no node knows (exit 2, with a did-you-mean), before touching any node."""
     known = ctx.balancer.known_models()
-    if model_key(name) in {model_key(model) for model in known}:
+    if any(same_name(name, model) for model in known):
         return
     if not known:
         raise CommandError(
             f"unknown model {name} (no models known yet: are the nodes reachable? try `nodes`)"
         )
-    shown = ", ".join(sorted(known)[:5]) + (", ..." if len(known) > 5 else "")
-    raise CommandError(f"unknown model {name} (known: {shown})")
+    raise UsageError(f"unknown model {name} ({unknown_model_hint(name, known)})")
 
 
-def persist_nodes(ctx: Context, extra_gpu: dict[str, bool] | None = None) -> str:
-    """Write the current node list to the config file atomically; returns a note for the user."""
-    ctx.config.gpu.update(extra_gpu or {})
+def persist_nodes(
+    ctx: Context, add: str | None = None, remove: str | None = None, gpu: bool | None = None
+) -> str:
+    """Apply one node change to the config file's own list (locked, merged with disk); a note for the user.
+
+    A failure raises CommandError: the change holds for this session, but a script must see exit 1.
+    """
+    url = add or remove
+    if gpu is not None and url is not None:
+        ctx.config.gpu[url] = gpu
     if ctx.config.path is None:
         return "(not saved: no config file in this mode)"
+    # a file without `nodes` starts from the default list in use (e.g. localhost), never a flag's or env's
+    base = list(ctx.config.nodes) if ctx.config.nodes_from == "default" else []
     try:
-        save_nodes(ctx.config.path, list(ctx.balancer.nodes), ctx.config.gpu)
+        update_nodes(
+            ctx.config.path, add=add, remove=remove, gpu={url: gpu} if gpu is not None and url else None,
+            base=base, base_gpu=dict(ctx.config.gpu) if base else None,
+        )  # fmt: skip
     except (OSError, ConfigError) as exc:
-        return f"(could not save to {ctx.config.path}: {exc})"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CommandError(
+            f"{'added' if add else 'removed'} {url} for this session, but could not save to "
+            f"{ctx.config.path}: {reason}"
+        ) from None
+    if ctx.config.nodes_from in ("flag", "env"):
+        source = "--nodes" if ctx.config.nodes_from == "flag" else "$OLLAMA_HOST"
+        return f"(saved to {ctx.config.path}; the {source} list of this run is not saved)"
     return f"(saved to {ctx.config.path})"
 
 
@@ -248,10 +315,21 @@ def _moves_ok(results: list[dict[str, Any]]) -> bool:
     return True
 
 
+def _muted(ctx: Context, what: str) -> Any:
+    """While a command reports its own moves, the event printer leaves them out (no line twice)."""
+    return ctx.quiet_events(what) if ctx.quiet_events else contextlib.nullcontext()
+
+
 # ---------------------------------------------------------------- commands
 
 
-@command("help", "show the commands, or one command's usage", optional=("COMMAND",), aliases=("?",))
+@command(
+    "help",
+    "show the commands, or one command's usage",
+    optional=("COMMAND",),
+    aliases=("?",),
+    needs_nodes=False,
+)
 def cmd_help(ctx: Context, args: list[str]) -> Outcome:
     if args:
         cmd = resolve(args[0])
@@ -261,7 +339,7 @@ def cmd_help(ctx: Context, args: list[str]) -> Outcome:
     )
 
 
-@command("nodes", "list the nodes: online, GPU, latency, last error")
+@command("nodes", "list the nodes: online, GPU, latency, last error (the full text of the last failure)")
 def cmd_nodes(ctx: Context, args: list[str]) -> Outcome:
     states = [as_dict(state) for state in ctx.balancer.node_states()]
     return Outcome(
@@ -274,6 +352,7 @@ def cmd_nodes(ctx: Context, args: list[str]) -> Outcome:
     "add a node (and save it); optionally declare it gpu or cpu",
     args=("URL",),
     optional=("gpu|cpu",),
+    needs_nodes=False,
 )
 def cmd_add_node(ctx: Context, args: list[str]) -> Outcome:
     flags = {"gpu": True, "cpu": False}
@@ -282,31 +361,171 @@ def cmd_add_node(ctx: Context, args: list[str]) -> Outcome:
     has_gpu = flags[args[1].lower()] if len(args) > 1 else None
     try:
         url = normalize_url(args[0])
-        if url in ctx.balancer.nodes:
-            raise CommandError(f"{url} is already a node")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if url in ctx.balancer.nodes:
+        raise CommandError(f"{url} is already a node")
+    try:
         state = ctx.balancer.add_node(url, has_gpu=has_gpu)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    note = persist_nodes(ctx, {url: has_gpu} if has_gpu is not None else None)
+    note = persist_nodes(ctx, add=url, gpu=has_gpu)
     return Outcome(data=as_dict(state), renderable=Text(f"added {url} {note}"))
 
 
-@command("remove_node", "remove a node (and save the change)", args=("NODE",), aliases=("rm_node",))
+@command(
+    "remove_node",
+    "remove a node (and save the change)",
+    args=("NODE",),
+    aliases=("rm_node",),
+    needs_nodes=False,
+)
 def cmd_remove_node(ctx: Context, args: list[str]) -> Outcome:
     try:
         url = normalize_url(args[0])
     except ValueError as exc:
-        raise CommandError(str(exc)) from None
+        raise UsageError(str(exc)) from None
     if not ctx.balancer.remove_node(url):
         raise CommandError(f"{url} is not a node (nodes: {', '.join(ctx.balancer.nodes) or 'none'})")
-    return Outcome(data={"removed": url}, renderable=Text(f"removed {url} {persist_nodes(ctx)}"))
+    ctx.config.gpu.pop(url, None)
+    return Outcome(data={"removed": url}, renderable=Text(f"removed {url} {persist_nodes(ctx, remove=url)}"))
 
 
-@command("vram_report", "where every model sits on every node: GPU, CPU or split; VRAM, RAM, expiry")
-def cmd_vram_report(ctx: Context, args: list[str]) -> Outcome:
-    report = ctx.run_cancellable(lambda cancel: ctx.balancer.vram_report())
+def filter_report(ctx: Context, report: list[dict[str, Any]], what: str) -> list[dict[str, Any]]:
+    """`vram_report NODE` keeps that node; `vram_report MODEL` (name or glob) keeps the nodes holding it,
+    with only the matching models. A filter that matches nothing is a one-line error with a did-you-mean."""
+    with contextlib.suppress(ConfigError):
+        url = normalize_url(what)
+        if url in ctx.balancer.nodes:
+            return [entry for entry in report if render.node_of(entry) == url]
+    pattern = model_name(what, allow_glob=True)
+
+    def matches(name: str) -> bool:
+        if is_glob(pattern):
+            key = name.casefold()
+            return fnmatch.fnmatchcase(key, pattern.casefold()) or fnmatch.fnmatchcase(
+                key.removesuffix(":latest"), pattern.casefold()
+            )
+        return same_name(pattern, name)
+
+    kept = []
+    for entry in report:
+        models = [m for m in entry.get("models") or [] if matches(str(m.get("name", "")))]
+        if models:
+            kept.append({**entry, "models": models})
+    if not kept:
+        known = sorted({str(m.get("name")) for e in report for m in e.get("models") or []})
+        hint = unknown_model_hint(pattern, known) if known else "no model is loaded"
+        nodes = ", ".join(render.short_url(n) for n in ctx.balancer.nodes)
+        raise UsageError(f"no node or loaded model matches {pattern} ({hint}; nodes: {nodes})")
+    return kept
+
+
+def _report(ctx: Context, what: str | None) -> Outcome:
+    report = ctx.balancer.vram_report()
+    if what:
+        report = filter_report(ctx, report, what)
     ok = not any(render.is_offline(entry) for entry in report)
     return Outcome(data=report, renderable=render.vram_report(report), ok=ok)
+
+
+@command(
+    "vram_report",
+    "where every model sits on every node: GPU, CPU or split; VRAM, RAM, context, expiry; one model or node",
+    optional=("MODEL|NODE",),
+    needs_nodes=False,  # it asks every node itself, bounded by the timeout
+)
+def cmd_vram_report(ctx: Context, args: list[str]) -> Outcome:
+    what = args[0] if args else None
+    if what and "://" not in what:
+        model_name(what, allow_glob=True)  # a name no model can have is told before any node is asked
+    waiting = f"asking {len(ctx.balancer.nodes)} node(s), up to {ctx.config.timeout:g}s... (Ctrl-C cancels)"
+    return ctx.run_cancellable(lambda cancel: _report(ctx, what), slow_note=waiting)
+
+
+WATCH_RANGE = (0.5, 3600.0)
+
+
+def watch_seconds(text: str | float) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise UsageError(f"watch: `{text}` is not a number of seconds") from None
+    low, high = WATCH_RANGE
+    if not math.isfinite(seconds) or not low <= seconds <= high:
+        raise UsageError(f"watch: SECONDS must be between {low:g} and {high:g}, got {seconds:g}")
+    return seconds
+
+
+@command(
+    "watch",
+    "a live vram_report, redrawn every SECONDS (default 2), like `gpustat -i`; q or Ctrl-C leaves",
+    optional=("SECONDS", "MODEL|NODE"),
+    needs_nodes=False,
+)
+def cmd_watch(ctx: Context, args: list[str]) -> Outcome:
+    seconds = watch_seconds(args[0]) if args else 2.0
+    return watch(ctx, seconds, args[1] if len(args) > 1 else None)
+
+
+def watch(ctx: Context, seconds: float, what: str | None = None) -> Outcome:
+    """Redraw the report in place until q (on a terminal) or Ctrl-C; returns the last report."""
+    from rich.live import Live
+
+    stop = threading.Event()
+    last = Outcome()
+    with (
+        ctrl_c_sets(stop),
+        key_pressed("q", stop),
+        Live(console=ctx.console, auto_refresh=False, transient=False, redirect_stdout=False) as live,
+    ):
+        while not stop.is_set():
+            last = _report(ctx, what)
+            header = Text(
+                f"every {seconds:g}s, {time.strftime('%H:%M:%S')}  (q or Ctrl-C leaves)", style="dim"
+            )
+            live.update(Group(header, last.renderable or Text("")), refresh=True)
+            stop.wait(seconds)
+    return Outcome(data=last.data, ok=last.ok)
+
+
+@contextmanager
+def key_pressed(key: str, event: threading.Event) -> Iterator[None]:
+    """On a terminal, set `event` when `key` is typed (the tty is in no-echo, no-line mode meanwhile)."""
+    import sys
+
+    try:
+        import select
+        import termios
+
+        fd = sys.stdin.fileno()
+        if not os.isatty(fd):
+            raise OSError
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    changed = list(saved)
+    changed[3] &= ~(termios.ICANON | termios.ECHO)
+    changed[6] = list(saved[6])
+    changed[6][termios.VMIN], changed[6][termios.VTIME] = 1, 0
+    termios.tcsetattr(fd, termios.TCSANOW, changed)
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set() and not event.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready and os.read(fd, 1).decode(errors="replace").lower() == key:
+                event.set()
+
+    thread = threading.Thread(target=reader, name="watch-keys", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(1.0)
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 @command("lb_stats", "per node: online, GPU, latency, requests, errors, in flight; optimizer state")
@@ -320,12 +539,16 @@ def cmd_lb_stats(ctx: Context, args: list[str]) -> Outcome:
 
 
 def _force(ctx: Context, model: str, target: str) -> Outcome:
+    model = model_name(model)
     check_known_model(ctx, model)
     method = ctx.balancer.force_gpu_all_nodes if target == "GPU" else ctx.balancer.force_cpu_all_nodes
     ctx.note(f"forcing {model} to {target} on all nodes... (Ctrl-C cancels)")
-    results = ctx.run_cancellable(lambda cancel: method(model, cancel=cancel))
+    with _muted(ctx, "user"):
+        results = ctx.run_cancellable(lambda cancel: method(model, cancel=cancel))
     return Outcome(
-        data=results, renderable=render.move_results(model, target, results), ok=_moves_ok(results)
+        data=results,
+        renderable=render.move_results(model, target, results, verbose=ctx.verbose),
+        ok=_moves_ok(results),
     )
 
 
@@ -350,6 +573,7 @@ OPTIMIZER_SUBCOMMANDS = {"on": (), "off": (), "status": (), "now": (), "interval
     "optimizer",
     "the background optimizer: start, stop, status, one pass now, interval",
     subcommands=OPTIMIZER_SUBCOMMANDS,
+    needs_nodes=lambda args: args[:1] == ["now"],
 )
 def cmd_optimizer(ctx: Context, args: list[str]) -> Outcome:
     balancer, sub = ctx.balancer, args[0]
@@ -360,15 +584,15 @@ def cmd_optimizer(ctx: Context, args: list[str]) -> Outcome:
         balancer.stop_gpu_optimization()
     elif sub == "interval":
         try:
-            seconds = float(args[1])
-        except ValueError:
-            raise UsageError(f"optimizer interval: `{args[1]}` is not a number of seconds") from None
-        if not seconds > 0:
-            raise UsageError("optimizer interval: must be more than 0 seconds")
+            seconds = check_seconds(args[1], "interval", "optimizer interval", named=True)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
         balancer.check_interval = seconds
+        ctx.config.interval = seconds
     elif sub == "now":
         ctx.note("running one optimizer pass over all nodes... (Ctrl-C cancels)")
-        actions = ctx.run_cancellable(lambda cancel: balancer.optimize_gpu_once(cancel=cancel))
+        with _muted(ctx, "pass"):
+            actions = ctx.run_cancellable(lambda cancel: balancer.optimize_gpu_once(cancel=cancel))
         ok = not any(action.get("action") == "failed" for action in actions)
         return Outcome(data=actions, renderable=render.pass_actions(actions), ok=ok)
     status = balancer.optimizer_status()
@@ -379,29 +603,43 @@ PRIORITY_SUBCOMMANDS = {"list": (), "add": ("MODEL",), "remove": ("MODEL",)}
 
 
 @command(
-    "priority", "the models the optimizer keeps on GPU (names, globs, `*`)", subcommands=PRIORITY_SUBCOMMANDS
+    "priority",
+    "the models the optimizer keeps on GPU (names, globs, `*`)",
+    subcommands=PRIORITY_SUBCOMMANDS,
+    needs_nodes=lambda args: args[:1] == ["add"],  # add suggests a known name for a typo
+    complete_as={"remove": "PRIORITY"},
 )
 def cmd_priority(ctx: Context, args: list[str]) -> Outcome:
     balancer, sub = ctx.balancer, args[0]
     current = list(balancer.gpu_priority_models)
+    note: Text | None = None
     if sub == "add":
-        name = args[1]
-        if not any(char in name for char in "*?[") and name.lower() not in {c.lower() for c in current}:
-            check_known_model(ctx, name)
-        if name.lower() in {c.lower() for c in current}:
+        name = model_name(args[1], allow_glob=True)
+        if any(same_name(name, c) for c in current):
             raise CommandError(f"{name} is already a priority model")
+        known = balancer.known_models()
+        if not is_glob(name) and not any(same_name(name, model) for model in known):
+            hint = f"; {unknown_model_hint(name, known)}" if known else ""
+            note = Text(f"note: {name} is on no node yet; it goes to GPU once a node has it{hint}", "yellow")
         balancer.gpu_priority_models = [*current, name]  # a new list: the optimizer may be iterating
     elif sub == "remove":
-        keep = [c for c in current if c.lower() != args[1].lower() and model_key(c) != model_key(args[1])]
+        keep = [c for c in current if not same_name(c, args[1])]
         if len(keep) == len(current):
             raise CommandError(
                 f"{args[1]} is not a priority model (priority: {', '.join(current) or 'none'})"
             )
         balancer.gpu_priority_models = keep
-    models = list(balancer.gpu_priority_models)
-    return Outcome(data=models, renderable=render.string_list("priority models", models))
+    models = unique_names(balancer.gpu_priority_models, allow_glob=True)
+    shown = render.string_list("priority models", models)
+    return Outcome(data=models, renderable=Group(shown, note) if note else shown)
 
 
-@command("exit", "stop the optimizer and leave (Ctrl-D too)", aliases=("quit",))
+@command("clear", "clear the screen", needs_nodes=False, aliases=("cls",))
+def cmd_clear(ctx: Context, args: list[str]) -> Outcome:
+    ctx.console.clear()
+    return Outcome()
+
+
+@command("exit", "stop the optimizer and leave (Ctrl-D too)", aliases=("quit",), needs_nodes=False)
 def cmd_exit(ctx: Context, args: list[str]) -> Outcome:
     return Outcome(exit=True)

@@ -68,6 +68,8 @@ def argument_kind(words: list[str]) -> str | None:
     if cmd.subcommands:
         if position == 0:
             return f"sub:{cmd.name}"
+        if position == 1 and cmd.complete_as and words[1] in cmd.complete_as:
+            return cmd.complete_as[words[1]]  # e.g. `priority remove` completes from the priority list
         spec = cmd.subcommands.get(words[1], ())
         position -= 1
     else:
@@ -79,16 +81,16 @@ class ConsoleCompleter(Completer):
     """Completes whole words where ':' '.' '/' '-' do not split (`llama3.1:` -> `llama3.1:8b`)."""
 
     def __init__(self, sources: dict[str, Callable[[], Iterable[str]]]) -> None:
-        self.sources = sources  # argument name (MODEL, NODE, PRIORITY) -> in-memory list
+        self.sources = sources  # argument name (MODEL, NODE, PRIORITY) -> in-memory list; never I/O
 
     def candidates(self, kind: str | None) -> list[str]:
-        if kind == "command":
+        if kind in ("command", "COMMAND"):  # `help <Tab>` offers the commands too
             return [name for cmd in REGISTRY.values() for name in (cmd.name, *cmd.aliases) if name != "?"]
         if kind and kind.startswith("sub:"):
             return list(REGISTRY[kind[4:]].subcommands or {})
-        if kind and "|" in kind:
-            return kind.split("|")
         source = self.sources.get(kind or "")
+        if source is None and kind and "|" in kind and kind.islower():  # literal choices: gpu|cpu
+            return kind.split("|")
         return list(source()) if source else []
 
     def get_completions(self, document: Document, complete_event: object) -> Iterable[Completion]:
@@ -100,7 +102,9 @@ class ConsoleCompleter(Completer):
         needle = current.lower()
         kind = argument_kind(words)
         for candidate in self.candidates(kind):
+            if not candidate.isprintable():  # a name with escape codes from a node is never offered
+                continue
             name = candidate.lower()
             if name.startswith(needle) or name.split("/")[-1].startswith(needle):
-                meta = resolve(candidate).description if kind == "command" else None
+                meta = resolve(candidate).description if kind in ("command", "COMMAND") else None
                 yield Completion(candidate, start_position=-len(current), display_meta=meta)

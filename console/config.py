@@ -1,12 +1,11 @@
-"""Configuration: TOML file + flags + OLLAMA_HOST, and atomic persistence of the node list.
+"""Configuration: TOML file + flags + OLLAMA_HOST, and safe persistence of node changes.
 
-Precedence is flags > config file > $OLLAMA_HOST > http://localhost:11434. The file format (only our
-own keys, so a tiny writer is enough and tomllib reads it back)::
+Precedence is flags > config file > $OLLAMA_HOST > http://localhost:11434. The file format::
 
     nodes = ["http://127.0.0.1:11434", "http://127.0.0.1:11435"]
     priority_models = ["mxbai-embed-large", "llama3.1"]
     interval = 300          # seconds between optimizer passes
-    keep_alive = "30m"      # passed to Ollama on every load (string duration or seconds)
+    keep_alive = "30m"      # passed to Ollama on every load (Go duration string or seconds)
     health_interval = 5     # seconds between node health checks
     timeout = 5             # seconds: per request to a node (status, tags); a dead node never costs more
     on_gpu_lost = "ssh {host} sudo systemctl restart ollama"   # remedy when a node loses its GPU (off)
@@ -14,18 +13,30 @@ own keys, so a tiny writer is enough and tomllib reads it back)::
 
     [gpu]                   # declared GPU capability per node; absent = detect
     "http://127.0.0.1:11434" = false
+
+Node changes (`add_node`, `remove_node`) are applied to the file's own list under a lock, re-read from
+disk, so concurrent consoles never drop each other's nodes; tomlkit keeps the user's comments and layout,
+the file's mode is kept and a symlinked file is written through its link. A node list that came from
+`--nodes` or $OLLAMA_HOST is never written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-import json
+import math
 import os
+import re
+import stat
 import tempfile
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomlkit
+from tomlkit.items import Array, Table
 
 from flockparse.rules import normalize_url as core_normalize_url
 
@@ -46,6 +57,35 @@ KNOWN_KEYS = (
 )
 DEFAULT_REMEDY_TIMEOUT = 120.0
 
+# (minimum, maximum) seconds. Below the minimum a value busy-loops a core or floods the nodes; above the
+# maximum it overflows threading waits (1e10) or means "never", which hides a dead node.
+RANGES: dict[str, tuple[float, float]] = {
+    "interval": (5.0, 30 * 86400.0),
+    "health_interval": (0.1, 3600.0),
+    "timeout": (0.1, 600.0),
+    "remedy_timeout": (1.0, 3600.0),
+}
+# Ollama reads a string keep_alive as a Go duration ("30m", "1h30m", "-1s") and a bare number as seconds
+_GO_DURATION = re.compile(r"-?((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+|-?(\d+(\.\d*)?|\.\d+)|0")
+_CREDENTIALS = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]+@", re.IGNORECASE)
+
+NEW_FILE_HEADER = """\
+# FlockParse console configuration (TOML). Written by `add_node`; comments are kept when it is changed.
+# Flags override these keys for one run; a node list given by --nodes or $OLLAMA_HOST is never saved.
+#
+# priority_models = ["mxbai-embed-large", "llama3.1"]  # what the optimizer keeps on GPU (globs, "*")
+# interval = 300          # seconds between optimizer passes (5 .. 2592000)
+# health_interval = 5     # seconds between node health checks (0.1 .. 3600)
+# timeout = 5             # seconds per request to a node (0.1 .. 600)
+# keep_alive = "30m"      # how long Ollama keeps a moved model: a duration ("30m", "2h") or seconds
+# on_gpu_lost = "ssh {host} sudo systemctl restart ollama"  # run once when a node loses its GPU (off)
+# remedy_timeout = 120    # seconds the remedy may run (1 .. 3600)
+#
+# [gpu]                   # declare a node's GPU instead of detecting it
+# "http://cpu-box:11434" = false
+
+"""
+
 
 class ConfigError(ValueError):
     """A config file or flag value we cannot use; the message is one line for the user."""
@@ -65,6 +105,7 @@ class Config:
     on_gpu_lost: str | None = None  # the operator's remedy command ({url}, {host}); None = off
     remedy_timeout: float = DEFAULT_REMEDY_TIMEOUT
     path: Path | None = None  # None: nothing is persisted (e.g. --demo)
+    nodes_from: str = "default"  # "flag" | "file" | "env" | "default": where `nodes` came from
 
 
 def config_dir(env: dict[str, str] | None = None) -> Path:
@@ -77,34 +118,109 @@ def config_dir(env: dict[str, str] | None = None) -> Path:
 
 
 def normalize_url(raw: str) -> str:
-    """The core's one node-address rule (`host` -> `http://host:11434`), as a ConfigError when unusable."""
+    """The core's one node-address rule (`host` -> `http://host:11434`), as a ConfigError when unusable.
+
+    Credentials are refused: the core would drop them silently and talk to the node without them.
+    """
+    if _CREDENTIALS.match(str(raw).strip()) or ("@" in str(raw) and "://" not in str(raw)):
+        raise ConfigError(
+            "node URL with credentials (user:password@) is not supported: nodes are reached without "
+            "authentication; put a proxy in front or drop the credentials"
+        )
     try:
         return core_normalize_url(raw)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
 
+def ollama_host_url(value: str) -> str:
+    """$OLLAMA_HOST as the official client reads it: `:11500` -> http://127.0.0.1:11500."""
+    text = value.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    if rest.startswith(":"):
+        rest = "127.0.0.1" + rest
+    if not rest:
+        rest = "127.0.0.1"
+    return normalize_url(f"{scheme}://{rest}" if sep else rest)
+
+
 def read_file(path: Path) -> dict[str, Any]:
-    """The raw TOML table, {} when the file does not exist."""
+    """The raw TOML table, {} when the file does not exist; any other problem is one ConfigError line."""
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle)
+        data = path.read_bytes()
     except FileNotFoundError:
         return {}
-    except (tomllib.TOMLDecodeError, OSError) as exc:
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    return _parse(data, path)
+
+
+def _parse(data: bytes, path: Path) -> dict[str, Any]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read config {path}: not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
 
 
-def _number(value: Any, key: str, source: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{source}: {key} must be a positive number, got {value!r}")
+def check_seconds(value: Any, key: str, source: str, named: bool = False) -> float:
+    """A finite number of seconds within RANGES[key]; else a one-line ConfigError naming source and key.
+
+    `named`: `source` already names the value (a flag, a command), so the key is not repeated.
+    """
+    low, high = RANGES[key]
+    where = source if named else f"{source}: {key}"
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: `{value}` is not a number of seconds") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}: `{value!r}` is not a number of seconds")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ConfigError(f"{where} must be between {low:.10g} and {high:.10g} seconds, got {value:.10g}")
     return float(value)
+
+
+def check_keep_alive(value: Any, source: str) -> str | int | float:
+    """A Go duration string or a finite number of seconds: what Ollama accepts (else every move is a 400)."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(f'{source}: keep_alive must be a duration such as "30m" or a number of seconds')
+    if isinstance(value, str) and not _GO_DURATION.fullmatch(value.strip()):
+        raise ConfigError(
+            f'{source}: keep_alive {value!r} is not a duration Ollama accepts (e.g. "30m", "2h", "-1")'
+        )
+    if isinstance(value, int | float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: keep_alive must be a finite number of seconds")
+    return value
 
 
 def _string_list(value: Any, key: str, source: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ConfigError(f"{source}: {key} must be a list of strings")
     return list(value)
+
+
+def _urls(values: list[str], source: str, key: str) -> list[str]:
+    try:
+        return list(dict.fromkeys(normalize_url(url) for url in values))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {key}: {exc}") from None
+
+
+def priority_list(names: list[str], source: str) -> list[str]:
+    """Validated priority names under the console's one name rule, duplicates (by model key) dropped."""
+    from console.names import ModelNameError, unique_names
+
+    try:
+        return unique_names(names, allow_glob=True)
+    except ModelNameError as exc:
+        raise ConfigError(f"{source}: priority_models: {exc}") from None
 
 
 def apply_table(config: Config, table: dict[str, Any], source: str) -> None:
@@ -115,91 +231,123 @@ def apply_table(config: Config, table: dict[str, Any], source: str) -> None:
             hint = f" (did you mean `{close[0]}`?)" if close else f" (known: {', '.join(KNOWN_KEYS)})"
             raise ConfigError(f"{source}: unknown key `{key}`{hint}")
     if "nodes" in table:
-        config.nodes = [normalize_url(url) for url in _string_list(table["nodes"], "nodes", source)]
+        config.nodes = _urls(_string_list(table["nodes"], "nodes", source), source, "nodes")
+        config.nodes_from = "file"
     if "priority_models" in table:
-        config.priority_models = _string_list(table["priority_models"], "priority_models", source)
-    if "interval" in table:
-        config.interval = _number(table["interval"], "interval", source)
-    if "health_interval" in table:
-        config.health_interval = _number(table["health_interval"], "health_interval", source)
-    if "timeout" in table:
-        config.timeout = _number(table["timeout"], "timeout", source)
+        names = _string_list(table["priority_models"], "priority_models", source)
+        config.priority_models = priority_list(names, source)
+    for key in RANGES:
+        if key in table:
+            setattr(config, key, check_seconds(table[key], key, source))
     if "keep_alive" in table:
-        if not isinstance(table["keep_alive"], str | int | float):
-            raise ConfigError(f"{source}: keep_alive must be a duration string or seconds")
-        config.keep_alive = table["keep_alive"]
+        config.keep_alive = check_keep_alive(table["keep_alive"], f"{source}: keep_alive")
     if "on_gpu_lost" in table:
         if not isinstance(table["on_gpu_lost"], str) or not table["on_gpu_lost"].strip():
             raise ConfigError(f"{source}: on_gpu_lost must be a command line (a non-empty string)")
         config.on_gpu_lost = table["on_gpu_lost"]
-    if "remedy_timeout" in table:
-        config.remedy_timeout = _number(table["remedy_timeout"], "remedy_timeout", source)
     if "gpu" in table:
         gpu = table["gpu"]
         if not isinstance(gpu, dict) or not all(isinstance(v, bool) for v in gpu.values()):
             raise ConfigError(f"{source}: [gpu] must map node URLs to true/false")
-        config.gpu = {normalize_url(url): flag for url, flag in gpu.items()}
+        config.gpu = {_urls([url], source, "[gpu]")[0]: flag for url, flag in gpu.items()}
 
 
 def load_config(
     config_file: str | None = None,
     nodes_flag: str | None = None,
     priority_flag: str | None = None,
-    interval_flag: float | None = None,
-    health_interval_flag: float | None = None,
-    timeout_flag: float | None = None,
+    interval_flag: float | str | None = None,
+    health_interval_flag: float | str | None = None,
+    timeout_flag: float | str | None = None,
     env: dict[str, str] | None = None,
 ) -> Config:
-    """Build the effective Config: flags > file > $OLLAMA_HOST > default."""
+    """Build the effective Config: flags > file > $OLLAMA_HOST > default. Every mistake is a ConfigError."""
     env = os.environ if env is None else env
+    if config_file is not None and not Path(config_file).is_file():
+        what = "is not a file" if Path(config_file).exists() else "does not exist"
+        raise ConfigError(f"--config {config_file} {what}")
     path = Path(config_file) if config_file else config_dir(env) / "config.toml"
     config = Config(path=path)
     table = read_file(path)
-    if env.get("OLLAMA_HOST") and "nodes" not in table:
-        config.nodes = [normalize_url(env["OLLAMA_HOST"])]
     apply_table(config, table, str(path))
-    if nodes_flag:
-        config.nodes = [normalize_url(url) for url in nodes_flag.split(",") if url.strip()]
+    if nodes_flag is not None:
+        config.nodes = _urls([url for url in nodes_flag.split(",") if url.strip()], "--nodes", "URL")
+        if not config.nodes:
+            raise ConfigError("--nodes: no node URL given")
+        config.nodes_from = "flag"
+    elif "nodes" not in table and env.get("OLLAMA_HOST", "").strip():  # only read when it is used
+        try:
+            config.nodes = [ollama_host_url(env["OLLAMA_HOST"])]
+        except ConfigError as exc:
+            raise ConfigError(f"$OLLAMA_HOST: {exc} (or pass --nodes)") from None
+        config.nodes_from = "env"
+    return apply_flags(config, priority_flag, interval_flag, health_interval_flag, timeout_flag)
+
+
+def apply_flags(
+    config: Config,
+    priority_flag: str | None = None,
+    interval_flag: float | str | None = None,
+    health_interval_flag: float | str | None = None,
+    timeout_flag: float | str | None = None,
+) -> Config:
+    """The flags other than --nodes and --config, checked the same way as the file's keys."""
     if priority_flag is not None:
-        config.priority_models = [name.strip() for name in priority_flag.split(",") if name.strip()]
-    if interval_flag is not None:
-        config.interval = _number(interval_flag, "--interval", "flag")
-    if health_interval_flag is not None:
-        config.health_interval = _number(health_interval_flag, "--health-interval", "flag")
-    if timeout_flag is not None:
-        config.timeout = _number(timeout_flag, "--timeout", "flag")
+        config.priority_models = priority_list(priority_flag.split(","), "--priority")
+    for key, flag in (
+        ("interval", interval_flag),
+        ("health_interval", health_interval_flag),
+        ("timeout", timeout_flag),
+    ):
+        if flag is not None:
+            setattr(config, key, check_seconds(flag, key, f"--{key.replace('_', '-')}", named=True))
     return config
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+# ---------------------------------------------------------------- persistence
 
 
 def dumps(table: dict[str, Any]) -> str:
-    """A tiny TOML writer for our own keys: scalars and lists first, then one level of tables."""
-    lines = [f"{key} = {_toml_value(value)}" for key, value in table.items() if not isinstance(value, dict)]
-    for key, value in table.items():
-        if isinstance(value, dict):
-            lines += ["", f"[{key}]"] + [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()]
-    return "\n".join(lines) + "\n"
+    """A whole table as TOML text (used for a new file)."""
+    return tomlkit.dumps(table)
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write a temp file in the same directory, fsync it, then os.replace: readers never see half a file."""
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `<file>.lock` next to the real file, held while we read-modify-write.
+
+    The lock is on a side file because the config itself is replaced (a new inode) by every save.
+    """
+    lock_path = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks; saves are still atomic
+            yield
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, text: str, mode: int | None = None) -> None:
+    """Temp file in the same directory, fsync, os.replace: readers never see half a file.
+
+    `mode` is the permission bits to keep (the old file's); a new file gets 0600 (it may name hosts).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
@@ -207,13 +355,69 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def save_nodes(path: Path, nodes: list[str], gpu: dict[str, bool] | None = None) -> None:
-    """Persist the node list (and declared GPU flags) into the file, keeping every other key as it was."""
-    table = read_file(path)
-    table["nodes"] = list(nodes)
-    declared = {url: flag for url, flag in {**table.get("gpu", {}), **(gpu or {})}.items() if url in nodes}
-    if declared:
-        table["gpu"] = declared
-    else:
-        table.pop("gpu", None)
-    atomic_write(path, dumps(table))
+def update_nodes(
+    path: Path,
+    add: str | None = None,
+    remove: str | None = None,
+    gpu: dict[str, bool] | None = None,
+    base: list[str] | None = None,
+    base_gpu: dict[str, bool] | None = None,
+) -> list[str]:
+    """Apply one node change to the file's own list, under a lock, keeping comments, layout and mode.
+
+    The file is re-read inside the lock, so a change made meanwhile by another console or script is kept.
+    `base` is the list to start from when the file has no `nodes` key yet (the default node, so that a
+    first `add_node` keeps using it) with its declared GPU flags `base_gpu`. Returns the node list now
+    saved. Raises ConfigError or OSError.
+    """
+    real = Path(os.path.realpath(path))  # write through a symlink, never replace the link itself
+    real.parent.mkdir(parents=True, exist_ok=True)
+    with locked(real):
+        try:
+            data = real.read_bytes()
+            mode: int | None = stat.S_IMODE(real.stat().st_mode)
+        except FileNotFoundError:
+            data, mode = NEW_FILE_HEADER.encode(), None
+        table = _parse(data, path)  # validates the encoding and syntax first, with the same one-line error
+        apply_table(Config(), table, str(path))
+        doc = tomlkit.parse(data.decode("utf-8"))
+        declared = dict(gpu or {})
+        if "nodes" not in doc:
+            doc["nodes"] = tomlkit.array()
+            for url in base or []:
+                doc["nodes"].append(url)
+            declared = {**(base_gpu or {}), **declared}
+        nodes: Array = doc["nodes"]
+        current = [normalize_url(str(url)) for url in nodes]
+        if add is not None and add not in current:
+            nodes.append(add)
+            current.append(add)
+        if remove is not None:
+            for index in reversed([i for i, url in enumerate(current) if url == remove]):
+                del nodes[index]
+                del current[index]
+        _update_gpu_table(doc, current, declared)
+        atomic_write(real, tomlkit.dumps(doc), mode)
+    return current
+
+
+def _update_gpu_table(doc: Any, nodes: list[str], declared: dict[str, bool]) -> None:
+    """Add the declared flags, drop entries of nodes no longer in the list; no empty [gpu] left behind."""
+    table: Table | None = doc.get("gpu")
+    if table is None:
+        if not any(url in nodes for url in declared):
+            return
+        table = tomlkit.table()
+        doc["gpu"] = table
+    for url, flag in declared.items():
+        if url in nodes:
+            table[url] = flag
+    for key in list(table.keys()):
+        try:
+            url = normalize_url(key)
+        except ConfigError:
+            continue
+        if url not in nodes:
+            del table[key]
+    if not table:
+        del doc["gpu"]

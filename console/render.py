@@ -6,12 +6,16 @@ line is testable without a terminal. Colours are chosen here and nowhere else.
 
 from __future__ import annotations
 
+import math
+import re
 import time
-from collections.abc import Iterable, Mapping
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from rich.console import Group, RenderableType
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -43,11 +47,64 @@ UNMOVABLE_WORDS = {
 }
 
 
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def clean(value: Any) -> str:
+    """Text from a node as plain, one-line text: escape sequences and control characters are shown
+    escaped (`\\x1b[2J`), never sent to the terminal; line breaks and tabs become spaces."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char in "\n\r\t":
+            out.append(" ")
+        elif char in _BIDI or unicodedata.category(char) == "Cc":
+            out.append(char.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def safe_text(value: Any, style: str = "") -> Text:
+    """A rich Text of `clean(value)`: no markup, no escape codes, whatever the node sent."""
+    return Text(clean(value), style=style)
+
+
 def short_url(url: str | None) -> str:
     """`http://127.0.0.1:11434` -> `127.0.0.1:11434`: the scheme is noise in a narrow table."""
     if not url:
         return "-"
-    return url.split("://", 1)[-1].rstrip("/")
+    return clean(url.split("://", 1)[-1].rstrip("/"))
+
+
+class Fit:
+    """The wide table when it fits the terminal, else a stacked layout: names are never cut to `127.0…`.
+
+    The last column of a table with `flex_last` wraps, so only FLEX_MIN of its width has to fit.
+    """
+
+    FLEX_MIN = 24
+
+    def __init__(
+        self, wide: RenderableType, narrow: Callable[[], RenderableType], flex_last: bool = False
+    ) -> None:
+        self.wide, self.narrow, self.flex_last = wide, narrow, flex_last
+
+    def _natural_width(self, console: Console, options: ConsoleOptions) -> int:
+        column = self.wide.columns[-1] if self.flex_last and isinstance(self.wide, Table) else None
+        saved = column.max_width if column is not None else None
+        if column is not None:
+            column.max_width = self.FLEX_MIN
+        try:
+            return Measurement.get(console, options.update_width(10_000), self.wide).maximum
+        finally:
+            if column is not None:
+                column.max_width = saved
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self.wide if self._natural_width(console, options) <= options.max_width else self.narrow()
 
 
 def human_mb(megabytes: float | int | None) -> str:
@@ -61,12 +118,16 @@ def human_mb(megabytes: float | int | None) -> str:
 
 def human_seconds(seconds: float) -> str:
     """12s, 4m 12s, 2h 05m: short enough for the toolbar and the expiry column."""
+    if not math.isfinite(seconds):  # never raise inside the toolbar's redraw
+        return "never"
     seconds = max(0, int(round(seconds)))
     if seconds < 60:
         return f"{seconds}s"
     if seconds < 3600:
         return f"{seconds // 60}m {seconds % 60:02d}s"
-    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
 
 
 def _timestamp(value: Any) -> float | None:
@@ -100,26 +161,37 @@ def expiry_text(model: Mapping[str, Any], now: float) -> str:
     return f"in {human_seconds(left)}"
 
 
-def placement_text(model: Mapping[str, Any]) -> Text:
-    """GPU / CPU / split with both percentages, coloured: the one thing the user is looking for."""
+def placement_text(model: Mapping[str, Any], has_gpu: bool | None = None) -> Text:
+    """`ollama ps` wording (`100% GPU`, `100% CPU`, `48%/52% CPU/GPU`), coloured by what it means.
+
+    CPU is red only where a GPU could hold the model: on a CPU-only node it is simply where models live.
+    """
     location = str(model.get("location") or "")
     gpu = model.get("gpu_percent")
     if location.startswith("GPU"):
-        return _with_unmovable(Text("GPU 100%", style="green"), model)
+        return _with_unmovable(Text("100% GPU", style="green"), model)
     if location.startswith("CPU"):
-        return _with_unmovable(Text("CPU 100%", style="red"), model)
+        return _with_unmovable(Text("100% CPU", style="red" if has_gpu is not False else ""), model)
     if location.startswith("Split") and isinstance(gpu, int | float):
-        text = Text(f"split {gpu:.0f}% GPU / {100 - gpu:.0f}% CPU", style="yellow")
-    else:
-        text = Text(location or model.get("processor") or "unknown", style="magenta")
-    return _with_unmovable(text, model)
+        processor = model.get("processor")
+        split = f"{100 - gpu:.0f}%/{gpu:.0f}%"
+        text = processor if isinstance(processor, str) and "/" in processor else split
+        return _with_unmovable(Text(f"{clean(text).removesuffix(' CPU/GPU')} CPU/GPU", style="yellow"), model)
+    return _with_unmovable(safe_text(location or model.get("processor") or "unknown", style="magenta"), model)
 
 
 def _with_unmovable(text: Text, model: Mapping[str, Any]) -> Text:
+    """A model Ollama will not let us move says why (its Modelfile pins it, or it is an MLX model)."""
     reason = model.get("unmovable")
     if reason:
-        text.append(f" ({UNMOVABLE_WORDS.get(str(reason), str(reason))})", style="dim")
+        text.append(f" ({UNMOVABLE_WORDS.get(str(reason), clean(str(reason)))})", style="dim")
     return text
+
+
+def context_text(model: Mapping[str, Any]) -> str:
+    """The CONTEXT column of `ollama ps`."""
+    value = model.get("context_length")
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else "-"
 
 
 def node_of(entry: Mapping[str, Any]) -> str | None:
@@ -139,7 +211,7 @@ def node_title(entry: Mapping[str, Any]) -> Text:
         if entry.get("stale"):
             title.append("  STALE: last known state", style="red")
         if entry.get("error"):
-            title.append(f"  ({str(entry['error']).replace('http://', '')})", style="dim red")
+            title.append(f"  ({clean(entry['error']).replace('http://', '')})", style="dim red")
     else:
         title.append("  online", style="green")
         if entry.get("latency_ms") is not None:
@@ -152,28 +224,55 @@ def node_title(entry: Mapping[str, Any]) -> Text:
     return title
 
 
+VRAM_COLUMNS = ("model", "placement", "VRAM", "RAM", "context", "until")
+
+
+def _vram_table(entry: Mapping[str, Any], now: float) -> Table:
+    stale = is_offline(entry)
+    table = Table(expand=False, show_edge=False)
+    for column in VRAM_COLUMNS:
+        justify = "right" if column in ("VRAM", "RAM", "context") else "left"
+        table.add_column(column, justify=justify, style="dim" if stale else None, no_wrap=True)
+    for model in entry.get("models") or []:
+        table.add_row(
+            safe_text(model.get("name", "?")),
+            placement_text(model, entry.get("has_gpu")),
+            human_mb(model.get("vram_mb")),
+            human_mb(model.get("ram_mb")),
+            context_text(model),
+            expiry_text(model, now),
+        )
+    return table
+
+
+def _vram_stacked(entry: Mapping[str, Any], now: float) -> RenderableType:
+    """One model per three short lines: the whole name; placement, context, expiry; VRAM and RAM."""
+    style = "dim" if is_offline(entry) else ""
+    lines: list[RenderableType] = []
+    for model in entry.get("models") or []:
+        lines.append(Text.assemble("  ", safe_text(model.get("name", "?"), "bold"), overflow="fold"))
+        detail = Text("    ")
+        detail.append_text(placement_text(model, entry.get("has_gpu")))
+        detail.append(f"  ctx {context_text(model)}  {expiry_text(model, now)}", style=style)
+        lines.append(detail)
+        sizes = f"    {human_mb(model.get('vram_mb'))} VRAM  {human_mb(model.get('ram_mb'))} RAM"
+        lines.append(Text(sizes, style=style or "dim"))
+    return Group(*lines)
+
+
 def vram_report(report: Iterable[Mapping[str, Any]], now: float | None = None) -> RenderableType:
-    """One table per node: model, placement, VRAM, RAM, expiry; offline nodes marked stale."""
+    """Per node: model, placement, VRAM, RAM, context, expiry; offline nodes marked stale.
+
+    Narrower than the table (e.g. 60 columns), each model is stacked on two lines instead.
+    """
     now = time.time() if now is None else now
     parts: list[RenderableType] = []
     for entry in report:
-        stale = is_offline(entry)
-        table = Table(expand=False, show_edge=False)
-        for column in ("model", "placement", "VRAM", "RAM", "expires"):
-            justify = "right" if column in ("VRAM", "RAM") else "left"
-            table.add_column(column, justify=justify, style="dim" if stale else None, no_wrap=True)
-        models = entry.get("models") or []
-        for model in models:
-            table.add_row(
-                str(model.get("name", "?")),
-                placement_text(model),
-                human_mb(model.get("vram_mb")),
-                human_mb(model.get("ram_mb")),
-                expiry_text(model, now),
-            )
-        if not models:
-            table.add_row(Text("no model loaded" if not stale else "no models known", style="dim"))
-        parts += [node_title(entry), table, Text("")]
+        if entry.get("models"):
+            body: RenderableType = Fit(_vram_table(entry, now), lambda e=entry: _vram_stacked(e, now))
+        else:
+            body = Text("  no model loaded" if not is_offline(entry) else "  no models known", style="dim")
+        parts += [node_title(entry), body, Text("")]
     return Group(*parts[:-1]) if parts else Text("no nodes configured (add one with `add_node URL`)")
 
 
@@ -199,7 +298,7 @@ def _version_text(node: Mapping[str, Any]) -> Text:
     version = node.get("ollama_version")
     if not version:
         return Text("-", style="dim")
-    text = Text(str(version))
+    text = safe_text(str(version))
     if node.get("estimates"):
         text.append(" (estimates)", style="yellow")  # /api/ps figures of Ollama < 0.30 are predicted
     return text
@@ -240,6 +339,20 @@ def optimizer_line(status: Mapping[str, Any], now: float | None = None) -> Text:
     return text
 
 
+def _vram_names(node: Mapping[str, Any]) -> str:
+    return clean(", ".join(vram_model_names(node.get("models_in_vram") or node.get("models") or [])) or "-")
+
+
+def _latency(value: Any) -> str:
+    return f"{value:.0f} ms" if isinstance(value, int | float) else "-"
+
+
+def _stacked(title: str, rows: Iterable[Text]) -> list[Text]:
+    lines = [Text(title, style="bold", overflow="fold")]
+    lines += [Text.assemble("  ", row, overflow="fold") for row in rows]
+    return lines
+
+
 def lb_stats(stats: Mapping[str, Any], now: float | None = None) -> RenderableType:
     """Per node: online, GPU capability, latency, requests, errors, in flight, models in VRAM."""
     table = Table(title="load balancer", title_justify="left", show_edge=False)
@@ -248,66 +361,146 @@ def lb_stats(stats: Mapping[str, Any], now: float | None = None) -> RenderableTy
         numeric = column in ("latency", "requests", "errors", "in flight")
         table.add_column(column, justify="right" if numeric else "left", no_wrap=True)
     table.add_column("in VRAM")
-    for node in stats.get("nodes", []):
+    nodes = list(stats.get("nodes", []))
+    for node in nodes:
         state = state_word(node.get("online"))
         if node.get("stale"):
             state.append(" (stale)", style="dim")
-        latency = node.get("latency_ms")
         table.add_row(
             short_url(node_of(node)),
             state,
             _gpu_word(node),
-            f"{latency:.0f} ms" if isinstance(latency, int | float) else "-",
+            _latency(node.get("latency_ms")),
             str(node.get("requests", 0)),
             str(node.get("errors", 0)),
             str(node.get("in_flight", 0)),
-            ", ".join(vram_model_names(node.get("models_in_vram") or node.get("models") or [])) or "-",
+            _vram_names(node),
         )
-    return Group(table, optimizer_line(stats.get("optimizer") or {}, now))
+
+    def stacked() -> RenderableType:
+        lines: list[Text] = [Text("load balancer")]
+        for node in nodes:
+            lines += _stacked(
+                short_url(node_of(node)),
+                [
+                    Text.assemble(
+                        state_word(node.get("online")),
+                        "  ",
+                        _gpu_word(node),
+                        f"  latency {_latency(node.get('latency_ms'))}",
+                    ),  # fmt: skip
+                    Text(
+                        f"requests {node.get('requests', 0)}  errors {node.get('errors', 0)}  "
+                        f"in flight {node.get('in_flight', 0)}"
+                    ),
+                    Text(f"in VRAM: {_vram_names(node)}"),
+                ],
+            )
+        return Group(*lines)
+
+    return Group(Fit(table, stacked, flex_last=True), optimizer_line(stats.get("optimizer") or {}, now))
 
 
 def nodes_table(states: Iterable[Mapping[str, Any]], now: float | None = None) -> RenderableType:
-    """The `nodes` command: who is there, up or down, GPU or not, last error."""
+    """The `nodes` command: who is there, up or down, GPU or not, last error (the node's full text)."""
     now = time.time() if now is None else now
+    states = list(states)
     table = Table(show_edge=False)
     table.add_column("node", no_wrap=True)
     for column in ("state", "GPU", "evidence", "Ollama", "latency", "last seen"):
         table.add_column(column, no_wrap=True)
-    table.add_column("last error")
+    table.add_column("last error", min_width=20)
+
+    def seen(node: Mapping[str, Any]) -> str:
+        when = _timestamp(node.get("last_seen"))
+        return f"{human_seconds(now - when)} ago" if when else "never"
+
+    def error(node: Mapping[str, Any]) -> str:
+        return clean(node.get("last_error") or "").replace("http://", "")
+
     for node in states:
-        seen = _timestamp(node.get("last_seen"))
-        latency = node.get("latency_ms")
         table.add_row(
             short_url(node.get("url")),
             state_word(node.get("online")),
             _gpu_word(node),
-            Text(str(node.get("gpu_evidence") or ""), style="dim"),
+            safe_text(node.get("gpu_evidence") or "", style="dim"),
             _version_text(node),
-            f"{latency:.0f} ms" if isinstance(latency, int | float) else "-",
-            f"{human_seconds(now - seen)} ago" if seen else "never",
-            Text(str(node.get("last_error") or "").replace("http://", ""), style="dim red"),
+            _latency(node.get("latency_ms")),
+            seen(node),
+            Text(error(node), style="dim red"),
         )
-    return table
+
+    def stacked() -> RenderableType:
+        lines: list[Text] = []
+        for node in states:
+            rows = [
+                Text.assemble(
+                    state_word(node.get("online")),
+                    "  ",
+                    _gpu_word(node),
+                    f"  {_latency(node.get('latency_ms'))}  seen {seen(node)}",
+                ),  # fmt: skip
+            ]
+            if node.get("gpu_evidence"):
+                rows.append(safe_text(f"evidence: {clean(node['gpu_evidence'])}", style="dim"))
+            if node.get("ollama_version"):
+                rows.append(Text.assemble("Ollama ", _version_text(node)))
+            if node.get("last_error"):
+                rows.append(Text(f"last error: {error(node)}", style="dim red"))
+            lines += _stacked(short_url(node.get("url")), rows)
+        return Group(*lines)
+
+    return Fit(table, stacked, flex_last=True)
 
 
-def move_results(model: str, target: str, results: Iterable[Mapping[str, Any]]) -> RenderableType:
-    """force_gpu / force_cpu: one line per node, skipped, moved, already there, or failed with why."""
-    lines = [Text(f"{model} -> {target}", style="bold")]
+def _without_parens(text: str) -> str:
+    """Drop parenthesised asides (where nodes' raw error texts go): `x (raw...) ; y` -> `x ; y`."""
+    out, depth = [], 0
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")" and depth:
+            depth -= 1
+        elif depth == 0:
+            out.append(char)
+    return re.sub(r"\s+([;,:])", r"\1", re.sub(r"\s{2,}", " ", "".join(out))).strip()
+
+
+def short_message(message: str, node: str | None, limit: int = 100) -> str:
+    """A failure as one short phrase: the node's name (already at the line's start) and raw texts left out."""
+    text = clean(message)
+    if node:
+        text = text.replace(f" on {node}", "").replace(f"{node} ", "").replace(node, "")
+    text = _without_parens(text)
+    return text if len(text) <= limit else text[: limit - 1].rsplit(" ", 1)[0] + "…"
+
+
+def move_results(
+    model: str, target: str, results: Iterable[Mapping[str, Any]], verbose: bool = False
+) -> RenderableType:
+    """force_gpu / force_cpu: one line per node, skipped, moved, already there, or failed with why.
+
+    A node's raw error text (e.g. llama-server's out-of-memory dump) only with `verbose`.
+    """
+    lines = [Text(f"{clean(model)} -> {target}", style="bold")]
     for item in results:
         result = item.get("result") or {}
-        line = Text(f"  {short_url(item.get('node'))}  ")
-        reason = result.get("reason", "")
+        node = item.get("node")
+        line = Text(f"  {short_url(node)}  ", overflow="fold")
+        reason = clean(result.get("reason", ""))
+        message = str(result.get("message", ""))
         if result.get("skipped"):
             line.append(f"skipped ({reason or 'not applicable'})", style="dim")
         elif reason == "no_gpu":
-            line.append(f"no GPU: {result.get('message', '')}".replace("http://", ""), style="dim")
+            line.append(f"no GPU: {short_message(message, node)}", style="dim")
         elif result.get("success"):
             word = "already there" if reason == "already" else "done"
-            line.append(f"{word}: {result.get('location') or target}", style="green")
+            line.append(f"{word}: {clean(result.get('location') or target)}", style="green")
             if result.get("vram_mb"):
                 line.append(f"  {human_mb(result['vram_mb'])} VRAM", style="dim")
         else:
-            line.append(f"failed ({reason or 'error'}): {result.get('message', '')}", style="red")
+            shown = clean(message).replace("http://", "") if verbose else short_message(message, node)
+            line.append(f"failed ({reason or 'error'}): {shown}", style="red")
             if result.get("restored"):
                 line.append("  (put back where it was)", style="dim")
         lines.append(line)
@@ -319,14 +512,16 @@ def move_results(model: str, target: str, results: Iterable[Mapping[str, Any]]) 
 ACTION_STYLE = {"moved": "green", "failed": "red", "skipped": "dim"}
 
 
-def pass_actions(actions: Iterable[Mapping[str, Any]]) -> RenderableType:
+def pass_actions(actions: Iterable[Mapping[str, Any]], verbose: bool = False) -> RenderableType:
     """`optimizer now`: what the pass did, one line per action (moved / failed / skipped, and why)."""
     lines = []
     for action in actions:
-        kind = str(action.get("action", ""))
-        node = short_url(action.get("node"))
-        line = Text(f"  {kind:<8}", style=ACTION_STYLE.get(kind, ""))
-        line.append(f" {node}  {action.get('model') or ''}  {action.get('message', '')}".rstrip())
+        kind = clean(action.get("action", ""))
+        node = action.get("node")
+        message = str(action.get("message", ""))
+        shown = clean(message).replace("http://", "") if verbose else short_message(message, node)
+        line = Text(f"  {kind:<8}", style=ACTION_STYLE.get(kind, ""), overflow="fold")
+        line.append(f" {short_url(node)}  {clean(action.get('model') or '')}  {shown}".rstrip())
         lines.append(line)
     return Group(
         Text("optimizer pass done", style="bold"), *(lines or [Text("  nothing to do", style="dim")])
@@ -338,11 +533,11 @@ def optimizer_status(status: Mapping[str, Any], now: float | None = None) -> Ren
     lines: list[RenderableType] = [optimizer_line(status, now)]
     for pin in status.get("pinned_cpu") or []:
         lines.append(
-            Text(f"  pinned to CPU: {pin.get('model')} on {short_url(pin.get('node'))}", style="dim")
+            safe_text(f"  pinned to CPU: {pin.get('model')} on {short_url(pin.get('node'))}", style="dim")
         )
     for backoff in status.get("backed_off") or []:
         lines.append(
-            Text(
+            safe_text(
                 f"  backed off: {backoff.get('model')} on {short_url(backoff.get('node'))} "
                 f"({backoff.get('reason')}, skips {backoff.get('passes_to_skip')} pass(es))",
                 style="yellow",
@@ -353,7 +548,7 @@ def optimizer_status(status: Mapping[str, Any], now: float | None = None) -> Ren
 
 def string_list(title: str, items: Iterable[str]) -> Text:
     """`priority list` and similar: a title and the items, or (none)."""
-    items = list(items)
+    items = [clean(item) for item in items]
     return Text(f"{title}: " + (", ".join(items) if items else "(none)"))
 
 
@@ -369,7 +564,7 @@ def help_table(commands: Iterable[Any]) -> RenderableType:
 
 def error_line(message: str) -> Text:
     """Every failure the user caused or met is one red line; the console carries on."""
-    return Text(message, style="red")
+    return safe_text(message, style="red")
 
 
 def worth_showing(event: Any) -> bool:
@@ -382,7 +577,7 @@ def worth_showing(event: Any) -> bool:
     return True
 
 
-def _event_message(event: Any) -> str:
+def _event_message(event: Any, nodes_total: int | None = None, verbose: bool = False) -> str:
     kind, data = getattr(event, "kind", ""), getattr(event, "data", None) or {}
     model, node = getattr(event, "model", None), short_url(getattr(event, "node", None))
     if kind == "optimizer_started":
@@ -390,13 +585,29 @@ def _event_message(event: Any) -> str:
     if kind == "optimizer_stopped":
         return "GPU auto-optimization stopped"
     if kind == "move_started":
-        return f"{model} on {node}: moving to {data.get('target', '?')}..."
+        return f"{clean(model)} on {node}: moving to {clean(data.get('target', '?'))}..."
+    if kind == "pass_finished" and "moved" in data:
+        over = f" over {nodes_total} node(s)" if nodes_total else ""
+        duration = data.get("duration_s")
+        took = f" in {duration:.2f} s" if isinstance(duration, int | float) else ""
+        return (
+            f"GPU pass finished{took}{over}: {data.get('moved', 0)} moved, {data.get('failed', 0)} failed, "
+            f"{data.get('skipped', 0)} skipped"
+        )
+    if kind == "move_failed" and not verbose:  # the node's raw error text only with --verbose
+        return f"{clean(model)} on {node}: {short_message(getattr(event, 'message', ''), event.node)}"
     message = getattr(event, "message", "") or " ".join(p for p in (kind, model, node) if p and p != "-")
-    return message.replace("http://", "")
+    return clean(message).replace("http://", "")
 
 
-def event_line(event: Any, duration_s: float | None = None) -> Text:
-    """`03:41:07 optimizer mxbai-embed-large:latest now on GPU on 127.0.0.1:5001 (1.2 s)`: one line."""
+def event_line(
+    event: Any, duration_s: float | None = None, nodes_total: int | None = None, verbose: bool = False
+) -> Text:
+    """`03:41:07 optimizer mxbai-embed-large:latest now on GPU on 127.0.0.1:5001 (1.2 s)`: one line.
+
+    Print it word-wrapped (not soft-wrapped): a narrow terminal then breaks it between words, never
+    inside an address.
+    """
     kind, data = getattr(event, "kind", "event"), getattr(event, "data", None) or {}
     tag, style = EVENT_STYLE.get(kind, ("event", ""))
     if tag == "move" and data.get("source") == "optimizer":
@@ -404,7 +615,7 @@ def event_line(event: Any, duration_s: float | None = None) -> Text:
     stamp = time.strftime("%H:%M:%S", time.localtime(getattr(event, "time", time.time())))
     line = Text(f"{stamp} ", style="dim")
     line.append(f"{tag:<9} ", style=f"bold {style}".strip())
-    line.append(_event_message(event), style=style)
+    line.append(_event_message(event, nodes_total, verbose), style=style)
     if duration_s is not None:
         line.append(f" ({duration_s:.1f} s)", style="dim")
     if kind == "remedy_finished" and data.get("output"):

@@ -13,7 +13,7 @@ from rich.console import Console
 from console import render
 from console.commands import REGISTRY, UsageError, check_arity, parse_line, resolve
 from console.completion import ConsoleCompleter, argument_kind
-from console.config import ConfigError, dumps, load_config, normalize_url, save_nodes
+from console.config import ConfigError, dumps, load_config, normalize_url, update_nodes
 from console.toolbar import toolbar_fragments
 from flockparse.events import Event
 from flockparse.rules import model_key
@@ -81,11 +81,11 @@ def test_bad_urls_are_refused(bad: str) -> None:
         normalize_url(bad)
 
 
-def test_save_nodes_is_atomic_and_keeps_other_keys(tmp_path: Path) -> None:
+def test_node_changes_are_atomic_and_keep_other_keys(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "config.toml"
     path.parent.mkdir()
     path.write_text('interval = 60\nkeep_alive = "1h"\nnodes = ["http://127.0.0.1:1"]\n')
-    save_nodes(path, ["http://127.0.0.1:1", "http://127.0.0.1:2"], {"http://127.0.0.1:2": True})
+    update_nodes(path, add="http://127.0.0.1:2", gpu={"http://127.0.0.1:2": True})
     table = tomllib.loads(path.read_text())
     assert table == {
         "interval": 60,
@@ -93,13 +93,13 @@ def test_save_nodes_is_atomic_and_keeps_other_keys(tmp_path: Path) -> None:
         "nodes": ["http://127.0.0.1:1", "http://127.0.0.1:2"],
         "gpu": {"http://127.0.0.1:2": True},
     }
-    save_nodes(path, ["http://127.0.0.1:1"])  # removing a node drops its GPU declaration too
+    update_nodes(path, remove="http://127.0.0.1:2")  # removing a node drops its GPU declaration too
     assert tomllib.loads(path.read_text()) == {
         "interval": 60,
         "keep_alive": "1h",
         "nodes": ["http://127.0.0.1:1"],
     }
-    assert sorted(p.name for p in path.parent.iterdir()) == ["config.toml"]  # no temp file left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == [".config.toml.lock", "config.toml"]  # no temp
 
 
 def test_toml_writer_round_trips_awkward_strings() -> None:
@@ -127,7 +127,7 @@ def test_every_issue_command_is_registered() -> None:
     [
         (["force_gpu"], "missing argument MODEL"),
         (["force_gpu", "a", "b"], "extra argument `b`"),
-        (["vram_report", "x"], "extra argument `x`"),
+        (["vram_report", "x", "y"], "extra argument `y`"),
         (["optimizer"], "missing argument"),
         (["optimizer", "fast"], "unknown subcommand `fast`"),
         (["optimizer", "interval"], "missing argument SECONDS"),
@@ -206,7 +206,7 @@ def test_vram_report_shows_placements_sizes_expiry_and_stale_nodes() -> None:
     ]
     shown = text_of(render.vram_report(report, now=NOW))
     assert "127.0.0.1:5001  online  3 ms  holds 7.4 GB VRAM, 3.0 GB RAM" in shown
-    assert "GPU 100%" in shown and "CPU 100%" in shown and "split 52% GPU / 48% CPU" in shown
+    assert "100% GPU" in shown and "100% CPU" in shown and "48%/52% CPU/GPU" in shown
     assert "4.9 GB" in shown and "705 MB" in shown
     assert "in 4m 12s" in shown and "stopping..." in shown and "forever" in shown
     assert "127.0.0.1:5002  offline  STALE: last known state  (connection refused)  holds 4.8 GB" in shown

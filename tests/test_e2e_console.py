@@ -25,16 +25,17 @@ PROMPT = "⚡ Enter command: "
 class Terminal:
     """A pty running the console, mirrored into a pyte screen; every wait has a deadline."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], columns: int = COLUMNS) -> None:
         self.child = pexpect.spawn(
-            sys.executable, ["flockparsecli.py", *args], cwd=str(REPO), env=env, dimensions=(LINES, COLUMNS)
+            sys.executable, ["flockparsecli.py", *args], cwd=str(REPO), env=env, dimensions=(LINES, columns)
         )
-        self.screen = pyte.Screen(COLUMNS, LINES)
+        self.screen = pyte.Screen(columns, LINES)
         self.screen.write_process_input = self._answer  # cursor position reports go back to the app
         self.stream = pyte.ByteStream(self.screen)
 
     def _answer(self, data: str) -> None:
-        self.child.send(data.encode())
+        if not self.child.closed:  # output replayed after the console ended needs no answer
+            self.child.send(data.encode())
 
     def lines(self) -> list[str]:
         return [line.rstrip() for line in self.screen.display]
@@ -75,6 +76,10 @@ class Terminal:
             self.child.terminate(force=True)
 
 
+def load_sent(node) -> bool:
+    return any(entry[1] in ("/api/generate", "/api/embed") for entry in node.request_log)
+
+
 @pytest.fixture
 def terminal_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "NO_COLOR")}
@@ -103,7 +108,7 @@ def test_console_in_a_real_terminal(sim_node, terminal_env: dict[str, str]) -> N
         term.wait_for(lambda: "1/1 nodes online  1 with GPU  optimizer on" in term.text(), "the toolbar")
 
         term.type("vram_report\r")
-        term.wait_for(lambda: "mxbai-embed-large:latest │ GPU 100%" in term.text(), "the vram_report table")
+        term.wait_for(lambda: "mxbai-embed-large:latest │ 100% GPU" in term.text(), "the vram_report table")
         assert f"{short}  online" in term.text()
 
         # half a command, no Enter; then make the optimizer act in the background
@@ -143,7 +148,8 @@ def test_ctrl_c_cancels_a_long_move_and_exit_is_prompt(sim_node, terminal_env: d
     with Terminal(["--nodes", node.url, "--no-optimizer", "--health-interval", "0.2"], terminal_env) as term:
         term.wait_for(lambda: "1/1 nodes online" in term.text(), "the toolbar")
         term.type("force_gpu mxbai-embed-large\r")
-        term.wait_for(lambda: "moving to GPU..." in term.text(), "the move to start")
+        term.wait_for(lambda: "forcing mxbai-embed-large to GPU" in term.text(), "the move to start")
+        term.wait_for(lambda: load_sent(node), "the load")
         term.type("\x03")  # Ctrl-C while the node is still loading (a minute of simulated load)
         term.wait_for(lambda: "cancelled" in term.text(), "the cancel line")
         term.wait_for(lambda: term.cursor_line().endswith(PROMPT.strip()), "a fresh prompt")
@@ -164,7 +170,7 @@ def test_demo_shows_freed_vram_and_a_restart(terminal_env: dict[str, str], tmp_p
         term.wait_for(lambda: PROMPT.strip() in term.cursor_line(), "the prompt")
         term.wait_for(lambda: "restored to Split" in flat(), "the start-up move failing honestly")
         term.type("vram_report\r")  # the "before" state: llama3.1 split next to the training job
-        term.wait_for(lambda: "llama3.1:latest │ split" in term.text(), "llama3.1 split on the training node")
+        term.wait_for(lambda: "CPU/GPU" in term.text(), "llama3.1 split on the training node")
         term.wait_for(lambda: "ended. Ollama moves nothing by itself" in flat(), "the job's end")
         term.type("optimizer now\r")
         moved = f"llama3.1:latest now on GPU on 127.0.0.1:{training}"
@@ -174,4 +180,70 @@ def test_demo_shows_freed_vram_and_a_restart(terminal_env: dict[str, str], tmp_p
         term.wait_for(lambda: warmed in flat(), "the warm-up after the restart")
         term.type("exit\r")
         assert term.wait_for_exit() == 0
-        assert not (tmp_path / "config.toml").exists()  # the demo never writes the user's config
+        assert list(tmp_path.iterdir()) == []  # no config, history or log in the user's config dir
+
+
+def test_ctrl_d_typed_while_a_command_runs_is_not_lost(sim_node, terminal_env: dict[str, str]) -> None:
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")], load_seconds_per_gb=2)
+    with Terminal(["--nodes", node.url, "--no-optimizer", "--health-interval", "0.2"], terminal_env) as term:
+        term.wait_for(lambda: "1/1 nodes online" in term.text(), "the toolbar")
+        term.type("force_gpu mxbai-embed-large\r")
+        term.wait_for(lambda: "forcing mxbai-embed-large to GPU" in term.text(), "the command to start")
+        term.type("\x04")  # Ctrl-D while the node is still loading
+        status = term.wait_for_exit(timeout=30)
+        term.stream.feed(term.child.before)  # what it printed before it ended
+        assert status == 0
+        assert "done: GPU (VRAM)" in term.text()  # the command finished, then the Ctrl-D ended the console
+
+
+def test_ctrl_c_in_one_shot_exits_130(sim_node, terminal_env: dict[str, str]) -> None:
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")], load_seconds_per_gb=60)
+    with Terminal(["--nodes", node.url, "force_gpu", "mxbai-embed-large"], terminal_env) as term:
+        term.wait_for(lambda: "forcing mxbai-embed-large to GPU" in term.text(), "the move to start")
+        term.wait_for(lambda: load_sent(node), "the load sent")
+        term.type("\x03")
+        assert term.wait_for_exit() == 130
+
+
+def test_no_color_flag_sends_no_colour_codes(sim_node, terminal_env: dict[str, str]) -> None:
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")])
+    with Terminal(["--no-color", "--nodes", node.url, "vram_report"], terminal_env) as term:
+        raw = term.child.read()
+        assert b"100% CPU" in raw and b"\x1b[3" not in raw and b"\x1b[9" not in raw  # no SGR colours
+
+
+def test_sixty_columns_keep_addresses_and_model_names_whole(sim_node, terminal_env: dict[str, str]) -> None:
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")])
+    short = node.url.split("://")[1]
+    terminal_env.update(COLUMNS="60")
+    args = ["--nodes", node.url, "--no-optimizer", "--health-interval", "0.2"]
+    with Terminal(args, terminal_env, columns=60) as term:
+        term.wait_for(lambda: "1/1 nodes online" in term.text(), "the toolbar")
+        for command, shown in (("vram_report", "943 MB RAM"), ("nodes", "seen"), ("lb_stats", "in flight")):
+            term.type(f"{command}\r")
+            term.wait_for(lambda shown=shown: shown in term.text(), f"{command}'s output")
+        text = term.text()
+        assert "mxbai-embed-large:latest" in text and "…" not in text
+        assert all(short in line for line in term.lines() if "127.0.0.1:" in line)  # never cut or split
+        term.type("exit\r")
+        assert term.wait_for_exit() == 0
+
+
+def test_vram_report_watch_leaves_on_q(sim_node, terminal_env: dict[str, str]) -> None:
+    node = sim_node(vram_gb=24, preload=[("mxbai-embed-large", "cpu")])
+    with Terminal(["--nodes", node.url, "vram_report", "--watch", "0.5"], terminal_env) as term:
+        term.wait_for(lambda: "(q or Ctrl-C leaves)" in term.text(), "the live report")
+        term.wait_for(lambda: "mxbai-embed-large:latest │ 100% CPU" in term.text(), "the table")
+        term.type("q")
+        assert term.wait_for_exit() == 0
+
+
+def test_ctrl_c_while_waiting_for_a_hung_node_exits_130(sim_node, terminal_env: dict[str, str]) -> None:
+    hung = sim_node(vram_gb=0)
+    hung.set_fault("hang")
+    with Terminal(["--nodes", hung.url, "--timeout", "30", "nodes"], terminal_env) as term:
+        term.wait_for(lambda: any(entry[1] == "/api/ps" for entry in hung.request_log), "the first check")
+        term.type("\x03")  # during the first health round, before the command runs
+        assert term.wait_for_exit() == 130
+        term.stream.feed(term.child.before)
+        assert "Traceback" not in term.text() and "cancelled" in term.text()
