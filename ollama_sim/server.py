@@ -1871,7 +1871,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         node.stop()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
