@@ -1,7 +1,7 @@
-"""`python3 -m ollama_sim --port 11434 ...`: one simulated Ollama node on 127.0.0.1 (see cli.main)."""
+"""`python3 -m ollama_sim ...`: one simulated Ollama node on 127.0.0.1 (flags in cli.py)."""
 
 import sys
 
-from ollama_sim.server import main
+from ollama_sim.cli import main
 
 sys.exit(main())
