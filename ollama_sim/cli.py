@@ -20,7 +20,9 @@ def _parse_preload(text: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="A simulated Ollama node on 127.0.0.1.")
+    parser = argparse.ArgumentParser(
+        prog="python3 -m ollama_sim", description="A simulated Ollama node on 127.0.0.1."
+    )
     parser.add_argument("--port", type=int, default=11434, help="0 = ephemeral")
     parser.add_argument("--vram-gb", type=float, default=24.0, help="GPU memory in GiB, 0 = CPU-only node")
     parser.add_argument("--ram-gb", type=float, default=64.0)

@@ -23,7 +23,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ollama_sim.catalogue import (
@@ -315,11 +315,6 @@ class Scheduler:
 
     def _unloading_locked(self) -> bool:
         return any(r.stop_at is not None and r.ref_count == 0 for r in self._runners.values())
-
-    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
-        """Wait until predicate() (called with the lock held) is true after a load, unload or restart."""
-        with self._changed:
-            return self._changed.wait_for(predicate, timeout=timeout)
 
     def _count(self, name: str, kind: str) -> None:
         self._counts.setdefault(name, {"loads": 0, "unloads": 0})[kind] += 1
