@@ -197,9 +197,9 @@ def test_cluster_nodes_are_independent(sim_cluster):
 
 
 def test_command_line_prints_its_url_first_and_serves(tmp_path):
-    command = [sys.executable, str(ROOT / "ollama_sim.py"), "--port", "0", "--vram-gb", "24",
+    command = [sys.executable, "-m", "ollama_sim", "--port", "0", "--vram-gb", "24",
                "--preload", "mxbai-embed-large@cpu", "--preload", "llama3.1@auto"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         url = process.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:")
@@ -212,9 +212,9 @@ def test_command_line_prints_its_url_first_and_serves(tmp_path):
 
 
 def test_expires_at_is_in_the_server_zone_and_created_at_in_utc():
-    command = [sys.executable, str(ROOT / "ollama_sim.py"), "--port", "0", "--preload", "all-minilm@auto"]
+    command = [sys.executable, "-m", "ollama_sim", "--port", "0", "--preload", "all-minilm@auto"]
     env = {**os.environ, "TZ": "SIM-02:30"}  # a POSIX zone 2h30 east of UTC, no tz database needed
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
         url = process.stdout.readline().strip()
         (entry,) = requests.get(url + "/api/ps", timeout=5).json()["models"]
@@ -288,6 +288,6 @@ def test_installed_models_and_preload_placements(sim_node):
 
 
 def test_command_line_rejects_a_bad_preload():
-    command = [sys.executable, str(ROOT / "ollama_sim.py"), "--port", "0", "--preload", "llama3.1@moon"]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=20)
+    command = [sys.executable, "-m", "ollama_sim", "--port", "0", "--preload", "llama3.1@moon"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=20, cwd=ROOT)
     assert finished.returncode == 1 and "auto|gpu|cpu|forced-cpu" in finished.stderr

@@ -335,10 +335,10 @@ def test_two_automatic_cpu_fallbacks_cannot_coexist_on_a_gpu_node():
 
 
 def test_command_line_flags_for_the_real_situations():
-    command = [sys.executable, str(ROOT / "ollama_sim.py"), "--port", "0", "--gpu-missing",
+    command = [sys.executable, "-m", "ollama_sim", "--port", "0", "--gpu-missing",
                "--external-vram-gb", "3", "--version", "0.12.10",
                "--preload", "llama3.2:3b@auto"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         url = process.stdout.readline().strip()
         assert requests.get(url + "/api/version", timeout=5).json() == {"version": "0.12.10"}
