@@ -19,11 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any
-
-import requests
-from requests.adapters import HTTPAdapter
 
 from flockparse.rules import (  # noqa: F401 - re-exported: the design card's names live here too
     LOCATION_CPU,
@@ -36,16 +32,16 @@ from flockparse.rules import (  # noqa: F401 - re-exported: the design card's na
     placement,
     same_model,
 )
+from flockparse.transport import NodeError, NodeTransport, Reply
+from flockparse.transport import clock_offset as _clock_offset  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-USER_AGENT = "flockparse"
 FOREVER_AFTER = timedelta(days=365 * 20)  # `ollama ps` shows "Forever" beyond 20 years
 ALL_LAYERS_FALLBACK = 999  # llama.cpp clamps an explicit layer count to the model's layers
 POLL_INTERVAL = 0.025  # seconds between /api/ps polls while verifying a placement
 MIN_KEEP_ALIVE_S = 30  # a model moved with seconds left must live long enough to be verified
-MIN_CLOCK_SKEW = timedelta(seconds=2)  # smaller skews are within the Date header's 1 s resolution
 _MEMORY_ERROR = re.compile(r"memory|cudamalloc|\boom\b|vram|signal: killed", re.IGNORECASE)
 # Contexts Ollama picks by itself (>= 0.15.5, by total VRAM: ollama-api.md "vram-based default context"); a
 # loaded model showing one of these, or its trained context, was most likely loaded without num_ctx.
@@ -62,29 +58,6 @@ def _node_key(node_url: str) -> str:
         return str(node_url).strip()
 
 
-class NodeError(Exception):
-    """A call that got no usable answer. `reason` is one of the result reasons."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-@dataclass
-class Reply:
-    """One HTTP reply from a node, its body already parsed when it was JSON."""
-
-    status: int
-    body: Any  # parsed JSON, or None when the body was not JSON
-    text: str
-    clock_offset: timedelta = timedelta(0)  # node clock minus ours, from its Date header
-
-    def error_text(self) -> str:
-        """Ollama's `{"error": ...}` text, or the start of the raw body."""
-        if isinstance(self.body, dict) and isinstance(self.body.get("error"), str):
-            return self.body["error"]
-        return self.text.strip()[:200] or f"HTTP {self.status}"
 
 
 @dataclass
@@ -248,8 +221,8 @@ def _modelfile_int(info: _ModelInfo, name: str) -> int | None:
 class GPUController:
     """One node at a time: status, and verified moves to GPU or CPU.
 
-    Thread-safe. One `requests.Session` per node (connection reuse); every call has a
-    (connect, read) timeout; only one move of a given model on a given node runs at once.
+    Thread-safe. One connection pool per node (reuse; flockparse/transport.py); every call has a total
+    deadline and a reply size cap; only one move of a given model on a given node runs at once.
     """
 
     def __init__(
@@ -263,7 +236,7 @@ class GPUController:
         self.load_timeout = load_timeout
         self.verify_timeout = verify_timeout
         self.keep_alive = keep_alive
-        self._sessions: dict[str, requests.Session] = {}
+        self._transport = NodeTransport()  # one connection pool per node, shared with the balancer's routing
         self._moves: dict[tuple[str, str], threading.Event] = {}  # moves under way; set when one ends
         self._unloading: dict[str, int] = {}  # node -> unloads under way
         self._last_change: dict[str, float] = {}  # node -> time.monotonic() a move or unload last ended
@@ -272,53 +245,30 @@ class GPUController:
 
     # ----------------------------------------------------------------------------- transport
 
-    def _session(self, node_url: str) -> requests.Session:
-        with self._lock:
-            session = self._sessions.get(node_url)
-            if session is None:
-                session = requests.Session()
-                session.trust_env = False  # no proxy from the environment: nodes are reached directly
-                # only what Ollama needs: the health check runs every few seconds on every node
-                session.headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
-                adapter = HTTPAdapter(pool_connections=1, pool_maxsize=8, max_retries=0)
-                session.mount("http://", adapter)
-                session.mount("https://", adapter)
-                self._sessions[node_url] = session
-            return session
-
     def call(
         self, node_url: str, method: str, path: str, payload: dict | None = None, read_timeout: float = 0
     ) -> Reply:
-        """One HTTP call on the node's pooled session; raises NodeError when no reply came.
+        """One HTTP call on the node's connection pool; raises NodeError when no usable reply came.
 
-        The balancer routes requests through here too, so each node has one pool and one error vocabulary.
+        The whole call (connect, send, headers, body) ends within `read_timeout` (default: `timeout`);
+        connecting alone within `timeout`. Replies are capped by path and never redirected
+        (flockparse/transport.py). The balancer routes requests through here too, so each node has one
+        pool and one error vocabulary.
         """
-        read_timeout = read_timeout or self.timeout
         if self._closed:
             raise NodeError("cancelled", f"{node_url}: not sent, the controller is closed")
-        try:
-            response = self._session(node_url).request(
-                method, node_url + path, json=payload, timeout=(self.timeout, read_timeout)
-            )
-        except requests.ConnectTimeout as exc:
-            raise NodeError(
-                "timeout", f"{node_url} did not accept a connection within {self.timeout:g}s"
-            ) from exc
-        except requests.Timeout as exc:
-            raise NodeError("timeout", f"{node_url} did not answer {path} within {read_timeout:g}s") from exc
-        except requests.ConnectionError as exc:
-            raise NodeError("unreachable", f"{node_url} is unreachable ({_short_cause(exc)})") from exc
-        except requests.RequestException as exc:
-            raise NodeError("error", f"{node_url}: {path} failed ({_short_cause(exc)})") from exc
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        return Reply(response.status_code, body, response.text, _clock_offset(response.headers.get("Date")))
+        return self._transport.call(
+            node_url,
+            method,
+            path,
+            payload,
+            timeout=read_timeout or self.timeout,
+            connect_timeout=self.timeout,
+        )
 
     def _get_json(self, node_url: str, path: str) -> Reply:
         """GET a JSON document; any non-200 or non-JSON reply becomes a one-line NodeError."""
-        reply = self.call(node_url, "GET", path)
+        reply = self.call(node_url, "GET", path)  # 3xx, oversize, unsafe JSON: NodeError already
         if reply.status == 503:
             raise NodeError("error", f"{node_url} is busy (503)")
         if reply.status != 200:
@@ -336,10 +286,7 @@ class GPUController:
 
     def forget_node(self, node_url: str) -> None:
         """Close one node's connections (it was removed from the cluster)."""
-        with self._lock:
-            session = self._sessions.pop(_node_key(node_url), None)
-        if session is not None:
-            session.close()
+        self._transport.forget(_node_key(node_url))
 
     def shutdown(self) -> None:
         """Close, and send nothing from now on (a call ends as `cancelled`): a move still running in another
@@ -349,10 +296,7 @@ class GPUController:
 
     def close(self) -> None:
         """Close every node's connections. The controller can still be used afterwards."""
-        with self._lock:
-            sessions, self._sessions = list(self._sessions.values()), {}
-        for session in sessions:
-            session.close()
+        self._transport.close()
 
     # ----------------------------------------------------------------------------- reading
 
@@ -914,58 +858,3 @@ def _result(success: bool, message: str, reason: str, entry: _Loaded | None = No
     if entry is not None:
         _set_location(result, entry)
     return result
-
-
-def _clock_offset(date_header: str | None) -> timedelta:
-    """How far the node's clock is ahead of ours; zero when unknown or too small to matter."""
-    if not date_header:
-        return timedelta(0)
-    try:
-        node_now = parsedate_to_datetime(date_header) + timedelta(seconds=0.5)  # header is whole seconds
-    except (TypeError, ValueError):
-        return timedelta(0)
-    if node_now.tzinfo is None:
-        return timedelta(0)
-    offset = node_now - datetime.now(UTC)
-    return offset if abs(offset) >= MIN_CLOCK_SKEW else timedelta(0)
-
-
-_CAUSES = {  # words inside a requests/urllib3 exception -> one clear phrase for the user (first match wins)
-    "NameResolutionError": "host name not found (check the spelling, or DNS)",
-    "Name or service not known": "host name not found (check the spelling, or DNS)",
-    "nodename nor servname": "host name not found (check the spelling, or DNS)",
-    "Temporary failure in name resolution": "host name not found (DNS did not answer)",
-    "getaddrinfo failed": "host name not found (check the spelling, or DNS)",
-    "Connection refused": "connection refused",
-    "CERTIFICATE_VERIFY_FAILED": "TLS certificate not trusted",
-    "WRONG_VERSION_NUMBER": "TLS handshake failed: the node does not speak HTTPS (try http://)",
-    "wrong version number": "TLS handshake failed: the node does not speak HTTPS (try http://)",
-    "SSLError": "TLS handshake failed",
-    "Too many open files": "too many open files on this machine (raise `ulimit -n`)",
-    "Errno 24": "too many open files on this machine (raise `ulimit -n`)",
-    "Network is unreachable": "network unreachable",
-    "No route to host": "no route to host",
-    "Remote end closed connection": "closed the connection without a reply",
-    "Connection reset": "connection reset",
-    "Connection aborted": "connection aborted",
-    "Read timed out": "read timed out",
-    "timed out": "timed out",
-}
-_CAUSE_LIMIT = 120
-
-
-def _short_cause(exc: BaseException) -> str:
-    """The useful words of a requests/urllib3 exception as one phrase, e.g. 'connection refused'.
-
-    Unknown causes keep what follows urllib3's "Caused by", cut at a word, never mid-word.
-    """
-    text = str(exc)
-    for marker, words in _CAUSES.items():
-        if marker in text:
-            return words
-    if not text:
-        return type(exc).__name__
-    text = text.split("Caused by ", 1)[-1].splitlines()[0].strip()
-    if len(text) <= _CAUSE_LIMIT:
-        return text
-    return text[:_CAUSE_LIMIT].rsplit(" ", 1)[0].rstrip(" ,;:(") + "…"
