@@ -27,8 +27,9 @@ from typing import Any, NoReturn
 from rich.console import Console
 from rich.text import Text
 
-from console import __version__, render
-from console.commands import (
+from flockparse.balancer import OllamaLoadBalancer
+from flockparse.console import __version__, render
+from flockparse.console.commands import (
     EXIT_INTERRUPTED,
     REGISTRY,
     CommandError,
@@ -41,9 +42,8 @@ from console.commands import (
     resolve,
     unknown_model_hint,
 )
-from console.config import Config, ConfigError, apply_flags, config_dir, load_config
-from console.names import is_glob, same_name
-from flockparse.balancer import OllamaLoadBalancer
+from flockparse.console.config import Config, ConfigError, apply_flags, config_dir, load_config
+from flockparse.console.names import is_glob, same_name
 from gpu_controller import GPUController
 
 __all__ = ["OllamaLoadBalancer", "GPUController", "main"]
@@ -392,9 +392,9 @@ def interactive(
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
 
-    from console.completion import ConsoleCompleter, ModelNameRefresher
-    from console.history import open_history, open_log
-    from console.toolbar import TOOLBAR_STYLE, toolbar_fragments, toolbar_state
+    from flockparse.console.completion import ConsoleCompleter, ModelNameRefresher
+    from flockparse.console.history import open_history, open_log
+    from flockparse.console.toolbar import TOOLBAR_STYLE, toolbar_fragments, toolbar_state
 
     console = console or make_interactive_console()
     printer = EventPrinter(console, verbose=verbose)
@@ -544,7 +544,13 @@ def _main(argv: Sequence[str] | None) -> int:
     cluster, banner, files_dir, demo_script = None, None, None, None
     try:
         if args.demo:
-            from console.demo import DemoScript, demo_banner, demo_config, demo_files_dir, start_demo_cluster
+            from flockparse.console.demo import (
+                DemoScript,
+                demo_banner,
+                demo_config,
+                demo_files_dir,
+                start_demo_cluster,
+            )
 
             flags = apply_flags(Config(), args.priority, args.interval, args.health_interval, args.timeout)
             cluster = start_demo_cluster()
@@ -575,7 +581,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if cluster is not None:
             cluster.stop()
         if files_dir is not None:
-            from console.demo import remove_demo_files
+            from flockparse.console.demo import remove_demo_files
 
             remove_demo_files(files_dir)
 

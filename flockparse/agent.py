@@ -33,7 +33,6 @@ from flockparse.rules import LOCATION_GPU, is_off_gpu, matches_priority, model_k
 
 RESTART_MARGIN_S = 10.0  # models gone this long before their expiry did not expire: the node restarted
 INSTALLED_REFRESH_SECONDS = 180.0  # how often the monitor re-reads /api/tags (for completion only)
-INSTALLED_RETRY_SECONDS = 5.0  # after a failed /api/tags: ask again soon, not in 3 minutes
 UNMOVABLE_REASONS = frozenset({"pinned_by_modelfile", "not_controllable"})
 USER_PRIORITY, OPTIMIZER_PRIORITY = 0, 1  # lane order: a user's move goes before queued optimizer moves
 
@@ -90,8 +89,10 @@ class NodeAgent:
         controller: Any,
         declared_gpu: bool | None = None,
         closed: threading.Event | None = None,
+        retry_seconds: float = 5.0,
     ) -> None:
         self.url = url
+        self.retry_seconds = retry_seconds  # a failed /api/tags is asked again this soon (the health interval)
         self.controller = controller
         self._closed = closed or threading.Event()
         self._lock = threading.Lock()
@@ -158,15 +159,23 @@ class NodeAgent:
 
     def _installed_due(self) -> bool:
         with self._lock:
-            wait = INSTALLED_REFRESH_SECONDS if self._installed_ok else INSTALLED_RETRY_SECONDS
+            wait = INSTALLED_REFRESH_SECONDS if self._installed_ok else self.retry_seconds
             return self._state.online is not True or time.monotonic() - self._installed_at >= wait
+
+    def ensure_version(self) -> None:
+        """Read /api/version if it is not known yet (a node seen up by a report before any check)."""
+        if self._version_due():
+            version = self.controller.version(self.url)
+            if version is not None:
+                with self._lock:
+                    self._state.ollama_version = version
 
     def _version_due(self) -> bool:
         with self._lock:
             return self._state.online is not True or self._state.ollama_version is None
 
     def record_installed(self, reply: dict) -> None:
-        """A failed read is retried soon (INSTALLED_RETRY_SECONDS), never trusted as an empty list."""
+        """A failed read is retried at the next check, never trusted as an empty list for 3 minutes."""
         with self._lock:
             self._installed_at = time.monotonic()
             self._installed_ok = "error" not in reply

@@ -214,7 +214,8 @@ class OllamaLoadBalancer:
         with self._lock:
             if node in self._agents:
                 raise ValueError(f"node already in the cluster: {node}")
-            agent = self._agents[node] = NodeAgent(node, self.controller, has_gpu, self._closed)
+            agent = NodeAgent(node, self.controller, has_gpu, self._closed, retry_seconds=self.health_interval)
+            self._agents[node] = agent
         self.events.emit(Event("node_added", node=node, message=f"added node {node}"))
         if self._started:
             self._check(agent)
@@ -296,7 +297,10 @@ class OllamaLoadBalancer:
         if agent is None:
             return {"node_url": node, "models": [], "error": f"{node} is not in the cluster"}
         seq, sent_at, status = agent.read_status()
-        self._act_on(agent, agent.record(seq, sent_at, status, self._patterns()), trigger=trigger)
+        folded = agent.record(seq, sent_at, status, self._patterns())
+        if folded.warm_up:  # it came up: the version says how far its /api/ps figures can be trusted
+            agent.ensure_version()
+        self._act_on(agent, folded, trigger=trigger)
         return status
 
     def installed_models(self, node: str) -> set[str]:

@@ -24,10 +24,10 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 import flockparsecli
-from console.commands import Cancelled, Context
-from console.completion import ConsoleCompleter, ModelNameRefresher
-from console.config import Config
-from console.toolbar import toolbar_fragments, toolbar_state
+from flockparse.console.commands import Cancelled, Context
+from flockparse.console.completion import ConsoleCompleter, ModelNameRefresher
+from flockparse.console.config import Config
+from flockparse.console.toolbar import toolbar_fragments, toolbar_state
 from flockparse.rules import model_key
 from flockparsecli import first_health_round, interactive, main, make_balancer, run_line
 from ollama_sim import SimCluster

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from console.config import ConfigError, load_config, normalize_url, ollama_host_url, update_nodes
+from flockparse.console.config import ConfigError, load_config, normalize_url, ollama_host_url, update_nodes
 from flockparsecli import main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -26,10 +26,10 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 import ollama_sim
-from console import __version__, render
-from console.commands import Cancelled, Context
-from console.completion import ConsoleCompleter
-from console.config import Config
+from flockparse.console import __version__, render
+from flockparse.console.commands import Cancelled, Context
+from flockparse.console.completion import ConsoleCompleter
+from flockparse.console.config import Config
 from flockparse.events import Event
 from flockparsecli import EventPrinter, first_health_round, interactive, main, make_balancer, run_line
 from ollama_sim import SimCluster, SimNode

@@ -10,11 +10,11 @@ import pytest
 from prompt_toolkit.document import Document
 from rich.console import Console
 
-from console import render
-from console.commands import REGISTRY, UsageError, check_arity, parse_line, resolve
-from console.completion import ConsoleCompleter, argument_kind
-from console.config import ConfigError, dumps, load_config, normalize_url, update_nodes
-from console.toolbar import toolbar_fragments
+from flockparse.console import render
+from flockparse.console.commands import REGISTRY, UsageError, check_arity, parse_line, resolve
+from flockparse.console.completion import ConsoleCompleter, argument_kind
+from flockparse.console.config import ConfigError, dumps, load_config, normalize_url, update_nodes
+from flockparse.console.toolbar import toolbar_fragments
 from flockparse.events import Event
 from flockparse.rules import model_key
 

@@ -215,7 +215,7 @@ def _urls(values: list[str], source: str, key: str) -> list[str]:
 
 def priority_list(names: list[str], source: str) -> list[str]:
     """Validated priority names under the console's one name rule, duplicates (by model key) dropped."""
-    from console.names import ModelNameError, unique_names
+    from flockparse.console.names import ModelNameError, unique_names
 
     try:
         return unique_names(names, allow_glob=True)

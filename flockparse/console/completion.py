@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.document import Document
 
-from console.commands import REGISTRY, UsageError, resolve
+from flockparse.console.commands import REGISTRY, UsageError, resolve
 
 log = logging.getLogger(__name__)
 

@@ -8,19 +8,23 @@ What it shows are the two everyday ways real Ollama nodes lose their GPU placeme
 - node 3, a healthy GPU node whose Ollama restarts a little later: it comes back with nothing loaded, and
   the warm-up puts the priority models back onto its GPU before clients arrive.
 Node 1 is a CPU-only box. A `demo` line above the prompt says what is about to happen, a few seconds
-ahead, so `vram_report` can show the "before" state. Nothing is written to the user's config file.
+ahead, so `vram_report` can show the "before" state. Nothing is written to the user's config directory:
+history and console.log go to a temporary directory (flockparse-demo-*) that is removed at exit.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from console.config import Config
+from flockparse.console.config import Config
 from flockparse.events import Event
 
 DEMO_INTERVAL_S = 20.0
@@ -50,15 +54,32 @@ def start_demo_cluster() -> Any:
     return SimCluster(demo_node_specs()).start()
 
 
-def demo_config(urls: list[str]) -> Config:
-    """A short interval so the loop is visible; path=None so nothing is persisted."""
-    return Config(
+def demo_config(urls: list[str], flags: Config | None = None) -> Config:
+    """A short interval so the loop is visible (unless a flag says otherwise); path=None: nothing saved."""
+    config = Config(
         nodes=list(urls),
         interval=DEMO_INTERVAL_S,
         health_interval=DEMO_HEALTH_INTERVAL_S,
         gpu={urls[0]: False, urls[1]: True, urls[2]: True},
         path=None,
+        nodes_from="demo",
     )
+    if flags is not None:
+        config.priority_models = flags.priority_models
+        config.timeout = flags.timeout
+        config.interval = flags.interval if flags.interval != Config().interval else DEMO_INTERVAL_S
+        if flags.health_interval != Config().health_interval:
+            config.health_interval = flags.health_interval
+    return config
+
+
+def demo_files_dir() -> Path:
+    """A temporary directory for the demo's history and console.log; the caller removes it at exit."""
+    return Path(tempfile.mkdtemp(prefix="flockparse-demo-"))
+
+
+def remove_demo_files(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def demo_banner(urls: list[str]) -> str:

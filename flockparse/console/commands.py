@@ -25,9 +25,9 @@ from typing import Any
 from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
-from console import render
-from console.config import Config, ConfigError, check_seconds, normalize_url, update_nodes
-from console.names import ModelNameError, check_name, is_glob, same_name, suggestions, unique_names
+from flockparse.console import render
+from flockparse.console.config import Config, ConfigError, check_seconds, normalize_url, update_nodes
+from flockparse.console.names import ModelNameError, check_name, is_glob, same_name, suggestions, unique_names
 
 CANCEL_GRACE_S = 0.5  # after Ctrl-C, how long we give the core to notice the cancel Event
 SLOW_NOTE_S = 0.5  # a command that waits on nodes longer than this says what it waits for

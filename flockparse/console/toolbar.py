@@ -10,7 +10,7 @@ from typing import Any
 
 from prompt_toolkit.styles import Style
 
-from console.render import human_seconds
+from flockparse.console.render import human_seconds
 
 TOOLBAR_STYLE = Style.from_dict(
     {

@@ -1,6 +1,0 @@
-"""The console's parts: a client of the core API (balancer, optimizer, events), never of its internals.
-
-config.py reads flags, TOML and OLLAMA_HOST; commands.py is the one registry that drives dispatch, help
-and completion; render.py turns the core's plain return values into rich renderables; toolbar.py and
-completion.py feed the prompt; demo.py starts a simulated cluster for `--demo`.
-"""
