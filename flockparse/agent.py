@@ -92,7 +92,7 @@ class NodeAgent:
         retry_seconds: float = 5.0,
     ) -> None:
         self.url = url
-        self.retry_seconds = retry_seconds  # a failed /api/tags is asked again this soon (the health interval)
+        self.retry_seconds = retry_seconds  # a failed /api/tags is asked again this soon
         self.controller = controller
         self._closed = closed or threading.Event()
         self._lock = threading.Lock()

@@ -214,7 +214,7 @@ class OllamaLoadBalancer:
         with self._lock:
             if node in self._agents:
                 raise ValueError(f"node already in the cluster: {node}")
-            agent = NodeAgent(node, self.controller, has_gpu, self._closed, retry_seconds=self.health_interval)
+            agent = NodeAgent(node, self.controller, has_gpu, self._closed, self.health_interval)
             self._agents[node] = agent
         self.events.emit(Event("node_added", node=node, message=f"added node {node}"))
         if self._started:
