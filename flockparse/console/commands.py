@@ -578,8 +578,7 @@ OPTIMIZER_SUBCOMMANDS = {"on": (), "off": (), "status": (), "now": (), "interval
 def cmd_optimizer(ctx: Context, args: list[str]) -> Outcome:
     balancer, sub = ctx.balancer, args[0]
     if sub == "on":
-        balancer.auto_optimize_gpu = True
-        balancer._start_gpu_optimization()  # public in the product spec despite the underscore
+        balancer._start_gpu_optimization()  # public in the product spec despite the underscore; starts once
     elif sub == "off":
         balancer.stop_gpu_optimization()
     elif sub == "interval":
