@@ -58,8 +58,6 @@ def _node_key(node_url: str) -> str:
         return str(node_url).strip()
 
 
-
-
 @dataclass
 class _Loaded:
     """One /api/ps entry, checked for shape."""
@@ -182,6 +180,17 @@ def _go_keep_alive(value: str | int | float) -> str | int | float:
     return value
 
 
+@dataclass(frozen=True)
+class _PendingRestore:
+    """A model a failed move unloaded and could not load back yet: how to load it back, and until when."""
+
+    name: str
+    num_gpu: int | None  # 0 for a model that was on CPU, else automatic placement
+    keep_alive: str | int | float | None
+    num_ctx: int | None
+    until: float | None  # time.monotonic() its keep_alive would have ended; None = forever
+
+
 @dataclass
 class _ModelInfo:
     """What /api/show tells us that a load needs."""
@@ -239,6 +248,7 @@ class GPUController:
         self._transport = NodeTransport()  # one connection pool per node, shared with the balancer's routing
         self._moves: dict[tuple[str, str], threading.Event] = {}  # moves under way; set when one ends
         self._unloading: dict[str, int] = {}  # node -> unloads under way
+        self._pending_restores: dict[str, dict[str, _PendingRestore]] = {}  # node -> model key -> what
         self._last_change: dict[str, float] = {}  # node -> time.monotonic() a move or unload last ended
         self._closed = False  # after close() nothing is sent
         self._lock = threading.Lock()  # guards the registries above, never held during I/O
@@ -727,6 +737,10 @@ class GPUController:
         result = _result(False, message, reason)
         self._restore(node_url, model, before, keep_alive, num_ctx, result)
         self._restore_evicted(node_url, before_all, exclude=model, result=result)
+        if result.get("not_restored"):
+            result["message"] += (
+                f"; not restored yet: {', '.join(result['not_restored'])} (retried at the next check)"
+            )
         return result
 
     def _restore(
@@ -738,11 +752,14 @@ class GPUController:
         num_ctx: int | None,
         result: dict,
     ) -> None:
-        """Put a model that a failed move unloaded back where it was; update `result` to say so."""
+        """Put a model that a failed move unloaded back where it was; update `result` to say so. What cannot
+        be put back now is listed in `not_restored` and remembered (`restore_pending` tries again)."""
         try:
             now = _find(self._ps(node_url), model)
         except NodeError as exc:
             result["message"] += f"; could not check where it is now: {exc.message}"
+            if before is not None:
+                self._remember_restore(node_url, before, keep_alive, num_ctx, result)
             return
         if now is not None:
             _set_location(result, now)
@@ -759,6 +776,62 @@ class GPUController:
             result["message"] += f"; restored to {result['location']}"
         else:
             result["message"] += f"; could not restore it: {restored}"
+            self._remember_restore(node_url, before, keep_alive, num_ctx, result)
+
+    def _remember_restore(
+        self,
+        node_url: str,
+        entry: _Loaded,
+        keep_alive: str | int | float | None,
+        num_ctx: int | None,
+        result: dict,
+    ) -> None:
+        """A model a failed move unloaded and could not load back: listed, and kept to be tried again."""
+        result.setdefault("not_restored", []).append(entry.name)
+        remaining = entry.remaining()
+        until = (
+            None if entry.keep_forever or remaining is None else time.monotonic() + remaining.total_seconds()
+        )
+        with self._lock:
+            self._pending_restores.setdefault(node_url, {})[model_key(entry.name)] = _PendingRestore(
+                entry.name, 0 if entry.on_cpu else None, keep_alive, num_ctx, until
+            )
+
+    def has_pending_restores(self, node_url: str) -> bool:
+        with self._lock:
+            return bool(self._pending_restores.get(_node_key(node_url)))
+
+    def restore_pending(self, node_url: str, cancel: threading.Event | None = None) -> dict:
+        """Load back the models a failed move could not restore (the node blipped, or refused).
+
+        A model loaded again meanwhile, or whose time has run out, is dropped. {'restored', 'missing'}.
+        """
+        node_url = _node_key(node_url)
+        with self._lock:
+            pending = dict(self._pending_restores.get(node_url, {}))
+        restored, missing = [], []
+        try:
+            loaded = self._ps(node_url)
+        except NodeError:
+            return {"restored": [], "missing": [item.name for item in pending.values()]}
+        for key, item in pending.items():
+            done = item.until is not None and time.monotonic() >= item.until
+            if not done and _find(loaded, item.name) is None and not (cancel and cancel.is_set()):
+                claim = self._claim_move(node_url, item.name)
+                if claim is None:  # a move of it runs now: that move owns it
+                    missing.append(item.name)
+                    continue
+                try:
+                    back = self._reload(node_url, item.name, item.num_gpu, item.keep_alive, item.num_ctx)
+                finally:
+                    self._end_move(node_url, item.name, claim)
+                if not isinstance(back, _Loaded):
+                    missing.append(item.name)
+                    continue
+                restored.append(item.name)
+            with self._lock:
+                self._pending_restores.get(node_url, {}).pop(key, None)
+        return {"restored": restored, "missing": missing}
 
     def _reload(
         self,
@@ -787,7 +860,12 @@ class GPUController:
         """
         try:
             now = self._ps(node_url)
-        except NodeError:
+        except NodeError:  # the node blipped: none of them is known to be back
+            for entry in before_all:
+                if not entry.stopping and not same_model(entry.name, exclude):
+                    self._remember_restore(
+                        node_url, entry, self._keep_alive_for(entry), entry.context_length, result
+                    )
             return
         missing = [
             e
@@ -806,6 +884,8 @@ class GPUController:
                     self._reload(node_url, entry.name, num_gpu, keep_alive, entry.context_length), _Loaded
                 ):
                     brought_back.append(entry.name)
+                else:
+                    self._remember_restore(node_url, entry, keep_alive, entry.context_length, result)
             finally:
                 self._end_move(node_url, entry.name, done)
         if missing:

@@ -272,6 +272,21 @@ class OllamaLoadBalancer:
             logger.exception("health check of %s failed", agent.url)
             return
         self._act_on(agent, folded, trigger=True)
+        if (
+            agent.snapshot().online
+            and self.controller.has_pending_restores(agent.url)
+            and not agent.lane.busy
+        ):
+            agent.lane.submit(lambda stop: self._restore_pending(agent, stop), None, OPTIMIZER_PRIORITY)
+
+    def _restore_pending(self, agent: NodeAgent, stop: threading.Event) -> dict:
+        """A failed move could not put every model back (the node blipped): try again now it answers."""
+        outcome = self.controller.restore_pending(agent.url, cancel=stop)
+        if outcome["restored"]:
+            names = ", ".join(outcome["restored"])
+            message = f"reloaded {names} on {agent.url}: a failed move had left it unloaded"
+            self.events.emit(Event("models_restored", node=agent.url, message=message, data=dict(outcome)))
+        return outcome
 
     def _act_on(self, agent: NodeAgent, folded: Folded, trigger: bool) -> None:
         """Emit what a status reply changed; a fresh start drops back-offs; trigger a pass when needed.

@@ -21,6 +21,7 @@ EVENT_KINDS = (
     "node_added",
     "node_removed",
     "node_restarted",
+    "models_restored",
     "gpu_lost",
     "gpu_back",
     "remedy_started",

@@ -156,3 +156,26 @@ def test_a_script_using_the_balancer_exits_at_once_with_a_load_in_flight(sim_nod
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and done.stdout.strip() == "closed", done.stderr
     assert not on_gpu(node, LLAMA)  # gone long before a load of minutes could have ended
+
+
+def test_a_model_a_failed_move_could_not_put_back_is_listed_and_restored_at_the_next_check(
+    sim_node, make_balancer
+) -> None:
+    """Ollama evicts every other model before a big load fails (sched.go:649-671); if one cannot be loaded
+    back at once (the node blips), the result says so and the node's next check loads it back."""
+    node = sim_node(
+        vram_gb=24, ram_gb=128, preload=[("mxbai-embed-large", "gpu"), ("llama3.1:70b", "forced-cpu")]
+    )
+    balancer = make_balancer([node.url], gpu_capability={node.url: True})
+    events = Recorder(balancer)
+    node.set_fault("error500", paths=("/api/embed",))  # mxbai cannot be loaded back for now
+
+    [entry] = balancer.force_gpu_all_nodes("llama3.1:70b")
+
+    result = entry["result"]
+    assert result["reason"] == "out_of_memory" and result["restored"] is True  # the 70b is back in RAM
+    assert result["not_restored"] == [EMBED] and "retried at the next check" in result["message"]
+    assert not on_gpu(node, EMBED)
+    node.clear_fault()
+    [restored] = events.wait("models_restored")
+    assert restored.data["restored"] == [EMBED] and on_gpu(node, EMBED)

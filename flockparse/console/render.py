@@ -27,6 +27,7 @@ EVENT_STYLE = {
     "node_added": ("node", "cyan"),
     "node_removed": ("node", "cyan"),
     "node_restarted": ("node", "yellow"),
+    "models_restored": ("move", "green"),
     "move_started": ("move", "yellow"),
     "move_finished": ("move", "green"),
     "move_failed": ("move", "red"),
