@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from flockparse.results import MoveResult, Reason
 from flockparse.rules import (  # noqa: F401 - re-exported: the design card's names live here too
     LOCATION_CPU,
     LOCATION_GPU,
@@ -419,7 +420,7 @@ class GPUController:
         was not loaded before and landed in RAM is unloaded again. `load_if_absent=False` only moves a
         model that is loaded (else reason 'not_loaded', nothing sent).
         """
-        return self._move(_node_key(node_url), model_name, "gpu", cancel or threading.Event(), load_if_absent)
+        return self.move(node_url, model_name, "gpu", cancel, load_if_absent).as_dict()
 
     def force_cpu_load(
         self,
@@ -429,7 +430,20 @@ class GPUController:
         load_if_absent: bool = True,
     ) -> dict:
         """Reload `model_name` with num_gpu 0 (all in RAM, frees its VRAM) and verify it."""
-        return self._move(_node_key(node_url), model_name, "cpu", cancel or threading.Event(), load_if_absent)
+        return self.move(node_url, model_name, "cpu", cancel, load_if_absent).as_dict()
+
+    def move(
+        self,
+        node_url: str,
+        model_name: str,
+        target: str,
+        cancel: threading.Event | None = None,
+        load_if_absent: bool = True,
+    ) -> MoveResult:
+        """The typed move behind force_gpu_load ("gpu") and force_cpu_load ("cpu"), for the core's own use."""
+        return self._move(
+            _node_key(node_url), model_name, target, cancel or threading.Event(), load_if_absent
+        )
 
     def probe_gpu(
         self, node_url: str, cancel: threading.Event | None = None, trust_vram: bool = True
@@ -455,14 +469,14 @@ class GPUController:
             return {"gpu": None, "model": None, "message": f"no model on {node_url} is free to probe with"}
         probe = candidates[0][1]
         result = self._move(node_url, probe, "gpu", cancel, load_if_absent=True)
-        if result["success"]:
+        if result.success:
             unloaded = self.unload(node_url, probe, cancel)
             message = f"{probe} loaded into VRAM on {node_url}"
             if not unloaded["success"]:
                 message += f"; {unloaded['message']}"
             return {"gpu": True, "model": probe, "message": message}
-        gpu = False if result["reason"] == "no_gpu" else None
-        return {"gpu": gpu, "model": probe, "message": result["message"]}
+        gpu = False if result.reason == Reason.NO_GPU else None
+        return {"gpu": gpu, "model": probe, "message": result.message}
 
     def unload(self, node_url: str, model_name: str, cancel: threading.Event | None = None) -> dict:
         """Unload a model (keep_alive 0, like `ollama stop`) and wait until /api/ps no longer lists it."""
@@ -470,13 +484,13 @@ class GPUController:
         with self._lock:
             self._unloading[node_url] = self._unloading.get(node_url, 0) + 1
         try:
-            return self._unload(node_url, model, cancel or threading.Event())
+            return self._unload(node_url, model, cancel or threading.Event()).as_dict()
         finally:
             with self._lock:
                 self._unloading[node_url] -= 1
                 self._last_change[node_url] = time.monotonic()
 
-    def _unload(self, node_url: str, model: str, cancel: threading.Event) -> dict:
+    def _unload(self, node_url: str, model: str, cancel: threading.Event) -> MoveResult:
         payload = {"model": model, "prompt": "", "keep_alive": 0, "stream": False}
         try:
             reply = self.call(node_url, "POST", "/api/generate", payload)
@@ -536,7 +550,7 @@ class GPUController:
         target: str,
         cancel: threading.Event,
         load_if_absent: bool = True,
-    ) -> dict:
+    ) -> MoveResult:
         model = canonical_name(model_name)
         if not model:
             return _result(False, "no model name given", "error")
@@ -560,7 +574,7 @@ class GPUController:
 
     def _move_claimed(
         self, node_url: str, model: str, target: str, cancel: threading.Event, load_if_absent: bool
-    ) -> dict:
+    ) -> MoveResult:
         where = "GPU" if target == "gpu" else "CPU"
         if cancel.is_set():
             return _result(False, f"move of {model} to {where} on {node_url} cancelled", "cancelled")
@@ -578,8 +592,10 @@ class GPUController:
         if info.format == FORMAT_SAFETENSORS:
             return _not_controllable(node_url, model, before)
         num_gpu = self._num_gpu_for(info, target)
-        if isinstance(num_gpu, dict):  # the Modelfile sets another num_gpu: every request would undo the move
-            return num_gpu | ({} if before is None else _location_fields(before))
+        if isinstance(num_gpu, MoveResult):  # the Modelfile sets another num_gpu: every request would undo it
+            if before is not None:
+                _set_location(num_gpu, before)
+            return num_gpu
         keep_alive = self._keep_alive_for(before)
         num_ctx = _num_ctx_to_keep(info, before)
         if cancel.is_set():
@@ -594,15 +610,15 @@ class GPUController:
         if reply.status != 200:
             return self._failed_load(node_url, model, target, reply, before, before_all, keep_alive, num_ctx)
         after = self._wait_listed(node_url, model, cancel)
-        if isinstance(after, dict):  # cancelled or timed out while verifying
+        if isinstance(after, MoveResult):  # cancelled or timed out while verifying
             return after
         result = self._judge(node_url, model, target, after)
-        if not result["success"] and before is None:
+        if not result.success and before is None:
             self._undo_load(node_url, model, result)
         return result
 
     @staticmethod
-    def _num_gpu_for(info: _ModelInfo, target: str) -> int | dict:
+    def _num_gpu_for(info: _ModelInfo, target: str) -> int | MoveResult:
         """The layer count to send, or a `pinned_by_modelfile` result when the Modelfile's own num_gpu
         (applied to every request, routes.go:141-146) contradicts the move."""
         pinned = _modelfile_int(info, "num_gpu")
@@ -617,16 +633,18 @@ class GPUController:
             f"would be undone by the next request; re-create the model without that PARAMETER "
             f"(ollama show --modelfile, remove the num_gpu line, ollama create)"
         )
-        return _result(False, message, "pinned_by_modelfile") | {"modelfile_num_gpu": pinned}
+        result = _result(False, message, Reason.PINNED_BY_MODELFILE)
+        result.modelfile_num_gpu = pinned
+        return result
 
-    def _undo_load(self, node_url: str, model: str, result: dict) -> None:
+    def _undo_load(self, node_url: str, model: str, result: MoveResult) -> None:
         """Do no harm: a model that was not loaded before the move and is not where asked goes away again."""
         unloaded = self.unload(node_url, model)
         if unloaded["success"]:
-            result["message"] += "; unloaded it again (it was not loaded before)"
-            result["location"], result["vram_mb"] = None, 0.0
+            result.message += "; unloaded it again (it was not loaded before)"
+            result.location, result.vram_mb = None, 0.0
         else:
-            result["message"] += f"; could not unload it again: {unloaded['message']}"
+            result.message += f"; could not unload it again: {unloaded['message']}"
 
     def _keep_alive_for(self, before: _Loaded | None) -> str | int | float | None:
         """Keep the model's lifetime across a move: forever stays forever (-1)."""
@@ -671,7 +689,7 @@ class GPUController:
             )  # no num_ctx: see below
         return reply
 
-    def _wait_listed(self, node_url: str, model: str, cancel: threading.Event) -> _Loaded | dict:
+    def _wait_listed(self, node_url: str, model: str, cancel: threading.Event) -> _Loaded | MoveResult:
         """Poll /api/ps until the model is listed (and not stopping), bounded by verify_timeout."""
         deadline = time.monotonic() + self.verify_timeout
         last_problem = "it was not listed"
@@ -692,7 +710,7 @@ class GPUController:
                 message = f"verification of {model} on {node_url} cancelled; the load was already sent"
                 return _result(False, message, "cancelled")
 
-    def _judge(self, node_url: str, model: str, target: str, after: _Loaded) -> dict:
+    def _judge(self, node_url: str, model: str, target: str, after: _Loaded) -> MoveResult:
         """Turn the verified placement into a result: success only if it is where we asked."""
         location, gpu_percent, _ = placement(after.size, after.size_vram)
         if target == "cpu":
@@ -722,7 +740,7 @@ class GPUController:
         before_all: list[_Loaded],
         keep_alive: str | int | float | None,
         num_ctx: int | None,
-    ) -> dict:
+    ) -> MoveResult:
         """A load was refused: say why, then put back whatever the attempt unloaded."""
         error = reply.error_text()
         if reply.status == 404:
@@ -737,9 +755,9 @@ class GPUController:
         result = _result(False, message, reason)
         self._restore(node_url, model, before, keep_alive, num_ctx, result)
         self._restore_evicted(node_url, before_all, exclude=model, result=result)
-        if result.get("not_restored"):
-            result["message"] += (
-                f"; not restored yet: {', '.join(result['not_restored'])} (retried at the next check)"
+        if result.not_restored:
+            result.message += (
+                f"; not restored yet: {', '.join(result.not_restored)} (retried at the next check)"
             )
         return result
 
@@ -750,32 +768,32 @@ class GPUController:
         before: _Loaded | None,
         keep_alive: str | int | float | None,
         num_ctx: int | None,
-        result: dict,
+        result: MoveResult,
     ) -> None:
         """Put a model that a failed move unloaded back where it was; update `result` to say so. What cannot
         be put back now is listed in `not_restored` and remembered (`restore_pending` tries again)."""
         try:
             now = _find(self._ps(node_url), model)
         except NodeError as exc:
-            result["message"] += f"; could not check where it is now: {exc.message}"
+            result.message += f"; could not check where it is now: {exc.message}"
             if before is not None:
                 self._remember_restore(node_url, before, keep_alive, num_ctx, result)
             return
         if now is not None:
             _set_location(result, now)
-            result["message"] += f"; it is still loaded ({result['location']})"
+            result.message += f"; it is still loaded ({result.location})"
             return
         if before is None:
-            result["message"] += "; it was not loaded before and is not loaded now"
+            result.message += "; it was not loaded before and is not loaded now"
             return
         num_gpu = 0 if before.on_cpu else None  # a split or GPU model goes back to automatic placement
         restored = self._reload(node_url, model, num_gpu, keep_alive, num_ctx)
         if isinstance(restored, _Loaded):
             _set_location(result, restored)
-            result["restored"] = True
-            result["message"] += f"; restored to {result['location']}"
+            result.restored = True
+            result.message += f"; restored to {result.location}"
         else:
-            result["message"] += f"; could not restore it: {restored}"
+            result.message += f"; could not restore it: {restored}"
             self._remember_restore(node_url, before, keep_alive, num_ctx, result)
 
     def _remember_restore(
@@ -784,10 +802,10 @@ class GPUController:
         entry: _Loaded,
         keep_alive: str | int | float | None,
         num_ctx: int | None,
-        result: dict,
+        result: MoveResult,
     ) -> None:
         """A model a failed move unloaded and could not load back: listed, and kept to be tried again."""
-        result.setdefault("not_restored", []).append(entry.name)
+        result.not_restored = [*(result.not_restored or []), entry.name]
         remaining = entry.remaining()
         until = (
             None if entry.keep_forever or remaining is None else time.monotonic() + remaining.total_seconds()
@@ -850,9 +868,11 @@ class GPUController:
         if reply.status != 200:
             return f"{reply.status}: {reply.error_text()}"
         listed = self._wait_listed(node_url, model, threading.Event())
-        return listed if isinstance(listed, _Loaded) else listed["message"]
+        return listed if isinstance(listed, _Loaded) else listed.message
 
-    def _restore_evicted(self, node_url: str, before_all: list[_Loaded], exclude: str, result: dict) -> None:
+    def _restore_evicted(
+        self, node_url: str, before_all: list[_Loaded], exclude: str, result: MoveResult
+    ) -> None:
         """A failed big load makes Ollama evict every other model first: load those back.
 
         A model another thread is moving right now is left to that thread (no waiting here,
@@ -889,8 +909,8 @@ class GPUController:
             finally:
                 self._end_move(node_url, entry.name, done)
         if missing:
-            result["restored_others"] = brought_back
-            result["message"] += f"; reloaded {len(brought_back)} of {len(missing)} models it evicted"
+            result.restored_others = brought_back
+            result.message += f"; reloaded {len(brought_back)} of {len(missing)} models it evicted"
 
 
 def _num_ctx_to_keep(info: _ModelInfo, before: _Loaded | None) -> int | None:
@@ -909,32 +929,22 @@ def _num_ctx_to_keep(info: _ModelInfo, before: _Loaded | None) -> int | None:
     return before.context_length
 
 
-def _location_fields(entry: _Loaded) -> dict:
-    return {"location": placement(entry.size, entry.size_vram)[0], "vram_mb": round(entry.size_vram / MIB, 1)}
-
-
-def _not_controllable(node_url: str, model: str, entry: _Loaded | None) -> dict:
+def _not_controllable(node_url: str, model: str, entry: _Loaded | None) -> MoveResult:
     message = (
         f"{model} on {node_url} is a safetensors (MLX) model: Ollama places it itself and ignores num_gpu, "
         "so it cannot be moved"
     )
-    return _result(False, message, "not_controllable", entry)
+    return _result(False, message, Reason.NOT_CONTROLLABLE, entry)
 
 
-def _set_location(result: dict, entry: _Loaded) -> None:
-    result.update(_location_fields(entry))
+def _set_location(result: MoveResult, entry: _Loaded) -> None:
+    result.location = placement(entry.size, entry.size_vram)[0]
+    result.vram_mb = round(entry.size_vram / MIB, 1)
 
 
-def _result(success: bool, message: str, reason: str, entry: _Loaded | None = None) -> dict:
-    """The result shape of force_gpu_load / force_cpu_load (ARCHITECTURE.md section 2)."""
-    result = {
-        "success": success,
-        "message": message,
-        "location": None,
-        "vram_mb": 0.0,
-        "reason": reason,
-        "restored": False,
-    }
+def _result(success: bool, message: str, reason: str, entry: _Loaded | None = None) -> MoveResult:
+    """A move's result; where the model now sits when known."""
+    result = MoveResult(success, message, Reason(reason))
     if entry is not None:
         _set_location(result, entry)
     return result

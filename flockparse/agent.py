@@ -29,6 +29,7 @@ from typing import Any
 
 from flockparse import gpu_state as gs
 from flockparse.events import Event
+from flockparse.results import MoveResult, Reason
 from flockparse.rules import LOCATION_GPU, is_off_gpu, matches_priority, model_key, parse_expires_at
 
 RESTART_MARGIN_S = 10.0  # models gone this long before their expiry did not expire: the node restarted
@@ -265,24 +266,20 @@ class NodeAgent:
             _reset_gpu_evidence(state, gs.EVIDENCE_RESTARTED)
 
     # ------------------------------------------------------------------ evidence from moves and probes
-    def record_move(self, model: str, result: dict) -> list[Event]:
+    def record_move(self, model: str, result: MoveResult) -> list[Event]:
         """Moves are evidence: a load in VRAM proves a GPU; an all-layers load in RAM proves none, or that
         the GPU was lost when one was seen before. Modelfile pins and MLX models are remembered."""
         with self._lock:
             state = self._state
             events: list[Event] = []
-            if result.get("reason") == "no_gpu":
+            if result.reason == Reason.NO_GPU:
                 events = _note_cpu_landing(state)
-            elif (
-                result.get("success")
-                and result.get("location") == LOCATION_GPU
-                and result["reason"] != "already"
-            ):
+            elif result.success and result.location == LOCATION_GPU and result.reason != Reason.ALREADY:
                 events = _note_gpu_seen(state, gs.EVIDENCE_LOAD_VRAM)
             key = model_key(model)
-            if result.get("reason") in UNMOVABLE_REASONS:
-                state.unmovable[key] = {"reason": result["reason"], "message": str(result.get("message", ""))}
-            elif result.get("success"):
+            if result.reason in UNMOVABLE_REASONS:
+                state.unmovable[key] = {"reason": str(result.reason), "message": result.message}
+            elif result.success:
                 state.unmovable.pop(key, None)
             return events
 
@@ -331,8 +328,8 @@ class MoveLane:
         self._running: _Job | None = None
 
     def submit(
-        self, work: Callable[[threading.Event], dict], cancel: threading.Event | None, priority: int
-    ) -> Future[dict]:
+        self, work: Callable[[threading.Event], Any], cancel: threading.Event | None, priority: int
+    ) -> Future[Any]:
         job = _Job(work, cancel or threading.Event(), Future())
         with self._lock:
             if self._closed.is_set():
@@ -390,14 +387,13 @@ class MoveLane:
 
 @dataclass
 class _Job:
-    work: Callable[[threading.Event], dict]
+    work: Callable[[threading.Event], Any]
     cancel: threading.Event
     future: Future
 
 
-def _cancelled(url: str) -> dict:
-    return {"success": False, "message": f"cancelled: {url} is closing", "location": None, "vram_mb": 0.0,
-            "reason": "cancelled", "restored": False}  # fmt: skip
+def _cancelled(url: str) -> MoveResult:
+    return MoveResult(False, f"cancelled: {url} is closing", Reason.CANCELLED)
 
 
 def run_daemon(work: Callable[[], Any], name: str) -> Future:

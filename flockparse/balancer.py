@@ -22,6 +22,7 @@ from flockparse import gpu_state as gs
 from flockparse.agent import OPTIMIZER_PRIORITY, USER_PRIORITY, Folded, NodeAgent, NodeState, run_daemon
 from flockparse.events import Event, EventBus
 from flockparse.optimizer import GPUOptimizer
+from flockparse.results import MoveResult, Reason, skipped
 from flockparse.rules import LOCATION_GPU, canonical_name, model_key, normalize_url, same_model
 from gpu_controller import GPUController, NodeError
 
@@ -360,8 +361,8 @@ class OllamaLoadBalancer:
             return self.controller.probe_gpu(node, cancel=stop, trust_vram=trust_vram)
 
         result = agent.lane.submit(probe, cancel, USER_PRIORITY).result()
-        if "gpu" not in result:  # the lane was closed
-            return {"gpu": None, "model": None, "message": result["message"]}
+        if isinstance(result, MoveResult):  # the lane was closed
+            return {"gpu": None, "model": None, "message": result.message}
         self._emit_all(agent.record_probe(result))
         return result
 
@@ -444,65 +445,62 @@ class OllamaLoadBalancer:
             run_daemon(lambda n=node: self._force_one(n, model, target, cancel), "force") for node in nodes
         ]
         return [
-            {"node": node, "result": future.result()} for node, future in zip(nodes, futures, strict=True)
+            {"node": node, "result": future.result().as_dict()}
+            for node, future in zip(nodes, futures, strict=True)
         ]
 
-    def _force_one(self, node: str, model: str, target: str, cancel: threading.Event | None) -> dict:
+    def _force_one(self, node: str, model: str, target: str, cancel: threading.Event | None) -> MoveResult:
         """Do no harm: a model is loaded where it was not only onto a GPU known, declared or probed."""
         state = self.node_state(node)
         if state is None:
-            return _skipped("removed", f"{node} was removed from the cluster")
+            return skipped(Reason.REMOVED, f"{node} was removed from the cluster")
         if state.online is False:
-            return _skipped("offline", f"skipped {node}: offline ({state.last_error})")
+            return skipped(Reason.OFFLINE, f"skipped {node}: offline ({state.last_error})")
         if target == "GPU" and state.gpu == gs.GPU_LOST:
-            return _skipped("gpu_lost", f"skipped {node}: its GPU is lost. {gs.lost_remedy_text(node)}")
+            return skipped(Reason.GPU_LOST, f"skipped {node}: its GPU is lost. {gs.lost_remedy_text(node)}")
         if target == "GPU" and state.gpu == gs.GPU_NO:
-            return _skipped("no_gpu", f"skipped {node}: no GPU ({state.gpu_evidence})")
+            return skipped(Reason.NO_GPU, f"skipped {node}: no GPU ({state.gpu_evidence})")
         if target == "GPU" and state.gpu == gs.GPU_YES:
             return self.move(node, model, target, cancel=cancel, source="user")
         status = self.read_status(node)
         if "error" in status:
-            return _skipped("offline", f"skipped {node}: {status['error']}")
+            return skipped(Reason.OFFLINE, f"skipped {node}: {status['error']}")
         if not any(same_model(m["name"], model) for m in status["models"]):
             if target == "CPU":
-                return _skipped("not_loaded", f"skipped {node}: {canonical_name(model)} is not loaded there")
+                return skipped(
+                    Reason.NOT_LOADED, f"skipped {node}: {canonical_name(model)} is not loaded there"
+                )
             probe = self.probe_gpu(node, cancel=cancel)
             if probe["gpu"] is not True:
-                reason = "no_gpu" if probe["gpu"] is False else "gpu_unknown"
-                return _skipped(reason, f"skipped {node}: no GPU shown by a probe ({probe['message']})")
+                reason = Reason.NO_GPU if probe["gpu"] is False else Reason.GPU_UNKNOWN
+                return skipped(reason, f"skipped {node}: no GPU shown by a probe ({probe['message']})")
         return self.move(node, model, target, cancel=cancel, source="user")
 
     def move(
         self, node: str, model: str, target: str, cancel: threading.Event | None = None, source: str = "user"
-    ) -> dict:
+    ) -> MoveResult:
         """One verified move in the node's lane (one move per node at a time; a user's move goes before the
         optimizer's queued ones), with move_started / move_finished / move_failed events."""
         agent = self._agent(node)
         if agent is None:
-            return _skipped("removed", f"{node} was removed from the cluster")
+            return skipped(Reason.REMOVED, f"{node} was removed from the cluster")
         name = canonical_name(model)
-        mover = self.controller.force_gpu_load if target == "GPU" else self.controller.force_cpu_load
         priority = USER_PRIORITY if source == "user" else OPTIMIZER_PRIORITY
 
-        def run(stop: threading.Event) -> dict:
+        def run(stop: threading.Event) -> MoveResult:
             data: dict[str, Any] = {"target": target, "source": source}
             self.events.emit(Event("move_started", node=node, model=name, data=dict(data),
                                    message=f"moving {name} to {target} on {node}"))  # fmt: skip
             try:
-                result = mover(node, model, cancel=stop)
+                result = self.controller.move(node, model, target.lower(), cancel=stop)
             except Exception as error:  # the controller promises not to raise; report it as a failed move
                 logger.exception("move of %s on %s failed", name, node)
-                result = {"success": False, "message": str(error), "location": None, "vram_mb": 0.0,
-                          "reason": "error", "restored": False}  # fmt: skip
+                result = MoveResult(False, str(error), Reason.ERROR)
             self._emit_all(agent.record_move(name, result))
-            data.update(
-                location=result.get("location"), reason=result.get("reason"), vram_mb=result.get("vram_mb")
-            )
-            kind = "move_finished" if result.get("success") else "move_failed"
-            self.events.emit(
-                Event(kind, node=node, model=name, data=data, message=str(result.get("message", "")))
-            )
-            if result.get("reason") in ("unreachable", "timeout"):
+            data.update(location=result.location, reason=str(result.reason), vram_mb=result.vram_mb)
+            kind = "move_finished" if result.success else "move_failed"
+            self.events.emit(Event(kind, node=node, model=name, data=data, message=result.message))
+            if result.reason in (Reason.UNREACHABLE, Reason.TIMEOUT):
                 self._check(agent)
             return result
 
@@ -613,8 +611,3 @@ def _route_rank(state: NodeState, model: str | None) -> tuple:
         tier = {gs.GPU_YES: 2, gs.GPU_UNKNOWN: 3}.get(state.gpu, 4)
     latency = state.latency_ms if state.latency_ms is not None else float("inf")
     return (state.online is not True, tier, state.in_flight, latency)
-
-
-def _skipped(reason: str, message: str) -> dict:
-    return {"success": False, "skipped": True, "reason": reason, "message": message, "location": None,
-            "vram_mb": 0.0, "restored": False}  # fmt: skip

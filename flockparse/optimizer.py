@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from flockparse import planner
 from flockparse.events import Event
 from flockparse.planner import PASS_ASKED, PASS_INTERVAL, PASS_NODE, Action, Backoff
+from flockparse.results import MoveResult
 from flockparse.rules import model_key, priority_patterns
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,10 @@ class Cluster(Protocol):
     def installed_models(self, node: str) -> set[str]: ...
     def probe_gpu(
         self, node: str, cancel: threading.Event | None = None, trust_vram: bool = True
-    ) -> dict: ...
+    ) -> MoveResult: ...
     def move(
         self, node: str, model: str, target: str, cancel: threading.Event | None = None, source: str = "user"
-    ) -> dict: ...
+    ) -> MoveResult: ...
 
 
 class GPUOptimizer:
@@ -388,9 +389,8 @@ class GPUOptimizer:
         if skip is not None:
             return skip
         result = self._cluster.move(url, name, "GPU", cancel=cancel, source="optimizer")
-        reason = str(result.get("reason") or ("moved" if result.get("success") else "error"))
-        message = str(result.get("message", ""))
-        if not result.get("success"):
+        reason, message = str(result.reason), result.message
+        if not result.success:
             skipped = self._record_outcome(url, name, reason)
             if skipped is not None:
                 message = f"{message} (backed off for {skipped} pass(es))"

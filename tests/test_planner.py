@@ -91,3 +91,17 @@ def test_actions_keep_the_spec_dict_shape_at_the_edge() -> None:
     action = planner.Action(URL, LLAMA, "moved", "moved", "llama3.1:latest now on GPU")
     assert action.as_dict() == {"node": URL, "model": LLAMA, "action": "moved", "reason": "moved",
                                 "message": "llama3.1:latest now on GPU"}  # fmt: skip
+
+
+def test_move_results_are_typed_inside_and_the_spec_dict_at_the_edge() -> None:
+    import json
+
+    from flockparse.results import MoveResult, Reason, skipped
+
+    moved = MoveResult(True, "llama3.1:latest now on GPU", Reason.MOVED, "GPU (VRAM)", 9044.8)
+    assert moved.as_dict() == {"success": True, "message": "llama3.1:latest now on GPU", "location": "GPU (VRAM)",
+                               "vram_mb": 9044.8, "reason": "moved", "restored": False}  # fmt: skip
+    assert json.loads(json.dumps(moved.as_dict()))["reason"] == "moved" and Reason.NO_GPU == "no_gpu"
+    assert skipped(Reason.OFFLINE, "skipped").as_dict()["skipped"] is True
+    failed = MoveResult(False, "does not fit", Reason.OUT_OF_MEMORY, restored=True, not_restored=["x:latest"])
+    assert failed.as_dict()["not_restored"] == ["x:latest"] and "restored_others" not in failed.as_dict()
