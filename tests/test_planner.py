@@ -99,8 +99,14 @@ def test_move_results_are_typed_inside_and_the_spec_dict_at_the_edge() -> None:
     from flockparse.results import MoveResult, Reason, skipped
 
     moved = MoveResult(True, "llama3.1:latest now on GPU", Reason.MOVED, "GPU (VRAM)", 9044.8)
-    assert moved.as_dict() == {"success": True, "message": "llama3.1:latest now on GPU", "location": "GPU (VRAM)",
-                               "vram_mb": 9044.8, "reason": "moved", "restored": False}  # fmt: skip
+    assert moved.as_dict() == {
+        "success": True,
+        "message": "llama3.1:latest now on GPU",
+        "location": "GPU (VRAM)",
+        "vram_mb": 9044.8,
+        "reason": "moved",
+        "restored": False,
+    }
     assert json.loads(json.dumps(moved.as_dict()))["reason"] == "moved" and Reason.NO_GPU == "no_gpu"
     assert skipped(Reason.OFFLINE, "skipped").as_dict()["skipped"] is True
     failed = MoveResult(False, "does not fit", Reason.OUT_OF_MEMORY, restored=True, not_restored=["x:latest"])
