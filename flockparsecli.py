@@ -44,6 +44,7 @@ from flockparse.console.commands import (
 )
 from flockparse.console.config import Config, ConfigError, apply_flags, config_dir, load_config
 from flockparse.console.names import is_glob, same_name
+from flockparse.console.tty import unbuffered_keys
 from gpu_controller import GPUController
 
 __all__ = ["OllamaLoadBalancer", "GPUController", "main"]
@@ -348,29 +349,10 @@ def keep_typeahead(stream: Any = None) -> Iterator[None]:
     """While a command runs, keys typed ahead (Ctrl-D too) wait for the next prompt instead of being lost.
 
     In the tty's cooked mode a Ctrl-D is consumed by the line discipline (an empty read) before the prompt
-    comes back; with ICANON and ECHO off it stays a byte in the queue that prompt_toolkit reads. ISIG
-    stays on, so Ctrl-C still cancels the command.
+    comes back; with ICANON and ECHO off it stays a byte in the queue that prompt_toolkit reads.
     """
-    stream = sys.stdin if stream is None else stream
-    try:
-        import termios
-
-        fd = stream.fileno()
-        if not os.isatty(fd):
-            raise OSError
-        saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError, AttributeError):
+    with unbuffered_keys(stream):
         yield
-        return
-    changed = list(saved)
-    changed[3] &= ~(termios.ICANON | termios.ECHO)
-    changed[6] = list(saved[6])
-    changed[6][termios.VMIN], changed[6][termios.VTIME] = 1, 0
-    termios.tcsetattr(fd, termios.TCSANOW, changed)
-    try:
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def interactive(
@@ -469,13 +451,7 @@ def run_script(
     """stdin is not a terminal: run each line as a command (like `sqlite3 < file`), no prompt, no
     optimizer thread, no escape codes into a pipe. Blank lines and `#` comments are skipped. Exit code:
     the highest of the lines' (0 all ok, 1 a command failed, 2 a usage error); 130 at once on Ctrl-C."""
-    ctx = Context(
-        balancer=balancer,
-        console=make_one_shot_console(),
-        config=config,
-        progress=reporter.errors,
-        verbose=verbose,
-    )
+    ctx = batch_context(balancer, config, reporter, verbose)
     started = False
     worst = 0
     for raw in sys.stdin if lines is None else lines:
@@ -586,6 +562,17 @@ def _main(argv: Sequence[str] | None) -> int:
             remove_demo_files(files_dir)
 
 
+def batch_context(balancer: OllamaLoadBalancer, config: Config, reporter: Reporter, verbose: bool) -> Context:
+    """The context of one-shot and stdin modes: plain output, progress on stderr."""
+    return Context(
+        balancer=balancer,
+        console=make_one_shot_console(),
+        config=config,
+        progress=reporter.errors,
+        verbose=verbose,
+    )
+
+
 def run_one_shot(
     balancer: OllamaLoadBalancer, config: Config, words: list[str], reporter: Reporter, verbose: bool = False
 ) -> int:
@@ -595,13 +582,7 @@ def run_one_shot(
         check_arity(cmd, words[1:])
     except CommandError as exc:
         return reporter.error(str(exc), exc.exit_code)
-    ctx = Context(
-        balancer=balancer,
-        console=make_one_shot_console(),
-        config=config,
-        progress=reporter.errors,
-        verbose=verbose,
-    )
+    ctx = batch_context(balancer, config, reporter, verbose)
     if cmd.wants_nodes(words[1:]):
         start_and_check(balancer, config, reporter)
     return one_shot(ctx, words, reporter)

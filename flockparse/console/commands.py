@@ -28,6 +28,7 @@ from rich.text import Text
 from flockparse.console import render
 from flockparse.console.config import Config, ConfigError, check_seconds, normalize_url, update_nodes
 from flockparse.console.names import ModelNameError, check_name, is_glob, same_name, suggestions, unique_names
+from flockparse.console.tty import unbuffered_keys
 
 CANCEL_GRACE_S = 0.5  # after Ctrl-C, how long we give the core to notice the cancel Event
 SLOW_NOTE_S = 0.5  # a command that waits on nodes longer than this says what it waits for
@@ -492,40 +493,27 @@ def watch(ctx: Context, seconds: float, what: str | None = None) -> Outcome:
 @contextmanager
 def key_pressed(key: str, event: threading.Event) -> Iterator[None]:
     """On a terminal, set `event` when `key` is typed (the tty is in no-echo, no-line mode meanwhile)."""
-    import sys
+    import select
 
-    try:
-        import select
-        import termios
+    with unbuffered_keys() as fd:
+        if fd is None:
+            yield
+            return
+        done = threading.Event()
 
-        fd = sys.stdin.fileno()
-        if not os.isatty(fd):
-            raise OSError
-        saved = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError, AttributeError):
-        yield
-        return
-    changed = list(saved)
-    changed[3] &= ~(termios.ICANON | termios.ECHO)
-    changed[6] = list(saved[6])
-    changed[6][termios.VMIN], changed[6][termios.VTIME] = 1, 0
-    termios.tcsetattr(fd, termios.TCSANOW, changed)
-    done = threading.Event()
+        def reader() -> None:
+            while not done.is_set() and not event.is_set():
+                ready, _, _ = select.select([fd], [], [], 0.1)
+                if ready and os.read(fd, 1).decode(errors="replace").lower() == key:
+                    event.set()
 
-    def reader() -> None:
-        while not done.is_set() and not event.is_set():
-            ready, _, _ = select.select([fd], [], [], 0.1)
-            if ready and os.read(fd, 1).decode(errors="replace").lower() == key:
-                event.set()
-
-    thread = threading.Thread(target=reader, name="watch-keys", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(1.0)
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
+        thread = threading.Thread(target=reader, name="watch-keys", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(1.0)
 
 
 @command("lb_stats", "per node: online, GPU, latency, requests, errors, in flight; optimizer state")
