@@ -346,6 +346,7 @@ class OllamaLoadBalancer:
             )
         else:
             message = f"the GPU remedy for {node} exited with {outcome.exit_code}"
+        logger.warning("%s; output:\n%s", message, outcome.output)  # the console writes it to console.log
         self.events.emit(
             Event("remedy_finished", node=node, message=message, data=dataclasses.asdict(outcome))
         )
