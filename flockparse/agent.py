@@ -105,6 +105,7 @@ class NodeAgent:
         self._recorded = 0  # ... and of the newest reply recorded
         self._models_sent_at = 0.0  # time.monotonic() the request behind `models` was sent
         self._checking = False  # a monitor check is in flight
+        self._version_reading = False  # a /api/version read is in flight
         self._installed_at = -1e9  # time.monotonic() of the last /api/tags attempt
         self._installed_ok = False  # ... and whether it worked
         self.lane = MoveLane(url, self._closed)
@@ -165,13 +166,11 @@ class NodeAgent:
         seq, sent_at, status = self.read_status()
         up = "error" not in status
         installed = self.controller.list_installed(self.url) if up and self._installed_due() else None
-        version = self.controller.version(self.url) if up and self._version_due() else None
         # before the status is recorded: a node coming up gets a pass that needs the installed list
         if installed is not None:
             self.record_installed(installed)
-        if version is not None:
-            with self._lock:
-                self._state.ollama_version = version
+        if up:
+            self.ensure_version()
         return self.record(seq, sent_at, status, patterns)
 
     def _installed_due(self) -> bool:
@@ -180,16 +179,21 @@ class NodeAgent:
             return self._state.online is not True or time.monotonic() - self._installed_at >= wait
 
     def ensure_version(self) -> None:
-        """Read /api/version if it is not known yet (a node seen up by a report before any check)."""
-        if self._version_due():
-            version = self.controller.version(self.url)
-            if version is not None:
-                with self._lock:
-                    self._state.ollama_version = version
-
-    def _version_due(self) -> bool:
+        """Read /api/version when due (not known yet, or the node was not up); one read at a time: a check
+        and a pass's read of a node coming up do not both ask."""
         with self._lock:
-            return self._state.online is not True or self._state.ollama_version is None
+            due = self._state.online is not True or self._state.ollama_version is None
+            if not due or self._version_reading:
+                return
+            self._version_reading = True
+        try:
+            version = self.controller.version(self.url)
+        finally:
+            with self._lock:
+                self._version_reading = False
+        if version is not None:
+            with self._lock:
+                self._state.ollama_version = version
 
     def record_installed(self, reply: dict) -> None:
         """A failed read is retried at the next check, never trusted as an empty list for 3 minutes."""

@@ -93,8 +93,9 @@ class OllamaLoadBalancer:
         self._monitor_thread: threading.Thread | None = None
         # Health checks run on a few checker threads that grow past hung nodes (flockparse/workers.py), not a
         # thread per check; reports read on a pool of their own, never queued behind the monitor's checks.
-        self._check_pool = ElasticPool("lb-check", max_wait=CHECK_MAX_WAIT_S)
-        self._read_pool = ElasticPool("lb-read", max_wait=READ_MAX_WAIT_S)
+        self._check_pool = ElasticPool("lb-check", max_wait=CHECK_MAX_WAIT_S, idle_seconds=10.0)
+        self._read_pool = ElasticPool("lb-read", max_wait=READ_MAX_WAIT_S, idle_seconds=10.0)
+        self._pass_pool = ElasticPool("lb-pass", max_wait=CHECK_MAX_WAIT_S, idle_seconds=10.0)
         self._due_lock = threading.Lock()  # guards _due and _due_heap (the monitor's schedule); no I/O
         self._due: dict[str, float] = {}  # node -> time.monotonic() its next health check is due
         self._due_heap: list[tuple[float, str]] = []  # (due, node); entries not matching _due are stale
@@ -139,6 +140,7 @@ class OllamaLoadBalancer:
         self._monitor_wake.set()
         self._check_pool.close()
         self._read_pool.close()
+        self._pass_pool.close()
         with self._lock:
             agents = list(self._agents.values())
         for agent in agents:
@@ -210,6 +212,11 @@ class OllamaLoadBalancer:
 
     def optimizer_status(self) -> dict:
         return self._optimizer.status()
+
+    def run_node_task(self, work: Callable[[], Any]) -> Future:
+        """Run one node's part of an optimizer pass on the pass pool (daemon threads that grow past hung
+        nodes), instead of a new thread per node and pass."""
+        return self._pass_pool.submit(work)
 
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
         return self.events.subscribe(callback)

@@ -5,12 +5,13 @@ thread costs about as much CPU as the read itself. Why not a fixed ThreadPoolExe
 its worker for its whole timeout, so a few hung nodes would queue every healthy node's read behind them
 (a report would then call healthy nodes stale), and its workers are not daemon threads.
 
-So: tasks wait in one FIFO; `min_workers` threads take them. Whenever the oldest waiting task has waited
-longer than `max_wait`, more workers are started (half as many again as there are, at least one, at
-most `max_workers` in all): healthy bursts are absorbed by the workers already there, while each hung
-node soon gets a replacement, and a hung node blocks one worker for at most its call's timeout. Workers
-above `min_workers` end after `idle_seconds` without work. Every thread is a daemon: nothing here holds the
-interpreter at exit.
+So: tasks wait in one FIFO; `min_workers` threads take them, an idle one woken last-in first-out (so
+the workers a burst added stay idle and end, rather than all being kept alive by a round-robin).
+Whenever the oldest waiting task has waited longer than `max_wait` and no worker is idle, more workers
+are started (half as many again as there are, at least one, at most `max_workers` in all): healthy bursts
+are absorbed by the workers already there, while each hung node soon gets a replacement, and a hung node
+blocks one worker for at most its call's timeout. Workers above `min_workers` end after `idle_seconds`
+without work. Every thread is a daemon: nothing here holds the interpreter at exit.
 
 The lock guards the queue and the counters only; tasks run outside it.
 """
@@ -45,11 +46,10 @@ class ElasticPool:
         self.max_wait = max_wait
         self.idle_seconds = idle_seconds
         self._lock = threading.Lock()
-        self._work_ready = threading.Condition(self._lock)
+        self._idle_stack: list[_Idle] = []  # idle workers, the most recently idle last (woken first)
         self._backlog = threading.Condition(self._lock)  # wakes the watcher when tasks start waiting
         self._tasks: collections.deque[tuple[float, Future, Callable[[], Any]]] = collections.deque()
         self._workers = 0
-        self._idle = 0
         self._watcher_alive = False
         self._watcher_parked = False  # the watcher sleeps without a timeout: nothing waits or runs
         self._closed = False
@@ -64,8 +64,10 @@ class ElasticPool:
                 future.set_running_or_notify_cancel()
                 return future
             self._tasks.append((time.monotonic(), future, work))
-            if self._idle > 0:
-                self._work_ready.notify()
+            if self._idle_stack:
+                idle = self._idle_stack.pop()
+                idle.woken = True
+                idle.event.set()
             elif self._workers < self.min_workers:
                 self._start_workers(1)
             if not self._watcher_alive:
@@ -91,8 +93,10 @@ class ElasticPool:
         with self._lock:
             self._closed = True
             pending, self._tasks = list(self._tasks), collections.deque()
-            self._work_ready.notify_all()
+            idle, self._idle_stack = self._idle_stack, []
             self._backlog.notify_all()
+        for worker in idle:
+            worker.event.set()
         for _, future, _ in pending:
             future.cancel()
 
@@ -106,20 +110,29 @@ class ElasticPool:
         self.peak_workers = max(self.peak_workers, self._workers)
 
     def _work(self) -> None:
+        me = _Idle()
         while True:
             with self._lock:
-                idle_since = time.monotonic()
-                while not self._tasks:
-                    if self._closed or (
-                        self._workers > self.min_workers
-                        and time.monotonic() - idle_since >= self.idle_seconds
-                    ):
-                        self._workers -= 1
-                        return
-                    self._idle += 1
-                    self._work_ready.wait(self.idle_seconds)
-                    self._idle -= 1
-                _, future, work = self._tasks.popleft()
+                if self._tasks:
+                    _, future, work = self._tasks.popleft()
+                elif self._closed:
+                    self._workers -= 1
+                    return
+                else:
+                    me.woken = False
+                    me.event.clear()
+                    self._idle_stack.append(me)
+                    future = None
+            if future is None:
+                if not me.event.wait(self.idle_seconds):
+                    with self._lock:
+                        if not me.woken and self._workers > self.min_workers:
+                            self._idle_stack.remove(me)  # rare: only surplus workers time out
+                            self._workers -= 1
+                            return
+                        if not me.woken:
+                            self._idle_stack.remove(me)
+                continue
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -132,13 +145,23 @@ class ElasticPool:
         has waited past `max_wait` and no worker is idle. Parked (no timeout) while the pool is idle."""
         with self._lock:
             while not self._closed:
-                if not self._tasks and self._workers == self._idle:
+                if not self._tasks and self._workers == len(self._idle_stack):
                     self._watcher_parked = True
                     self._backlog.wait()
                     self._watcher_parked = False
                     continue
-                starved = self._tasks and self._idle == 0 and self._workers < self.max_workers
+                starved = self._tasks and not self._idle_stack and self._workers < self.max_workers
                 if starved and time.monotonic() - self._tasks[0][0] >= self.max_wait:
                     self._start_workers(max(1, self._workers // 2))
                 self._backlog.wait(self.max_wait / 2)
             self._watcher_alive = False
+
+
+class _Idle:
+    """An idle worker: woken by `event` when a task is handed to it (`woken` says it was)."""
+
+    __slots__ = ("event", "woken")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.woken = False
