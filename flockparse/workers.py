@@ -94,6 +94,8 @@ class ElasticPool:
             self._closed = True
             pending, self._tasks = list(self._tasks), collections.deque()
             idle, self._idle_stack = self._idle_stack, []
+            for worker in idle:
+                worker.woken = True  # out of the stack: a worker timing out now must not remove itself
             self._backlog.notify_all()
         for worker in idle:
             worker.event.set()
