@@ -12,6 +12,7 @@ shared/spec/prior-art.md.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -51,6 +52,7 @@ FORMAT_SAFETENSORS = "safetensors"  # MLX models: Ollama ignores num_gpu for the
 _BARE_NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # called on every health check: parsing the URL each time costs more
 def _node_key(node_url: str) -> str:
     """normalize_url, or the text as given: a bad address then fails as a reply-less call, never raises."""
     try:

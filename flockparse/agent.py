@@ -5,8 +5,9 @@ thread pools, a registry of move Events, a pass flag and a set of checks in flig
 shutdown and the order of results fell between them. Here:
 - every status request takes a sequence number when it is *sent*; a reply older than the newest one
   recorded is dropped, so a late reply never reports a dead node `online`;
-- status reads run on daemon threads of their own (one monitor check in flight per node), so a hung node
-  delays only itself and never a report about another node;
+- status reads run on daemon threads (one monitor check in flight per node): the balancer hands the agent
+  a submit function of its checker pool (flockparse/workers.py, which grows past hung nodes), so a hung
+  node delays only itself and never a report about another node;
 - moves go through the node's `MoveLane`: one daemon worker, one move at a time (as Ollama loads one model
   at a time), the user's moves ahead of the optimizer's queued ones; `close()` cancels what is queued and
   signals what runs, and no daemon thread holds the interpreter at exit.
@@ -91,8 +92,10 @@ class NodeAgent:
         declared_gpu: bool | None = None,
         closed: threading.Event | None = None,
         retry_seconds: float = 5.0,
+        submit: Callable[[Callable[[], Any]], Future] | None = None,
     ) -> None:
         self.url = url
+        self._submit = submit  # runs a monitor check (None: a daemon thread of its own per check)
         self.retry_seconds = retry_seconds  # a failed /api/tags is asked again this soon
         self.controller = controller
         self._closed = closed or threading.Event()
@@ -120,6 +123,18 @@ class NodeAgent:
                 unmovable={k: dict(v) for k, v in state.unmovable.items()},
             )
 
+    @property
+    def online(self) -> bool | None:
+        """The node's up/down verdict, without copying its state (the monitor asks this often)."""
+        with self._lock:
+            return self._state.online
+
+    def counts(self) -> tuple[bool | None, bool | None, str, bool]:
+        """(online, has_gpu, gpu verdict, stale) without copying the state: the toolbar's summary."""
+        with self._lock:
+            state = self._state
+            return state.online, state.has_gpu, state.gpu, state.stale
+
     # ------------------------------------------------------------------ status reads
     def read_status(self) -> tuple[int, float, dict]:
         """One /api/ps read on the caller's thread: (sequence, time sent, status). Never raises."""
@@ -144,6 +159,8 @@ class NodeAgent:
                 with self._lock:
                     self._checking = False
 
+        if self._submit is not None:
+            return self._submit(run)
         return run_daemon(run, f"check-{self.url}")
 
     def _check(self, patterns: list[str]) -> Folded:

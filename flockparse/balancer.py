@@ -11,6 +11,7 @@ Locking rule: `self._lock` guards the registry of agents and nothing else; no ne
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import threading
 import time
@@ -21,9 +22,11 @@ from typing import Any
 from flockparse import gpu_state as gs
 from flockparse.agent import OPTIMIZER_PRIORITY, USER_PRIORITY, Folded, NodeAgent, NodeState, run_daemon
 from flockparse.events import Event, EventBus
+from flockparse.limits import FdBudget, fd_budget
 from flockparse.optimizer import GPUOptimizer
 from flockparse.results import MoveResult, Reason, skipped
 from flockparse.rules import LOCATION_GPU, canonical_name, model_key, normalize_url, same_model
+from flockparse.workers import ElasticPool
 from gpu_controller import GPUController, NodeError
 
 __all__ = ["AllNodesFailedError", "NodeState", "OllamaLoadBalancer", "RequestRejectedError"]
@@ -33,6 +36,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_PRIORITY_MODELS = ["mxbai-embed-large", "llama3.1"]
 OFFLINE_RECHECK_SECONDS = 1.0  # an offline node is re-checked this often (a refused connect is cheap)
 REPORT_SLACK_S = 1.0  # a report waits a node's timeout plus this, never longer
+GOLDEN_RATIO_FRACTION = 0.6180339887498949  # spreads the nodes' check phases evenly, whatever their count
+CHECK_MAX_WAIT_S = 0.25  # a due health check waits at most about this for a checker before one is added
+READ_MAX_WAIT_S = 0.05  # ... and a report's read (it has the node's timeout plus REPORT_SLACK_S in all)
 
 
 class AllNodesFailedError(RuntimeError):
@@ -86,6 +92,17 @@ class OllamaLoadBalancer:
         self._closed = threading.Event()
         self._monitor_stop = threading.Event()
         self._monitor_thread: threading.Thread | None = None
+        # Health checks run on a few checker threads that grow past hung nodes (flockparse/workers.py), not a
+        # thread per check; reports read on a pool of their own, never queued behind the monitor's checks.
+        self._check_pool = ElasticPool("lb-check", max_wait=CHECK_MAX_WAIT_S, idle_seconds=10.0)
+        self._read_pool = ElasticPool("lb-read", max_wait=READ_MAX_WAIT_S, idle_seconds=10.0)
+        self._pass_pool = ElasticPool("lb-pass", max_wait=CHECK_MAX_WAIT_S, idle_seconds=10.0)
+        self._due_lock = threading.Lock()  # guards _due and _due_heap (the monitor's schedule); no I/O
+        self._due: dict[str, float] = {}  # node -> time.monotonic() its next health check is due
+        self._due_heap: list[tuple[float, str]] = []  # (due, node); entries not matching _due are stale
+        self._phased: set[str] = set()  # nodes whose checks are spread over the interval (see _take_due)
+        self._monitor_wake = threading.Event()
+        self.fd_budget: FdBudget | None = None  # the descriptor limit judged at start (flockparse/limits.py)
         self._optimizer = GPUOptimizer(self, interval=check_interval)
         self._auto_optimize_gpu = bool(auto_optimize_gpu)
         self._started = False
@@ -101,6 +118,7 @@ class OllamaLoadBalancer:
         if self._started or self._closed.is_set():
             return
         self._started = True
+        self._check_fd_budget()
         if self._auto_optimize_gpu:  # first, so that it hears the node_up of the first health checks
             self._start_gpu_optimization()
         self._monitor_stop.clear()
@@ -120,6 +138,10 @@ class OllamaLoadBalancer:
         self.controller.shutdown()
         self._optimizer.stop()
         self._monitor_stop.set()
+        self._monitor_wake.set()
+        self._check_pool.close()
+        self._read_pool.close()
+        self._pass_pool.close()
         with self._lock:
             agents = list(self._agents.values())
         for agent in agents:
@@ -192,6 +214,11 @@ class OllamaLoadBalancer:
     def optimizer_status(self) -> dict:
         return self._optimizer.status()
 
+    def run_node_task(self, work: Callable[[], Any]) -> Future:
+        """Run one node's part of an optimizer pass on the pass pool (daemon threads that grow past hung
+        nodes), instead of a new thread per node and pass."""
+        return self._pass_pool.submit(work)
+
     def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
         return self.events.subscribe(callback)
 
@@ -215,11 +242,16 @@ class OllamaLoadBalancer:
         with self._lock:
             if node in self._agents:
                 raise ValueError(f"node already in the cluster: {node}")
-            agent = NodeAgent(node, self.controller, has_gpu, self._closed, self.health_interval)
+            agent = NodeAgent(
+                node, self.controller, has_gpu, self._closed, self.health_interval, self._check_pool.submit
+            )
             self._agents[node] = agent
+            count = len(self._agents)
         self.events.emit(Event("node_added", node=node, message=f"added node {node}"))
         if self._started:
-            self._check(agent)
+            self._schedule(node, time.monotonic())
+            if self.fd_budget is not None and count == self.fd_budget.checkable_nodes + 1:
+                self._check_fd_budget()  # the node that no longer fits: said once, when it is added
         return agent.snapshot()
 
     def remove_node(self, url: str) -> bool:
@@ -232,6 +264,9 @@ class OllamaLoadBalancer:
             agent = self._agents.pop(node, None)
         if agent is None:
             return False
+        with self._due_lock:
+            self._due.pop(node, None)
+            self._phased.discard(node)
         agent.close()
         self.controller.forget_node(node)
         self._optimizer.forget_node(node, keep_pins=False)
@@ -243,35 +278,108 @@ class OllamaLoadBalancer:
         return agent.snapshot() if agent is not None else None
 
     def node_states(self) -> list[NodeState]:
+        """A copy of every node's state, models included: for tables, not for counts (see `summary`)."""
         return [agent.snapshot() for agent in self._all_agents()]
+
+    def summary(self) -> dict[str, int]:
+        """Node counts for a toolbar or a status line, read without copying any node's state or models:
+        {'total', 'online', 'offline', 'unchecked', 'gpu' (online with a GPU), 'gpu_lost', 'stale'}."""
+        counts = {"total": 0, "online": 0, "offline": 0, "unchecked": 0, "gpu": 0, "gpu_lost": 0, "stale": 0}
+        for agent in self._all_agents():
+            online, has_gpu, gpu, stale = agent.counts()
+            counts["total"] += 1
+            counts["online" if online else "unchecked" if online is None else "offline"] += 1
+            counts["gpu"] += bool(online and has_gpu)
+            counts["gpu_lost"] += gpu == gs.GPU_LOST
+            counts["stale"] += stale
+        return counts
+
+    # ------------------------------------------------------------------ descriptor budget
+    def _check_fd_budget(self) -> None:
+        """Raise the soft descriptor limit towards the hard one; when the cluster needs more than can be had,
+        say so in one line (a `fd_limit` event and a log warning), with how many nodes can be checked."""
+        self.fd_budget = budget = fd_budget(len(self.nodes))
+        warning = budget.warning()
+        if warning is None:
+            return
+        logger.warning("%s", warning)
+        self.events.emit(Event("fd_limit", message=warning, data=dataclasses.asdict(budget)))
 
     # ------------------------------------------------------------------ health monitor
     def _monitor_loop(self) -> None:
-        """Check every node now, then every `health_interval`; offline nodes every second, so a node
-        that comes back gets its optimizer pass quickly. A slow node only delays itself."""
-        next_round = 0.0
-        while True:
-            every_node = time.monotonic() >= next_round
-            if every_node:
-                next_round = time.monotonic() + self.health_interval
-            for agent in self._all_agents():
-                if every_node or agent.snapshot().online is False:
-                    self._check(agent)
-            if self._monitor_stop.wait(min(self.health_interval, OFFLINE_RECHECK_SECONDS)):
-                return
+        """Check every node now, then each every `health_interval` from its own last due time (a heap of due
+        times, so 5,000 nodes cost nothing between checks); an offline node every second, so a node that
+        comes back gets its optimizer pass quickly. Checks run on the checker pool: a slow node only
+        delays itself."""
+        now = time.monotonic()
+        for url in self.nodes:
+            self._schedule(url, now)
+        while not self._monitor_stop.is_set():
+            patterns = self._patterns()
+            for agent in self._take_due(time.monotonic()):
+                self._check(agent, patterns)
+            self._monitor_wake.wait(self._seconds_to_next_due())
+            self._monitor_wake.clear()
 
-    def _check(self, agent: NodeAgent) -> None:
+    def _schedule(self, url: str, due: float) -> None:
+        """Move `url`'s next health check to `due` when that is sooner than planned (or none is planned)."""
+        with self._due_lock:
+            planned = self._due.get(url)
+            if planned is not None and planned <= due:
+                return
+            self._due[url] = due
+            heapq.heappush(self._due_heap, (due, url))
+            soonest = self._due_heap[0][1] == url
+        if soonest:
+            self._monitor_wake.set()
+
+    def _take_due(self, now: float) -> list[NodeAgent]:
+        """The agents due by `now`; each gets its next due time one interval on (fixed rate, no catch-up
+        burst after a stall). A node's second check comes a fraction of an interval after its first (golden
+        ratio steps), so the checks of nodes started together spread over the interval instead of coming
+        as one burst of thousands every `health_interval`."""
+        due: list[str] = []
+        with self._due_lock:
+            heap = self._due_heap
+            while heap and heap[0][0] <= now:
+                when, url = heapq.heappop(heap)
+                if self._due.get(url) != when:
+                    continue  # moved sooner, or removed
+                if url not in self._phased:
+                    self._phased.add(url)
+                    step = (len(self._phased) * GOLDEN_RATIO_FRACTION) % 1.0
+                    following = now + self.health_interval * (0.1 + 0.9 * step)
+                else:
+                    following = when + self.health_interval
+                    following = following if following > now else now + self.health_interval
+                self._due[url] = following
+                heapq.heappush(heap, (following, url))
+                due.append(url)
+        with self._lock:
+            return [agent for url in due if (agent := self._agents.get(url)) is not None]
+
+    def _seconds_to_next_due(self) -> float:
+        with self._due_lock:
+            if not self._due_heap:
+                return self.health_interval
+            return max(0.0, min(self._due_heap[0][0] - time.monotonic(), self.health_interval))
+
+    def _check(self, agent: NodeAgent, patterns: list[str] | None = None) -> None:
         """One monitor check of a node (at most one in flight per node); its result is acted on when in."""
-        future = agent.check(self._patterns())
+        future = agent.check(self._patterns() if patterns is None else patterns)
         if future is not None:
             future.add_done_callback(lambda done: self._after_check(agent, done))
 
     def _after_check(self, agent: NodeAgent, done: Future) -> None:
+        if done.cancelled():  # closing: the checker pool dropped it
+            return
         try:
             folded = done.result()
         except Exception:  # the controller promises not to raise; never let the monitor die
             logger.exception("health check of %s failed", agent.url)
             return
+        if agent.online is False and not self._closed.is_set():
+            self._schedule(agent.url, time.monotonic() + OFFLINE_RECHECK_SECONDS)
         self._act_on(agent, folded, trigger=True)
         if (
             agent.snapshot().online
@@ -314,6 +422,8 @@ class OllamaLoadBalancer:
             return {"node_url": node, "models": [], "error": f"{node} is not in the cluster"}
         seq, sent_at, status = agent.read_status()
         folded = agent.record(seq, sent_at, status, self._patterns())
+        if "error" in status and self._started and not self._closed.is_set():
+            self._schedule(node, time.monotonic() + OFFLINE_RECHECK_SECONDS)  # seen down here: recheck soon
         if folded.warm_up:  # it came up: the version says how far its /api/ps figures can be trusted
             agent.ensure_version()
         self._act_on(agent, folded, trigger=trigger)
@@ -377,7 +487,7 @@ class OllamaLoadBalancer:
         """
         agents = self._all_agents()
         futures = {
-            agent.url: run_daemon(lambda a=agent: self.read_status(a.url), "report") for agent in agents
+            agent.url: self._read_pool.submit(lambda a=agent: self.read_status(a.url)) for agent in agents
         }
         wait(futures.values(), timeout=float(getattr(self.controller, "timeout", 5.0)) + REPORT_SLACK_S)
         report = []

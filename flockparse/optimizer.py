@@ -296,7 +296,8 @@ class GPUOptimizer:
                 {"scope": scope, "nodes": len(urls), "node_urls": urls if scope == "nodes" else []},
                 node=only_node,
             )
-            tasks = [_daemon_future(lambda u=url: self._optimize_node(u, cancel, kind, load_absent, actions))
+            run = getattr(self._cluster, "run_node_task", None) or _daemon_future  # the cluster's pool if any
+            tasks = [run(lambda u=url: self._optimize_node(u, cancel, kind, load_absent, actions))
                      for url in urls]  # fmt: skip
             wait(tasks)
             checked = sum(1 for task in tasks if task.exception() is None and task.result())

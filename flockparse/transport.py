@@ -18,6 +18,13 @@ call, which at 5,000 nodes every 5 s is most of a core. So each node gets a smal
   is an error of that call, never an exception escaping the caller;
 - one-phrase causes (`connection refused`, `name not resolved`, `TLS handshake failed: ...`,
   `too many open files (raise ulimit -n)`), never a library's repr cut off mid-word.
+
+The hot path (issue 8, scale): a GET over plain http (every health check's /api/ps) is not sent through
+http.client but written as one prebuilt request and read by `_fast_get`, a small HTTP/1.1 reader with the
+same rules (deadline, cap, no redirect, identity only, chunked or Content-Length or until close). On a
+2-core test machine http.client costs about 210 us of client CPU per /api/ps exchange, its header parser
+(the email package) alone 45 us, against about 55 us for the bare socket exchange; the check must fit in
+250 us all in at 5,000 nodes every 5 s (bench/scale.py). POSTs and https keep http.client.
 """
 
 from __future__ import annotations
@@ -63,6 +70,9 @@ MAX_REPLY_BYTES = {
     "/api/embeddings": 16 * MIB,
 }
 DEFAULT_MAX_BYTES = 4 * MIB
+MAX_HEAD_BYTES = 64 * KIB  # status line and headers of one reply, at most (http.client: 64 KiB a line)
+MAX_HEADERS = 100  # as http.client
+_UNSAFE_IN_TARGET = frozenset(" \r\n\t\x00")
 
 
 class NodeError(Exception):
@@ -218,6 +228,9 @@ class NodePool:
         self.headers: CaseInsensitiveDict = CaseInsensitiveDict(
             {"User-Agent": USER_AGENT, "Accept": "application/json"}
         )
+        host_header = f"[{self.host}]" if ":" in self.host else self.host
+        default_port = 443 if parts.scheme == "https" else 80
+        self.host_header = host_header if self.port == default_port else f"{host_header}:{self.port}"
         self.max_idle = max_idle
         self.opened = 0  # connections opened so far (tests check reuse with it)
         self._idle: list[_Connection] = []
@@ -364,24 +377,32 @@ class NodeTransport:
                 conn.connect()
             except OSError as exc:
                 raise _ConnectFailed() from exc
+        target = pool.prefix + path
+        node = pool.url
+        if method == "GET" and body is None and conn.tls is None and _UNSAFE_IN_TARGET.isdisjoint(target):
+            request = _request_head(method, target, pool.host_header, headers)
+            status, fields, raw, reusable = _fast_get(conn.sock, request, deadline, limit, node, path)
+            _refuse_redirect_or_encoding(
+                node, path, status, fields.get("location"), fields.get("content-encoding")
+            )
+            if reusable:
+                pool.give_back(conn)
+            else:
+                conn.close()
+            text = raw.decode("utf-8", "replace")
+            return Reply(status, _parse_json(text, node, path), text, clock_offset(fields.get("date")))
         try:
-            conn.request(method, pool.prefix + path, body, headers)
+            conn.request(method, target, body, headers)
             response = conn.getresponse()
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
             raise _Stale() from exc
-        node = pool.url
-        if 300 <= response.status < 400:
-            where = response.getheader("Location") or "nowhere"
-            raise NodeError(
-                "error",
-                f"{node} answered {path} with a redirect to {where[:200]}; redirects are not followed",
-            )
-        encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
-        if encoding != "identity":
-            raise NodeError(
-                "error",
-                f"{node} sent a {encoding[:40]}-encoded {path} reply; only plain (identity) replies are read",
-            )
+        _refuse_redirect_or_encoding(
+            node,
+            path,
+            response.status,
+            response.getheader("Location"),
+            response.getheader("Content-Encoding"),
+        )
         raw = _read_body(response, limit, node, path)
         date = response.getheader("Date")
         if response.isclosed() and not response.will_close:
@@ -390,6 +411,166 @@ class NodeTransport:
             conn.close()
         text = raw.decode("utf-8", "replace")
         return Reply(response.status, _parse_json(text, node, path), text, clock_offset(date))
+
+
+def _refuse_redirect_or_encoding(
+    node: str, path: str, status: int, location: str | None, encoding: str | None
+) -> None:
+    """Never follow a redirect; never decode a compressed reply (see the module docstring)."""
+    if 300 <= status < 400:
+        where = location or "nowhere"
+        raise NodeError(
+            "error", f"{node} answered {path} with a redirect to {where[:200]}; redirects are not followed"
+        )
+    encoding = (encoding or "identity").strip().lower()
+    if encoding != "identity":
+        raise NodeError(
+            "error",
+            f"{node} sent a {encoding[:40]}-encoded {path} reply; only plain (identity) replies are read",
+        )
+
+
+# ------------------------------------------------------------------------------- the hot GET path
+
+
+def _request_head(method: str, target: str, host: str, headers: Any) -> bytes:
+    """The request as http.client would send it for a GET without body (Host, our headers, identity)."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    text = "\r\n".join(lines) + "\r\n\r\n"
+    if any(ch in text[:-4] for ch in "\x00") or text.count("\r\n\r\n") != 1:
+        raise NodeError("error", "a request header holds a line break or NUL")
+    return text.encode("latin-1")
+
+
+class _Reader:
+    """Bytes from a socket under the call's deadline: every recv may only take the time left."""
+
+    __slots__ = ("buf", "deadline", "pos", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.deadline = sock, deadline
+        self.buf = b""
+        self.pos = 0
+
+    def more(self) -> bool:
+        """Read what is there (up to READ_CHUNK); False when the node closed the connection."""
+        self.sock.settimeout(_time_left(self.deadline))
+        data = socket.socket.recv(self.sock, READ_CHUNK)
+        if not data:
+            return False
+        self.buf = self.buf[self.pos :] + data
+        self.pos = 0
+        return True
+
+    def line(self, limit: int) -> bytes:
+        """Up to CRLF (not included); LineTooLong past `limit`, IncompleteRead when the node closes."""
+        while (end := self.buf.find(b"\r\n", self.pos)) < 0:
+            if len(self.buf) - self.pos > limit:
+                raise http.client.LineTooLong("reply line")
+            if not self.more():
+                raise http.client.IncompleteRead(self.buf[self.pos :])
+        line, self.pos = self.buf[self.pos : end], end + 2
+        return line
+
+    def exactly(self, count: int) -> bytes:
+        while len(self.buf) - self.pos < count:
+            if not self.more():
+                raise http.client.IncompleteRead(self.buf[self.pos :], count - (len(self.buf) - self.pos))
+        data, self.pos = self.buf[self.pos : self.pos + count], self.pos + count
+        return data
+
+
+def _fast_get(
+    sock: socket.socket, request: bytes, deadline: float, limit: int, node: str, path: str
+) -> tuple[int, dict[str, str], bytes, bool]:
+    """Send `request` and read one reply: (status, lower-case headers, body, connection reusable).
+
+    Raises _Stale when the node closed the connection before any reply byte (an idle keep-alive expired),
+    http.client's exceptions for replies that are not HTTP (phrased by `describe`), TimeoutError at the
+    deadline and NodeError past the cap.
+    """
+    reader = _Reader(sock, deadline)
+    try:
+        sock.settimeout(_time_left(deadline))
+        sock.sendall(request)
+        if not reader.more():
+            raise _Stale() from http.client.RemoteDisconnected("closed without a reply")
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        raise _Stale() from exc
+    head_start = reader.pos
+    status_line = reader.line(MAX_HEAD_BYTES)
+    version, _, rest = status_line.partition(b" ")
+    code = rest[:3]
+    if (
+        not version.startswith(b"HTTP/1.")
+        or len(code) != 3
+        or not code.isdigit()
+        or rest[3:4] not in (b"", b" ")
+    ):
+        raise http.client.BadStatusLine(status_line[:80].decode("latin-1"))
+    status = int(code)
+    if status < 200:
+        raise http.client.BadStatusLine("an informational (1xx) reply to a GET")
+    fields: dict[str, str] = {}
+    while line := reader.line(MAX_HEAD_BYTES):
+        if len(fields) >= MAX_HEADERS:
+            raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
+        if reader.pos - head_start > MAX_HEAD_BYTES:
+            raise http.client.LineTooLong("reply headers")
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise http.client.HTTPException("a malformed header line")
+        key = name.decode("latin-1").lower()
+        text = value.strip().decode("latin-1")
+        if key == "content-length" and key in fields and fields[key] != text:
+            raise http.client.HTTPException("two different Content-Length headers")
+        fields[key] = text
+    keep_alive = version == b"HTTP/1.1" and "close" not in fields.get("connection", "").lower()
+    if "chunked" in fields.get("transfer-encoding", "").lower():
+        body = _read_chunked(reader, limit, node, path)
+    elif "content-length" in fields:
+        length_text = fields["content-length"]
+        if not length_text.isdigit():
+            raise http.client.HTTPException("a Content-Length that is not a number")
+        length = int(length_text)
+        if length > limit:
+            raise _too_large(node, path, limit)
+        body = reader.exactly(length)
+    elif status in (204, 304):
+        body = b""
+    else:  # delimited by the close: read it all, capped
+        keep_alive = False
+        while reader.more():
+            if len(reader.buf) - reader.pos > limit:
+                raise _too_large(node, path, limit)
+        body = reader.buf[reader.pos :]
+        reader.pos = len(reader.buf)
+    reusable = keep_alive and reader.pos == len(reader.buf)  # nothing unasked-for after the reply
+    return status, fields, body, reusable
+
+
+def _read_chunked(reader: _Reader, limit: int, node: str, path: str) -> bytes:
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        size_text = reader.line(1024).split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            raise http.client.HTTPException("a malformed chunk size") from None
+        if size < 0:
+            raise http.client.HTTPException("a malformed chunk size")
+        if size == 0:
+            while reader.line(MAX_HEAD_BYTES):  # trailers, up to the empty line
+                pass
+            return b"".join(parts)
+        total += size
+        if total > limit:
+            raise _too_large(node, path, limit)
+        parts.append(reader.exactly(size))
+        if reader.exactly(2) != b"\r\n":
+            raise http.client.HTTPException("a chunk not followed by CRLF")
 
 
 class _Stale(Exception):

@@ -40,6 +40,7 @@ EVENT_STYLE = {
     "remedy_started": ("remedy", "yellow"),
     "remedy_finished": ("remedy", "yellow"),
     "demo": ("demo", "bold magenta"),
+    "fd_limit": ("limit", "bold red"),
 }
 REMEDY_OUTPUT_LINES = 5
 UNMOVABLE_WORDS = {

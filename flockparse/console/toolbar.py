@@ -1,7 +1,7 @@
 """The bottom toolbar: a pure function of a small state dict -> prompt_toolkit style fragments.
 
 Colours live only in TOOLBAR_STYLE (litecli's clitoolbar pattern); `toolbar_state` gathers the state from
-the balancer's in-memory snapshots (no network I/O: it runs on every redraw).
+the balancer's in-memory counts (no network I/O, and no copy of any node's state: it runs every second).
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ TOOLBAR_STYLE = Style.from_dict(
 
 
 def toolbar_state(balancer: Any) -> dict[str, Any]:
-    """Counts from node_states() and the optimizer_status(): both in-memory reads in the core."""
-    states = balancer.node_states()
+    """Counts from summary() and the optimizer_status(): in-memory reads in the core that copy no node's
+    models (node_states() would snapshot every node's models on every redraw)."""
+    counts = balancer.summary()
     status = balancer.optimizer_status()
     return {
-        "nodes_total": len(states),
-        "nodes_online": sum(1 for state in states if state.online),
-        "nodes_gpu": sum(1 for state in states if state.online and state.has_gpu),
+        "nodes_total": counts["total"],
+        "nodes_online": counts["online"],
+        "nodes_gpu": counts["gpu"],
         "optimizer_running": bool(status.get("running")),
         "next_pass_in": status.get("next_pass_in"),
     }
