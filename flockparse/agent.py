@@ -51,6 +51,7 @@ class NodeState:
     gpu_evidence: str = ""
     gpu_seen: bool = False  # a GPU was seen here once: a load landing in RAM now means it was lost
     gpu_lost_since: float | None = None  # time.time() the current loss began; None when not lost
+    vram_when_lost: list[str] = field(default_factory=list)  # models in VRAM when the loss was seen
     cpu_landings: int = 0  # all-layers loads in RAM in a row (Ollama < 0.30 needs two to conclude)
     ollama_version: str | None = None
     previous_gpu_models: list[str] = field(default_factory=list)  # on its GPU before it restarted
@@ -120,6 +121,7 @@ class NodeAgent:
                 models=[dict(m) for m in state.models],
                 installed=list(state.installed),
                 previous_gpu_models=list(state.previous_gpu_models),
+                vram_when_lost=list(state.vram_when_lost),
                 unmovable={k: dict(v) for k, v in state.unmovable.items()},
             )
 
@@ -256,9 +258,13 @@ class NodeAgent:
         if was_online is False or restarted:
             self._fresh_start(previous_models)
         events: list[Event] = []
-        if state.gpu != gs.GPU_LOST and any(_in_vram(m) for m in state.models):
-            # a lost GPU's old runners may still hold VRAM: only a new load (or a restart) ends a loss
+        in_vram = {model_key(m["name"]) for m in state.models if _in_vram(m)}
+        if state.gpu != gs.GPU_LOST and in_vram:
             events += _note_gpu_seen(state, gs.EVIDENCE_VRAM)
+        elif in_vram - set(state.vram_when_lost):
+            # a lost GPU's old runners may still hold VRAM; a model in VRAM that was not loaded when the
+            # loss was seen is a new runner on a working GPU (Ollama restarted between two checks)
+            events += _note_gpu_seen(state, gs.EVIDENCE_NEW_VRAM)
         if restarted:
             message = (
                 f"{self.url} has nothing loaded any more, though its models had time left: Ollama restarted "
@@ -475,6 +481,7 @@ def _note_cpu_landing(state: NodeState) -> list[Event]:
     if state.gpu_lost_since is not None:
         return []
     state.gpu_lost_since = time.time()
+    state.vram_when_lost = [model_key(m["name"]) for m in state.models if _in_vram(m)]
     remedy = gs.lost_remedy_text(state.url)
     message = f"{state.url} lost its GPU: a load with every layer on the GPU landed in RAM. {remedy}"
     return [Event("gpu_lost", node=state.url, message=message, data={"remedy": remedy})]

@@ -30,6 +30,7 @@ GPU_LOST = "lost"
 GPU_STATES = (GPU_YES, GPU_NO, GPU_UNKNOWN, GPU_LOST)
 
 EVIDENCE_VRAM = "model seen in VRAM"
+EVIDENCE_NEW_VRAM = "a model loaded since the loss is in VRAM"
 EVIDENCE_LOAD_VRAM = "an all-layers load landed in VRAM"
 EVIDENCE_RAM = "all-layers load landed in RAM"
 EVIDENCE_DECLARED = "declared in configuration"

@@ -223,3 +223,26 @@ def test_on_ollama_before_0_30_one_landing_in_ram_proves_nothing(sim_node, make_
     assert state.gpu == "unknown" and state.reports_estimates and "not conclusive" in state.gpu_evidence
     [second] = balancer.force_gpu_all_nodes("llama3.1")
     assert second["result"]["reason"] == "no_gpu" and balancer.node_state(node.url).gpu == "no"
+
+
+def test_a_lost_gpu_fixed_by_a_restart_no_check_saw_ends_with_the_first_new_model_in_vram(
+    sim_node, make_balancer
+) -> None:
+    """After the fix and a restart between two checks, a model a client loads lands in VRAM: that new
+    runner proves the GPU (the runners from before a loss are the only VRAM that proves nothing)."""
+    node = sim_node(preload=[("llama3.1", "gpu")])
+    balancer = make_balancer([node.url], health_interval=300)  # only the reads below see the node
+    events = Recorder(balancer)
+    wait_until(lambda: balancer.node_state(node.url).gpu == "yes", "GPU seen")
+    node.restart(gpu_found=False)
+    balancer.vram_report()
+    balancer.force_gpu_all_nodes("codellama")
+    assert balancer.node_state(node.url).gpu == "lost"
+    node.restart(gpu_found=True)  # nothing was loaded: no check can tell this restart apart
+    client_loads(node, "llama3.2:3b")
+
+    balancer.vram_report()
+
+    assert balancer.node_state(node.url).gpu == "yes" and len(events.of("gpu_back")) == 1
+    [result] = balancer.force_gpu_all_nodes("codellama")
+    assert result["result"]["success"] is True and on_gpu(node, "codellama:latest")
