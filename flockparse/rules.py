@@ -73,6 +73,8 @@ def normalize_url(node_url: str) -> str:
     Raises ValueError with a one-line reason for anything that is not an http(s) node address.
     """
     text = str(node_url).strip()
+    if any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise ValueError(f"invalid node URL {node_url!r}: no spaces or control characters allowed")
     has_scheme = "://" in text
     parts = urlsplit(text if has_scheme else f"http://{text}")
     try:
@@ -83,6 +85,8 @@ def normalize_url(node_url: str) -> str:
         raise ValueError(f"invalid node URL {node_url!r}: expected http://host:port")
     if parts.query or parts.fragment:
         raise ValueError(f"invalid node URL {node_url!r}: no query or fragment allowed")
+    if port == 0:
+        raise ValueError(f"invalid node URL {node_url!r}: port 0 is not a port a node listens on")
     if port is None and not has_scheme:
         port = 11434
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname.lower()

@@ -335,7 +335,10 @@ class NodeTransport:
             headers = {**pool.headers, "Content-Type": "application/json"}
         retried = False
         while True:
-            conn, reused = pool.take(fresh=retried)
+            try:
+                conn, reused = pool.take(fresh=retried)
+            except (http.client.HTTPException, ValueError) as exc:  # an address http.client refuses
+                raise NodeError("error", f"{node_url}: not a usable node address ({exc})") from exc
             try:
                 return self._exchange(pool, conn, method, path, body, headers, deadline, wait, limit)
             except NodeError:

@@ -173,3 +173,18 @@ def test_models_the_core_itself_unloaded_are_not_taken_for_a_restart(sim_node, m
     node.restart()
     balancer.vram_report()
     assert [e.node for e in events.of("node_restarted")] == [node.url]
+
+
+def test_the_remedys_output_is_shown_as_text() -> None:
+    import io
+
+    from rich.console import Console
+
+    from flockparse.console import render
+    from flockparse.events import Event
+
+    event = Event("remedy_finished", node="http://h:1", message="the GPU remedy exited with 0",
+                  data={"output": "start\x1b[2J\x1b]0;hijack\x07 h\n"})  # fmt: skip
+    out = io.StringIO()
+    Console(file=out, width=200, force_terminal=True, color_system=None).print(render.event_line(event))
+    assert "\x1b[2J" not in out.getvalue() and "\x07" not in out.getvalue() and "hijack" in out.getvalue()

@@ -357,3 +357,18 @@ def test_a_connection_the_node_closed_while_idle_is_replaced(transport) -> None:
         wait_until(lambda: node.finished == 1, "the node closed the idle connection")
         assert transport.call(node.url, "GET", "/api/ps", timeout=FAST).body == {"models": []}
         assert node.accepted == 2
+
+
+def test_an_address_http_client_refuses_is_a_node_error_not_a_traceback() -> None:
+    from gpu_controller import GPUController
+
+    status = GPUController(timeout=1).get_model_status("http://127.0.0.1 :41265")
+    assert status["reason"] == "error" and "not a usable node address" in status["error"]
+
+
+def test_node_addresses_with_spaces_control_characters_or_port_0_are_refused() -> None:
+    from flockparse.rules import normalize_url
+
+    for bad in ("http://127.0.0.1 :41265", "http://a\x1b[2J:1", "127.0.0.1:0"):
+        with pytest.raises(ValueError, match="invalid node URL"):
+            normalize_url(bad)

@@ -622,5 +622,5 @@ def event_line(
         line.append(f" ({duration_s:.1f} s)", style="dim")
     if kind == "remedy_finished" and data.get("output"):
         for output_line in str(data["output"]).rstrip().splitlines()[-REMEDY_OUTPUT_LINES:]:
-            line.append(f"\n    {output_line}", style="dim")
+            line.append(f"\n    {clean(output_line)}", style="dim")  # the remedy may relay a node's text
     return line
