@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", metavar="SECONDS", help="seconds per request to a node (default 5, 0.1 .. 600)"
     )
+    parser.add_argument(
+        "--load-timeout",
+        metavar="SECONDS",
+        help="seconds a model load may take on a node (default 300, 5 .. 3600)",
+    )
     parser.add_argument("--no-optimizer", action="store_true", help="do not start the background optimizer")
     parser.add_argument(
         "--config", metavar="FILE", help="TOML config file (default: <config dir>/config.toml)"
@@ -132,7 +137,9 @@ def make_balancer(config: Config, optimize: bool) -> OllamaLoadBalancer:
         health_interval=config.health_interval,
         gpu_capability=config.gpu or None,
         keep_alive=config.keep_alive,
-        controller=GPUController(timeout=config.timeout, keep_alive=config.keep_alive),
+        controller=GPUController(
+            timeout=config.timeout, load_timeout=config.load_timeout, keep_alive=config.keep_alive
+        ),
         start=False,
         on_gpu_lost=config.on_gpu_lost,
         remedy_timeout=config.remedy_timeout,
@@ -528,7 +535,9 @@ def _main(argv: Sequence[str] | None) -> int:
                 start_demo_cluster,
             )
 
-            flags = apply_flags(Config(), args.priority, args.interval, args.health_interval, args.timeout)
+            flags = apply_flags(
+                Config(), args.priority, args.interval, args.health_interval, args.timeout, args.load_timeout
+            )
             cluster = start_demo_cluster()
             config = demo_config(cluster.urls, flags)
             banner = demo_banner(cluster.urls)
@@ -536,7 +545,13 @@ def _main(argv: Sequence[str] | None) -> int:
             demo_script = DemoScript(cluster)
         else:
             config = load_config(
-                args.config, args.nodes, args.priority, args.interval, args.health_interval, args.timeout
+                args.config,
+                args.nodes,
+                args.priority,
+                args.interval,
+                args.health_interval,
+                args.timeout,
+                load_timeout_flag=args.load_timeout,
             )
     except ConfigError as exc:
         return reporter.error(str(exc), EXIT_USAGE)

@@ -240,3 +240,20 @@ def test_a_config_that_is_not_utf8_is_one_line_and_exit_2(
 def test_two_spellings_of_one_node_in_the_gpu_table(config_home: Path) -> None:
     (config_home / "config.toml").write_text('[gpu]\n"h1" = true\n"http://h1:11434" = false\n')
     assert load_config(env={"FLOCKPARSE_CONFIG_DIR": str(config_home)}).gpu == {"http://h1:11434": False}
+
+
+def test_load_timeout_from_flag_and_file_reaches_the_controller(tmp_path) -> None:
+    from flockparse.console.config import ConfigError, load_config
+    from flockparsecli import make_balancer
+
+    path = tmp_path / "config.toml"
+    path.write_text('nodes = ["http://127.0.0.1:9"]\nload_timeout = 600\n')
+    assert load_config(str(path), env={}).load_timeout == 600
+    config = load_config(str(path), env={}, load_timeout_flag="42")
+    balancer = make_balancer(config, optimize=False)
+    try:
+        assert balancer.controller.load_timeout == 42
+    finally:
+        balancer.close()
+    with pytest.raises(ConfigError, match="load"):
+        load_config(str(path), env={}, load_timeout_flag="1e9")

@@ -54,8 +54,10 @@ KNOWN_KEYS = (
     "gpu",
     "on_gpu_lost",
     "remedy_timeout",
+    "load_timeout",
 )
 DEFAULT_REMEDY_TIMEOUT = 120.0
+DEFAULT_LOAD_TIMEOUT = 300.0
 
 # (minimum, maximum) seconds. Below the minimum a value busy-loops a core or floods the nodes; above the
 # maximum it overflows threading waits (1e10) or means "never", which hides a dead node.
@@ -64,6 +66,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "health_interval": (0.1, 3600.0),
     "timeout": (0.1, 600.0),
     "remedy_timeout": (1.0, 3600.0),
+    "load_timeout": (5.0, 3600.0),
 }
 # Ollama reads a string keep_alive as a Go duration ("30m", "1h30m", "-1s") and a bare number as seconds
 _GO_DURATION = re.compile(r"-?((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+|-?(\d+(\.\d*)?|\.\d+)|0")
@@ -77,6 +80,7 @@ NEW_FILE_HEADER = """\
 # interval = 300          # seconds between optimizer passes (5 .. 2592000)
 # health_interval = 5     # seconds between node health checks (0.1 .. 3600)
 # timeout = 5             # seconds per request to a node (0.1 .. 600)
+# load_timeout = 300      # seconds a model load may take, e.g. 40 GB from disk (5 .. 3600)
 # keep_alive = "30m"      # how long Ollama keeps a moved model: a duration ("30m", "2h") or seconds
 # on_gpu_lost = "ssh {host} sudo systemctl restart ollama"  # run once when a node loses its GPU (off)
 # remedy_timeout = 120    # seconds the remedy may run (1 .. 3600)
@@ -104,6 +108,7 @@ class Config:
     gpu: dict[str, bool] = field(default_factory=dict)
     on_gpu_lost: str | None = None  # the operator's remedy command ({url}, {host}); None = off
     remedy_timeout: float = DEFAULT_REMEDY_TIMEOUT
+    load_timeout: float = DEFAULT_LOAD_TIMEOUT
     path: Path | None = None  # None: nothing is persisted (e.g. --demo)
     nodes_from: str = "default"  # "flag" | "file" | "env" | "default": where `nodes` came from
 
@@ -260,6 +265,7 @@ def load_config(
     health_interval_flag: float | str | None = None,
     timeout_flag: float | str | None = None,
     env: dict[str, str] | None = None,
+    load_timeout_flag: float | str | None = None,
 ) -> Config:
     """Build the effective Config: flags > file > $OLLAMA_HOST > default. Every mistake is a ConfigError."""
     env = os.environ if env is None else env
@@ -281,7 +287,9 @@ def load_config(
         except ConfigError as exc:
             raise ConfigError(f"$OLLAMA_HOST: {exc} (or pass --nodes)") from None
         config.nodes_from = "env"
-    return apply_flags(config, priority_flag, interval_flag, health_interval_flag, timeout_flag)
+    return apply_flags(
+        config, priority_flag, interval_flag, health_interval_flag, timeout_flag, load_timeout_flag
+    )
 
 
 def apply_flags(
@@ -290,6 +298,7 @@ def apply_flags(
     interval_flag: float | str | None = None,
     health_interval_flag: float | str | None = None,
     timeout_flag: float | str | None = None,
+    load_timeout_flag: float | str | None = None,
 ) -> Config:
     """The flags other than --nodes and --config, checked the same way as the file's keys."""
     if priority_flag is not None:
@@ -298,6 +307,7 @@ def apply_flags(
         ("interval", interval_flag),
         ("health_interval", health_interval_flag),
         ("timeout", timeout_flag),
+        ("load_timeout", load_timeout_flag),
     ):
         if flag is not None:
             setattr(config, key, check_seconds(flag, key, f"--{key.replace('_', '-')}", named=True))
