@@ -617,7 +617,23 @@ class GPUController:
         result = self._judge(node_url, model, target, after)
         if not result.success and before is None:
             self._undo_load(node_url, model, result)
+        elif result.success:
+            self._note_evicted(node_url, model, before_all, result)
         return result
+
+    def _note_evicted(self, node_url: str, model: str, before_all: list[_Loaded], result: MoveResult) -> None:
+        """Ollama may unload other models to make room (sched.go:547-575): a move says which it cost."""
+        others = [e for e in before_all if not e.stopping and not same_model(e.name, model)]
+        if not others:
+            return
+        try:
+            now = self._ps(node_url)
+        except NodeError:
+            return
+        gone = [e.name for e in others if _find(now, e.name, include_stopping=False) is None]
+        if gone:
+            result.evicted = gone
+            result.message += f"; Ollama unloaded {', '.join(gone)} to make room"
 
     @staticmethod
     def _num_gpu_for(info: _ModelInfo, target: str) -> int | MoveResult:
@@ -630,10 +646,9 @@ class GPUController:
         if (target == "gpu" and pinned >= info.all_layers) or (target == "cpu" and pinned == 0):
             return pinned  # the same value every ordinary request sends: no reload afterwards
         where = "GPU" if target == "gpu" else "CPU"
-        message = (
-            f"its Modelfile sets num_gpu {pinned}, which every request applies, so a move to {where} "
-            f"would be undone by the next request; re-create the model without that PARAMETER "
-            f"(ollama show --modelfile, remove the num_gpu line, ollama create)"
+        message = (  # short enough for one console line; README says how to re-create a model
+            f"its Modelfile sets num_gpu {pinned} for every request: re-create the model without that "
+            f"PARAMETER to move it to {where}"
         )
         result = _result(False, message, Reason.PINNED_BY_MODELFILE)
         result.modelfile_num_gpu = pinned
@@ -932,10 +947,7 @@ def _num_ctx_to_keep(info: _ModelInfo, before: _Loaded | None) -> int | None:
 
 
 def _not_controllable(node_url: str, model: str, entry: _Loaded | None) -> MoveResult:
-    message = (
-        f"{model} on {node_url} is a safetensors (MLX) model: Ollama places it itself and ignores num_gpu, "
-        "so it cannot be moved"
-    )
+    message = f"{model} is a safetensors (MLX) model on {node_url}: Ollama places it, ignoring num_gpu"
     return _result(False, message, Reason.NOT_CONTROLLABLE, entry)
 
 

@@ -37,6 +37,7 @@ RESTART_MARGIN_S = 10.0  # models gone this long before their expiry did not exp
 INSTALLED_REFRESH_SECONDS = 180.0  # how often the monitor re-reads /api/tags (for completion only)
 UNMOVABLE_REASONS = frozenset({"pinned_by_modelfile", "not_controllable"})
 USER_PRIORITY, OPTIMIZER_PRIORITY = 0, 1  # lane order: a user's move goes before queued optimizer moves
+INTERNAL_FIELDS = ("vram_when_lost", "installed_known", "cpu_landings")  # bookkeeping, not for users
 
 
 @dataclass
@@ -71,6 +72,14 @@ class NodeState:
     def reports_estimates(self) -> bool:
         """Ollama < 0.30: /api/ps figures are estimates, and one RAM landing proves nothing."""
         return gs.reports_estimates(self.ollama_version)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The public view (`nodes --json`): the state plus `estimates`, without bookkeeping."""
+        data = dataclasses.asdict(self)
+        for internal in INTERNAL_FIELDS:
+            data.pop(internal, None)
+        data["estimates"] = self.reports_estimates
+        return data
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from flockparse.rules import LOCATION_GPU, explicit_priority_names, is_off_gpu, 
 PASS_INTERVAL, PASS_NODE, PASS_ASKED = "interval", "node", "asked"  # what started a pass
 BACKOFF_MAX_PASSES = 32
 DISPLACED = "displaced"
-NO_BACKOFF_REASONS = frozenset({"unreachable", "cancelled"})  # node-level trouble, handled by online state
+# node-level trouble, handled by the node's online state or GPU verdict: never a back-off of the model
+NO_BACKOFF_REASONS = frozenset({"unreachable", "cancelled", "no_gpu"})
 UNMOVABLE_REASONS = frozenset({"pinned_by_modelfile", "not_controllable"})  # remembered by the node's owner
 
 

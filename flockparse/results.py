@@ -44,6 +44,7 @@ class MoveResult:
     restored: bool = False  # a failed move put the model back where it was
     restored_others: list[str] | None = None  # models Ollama evicted for the attempt, loaded back
     not_restored: list[str] | None = None  # ... and those that could not be loaded back yet
+    evicted: list[str] | None = None  # a move that worked: the models Ollama unloaded to make room
     modelfile_num_gpu: int | None = None  # with PINNED_BY_MODELFILE: the Modelfile's value
     skipped: bool = False  # decided without contacting the node (offline, no GPU, ...)
 
@@ -63,6 +64,8 @@ class MoveResult:
             result["restored_others"] = list(self.restored_others)
         if self.not_restored:
             result["not_restored"] = list(self.not_restored)
+        if self.evicted:
+            result["evicted"] = list(self.evicted)
         if self.modelfile_num_gpu is not None:
             result["modelfile_num_gpu"] = self.modelfile_num_gpu
         return result

@@ -391,3 +391,15 @@ def test_no_move_is_undone_by_the_next_ordinary_request(quick_sim_node, controll
     assert node.counts(model)["loads"] == loads
     entry = loaded(node, model)
     assert (entry["size_vram"] == entry["size"]) if move == "gpu" else entry["size_vram"] == 0
+
+
+def test_a_move_says_which_models_ollama_unloaded_to_make_room(quick_sim_node, controller) -> None:
+    """The 80% pre-flight evicts resident models for a load that does not fit next to them (sched.go:547)."""
+    node = quick_sim_node(vram_gb=24, preload=[("llama3.1", "gpu"), ("mxbai-embed-large", "gpu")])
+
+    result = controller.force_gpu_load(node.url, "codellama")
+
+    assert result["success"] is True and result["evicted"] and "to make room" in result["message"]
+    assert all(loaded(node, name) is None for name in result["evicted"])
+    quiet = controller.force_gpu_load(node.url, "codellama")  # already there: nothing unloaded
+    assert quiet["reason"] == "already" and "evicted" not in quiet

@@ -246,3 +246,16 @@ def test_a_lost_gpu_fixed_by_a_restart_no_check_saw_ends_with_the_first_new_mode
     assert balancer.node_state(node.url).gpu == "yes" and len(events.of("gpu_back")) == 1
     [result] = balancer.force_gpu_all_nodes("codellama")
     assert result["result"]["success"] is True and on_gpu(node, "codellama:latest")
+
+
+def test_nodes_json_shows_the_gpu_verdict_version_and_estimates(sim_node, make_balancer) -> None:
+    from flockparse.console.commands import cmd_nodes
+
+    old = sim_node(version="0.12.10")
+    balancer = make_balancer([old.url])
+    wait_until(lambda: balancer.node_state(old.url).ollama_version, "version read")
+
+    [node] = cmd_nodes(type("Ctx", (), {"balancer": balancer})(), []).data
+
+    assert (node["gpu"], node["ollama_version"], node["estimates"]) == ("unknown", "0.12.10", True)
+    assert "gpu_evidence" in node and "vram_when_lost" not in node and "installed_checked_at" not in node

@@ -236,6 +236,8 @@ def as_dict(value: Any) -> dict[str, Any]:
     """NodeState snapshots (dataclasses or objects) -> plain dicts for render and --json, minus internals."""
     if isinstance(value, Mapping):
         data = dict(value)
+    elif callable(getattr(value, "as_dict", None)):  # the core's own public view
+        data = value.as_dict()
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         data = dataclasses.asdict(value)
     else:
