@@ -72,7 +72,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="flockparsecli.py",
+        prog=program_name(),
         description="Keep an Ollama cluster's models on GPU. Without COMMAND: the interactive console "
         "(or, with stdin not a terminal, one command per line read from stdin).",
         epilog=f"commands: {', '.join(REGISTRY)}. Config dir: $FLOCKPARSE_CONFIG_DIR or {config_dir()}. "
@@ -269,7 +269,7 @@ def unreachable_hint(states: list[Any], config: Config) -> str | None:
         return None
     where = states[0].url if len(states) == 1 else f"any of the {len(states)} nodes"
     return (
-        f"no Ollama answered at {where}: start Ollama, pass --nodes URL,..., or try `flockparsecli.py --demo`"
+        f"no Ollama answered at {where}: start Ollama, pass --nodes URL,..., or try `{program_name()} --demo`"
     )
 
 
@@ -495,8 +495,28 @@ def start_and_check(balancer: OllamaLoadBalancer, config: Config, reporter: Repo
         reporter.errors.print(render.error_line(hint))
 
 
+def program_name() -> str:
+    """`flockparse` when run as the installed command, else `flockparsecli.py`."""
+    return "flockparse" if Path(sys.argv[0]).name == "flockparse" else "flockparsecli.py"
+
+
+def exit_on_termination() -> None:
+    """SIGTERM and SIGHUP (a closed terminal) end the console like `exit`: its finally blocks run, so
+    --demo's temporary directory is removed and the simulated nodes stop. Main thread only."""
+    import signal
+
+    def leave(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), leave)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, build the config and the core, run the console, one command, or stdin's lines."""
+    exit_on_termination()
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before or between commands (e.g. during the first health round)

@@ -8,6 +8,7 @@ above the prompt, and the prompt line still reads `⚡ Enter command: force_g` a
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -247,3 +248,17 @@ def test_ctrl_c_while_waiting_for_a_hung_node_exits_130(sim_node, terminal_env: 
         assert term.wait_for_exit() == 130
         term.stream.feed(term.child.before)
         assert "Traceback" not in term.text() and "cancelled" in term.text()
+
+
+def test_sigterm_ends_the_demo_like_exit_and_removes_its_files(
+    terminal_env: dict[str, str], tmp_path: Path
+) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    terminal_env["TMPDIR"] = str(scratch)  # where --demo keeps its history and console.log
+    with Terminal(["--demo"], terminal_env) as term:
+        term.wait_for(lambda: PROMPT.strip() in term.cursor_line(), "the prompt")
+        assert list(scratch.glob("flockparse-demo-*"))
+        term.child.kill(signal.SIGTERM)
+        assert term.wait_for_exit() == 128 + signal.SIGTERM
+    assert list(scratch.glob("flockparse-demo-*")) == []
