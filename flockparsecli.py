@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-optimizer", action="store_true", help="do not start the background optimizer")
     parser.add_argument(
+        "--node",
+        action="append",
+        metavar="URL",
+        help="force_gpu/force_cpu/unload: only this node (repeatable)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="force_*/unload/optimizer now: say what would be done, change nothing",
+    )
+    parser.add_argument(
         "--config", metavar="FILE", help="TOML config file (default: <config dir>/config.toml)"
     )
     parser.add_argument("--demo", action="store_true", help="start a simulated 3-node cluster in-process")
@@ -500,18 +511,43 @@ def program_name() -> str:
     return "flockparse" if Path(sys.argv[0]).name == "flockparse" else "flockparsecli.py"
 
 
+ON_TERMINATION: list[Any] = []  # what SIGTERM/SIGHUP must still do before the process ends
+
+
 def exit_on_termination() -> None:
-    """SIGTERM and SIGHUP (a closed terminal) end the console like `exit`: its finally blocks run, so
-    --demo's temporary directory is removed and the simulated nodes stop. Main thread only."""
+    """SIGTERM and SIGHUP (a closed terminal) end the console at once, after what must not be left behind:
+    the terminal's modes restored (prompt_toolkit's raw mode), --demo's temporary files removed and its
+    simulated nodes stopped. An exception raised in the handler could land inside prompt_toolkit's event
+    loop and be swallowed there, so the handler does the clean-up itself and exits. Main thread only."""
     import signal
 
+    saved_tty = _tty_modes()
+
     def leave(signum: int, _frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        for step in ON_TERMINATION:
+            try:
+                step()
+            except Exception:  # the process is ending: log it, go on with the others
+                logging.getLogger(__name__).exception("clean-up at termination failed")
+        if saved_tty is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSANOW, saved_tty)
+        exit_without_joining_core_threads(128 + signum)
 
     if threading.current_thread() is threading.main_thread():
         for name in ("SIGTERM", "SIGHUP"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), leave)
+
+
+def _tty_modes() -> Any:
+    try:
+        import termios
+
+        return termios.tcgetattr(sys.stdin.fileno()) if sys.stdin.isatty() else None
+    except (ImportError, OSError, ValueError):
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -535,6 +571,12 @@ def _main(argv: Sequence[str] | None) -> int:
     words = list(args.command)
     script = not words and not sys.stdin.isatty()
     reporter = Reporter(args.json, json_lines=script)
+    if (args.node or args.dry_run) and not words:
+        return reporter.error(
+            "--node and --dry-run go with a command (e.g. `force_gpu MODEL --dry-run`)", EXIT_USAGE
+        )
+    words += [word for node in args.node or () for word in ("--node", node)]
+    words += ["--dry-run"] if args.dry_run else []
     if args.watch is not None:
         if words[:1] != ["vram_report"]:
             return reporter.error("--watch goes with vram_report (or use the `watch` command)", EXIT_USAGE)
@@ -552,6 +594,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 demo_banner,
                 demo_config,
                 demo_files_dir,
+                remove_demo_files,
                 start_demo_cluster,
             )
 
@@ -563,6 +606,7 @@ def _main(argv: Sequence[str] | None) -> int:
             banner = demo_banner(cluster.urls)
             files_dir = demo_files_dir()
             demo_script = DemoScript(cluster)
+            ON_TERMINATION.extend([cluster.stop, lambda: remove_demo_files(files_dir)])
         else:
             config = load_config(
                 args.config,

@@ -25,7 +25,7 @@ from flockparse.events import Event, EventBus
 from flockparse.limits import FdBudget, fd_budget
 from flockparse.optimizer import GPUOptimizer
 from flockparse.results import MoveResult, Reason, skipped
-from flockparse.rules import LOCATION_GPU, canonical_name, model_key, normalize_url, same_model
+from flockparse.rules import LOCATION_CPU, LOCATION_GPU, canonical_name, model_key, normalize_url, same_model
 from flockparse.workers import ElasticPool
 from gpu_controller import GPUController, NodeError
 
@@ -204,11 +204,14 @@ class OllamaLoadBalancer:
         self._auto_optimize_gpu = False
         return self._optimizer.stop()
 
-    def optimize_gpu_once(self, cancel: threading.Event | None = None) -> list[dict]:
+    def optimize_gpu_once(self, cancel: threading.Event | None = None, dry_run: bool = False) -> list[dict]:
         """One pass now over all nodes (works with the optimizer off); returns the actions taken.
 
-        Setting `cancel` (e.g. on Ctrl-C) stops waiting for the nodes and stops further moves.
+        Setting `cancel` (e.g. on Ctrl-C) stops waiting for the nodes and stops further moves. `dry_run`:
+        the moves it would make, where and why (`would_move`, `would_probe`, skips), changing nothing.
         """
+        if dry_run:
+            return self._optimizer.plan_pass()
         return self._optimizer.run_pass(None, cancel=cancel or self._closed, load_absent=True, asked=True)
 
     def optimizer_status(self) -> dict:
@@ -536,31 +539,118 @@ class OllamaLoadBalancer:
         return sorted(names)
 
     # ------------------------------------------------------------------ placement
-    def force_gpu_all_nodes(self, model: str, cancel: threading.Event | None = None) -> list[dict]:
-        """Move `model` to GPU on every node (concurrently); lifts a CPU pin and any back-off."""
-        self._optimizer.release_model(model)
-        return self._force_all_nodes(model, "GPU", cancel)
+    def force_gpu_all_nodes(
+        self,
+        model: str,
+        cancel: threading.Event | None = None,
+        nodes: Iterable[str] | None = None,
+        dry_run: bool = False,
+    ) -> list[dict]:
+        """Move `model` to GPU on every node (concurrently), or on `nodes`; lifts a CPU pin and any back-off.
 
-    def force_cpu_all_nodes(self, model: str, cancel: threading.Event | None = None) -> list[dict]:
-        """Move `model` to CPU on every node where it is loaded, and pin it there (the optimizer leaves it
-        alone); nodes where it is not loaded are skipped: nothing is loaded just to sit in RAM."""
-        self._optimizer.release_model(model)
-        for node in self.nodes:
-            self._optimizer.pin_cpu(node, model)
-        return self._force_all_nodes(model, "CPU", cancel)
+        `dry_run`: say per node what would be done (`would_move`, `would_probe`, `already`, or a skip),
+        changing nothing and sending nothing but status reads.
+        """
+        if not dry_run:
+            self._optimizer.release_model(model)
+        return self._force_all_nodes(model, "GPU", cancel, nodes, dry_run)
 
-    def _force_all_nodes(self, model: str, target: str, cancel: threading.Event | None) -> list[dict]:
+    def force_cpu_all_nodes(
+        self,
+        model: str,
+        cancel: threading.Event | None = None,
+        nodes: Iterable[str] | None = None,
+        dry_run: bool = False,
+    ) -> list[dict]:
+        """Move `model` to CPU on every node where it is loaded (or on `nodes`), and pin it there (the
+        optimizer leaves it alone); nodes where it is not loaded are skipped: nothing is loaded just to sit
+        in RAM."""
+        targets = self._targets(nodes)
+        if not dry_run:
+            self._optimizer.release_model(model)
+            for node in targets:
+                self._optimizer.pin_cpu(node, model)
+        return self._force_all_nodes(model, "CPU", cancel, targets, dry_run)
+
+    def unload_all_nodes(
+        self,
+        model: str,
+        cancel: threading.Event | None = None,
+        nodes: Iterable[str] | None = None,
+        dry_run: bool = False,
+    ) -> list[dict]:
+        """Unload `model` (like `ollama stop`) on every node where it is loaded, or on `nodes`, verified:
+        [{'node', 'result'}] with reason `unloaded`, or a skip (`not_loaded`, `offline`)."""
+        name = canonical_name(model)
+
+        def one(node: str) -> MoveResult:
+            status = self.read_status(node)
+            if "error" in status:
+                return skipped(Reason.OFFLINE, f"skipped {node}: {status['error']}")
+            if not any(same_model(m["name"], model) for m in status["models"]):
+                return skipped(Reason.NOT_LOADED, f"skipped {node}: {name} is not loaded there")
+            if dry_run:
+                return MoveResult(True, f"would unload {name}", Reason.WOULD_UNLOAD, dry_run=True)
+            return self.unload(node, model, cancel)
+
+        targets = self._targets(nodes)
+        futures = [run_daemon(lambda n=node: one(n), "unload") for node in targets]
+        return [
+            {"node": node, "result": f.result().as_dict()} for node, f in zip(targets, futures, strict=True)
+        ]
+
+    def unload(self, node: str, model: str, cancel: threading.Event | None = None) -> MoveResult:
+        """One verified unload in the node's lane, with a `model_unloaded` (or `move_failed`) event."""
+        agent = self._agent(node)
+        if agent is None:
+            return skipped(Reason.REMOVED, f"{node} was removed from the cluster")
+        name = canonical_name(model)
+
+        def run(stop: threading.Event) -> MoveResult:
+            reply = self.controller.unload(node, model, cancel=stop)
+            reason = Reason(reply["reason"])
+            result = MoveResult(bool(reply["success"]), str(reply["message"]), reason)
+            kind = "model_unloaded" if result.success else "move_failed"
+            data = {"target": "unload", "reason": str(reason), "source": "user"}
+            self.events.emit(Event(kind, node=node, model=name, message=result.message, data=data))
+            return result
+
+        return agent.lane.submit(run, cancel, USER_PRIORITY).result()
+
+    def _targets(self, nodes: Iterable[str] | None) -> list[str]:
+        """All nodes, or the ones asked for (normalised; a node not in the cluster is a ValueError)."""
+        if nodes is None:
+            return self.nodes
+        known, wanted = self.nodes, [normalize_url(node) for node in nodes]
+        missing = [node for node in wanted if node not in known]
+        if missing:
+            raise ValueError(
+                f"not in the cluster: {', '.join(missing)} (nodes: {', '.join(known) or 'none'})"
+            )
+        return wanted
+
+    def _force_all_nodes(
+        self,
+        model: str,
+        target: str,
+        cancel: threading.Event | None,
+        nodes: Iterable[str] | None = None,
+        dry_run: bool = False,
+    ) -> list[dict]:
         """Every node at once, each on a thread of its own: 200 nodes take about one load, not four rounds."""
-        nodes = self.nodes
+        nodes = self._targets(nodes)
         futures = [
-            run_daemon(lambda n=node: self._force_one(n, model, target, cancel), "force") for node in nodes
+            run_daemon(lambda n=node: self._force_one(n, model, target, cancel, dry_run), "force")
+            for node in nodes
         ]
         return [
             {"node": node, "result": future.result().as_dict()}
             for node, future in zip(nodes, futures, strict=True)
         ]
 
-    def _force_one(self, node: str, model: str, target: str, cancel: threading.Event | None) -> MoveResult:
+    def _force_one(
+        self, node: str, model: str, target: str, cancel: threading.Event | None, dry_run: bool = False
+    ) -> MoveResult:
         """Do no harm: a model is loaded where it was not only onto a GPU known, declared or probed."""
         state = self.node_state(node)
         if state is None:
@@ -571,12 +661,15 @@ class OllamaLoadBalancer:
             return skipped(Reason.GPU_LOST, f"skipped {node}: its GPU is lost. {gs.lost_remedy_text(node)}")
         if target == "GPU" and state.gpu == gs.GPU_NO:
             return skipped(Reason.NO_GPU, f"skipped {node}: no GPU ({state.gpu_evidence})")
-        if target == "GPU" and state.gpu == gs.GPU_YES:
+        if target == "GPU" and state.gpu == gs.GPU_YES and not dry_run:
             return self.move(node, model, target, cancel=cancel, source="user")
         status = self.read_status(node)
         if "error" in status:
             return skipped(Reason.OFFLINE, f"skipped {node}: {status['error']}")
-        if not any(same_model(m["name"], model) for m in status["models"]):
+        row = next((m for m in status["models"] if same_model(m["name"], model)), None)
+        if dry_run:
+            return _dry_run(node, model, target, row, state.gpu)
+        if row is None:
             if target == "CPU":
                 return skipped(
                     Reason.NOT_LOADED, f"skipped {node}: {canonical_name(model)} is not loaded there"
@@ -682,6 +775,21 @@ class OllamaLoadBalancer:
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _dry_run(node: str, model: str, target: str, row: dict | None, gpu: str) -> MoveResult:
+    """What a force would do on a node, from its fresh status; nothing is sent."""
+    name = canonical_name(model)
+    location = row.get("location") if row is not None else None
+    if location == (LOCATION_GPU if target == "GPU" else LOCATION_CPU):
+        return MoveResult(True, f"{name} is already on {target}", Reason.ALREADY, location, dry_run=True)
+    if row is None and target == "CPU":
+        return skipped(Reason.NOT_LOADED, f"skipped {node}: {name} is not loaded there")
+    if row is None and gpu != gs.GPU_YES:
+        message = f"would probe {node} for a GPU with a small load, then load {name} onto it"
+        return MoveResult(True, message, Reason.WOULD_PROBE, dry_run=True)
+    message = f"would move {name} to {target} (now {location or 'not loaded'})"
+    return MoveResult(True, message, Reason.WOULD_MOVE, location, dry_run=True)
+
+
 def _gpu_fields(state: NodeState) -> dict[str, Any]:
     """The GPU verdict as reports and stats show it."""
     return {

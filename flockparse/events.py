@@ -22,6 +22,7 @@ EVENT_KINDS = (
     "node_removed",
     "node_restarted",
     "models_restored",
+    "model_unloaded",
     "gpu_lost",
     "gpu_back",
     "remedy_started",

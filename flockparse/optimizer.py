@@ -265,6 +265,52 @@ class GPUOptimizer:
         with self._lock:
             return [a.as_dict() for a in actions]
 
+    def plan_pass(self) -> list[dict]:
+        """What a pass asked for now would do (`optimizer now --dry-run`), changing nothing.
+
+        Status reads only: no probe, no move. Actions are `would_move`, `would_probe` or a pass's skips.
+        """
+        tasks = [_daemon_future(lambda u=url: self._plan_node(u)) for url in self._cluster.nodes]
+        wait(tasks)
+        return [a.as_dict() for task in tasks if task.exception() is None for a in task.result()]
+
+    def _plan_node(self, url: str) -> list[Action]:
+        cluster = self._cluster
+        state = cluster.node_state(url)
+        if state is None:
+            return []
+        entry = planner.gate(url, state.online, state.gpu, state.gpu_evidence, PASS_ASKED)
+        if entry.skip is not None:
+            return [entry.skip]
+        if entry.probe_lost_gpu:
+            return [
+                Action(url, None, "would_probe", "gpu_lost", f"would probe the lost GPU of {url}; no move")
+            ]
+        status = cluster.read_status(url)
+        if "error" in status:
+            return [Action(url, None, "skipped", "offline", f"{url}: {status['error']}")]
+        patterns = priority_patterns(cluster.gpu_priority_models)
+        installed = cluster.installed_models(url) if not status["models"] else set()
+        wanted = planner.candidates(status["models"], patterns, installed, state.previous_gpu_models, True)
+        actions = []
+        if wanted.absent and state.gpu != "yes":
+            actions.append(
+                Action(url, None, "would_probe", "would_probe", f"would probe {url} for a GPU first")
+            )
+        where = {model_key(m["name"]): m.get("location") for m in status["models"]}
+        with self._lock:
+            pins, backoffs = set(self._pins), dict(self._backoff)
+        for name in [*wanted.off_gpu, *wanted.absent]:
+            key = (url, name)
+            skip = planner.decide(
+                url, name, key in pins, state.unmovable.get(name), backoffs.get(key), PASS_ASKED
+            )
+            now = where.get(name) or "not loaded: warm-up"
+            actions.append(
+                skip or Action(url, name, "would_move", "would_move", f"would move {name} to GPU (now {now})")
+            )
+        return actions
+
     def _claim_pass(self, cancel: threading.Event) -> bool:
         """Wait (cancellably) until no other pass runs, then mark ours as running."""
         while True:

@@ -30,6 +30,10 @@ class Reason(StrEnum):
     GPU_LOST = "gpu_lost"
     GPU_UNKNOWN = "gpu_unknown"
     REMOVED = "removed"
+    # --dry-run: what would be done, nothing sent
+    WOULD_MOVE = "would_move"
+    WOULD_PROBE = "would_probe"
+    WOULD_UNLOAD = "would_unload"
 
 
 @dataclass
@@ -47,6 +51,7 @@ class MoveResult:
     evicted: list[str] | None = None  # a move that worked: the models Ollama unloaded to make room
     modelfile_num_gpu: int | None = None  # with PINNED_BY_MODELFILE: the Modelfile's value
     skipped: bool = False  # decided without contacting the node (offline, no GPU, ...)
+    dry_run: bool = False  # only said what would be done
 
     def as_dict(self) -> dict:
         """The spec's shape: the six keys always, the others only when they say something."""
@@ -60,6 +65,8 @@ class MoveResult:
         }
         if self.skipped:
             result["skipped"] = True
+        if self.dry_run:
+            result["dry_run"] = True
         if self.restored_others is not None:
             result["restored_others"] = list(self.restored_others)
         if self.not_restored:

@@ -507,8 +507,8 @@ def test_durations_that_cannot_be_shown_never_raise() -> None:
 
 
 def test_a_bad_flag_is_a_usage_error_in_json_too_and_no_flag_is_abbreviated(home: Path, capsys) -> None:
-    code, out, err = run_main(["--json", "--node", "127.0.0.1:1", "help"], capsys)
-    assert code == 2 and "unrecognized arguments: --node" in err  # never read as --nodes
+    code, out, err = run_main(["--json", "--nod", "127.0.0.1:1", "help"], capsys)
+    assert code == 2 and "unrecognized arguments: --nod" in err  # never read as --nodes or --node
     assert json.loads(out)["exit_code"] == 2
 
 

@@ -174,7 +174,7 @@ def test_demo_shows_freed_vram_and_a_restart(terminal_env: dict[str, str], tmp_p
         term.wait_for(lambda: "CPU/GPU" in term.text(), "llama3.1 split on the training node")
         term.wait_for(lambda: "ended. Ollama moves nothing by itself" in flat(), "the job's end")
         term.type("optimizer now\r")
-        moved = f"moved    127.0.0.1:{training}  llama3.1:latest"  # the pass's own line for the move
+        moved = f"127.0.0.1:{training}  llama3.1:latest  llama3.1:latest now on GPU"  # the pass's own line
         term.wait_for(lambda: moved in flat(), "llama3.1 moved once the VRAM is free")
         term.wait_for(lambda: f"127.0.0.1:{restarting} is restarting" in flat(), "the restart")
         warmed = f"mxbai-embed-large:latest now on GPU on 127.0.0.1:{restarting}"

@@ -76,6 +76,7 @@ class Context:
     verbose: bool = False  # show nodes' raw error texts in move results
     quiet_events: Callable[[str], Any] | None = None  # mutes event lines a command reports itself
     flush_events: Callable[[], None] | None = None  # prints queued event lines before a command's output
+    options: dict[str, Any] = field(default_factory=dict)  # this call's --node / --dry-run
 
     def note(self, message: str) -> None:
         (self.progress or self.console).print(render.safe_text(message, style="dim"))
@@ -142,6 +143,7 @@ class Command:
     subcommands: Mapping[str, tuple[str, ...]] | None = None
     needs_nodes: bool | Callable[[list[str]], bool] = True  # False: answered without any node (no wait)
     complete_as: Mapping[str, str] | None = None  # subcommand -> completion source for its argument
+    options: tuple[str, ...] = ()  # e.g. ("--node URL", "--dry-run"): anywhere after the command name
 
     def wants_nodes(self, args: list[str]) -> bool:
         """Whether this call needs the first health round (one-shot mode waits for it, bounded)."""
@@ -152,7 +154,7 @@ class Command:
         if self.subcommands:
             subs = "|".join(f"{sub} {' '.join(args)}".strip() for sub, args in self.subcommands.items())
             return f"{self.name} {subs}"
-        spec = list(self.args) + [f"[{name}]" for name in self.optional]
+        spec = list(self.args) + [f"[{name}]" for name in (*self.optional, *self.options)]
         return " ".join([self.name, *spec])
 
 
@@ -168,12 +170,22 @@ def command(
     subcommands: Mapping[str, tuple[str, ...]] | None = None,
     needs_nodes: bool | Callable[[list[str]], bool] = True,
     complete_as: Mapping[str, str] | None = None,
+    options: tuple[str, ...] = (),
 ) -> Callable[[Callable[[Context, list[str]], Outcome]], Callable[[Context, list[str]], Outcome]]:
     """Register a handler (litecli's special-command pattern)."""
 
     def register(handler: Callable[[Context, list[str]], Outcome]) -> Callable[[Context, list[str]], Outcome]:
         REGISTRY[name] = Command(
-            name, handler, description, args, optional, aliases, subcommands, needs_nodes, complete_as
+            name,
+            handler,
+            description,
+            args,
+            optional,
+            aliases,
+            subcommands,
+            needs_nodes,
+            complete_as,
+            options,
         )
         return handler
 
@@ -194,8 +206,32 @@ def resolve(name: str) -> Command:
     raise UsageError(f"unknown command `{name}` ({hint}try `help`)")
 
 
+def split_options(cmd: Command, args: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The command's declared options (`--node URL`, `--dry-run`) taken out of its arguments."""
+    takes_value = {spec.split()[0]: len(spec.split()) > 1 for spec in cmd.options}
+    rest: list[str] = []
+    options: dict[str, Any] = {}
+    words = iter(args)
+    for word in words:
+        if word not in takes_value:
+            if word.startswith("--") and cmd.options:
+                raise UsageError(f"{cmd.name}: unknown option `{word}`: usage: {cmd.usage}")
+            rest.append(word)
+            continue
+        key = word[2:].replace("-", "_")
+        if takes_value[word]:
+            value = next(words, None)
+            if value is None:
+                raise UsageError(f"{cmd.name}: {word} needs a value: usage: {cmd.usage}")
+            options.setdefault(key, []).append(value)
+        else:
+            options[key] = True
+    return rest, options
+
+
 def check_arity(cmd: Command, args: list[str]) -> None:
     """Uniform `missing argument` / `extra argument` errors from the declared spec."""
+    args, _ = split_options(cmd, args)
     if cmd.subcommands:
         if not args:
             raise UsageError(f"missing argument: usage: {cmd.usage}")
@@ -226,7 +262,8 @@ def dispatch(ctx: Context, words: list[str]) -> Outcome:
         return Outcome()
     cmd = resolve(words[0])
     check_arity(cmd, words[1:])
-    return cmd.handler(ctx, words[1:])
+    args, ctx.options = split_options(cmd, words[1:])
+    return cmd.handler(ctx, args)
 
 
 # ---------------------------------------------------------------- helpers
@@ -528,32 +565,84 @@ def cmd_lb_stats(ctx: Context, args: list[str]) -> Outcome:
     return Outcome(data=stats, renderable=render.lb_stats(stats), ok=ok)
 
 
-def _force(ctx: Context, model: str, target: str) -> Outcome:
+def _chosen_nodes(ctx: Context) -> list[str] | None:
+    """`--node URL` (repeatable): act on those nodes only; None = every node."""
+    nodes = ctx.options.get("node")
+    if not nodes:
+        return None
+    try:
+        chosen = [normalize_url(node) for node in nodes]
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    known = ctx.balancer.nodes
+    missing = [node for node in chosen if node not in known]
+    if missing:
+        raise UsageError(
+            f"--node {', '.join(missing)}: not in the cluster (nodes: {', '.join(known) or 'none'})"
+        )
+    return chosen
+
+
+def _act_on_model(ctx: Context, model: str, what: str) -> Outcome:
+    """force_gpu / force_cpu / unload on every node (or --node), a line each; --dry-run changes nothing."""
     model = model_name(model)
     check_known_model(ctx, model)
-    method = ctx.balancer.force_gpu_all_nodes if target == "GPU" else ctx.balancer.force_cpu_all_nodes
-    ctx.note(f"forcing {model} to {target} on all nodes... (Ctrl-C cancels)")
-    with _muted(ctx, "user"):
-        results = ctx.run_cancellable(lambda cancel: method(model, cancel=cancel))
+    method = {
+        "GPU": ctx.balancer.force_gpu_all_nodes,
+        "CPU": ctx.balancer.force_cpu_all_nodes,
+        "unload": ctx.balancer.unload_all_nodes,
+    }[what]
+    nodes, dry_run = _chosen_nodes(ctx), bool(ctx.options.get("dry_run"))
+    where = f"{len(nodes)} node(s)" if nodes else "all nodes"
+    doing = {
+        "GPU": f"forcing {model} to GPU",
+        "CPU": f"forcing {model} to CPU",
+        "unload": f"unloading {model}",
+    }
+    tail = ": what would be done (nothing is changed)" if dry_run else "... (Ctrl-C cancels)"
+    ctx.note(f"{doing[what]} on {where}{tail}")
+    try:
+        with _muted(ctx, "user"):
+            results = ctx.run_cancellable(
+                lambda cancel: method(model, cancel=cancel, nodes=nodes, dry_run=dry_run)
+            )
+    except ValueError as exc:  # a --node that is not in the cluster
+        raise UsageError(str(exc)) from None
     return Outcome(
         data=results,
-        renderable=render.move_results(model, target, results, verbose=ctx.verbose),
+        renderable=render.move_results(model, what, results, verbose=ctx.verbose),
         ok=_moves_ok(results),
     )
 
 
-@command("force_gpu", "load MODEL fully on GPU on every GPU node, verified", args=("MODEL",))
+MOVE_OPTIONS = ("--node URL", "--dry-run")
+
+
+@command(
+    "force_gpu", "load MODEL fully on GPU on every GPU node, verified", args=("MODEL",), options=MOVE_OPTIONS
+)
 def cmd_force_gpu(ctx: Context, args: list[str]) -> Outcome:
-    return _force(ctx, args[0], "GPU")
+    return _act_on_model(ctx, args[0], "GPU")
 
 
 @command(
     "force_cpu",
-    "move MODEL to CPU (RAM) on every node, verified; the optimizer leaves it there",
+    "move MODEL to CPU (RAM) on every node where it is loaded, verified; the optimizer leaves it there",
     args=("MODEL",),
+    options=MOVE_OPTIONS,
 )
 def cmd_force_cpu(ctx: Context, args: list[str]) -> Outcome:
-    return _force(ctx, args[0], "CPU")
+    return _act_on_model(ctx, args[0], "CPU")
+
+
+@command(
+    "unload",
+    "unload MODEL on every node where it is loaded (like `ollama stop`), verified",
+    args=("MODEL",),
+    options=MOVE_OPTIONS,
+)
+def cmd_unload(ctx: Context, args: list[str]) -> Outcome:
+    return _act_on_model(ctx, args[0], "unload")
 
 
 OPTIMIZER_SUBCOMMANDS = {"on": (), "off": (), "status": (), "now": (), "interval": ("SECONDS",)}
@@ -564,6 +653,7 @@ OPTIMIZER_SUBCOMMANDS = {"on": (), "off": (), "status": (), "now": (), "interval
     "the background optimizer: start, stop, status, one pass now, interval",
     subcommands=OPTIMIZER_SUBCOMMANDS,
     needs_nodes=lambda args: args[:1] == ["now"],
+    options=("--dry-run",),
 )
 def cmd_optimizer(ctx: Context, args: list[str]) -> Outcome:
     balancer, sub = ctx.balancer, args[0]
@@ -578,6 +668,10 @@ def cmd_optimizer(ctx: Context, args: list[str]) -> Outcome:
             raise UsageError(str(exc)) from None
         balancer.check_interval = seconds
         ctx.config.interval = seconds
+    elif sub == "now" and ctx.options.get("dry_run"):
+        ctx.note("what one optimizer pass would do now (nothing is changed)")
+        actions = ctx.run_cancellable(lambda cancel: balancer.optimize_gpu_once(cancel=cancel, dry_run=True))
+        return Outcome(data=actions, renderable=render.pass_actions(actions, title="optimizer pass, dry run"))
     elif sub == "now":
         ctx.note("running one optimizer pass over all nodes... (Ctrl-C cancels)")
         with _muted(ctx, "pass"):

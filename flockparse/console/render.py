@@ -28,6 +28,7 @@ EVENT_STYLE = {
     "node_removed": ("node", "cyan"),
     "node_restarted": ("node", "yellow"),
     "models_restored": ("move", "green"),
+    "model_unloaded": ("move", "cyan"),
     "move_started": ("move", "yellow"),
     "move_finished": ("move", "green"),
     "move_failed": ("move", "red"),
@@ -495,9 +496,12 @@ def move_results(
             line.append(f"skipped ({reason or 'not applicable'})", style="dim")
         elif reason == "no_gpu":
             line.append(f"no GPU: {short_message(message, node)}", style="dim")
+        elif result.get("dry_run"):
+            line.append(f"{reason.replace('_', ' ')}: {short_message(message, node)}", style="cyan")
         elif result.get("success"):
             word = "already there" if reason == "already" else "done"
-            line.append(f"{word}: {clean(result.get('location') or target)}", style="green")
+            where = "unloaded" if reason == "unloaded" else clean(result.get("location") or target)
+            line.append(f"{word}: {where}", style="green")
             if result.get("vram_mb"):
                 line.append(f"  {human_mb(result['vram_mb'])} VRAM", style="dim")
         else:
@@ -511,10 +515,18 @@ def move_results(
     return Group(*lines)
 
 
-ACTION_STYLE = {"moved": "green", "failed": "red", "skipped": "dim"}
+ACTION_STYLE = {
+    "moved": "green",
+    "failed": "red",
+    "skipped": "dim",
+    "would_move": "cyan",
+    "would_probe": "cyan",
+}
 
 
-def pass_actions(actions: Iterable[Mapping[str, Any]], verbose: bool = False) -> RenderableType:
+def pass_actions(
+    actions: Iterable[Mapping[str, Any]], verbose: bool = False, title: str = "optimizer pass done"
+) -> RenderableType:
     """`optimizer now`: what the pass did, one line per action (moved / failed / skipped, and why)."""
     lines = []
     for action in actions:
@@ -522,12 +534,10 @@ def pass_actions(actions: Iterable[Mapping[str, Any]], verbose: bool = False) ->
         node = action.get("node")
         message = str(action.get("message", ""))
         shown = clean(message).replace("http://", "") if verbose else short_message(message, node)
-        line = Text(f"  {kind:<8}", style=ACTION_STYLE.get(kind, ""), overflow="fold")
+        line = Text(f"  {kind:<10}", style=ACTION_STYLE.get(kind, ""), overflow="fold")
         line.append(f" {short_url(node)}  {clean(action.get('model') or '')}  {shown}".rstrip())
         lines.append(line)
-    return Group(
-        Text("optimizer pass done", style="bold"), *(lines or [Text("  nothing to do", style="dim")])
-    )
+    return Group(Text(title, style="bold"), *(lines or [Text("  nothing to do", style="dim")]))
 
 
 def optimizer_status(status: Mapping[str, Any], now: float | None = None) -> RenderableType:
