@@ -481,14 +481,15 @@ class OllamaLoadBalancer:
         return result
 
     # ------------------------------------------------------------------ reports
-    def vram_report(self) -> list[dict]:
+    def vram_report(self, nodes: Iterable[str] | None = None) -> list[dict]:
         """Fresh placement of every model on every node, nodes concurrently, bounded by the timeout.
 
         Each node is read on a thread of its own (never queued behind the monitor or another node), so a
         node that answers within its timeout is never reported stale. A node that does not answer keeps its
-        last known models, marked `stale`.
+        last known models, marked `stale`. `nodes`: only those (then no other node is waited for).
         """
-        agents = self._all_agents()
+        wanted = None if nodes is None else set(self._targets(nodes))
+        agents = [agent for agent in self._all_agents() if wanted is None or agent.url in wanted]
         futures = {
             agent.url: self._read_pool.submit(lambda a=agent: self.read_status(a.url)) for agent in agents
         }

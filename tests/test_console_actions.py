@@ -109,3 +109,17 @@ def test_optimizer_now_dry_run_lists_the_moves_it_would_make(two_gpu_nodes) -> N
     assert ok and shown.count("would_move") == 2 and "dry run" in shown
     assert all(on_cpu(node, LLAMA) for node in cluster.nodes)
     assert [len(loads_sent(node)) for node in cluster.nodes] == before
+
+
+def test_a_report_on_one_node_asks_only_that_node(two_gpu_nodes) -> None:
+    cluster, ctx, _ = two_gpu_nodes
+    first, second = cluster.nodes
+    first.set_fault("hang")  # a report of the whole cluster would wait its timeout for it
+    asked = len(first.request_log)  # the monitor's next round is seconds away (health_interval 5 s)
+
+    [entry] = run_line(ctx, f"vram_report {second.url}").data
+
+    assert len(first.request_log) == asked  # the hung node was not asked at all
+    assert (entry["node"], entry["stale"]) == (second.url, False)
+    assert EMBED in [m["name"] for m in entry["models"]]
+    first.clear_fault()

@@ -461,8 +461,20 @@ def filter_report(ctx: Context, report: list[dict[str, Any]], what: str) -> list
     return kept
 
 
+def _chosen_node(ctx: Context, what: str | None) -> str | None:
+    """The node `vram_report NODE` names (then only that node is asked), else None."""
+    if not what:
+        return None
+    with contextlib.suppress(ConfigError):
+        url = normalize_url(what)
+        if url in ctx.balancer.nodes:
+            return url
+    return None
+
+
 def _report(ctx: Context, what: str | None) -> Outcome:
-    report = ctx.balancer.vram_report()
+    node = _chosen_node(ctx, what)
+    report = ctx.balancer.vram_report(nodes=[node] if node else None)
     if what:
         report = filter_report(ctx, report, what)
     ok = not any(render.is_offline(entry) for entry in report)
