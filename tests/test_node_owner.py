@@ -75,7 +75,10 @@ def test_one_pass_at_a_time_holds_after_a_cancel(sim_node, make_balancer) -> Non
     assert moves[0] < finished[0] < moves[-1]  # the cancelled pass ended after its own move, before the next
     summary = events.of("pass_finished")[0].data
     assert summary["cancelled"] is True and summary["moved"] + summary["failed"] == 1
-    assert [a["action"] for a in second] == ["moved"] and on_gpu(node, LLAMA) and on_gpu(node, EMBED)
+    # the second pass moves what the first did not (one model, or both if the cancel came before the load)
+    assert (
+        second and {a["action"] for a in second} == {"moved"} and on_gpu(node, LLAMA) and on_gpu(node, EMBED)
+    )
 
 
 def test_a_report_is_never_queued_behind_hung_nodes(sim_cluster, make_balancer) -> None:
