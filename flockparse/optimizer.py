@@ -94,6 +94,7 @@ class GPUOptimizer:
             with self._lock:
                 self._stop = stop
                 self._pending_full = True
+                self._last_full_start = time.monotonic() - self._interval  # the status says "now", not old
             self._thread = threading.Thread(target=self._run, args=(stop,), name="gpu-optimizer", daemon=True)
             self._thread.start()
         self._wake.set()

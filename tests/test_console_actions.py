@@ -123,3 +123,14 @@ def test_a_report_on_one_node_asks_only_that_node(two_gpu_nodes) -> None:
     assert (entry["node"], entry["stale"]) == (second.url, False)
     assert EMBED in [m["name"] for m in entry["models"]]
     first.clear_fault()
+
+
+def test_small_console_rules_from_a_try_out() -> None:
+    from flockparse.console.commands import UsageError, cmd_vram_report, watch_args
+    from flockparse.console.names import suggestions
+
+    assert suggestions("llama3.2", ["llama3.1:latest", "llama3.2:3b"])[0] == "llama3.2:3b"
+    assert watch_args(["llama*"]) == (2.0, "llama*") and watch_args(["5", "x"]) == (5.0, "x")
+    assert watch_args([]) == (2.0, None)
+    with pytest.raises(UsageError, match="empty"):
+        cmd_vram_report(None, [" "])

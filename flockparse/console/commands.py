@@ -489,6 +489,8 @@ def _report(ctx: Context, what: str | None) -> Outcome:
 )
 def cmd_vram_report(ctx: Context, args: list[str]) -> Outcome:
     what = args[0] if args else None
+    if what is not None and not what.strip():
+        raise UsageError("vram_report: the filter is empty: usage: vram_report [MODEL|NODE]")
     if what and "://" not in what:
         model_name(what, allow_glob=True)  # a name no model can have is told before any node is asked
     waiting = f"asking {len(ctx.balancer.nodes)} node(s), up to {ctx.config.timeout:g}s... (Ctrl-C cancels)"
@@ -516,8 +518,22 @@ def watch_seconds(text: str | float) -> float:
     needs_nodes=False,
 )
 def cmd_watch(ctx: Context, args: list[str]) -> Outcome:
-    seconds = watch_seconds(args[0]) if args else 2.0
-    return watch(ctx, seconds, args[1] if len(args) > 1 else None)
+    return watch(ctx, *watch_args(args))
+
+
+def watch_args(args: list[str]) -> tuple[float, str | None]:
+    """`watch`, `watch 5`, `watch 5 llama*` and `watch llama*` (a filter alone: every 2 s)."""
+    if len(args) == 1 and not _is_number(args[0]):
+        return 2.0, args[0]
+    return (watch_seconds(args[0]) if args else 2.0), (args[1] if len(args) > 1 else None)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def watch(ctx: Context, seconds: float, what: str | None = None) -> Outcome:

@@ -65,6 +65,8 @@ def suggestions(name: str, known: Iterable[str], n: int = 3) -> list[str]:
     key = model_key(name)
     by_key = {model_key(k): k for k in known}
     bare = {k.removesuffix(":latest"): k for k in by_key}
-    picked = difflib.get_close_matches(key, list(by_key), n=n, cutoff=0.6)
+    typed = name.casefold()
+    picked = [k for k in by_key if k.startswith(typed)]  # `llama3.2` -> `llama3.2:3b` before `llama3.1`
+    picked += difflib.get_close_matches(key, list(by_key), n=n, cutoff=0.6)
     picked += [bare[k] for k in difflib.get_close_matches(name.casefold(), list(bare), n=n, cutoff=0.6)]
     return list(dict.fromkeys(by_key[k] for k in picked))[:n]
