@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_PRIORITY_MODELS = ["mxbai-embed-large", "llama3.1"]
 OFFLINE_RECHECK_SECONDS = 1.0  # an offline node is re-checked this often (a refused connect is cheap)
-REPORT_SLACK_S = 1.0  # a report waits a node's timeout plus this, never longer
+REPORT_SLACK_S = 1.0  # a report waits a node's timeout plus this from when its read was sent
+REPORT_QUEUE_CAP = 3  # ... and never more than this many timeouts in all (reads queued behind thousands)
 GOLDEN_RATIO_FRACTION = 0.6180339887498949  # spreads the nodes' check phases evenly, whatever their count
 CHECK_MAX_WAIT_S = 0.25  # a due health check waits at most about this for a checker before one is added
 READ_MAX_WAIT_S = 0.05  # ... and a report's read (it has the node's timeout plus REPORT_SLACK_S in all)
@@ -490,10 +491,14 @@ class OllamaLoadBalancer:
         """
         wanted = None if nodes is None else set(self._targets(nodes))
         agents = [agent for agent in self._all_agents() if wanted is None or agent.url in wanted]
-        futures = {
-            agent.url: self._read_pool.submit(lambda a=agent: self.read_status(a.url)) for agent in agents
-        }
-        wait(futures.values(), timeout=float(getattr(self.controller, "timeout", 5.0)) + REPORT_SLACK_S)
+        started: dict[str, float] = {}
+
+        def read(url: str) -> dict:
+            started[url] = time.monotonic()
+            return self.read_status(url)
+
+        futures = {agent.url: self._read_pool.submit(lambda u=agent.url: read(u)) for agent in agents}
+        self._wait_for_reads(futures, started)
         report = []
         for agent in agents:
             state = agent.snapshot()
@@ -509,6 +514,24 @@ class OllamaLoadBalancer:
                 "models": _report_models(state),
             })  # fmt: skip
         return report
+
+    def _wait_for_reads(self, futures: dict[str, Future], started: dict[str, float]) -> None:
+        """Wait for a report's reads: each node gets its own timeout from when its read was sent, so a read
+        that queued behind thousands of others is not judged stale for the queue's time; the whole wait is
+        capped at REPORT_QUEUE_CAP timeouts."""
+        budget = float(getattr(self.controller, "timeout", 5.0)) + REPORT_SLACK_S
+        begun = time.monotonic()
+        cap = begun + REPORT_QUEUE_CAP * budget
+        while True:
+            pending = [url for url, future in futures.items() if not future.done()]
+            if not pending:
+                return
+            now = time.monotonic()
+            deadlines = [started.get(url, now) + budget for url in pending]
+            deadline = min(max(max(deadlines), begun + budget), cap)
+            if now >= deadline:
+                return
+            wait([futures[url] for url in pending], timeout=min(deadline - now, budget))
 
     def get_stats(self) -> dict:
         """Per-node counters and evidence plus the optimizer's status (no network call)."""
