@@ -40,6 +40,7 @@ from flockparse.transport import clock_offset as _clock_offset  # noqa: F401  (k
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+MAX_VERSION_CHARS = 40  # "0.33.0-rc2" and the like; a node sending more is not shown more
 FOREVER_AFTER = timedelta(days=365 * 20)  # `ollama ps` shows "Forever" beyond 20 years
 ALL_LAYERS_FALLBACK = 999  # llama.cpp clamps an explicit layer count to the model's layers
 POLL_INTERVAL = 0.025  # seconds between /api/ps polls while verifying a placement
@@ -390,7 +391,9 @@ class GPUController:
         except NodeError:
             return None
         version = body.get("version") if isinstance(body, dict) else None
-        return version if isinstance(version, str) and version else None
+        if not isinstance(version, str) or not version:
+            return None
+        return version if len(version) <= MAX_VERSION_CHARS else version[: MAX_VERSION_CHARS - 1] + "…"
 
     def _installed_sizes(self, node_url: str) -> list[tuple[str, int, str]]:
         """(name, bytes on disk, format) of every installed model, from /api/tags."""

@@ -106,7 +106,8 @@ def test_a_users_move_never_waits_behind_moves_on_other_nodes(sim_node, make_bal
 
     threading.Thread(target=balancer.force_gpu_all_nodes, args=("mxbai-embed-large",), daemon=True).start()
 
-    wait_until(lambda: on_gpu(free, EMBED), "the user's move on the free node")
+    wait_until(lambda: [e for e in events.of("move_finished") if e.node == free.url], "the user's move")
+    assert on_gpu(free, EMBED)
     ended = [e for e in events.events if e.kind in ("move_finished", "move_failed")]
     assert [(e.node, e.model) for e in ended] == [(free.url, EMBED)]  # the busy node's load still hangs
     busy.clear_fault()

@@ -372,3 +372,29 @@ def test_node_addresses_with_spaces_control_characters_or_port_0_are_refused() -
     for bad in ("http://127.0.0.1 :41265", "http://a\x1b[2J:1", "127.0.0.1:0"):
         with pytest.raises(ValueError, match="invalid node URL"):
             normalize_url(bad)
+
+
+def test_a_version_string_of_any_length_is_shown_short() -> None:
+    import http.server
+    import json as json_module
+
+    class Long(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = json_module.dumps({"version": "9" * 60000}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Long)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        from gpu_controller import GPUController
+
+        version = GPUController(timeout=2).version(f"http://127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+    assert version is not None and len(version) == 40 and version.endswith("…")
