@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, wait
 from typing import Any, Protocol
 
@@ -41,6 +42,7 @@ class Cluster(Protocol):
     def node_state(self, url: str) -> Any: ...
     def read_status(self, node: str, trigger: bool = False) -> dict: ...
     def installed_models(self, node: str) -> set[str]: ...
+    def run_node_task(self, work: Callable[[], Any]) -> Future: ...
     def probe_gpu(
         self, node: str, cancel: threading.Event | None = None, trust_vram: bool = True
     ) -> MoveResult: ...
@@ -271,7 +273,7 @@ class GPUOptimizer:
 
         Status reads only: no probe, no move. Actions are `would_move`, `would_probe` or a pass's skips.
         """
-        tasks = [_daemon_future(lambda u=url: self._plan_node(u)) for url in self._cluster.nodes]
+        tasks = [self._cluster.run_node_task(lambda u=url: self._plan_node(u)) for url in self._cluster.nodes]
         wait(tasks)
         return [a.as_dict() for task in tasks if task.exception() is None for a in task.result()]
 
@@ -343,7 +345,7 @@ class GPUOptimizer:
                 {"scope": scope, "nodes": len(urls), "node_urls": urls if scope == "nodes" else []},
                 node=only_node,
             )
-            run = getattr(self._cluster, "run_node_task", None) or _daemon_future  # the cluster's pool if any
+            run = self._cluster.run_node_task
             tasks = [run(lambda u=url: self._optimize_node(u, cancel, kind, load_absent, actions))
                      for url in urls]  # fmt: skip
             wait(tasks)
@@ -468,20 +470,6 @@ class GPUOptimizer:
         self, kind: str, message: str, data: dict[str, Any] | None = None, node: str | None = None
     ) -> None:
         self._cluster.events.emit(Event(kind, node=node, message=message, data=data or {}))
-
-
-def _daemon_future(work: Any) -> Future:
-    """Run `work` on a daemon thread: a pass never holds the interpreter at exit."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(work())
-        except BaseException as error:
-            future.set_exception(error)
-
-    threading.Thread(target=run, name="gpu-pass-node", daemon=True).start()
-    return future
 
 
 def _summary_sentence(summary: dict) -> str:
