@@ -267,6 +267,9 @@ class NodeAgent:
         if was_online is False or restarted:
             self._fresh_start(previous_models)
         events: list[Event] = []
+        placed = _placements(state.models)
+        if placed != _placements(previous_models):
+            events.append(_placements_event(self.url, placed, _placements(previous_models)))
         in_vram = {model_key(m["name"]) for m in state.models if _in_vram(m)}
         if state.gpu != gs.GPU_LOST and in_vram:
             events += _note_gpu_seen(state, gs.EVIDENCE_VRAM)
@@ -520,6 +523,25 @@ def _priority_model_fell_off_gpu(previous: list[dict], models: list[dict], patte
         if name not in before or before[name] == LOCATION_GPU:
             return True
     return False
+
+
+PLACEMENT_FIELDS = ("location", "gpu_percent", "vram_mb", "size_mb", "context_length")
+
+
+def _placements(models: list[dict]) -> dict[str, dict]:
+    """What a history of placements needs of each loaded model (model key -> its placement fields)."""
+    return {model_key(m["name"]): {f: m.get(f) for f in PLACEMENT_FIELDS} for m in models}
+
+
+def _placements_event(url: str, now: dict[str, dict], before: dict[str, dict]) -> Event:
+    """Every observed change of what a node holds where (for history; the console does not print it)."""
+    changed = sorted(name for name in now.keys() | before.keys() if now.get(name) != before.get(name))
+    return Event(
+        "placements_changed",
+        node=url,
+        message=f"{url}: placement changed for {', '.join(changed)}",
+        data={"models": now, "previous": before, "changed": changed},
+    )
 
 
 def _in_vram(model: dict) -> bool:
