@@ -80,7 +80,7 @@ class _Request:
 class _Channel:
     """One connection to one node; carries at most one request at a time."""
 
-    __slots__ = ("addresses", "connected", "node", "out", "parser", "request", "reused", "sock")
+    __slots__ = ("addresses", "connected", "node", "out", "parser", "request", "reused", "sock", "watching")
 
     def __init__(self, node: str) -> None:
         self.node = node
@@ -91,6 +91,7 @@ class _Channel:
         self.connected = False
         self.reused = False  # taken from the idle ones: closed before any reply byte = it had expired
         self.addresses: list[tuple] = []
+        self.watching = 0  # the selector events registered for its socket
 
 
 class StatusPoller:
@@ -113,6 +114,7 @@ class StatusPoller:
         self._deadlines: list[tuple[float, int, _Request, _Channel]] = []
         self._order = itertools.count()
         self._resolved: dict[tuple[str, int], tuple[float, list[tuple]]] = {}
+        self._requests: dict[tuple[str, str], bytes] = {}  # (node, path) -> the request's bytes
         self._resolver = ElasticPool("poller-dns", min_workers=1, max_wait=0.05, idle_seconds=10.0)
 
     # ------------------------------------------------------------------ public, any thread
@@ -209,6 +211,7 @@ class StatusPoller:
             elif kind == "forget":
                 for channel in self._idle.pop(item, []):  # type: ignore[call-overload]
                     self._close_channel(channel)
+                self._requests = {key: value for key, value in self._requests.items() if key[0] != item}
             elif kind == "resolved":
                 channel, addresses, error = item  # type: ignore[misc]
                 self._resolved_for(channel, addresses, error)
@@ -252,15 +255,24 @@ class StatusPoller:
         pool = self._transport.pool(request.node_url)
         channel.request = request
         channel.parser = ReplyParser(reply_limit(request.path), request.node_url, request.path)
-        channel.out = request_head("GET", pool.prefix + request.path, pool.host_header, pool.headers)
+        channel.out = self._request_bytes(pool, request.path)
         heapq.heappush(self._deadlines, (request.deadline, next(self._order), request, channel))
         if not channel.connected:
             wait = min(request.deadline, time.monotonic() + request.connect_timeout)
             heapq.heappush(self._deadlines, (wait, next(self._order), request, channel))
-        if channel.sock is not None:
-            self._selector.modify(channel.sock, selectors.EVENT_WRITE, channel)
+        if channel.sock is not None:  # a kept connection, registered for reading: write at once
+            self._send(channel, channel.sock)
             return
         self._resolve(channel, pool)
+
+    def _request_bytes(self, pool: NodePool, path: str) -> bytes:
+        """The request as sent, built once per node and path (it never changes)."""
+        key = (pool.url, path)
+        request = self._requests.get(key)
+        if request is None:
+            request = request_head("GET", pool.prefix + path, pool.host_header, pool.headers)
+            self._requests[key] = request
+        return request
 
     def _resolve(self, channel: _Channel, pool: NodePool) -> None:
         host, port = pool.host, pool.port
@@ -322,6 +334,7 @@ class StatusPoller:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             channel.sock = sock
             self._selector.register(sock, selectors.EVENT_WRITE, channel)
+            channel.watching = selectors.EVENT_WRITE
             return
         self._fail(channel, last, connected=False)
 
@@ -358,8 +371,10 @@ class StatusPoller:
             self._stale_or_fail(channel, exc)
             return
         channel.out = channel.out[sent:]
-        if not channel.out:
-            self._selector.modify(sock, selectors.EVENT_READ, channel)
+        if channel.out:
+            self._watch(channel, selectors.EVENT_WRITE)
+        else:
+            self._watch(channel, selectors.EVENT_READ)
 
     def _receive(self, channel: _Channel, sock: socket.socket) -> None:
         try:
@@ -441,12 +456,18 @@ class StatusPoller:
         _deliver(request, reply)
 
     # ------------------------------------------------------------------ idle connections
+    def _watch(self, channel: _Channel, events: int) -> None:
+        """Wait for `events` on the channel's socket (a system call only when that changes)."""
+        if channel.watching != events and channel.sock is not None:
+            self._selector.modify(channel.sock, events, channel)
+            channel.watching = events
+
     def _keep_idle(self, channel: _Channel) -> None:
         idle = self._idle.setdefault(channel.node, [])
         if len(idle) >= MAX_IDLE_PER_NODE or channel.sock is None:
             self._close_channel(channel)
             return
-        self._selector.modify(channel.sock, selectors.EVENT_READ, channel)
+        self._watch(channel, selectors.EVENT_READ)
         channel.reused = True
         idle.append(channel)
 
@@ -457,7 +478,7 @@ class StatusPoller:
         self._close_channel(channel)
 
     def _close_channel(self, channel: _Channel) -> None:
-        sock, channel.sock, channel.connected = channel.sock, None, False
+        sock, channel.sock, channel.connected, channel.watching = channel.sock, None, False, 0
         if sock is not None:
             try:
                 self._selector.unregister(sock)
