@@ -78,6 +78,16 @@ class RawStatus:
     error: NodeError | None = None
 
 
+def _reply(raw: RawStatus, path: str) -> Reply:
+    """A raw GET reply as the transport's Reply (JSON parsed safely); its NodeError when it failed."""
+    if raw.error is not None:
+        raise raw.error
+    text = raw.body.decode("utf-8", "replace")
+    return Reply(
+        raw.http_status, parse_json(text, raw.node_url, path), text, clock_offset(raw.date), raw.date
+    )
+
+
 def _json_or_error(node_url: str, path: str, reply: Reply) -> Reply:
     """A 200 with a JSON body, else a one-line NodeError (503 busy, other statuses, not JSON)."""
     if reply.status == 503:
@@ -310,30 +320,25 @@ class GPUController:
 
     def _get_json(self, node_url: str, path: str) -> Reply:
         """GET a JSON document; any non-200 or non-JSON reply becomes a one-line NodeError."""
-        return _json_or_error(node_url, path, self.call(node_url, "GET", path))  # 3xx, oversize: NodeError
+        return _json_or_error(node_url, path, _reply(self._get_raw(node_url, path), path))
 
     def _ps(self, node_url: str) -> list[_Loaded]:
         return self._loaded(self.read_status_raw(node_url))
 
     def _loaded(self, raw: RawStatus) -> list[_Loaded]:
         """The models of an /api/ps read; NodeError when it failed or is malformed."""
-        if raw.error is not None:
-            raise raw.error
-        node_url, path = raw.node_url, "/api/ps"
-        text = raw.body.decode("utf-8", "replace")
-        reply = Reply(raw.http_status, parse_json(text, node_url, path), text, clock_offset(raw.date))
-        reply = _json_or_error(node_url, path, reply)
+        reply = _json_or_error(raw.node_url, "/api/ps", _reply(raw, "/api/ps"))
         try:
             return _parse_ps(reply.body, reply.clock_offset)
         except ValueError as exc:
-            raise NodeError("error", f"{node_url} returned a malformed /api/ps reply ({exc})") from exc
+            raise NodeError("error", f"{raw.node_url} returned a malformed /api/ps reply ({exc})") from exc
 
     # ----------------------------------------------------------------------------- /api/ps, the hot path
 
-    def poll_status(self, node_url: str, done: Callable[[RawStatus], None]) -> bool:
-        """Read /api/ps without a thread: `done(RawStatus)` is called once, on the status poller's thread
-        (flockparse/poller.py; keep it short). False when this node cannot be read that way (https, or
-        no descriptor for the poller): then use `read_status_raw` on a thread."""
+    def poll_status(self, node_url: str, done: Callable[[RawStatus], None], path: str = "/api/ps") -> bool:
+        """Read /api/ps (or another GET) without a thread: `done(RawStatus)` is called once, on the status
+        poller's thread (flockparse/poller.py; keep it short). False when this node cannot be read that
+        way (https, or no descriptor for the poller): then use `read_status_raw` on a thread."""
         node_url = _node_key(node_url)
         poller = self._status_poller()
         if poller is None:
@@ -344,23 +349,27 @@ class GPUController:
             done(RawStatus(node_url, started, reply.status, reply.body, reply.date,
                            round(reply.latency_s * 1000, 1), reply.error))  # fmt: skip
 
-        return poller.get(node_url, "/api/ps", self.timeout, deliver, connect_timeout=self.timeout)
+        return poller.get(node_url, path, self.timeout, deliver, connect_timeout=self.timeout)
 
     def read_status_raw(self, node_url: str) -> RawStatus:
         """One /api/ps read on this thread (through the poller when it can): the body as received."""
-        node_url = _node_key(node_url)
+        return self._get_raw(_node_key(node_url), "/api/ps")
+
+    def _get_raw(self, node_url: str, path: str) -> RawStatus:
+        """A GET on this thread: through the poller (one connection per node for every GET) when it can,
+        else through the transport; the reply as received, or its NodeError."""
         started = time.monotonic()
         if self._closed:
             return RawStatus(node_url, started, error=NodeError("cancelled", f"{node_url}: not sent, closed"))
         box: list[RawStatus] = []
         ready = threading.Event()
-        if self.poll_status(node_url, lambda raw: (box.append(raw), ready.set())):
+        if self.poll_status(node_url, lambda raw: (box.append(raw), ready.set()), path):
             if ready.wait(self.timeout + POLLER_GRACE_S):
                 return box[0]
-            error = NodeError("timeout", f"{node_url} did not answer /api/ps within {self.timeout:g}s")
+            error = NodeError("timeout", f"{node_url} did not answer {path} within {self.timeout:g}s")
             return RawStatus(node_url, started, error=error)  # the poller is stuck: never seen, but bounded
         try:
-            reply = self.call(node_url, "GET", "/api/ps")
+            reply = self.call(node_url, "GET", path)
         except NodeError as exc:
             return RawStatus(node_url, started, error=exc)
         latency_ms = round((time.monotonic() - started) * 1000, 1)
