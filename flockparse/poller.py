@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 RESOLVED_TTL_S = 60.0  # a resolved name is reused this long
 MAX_IDLE_PER_NODE = 2  # idle keep-alive connections kept per node (a check and a report at once)
+MAX_CONNECTING = 256  # connections being set up at once; more wait their turn, their clock not yet running
 _WAKE = object()
 
 
@@ -75,12 +76,14 @@ class _Request:
     deadline: float = 0.0
     finished: bool = False
     retried: bool = False  # sent again on a new connection once (the reused one had expired)
+    connect_deadline: float = 0.0
 
 
 class _Channel:
     """One connection to one node; carries at most one request at a time."""
 
-    __slots__ = ("addresses", "connected", "node", "out", "parser", "request", "reused", "sock", "watching")
+    __slots__ = ("addresses", "connected", "node", "out", "parser", "queued", "request", "reused", "sock",
+                 "watching")  # fmt: skip
 
     def __init__(self, node: str) -> None:
         self.node = node
@@ -92,6 +95,7 @@ class _Channel:
         self.reused = False  # taken from the idle ones: closed before any reply byte = it had expired
         self.addresses: list[tuple] = []
         self.watching = 0  # the selector events registered for its socket
+        self.queued = False  # waiting for its turn to connect (MAX_CONNECTING)
 
 
 class StatusPoller:
@@ -115,6 +119,8 @@ class StatusPoller:
         self._order = itertools.count()
         self._resolved: dict[tuple[str, int], tuple[float, list[tuple]]] = {}
         self._requests: dict[tuple[str, str], bytes] = {}  # (node, path) -> the request's bytes
+        self._connecting: set[_Channel] = set()  # connects in progress
+        self._connect_queue: deque[_Channel] = deque()  # ... and those waiting for their turn
         self._resolver = ElasticPool("poller-dns", min_workers=1, max_wait=0.05, idle_seconds=10.0)
 
     # ------------------------------------------------------------------ public, any thread
@@ -192,6 +198,7 @@ class StatusPoller:
                     self._ready(key.data, mask)
             self._take_inbox()
             self._expire(time.monotonic())
+            self._connect_turns()
 
     def _drain_wake(self) -> None:
         try:
@@ -227,15 +234,14 @@ class StatusPoller:
     def _expire(self, now: float) -> None:
         heap = self._deadlines
         while heap and heap[0][0] <= now:
-            when, _, request, channel = heapq.heappop(heap)
-            if request.finished or channel.request is not request:
+            _, _, request, channel = heapq.heappop(heap)
+            if request.finished or channel.request is not request or channel.queued:
                 continue
-            if channel.connected and when < request.deadline:
-                continue  # the connect deadline of a connection that did connect
-            timeout = request.timeout if channel.connected else min(request.connect_timeout, request.timeout)
-            error = call_failure(
-                request.node_url, request.path, timeout, TimeoutError(), channel.connected, None
-            )
+            if now < request.deadline and (channel.connected or now < request.connect_deadline):
+                continue  # an entry from before its clock was restarted, or a connect that succeeded
+            connected = channel.connected
+            timeout = request.timeout if connected else min(request.connect_timeout, request.timeout)
+            error = call_failure(request.node_url, request.path, timeout, TimeoutError(), connected)
             self._finish(channel, error=error)
 
     # ------------------------------------------------------------------ one request
@@ -256,14 +262,22 @@ class StatusPoller:
         channel.request = request
         channel.parser = ReplyParser(reply_limit(request.path), request.node_url, request.path)
         channel.out = self._request_bytes(pool, request.path)
-        heapq.heappush(self._deadlines, (request.deadline, next(self._order), request, channel))
-        if not channel.connected:
-            wait = min(request.deadline, time.monotonic() + request.connect_timeout)
-            heapq.heappush(self._deadlines, (wait, next(self._order), request, channel))
+        self._clock(channel, request, restart=False)
         if channel.sock is not None:  # a kept connection, registered for reading: write at once
             self._send(channel, channel.sock)
             return
         self._resolve(channel, pool)
+
+    def _clock(self, channel: _Channel, request: _Request, restart: bool) -> None:
+        """Deadlines: the call's, and the connect's when it must connect; `restart` when a queued connect
+        finally starts (waiting for a turn is not the node's time)."""
+        now = time.monotonic()
+        if restart:
+            request.deadline = now + request.timeout
+        request.connect_deadline = min(request.deadline, now + request.connect_timeout)
+        heapq.heappush(self._deadlines, (request.deadline, next(self._order), request, channel))
+        if not channel.connected:
+            heapq.heappush(self._deadlines, (request.connect_deadline, next(self._order), request, channel))
 
     def _request_bytes(self, pool: NodePool, path: str) -> bytes:
         """The request as sent, built once per node and path (it never changes)."""
@@ -313,7 +327,24 @@ class StatusPoller:
             self._fail(channel, error, connected=False)
             return
         channel.addresses = list(addresses)
+        if len(self._connecting) >= MAX_CONNECTING:
+            channel.queued = True
+            self._connect_queue.append(channel)
+            return
+        self._connecting.add(channel)
         self._connect_next(channel)
+
+    def _connect_turns(self) -> None:
+        """Start queued connects while there is room (a connect ended, or its request did)."""
+        while self._connect_queue and len(self._connecting) < MAX_CONNECTING:
+            channel = self._connect_queue.popleft()
+            channel.queued = False
+            request = channel.request
+            if request is None or request.finished:
+                continue
+            self._clock(channel, request, restart=True)
+            self._connecting.add(channel)
+            self._connect_next(channel)
 
     def _connect_next(self, channel: _Channel) -> None:
         """Connect to the next address; an address that refuses at once gives way to the next one."""
@@ -357,6 +388,7 @@ class StatusPoller:
                     self._fail(channel, OSError(code, errno.errorcode.get(code, "connect failed")), False)
                 return
             channel.connected = True
+            self._connecting.discard(channel)
         if mask & selectors.EVENT_WRITE and channel.out:
             self._send(channel, sock)
         elif mask & selectors.EVENT_READ:
@@ -479,6 +511,7 @@ class StatusPoller:
 
     def _close_channel(self, channel: _Channel) -> None:
         sock, channel.sock, channel.connected, channel.watching = channel.sock, None, False, 0
+        self._connecting.discard(channel)
         if sock is not None:
             try:
                 self._selector.unregister(sock)
@@ -503,6 +536,11 @@ class StatusPoller:
             if request is not None and not request.finished:
                 request.finished = True
                 _deliver(request, PollReply(request.node_url, error=_closing(request.node_url)))
+        for _, _, request, _ in self._deadlines:  # resolving names, or queued for a connect
+            if not request.finished:
+                _deliver(request, PollReply(request.node_url, error=_closing(request.node_url)))
+        self._deadlines.clear()
+        self._connect_queue.clear()
         self._idle.clear()
         self._selector.close()
         self._wake_r.close()

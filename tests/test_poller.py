@@ -166,3 +166,21 @@ def test_an_unchanged_reply_is_not_parsed_and_a_changed_one_is(sim_node, make_ba
     node.clear_fault()
     wait_until(lambda: balancer.node_state(node.url).online, "back up")
     assert parsed and balancer.node_state(node.url).models[0]["name"] == LLAMA
+
+
+def test_connects_beyond_the_limit_wait_their_turn_and_all_complete(poller, monkeypatch) -> None:
+    """A cluster starting up does not open thousands of connections at once (a SYN flood of our own)."""
+    monkeypatch.setattr("flockparse.poller.MAX_CONNECTING", 1)
+    with (
+        HostileNode(answer("200 OK", PS_EMPTY)) as first,
+        HostileNode(answer("200 OK", PS_EMPTY)) as second,
+        HostileNode(answer("200 OK", PS_EMPTY)) as third,
+    ):
+        replies = Replies()
+        for node in (first, second, third):
+            poller.get(node.url, "/api/ps", FAST, replies)
+
+        got = replies.wait(3)
+
+    assert sorted(r.node_url for r in got) == sorted([first.url, second.url, third.url])
+    assert all(r.error is None and r.status == 200 for r in got)
