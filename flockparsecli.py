@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds a model load may take on a node (default 300, 5 .. 3600)",
     )
+    parser.add_argument(
+        "--gpu-metrics",
+        action="append",
+        metavar="NODE_URL=EXPORTER_URL",
+        help="read NODE's real VRAM figures from its GPU exporter (dcgm-exporter, nvidia_gpu_exporter, "
+        "nvitop-exporter), e.g. gpu1=http://gpu1:9400/metrics (repeatable)",
+    )
     parser.add_argument("--no-optimizer", action="store_true", help="do not start the background optimizer")
     parser.add_argument(
         "--node",
@@ -154,6 +161,7 @@ def make_balancer(config: Config, optimize: bool) -> OllamaLoadBalancer:
         start=False,
         on_gpu_lost=config.on_gpu_lost,
         remedy_timeout=config.remedy_timeout,
+        gpu_metrics={node: url for node, url in config.gpu_metrics.items() if node in config.nodes},
     )
 
 
@@ -583,8 +591,8 @@ def _main(argv: Sequence[str] | None) -> int:
         words = ["watch", args.watch, *words[1:]]
     if args.json and not words and not script:
         return reporter.error("--json needs a COMMAND (e.g. `vram_report --json`)", EXIT_USAGE)
-    if args.demo and (args.nodes or args.config):
-        flag = "--nodes" if args.nodes else "--config"
+    if args.demo and (args.nodes or args.config or args.gpu_metrics):
+        flag = "--nodes" if args.nodes else "--config" if args.config else "--gpu-metrics"
         return reporter.error(f"--demo starts its own nodes and saves nothing: drop {flag}", EXIT_USAGE)
     cluster, banner, files_dir, demo_script = None, None, None, None
     try:
@@ -616,6 +624,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 args.health_interval,
                 args.timeout,
                 load_timeout_flag=args.load_timeout,
+                gpu_metrics_flag=args.gpu_metrics,
             )
     except ConfigError as exc:
         return reporter.error(str(exc), EXIT_USAGE)

@@ -766,6 +766,10 @@ class OllamaLoadBalancer:
                     Reason.NOT_LOADED, f"skipped {node}: {canonical_name(model)} is not loaded there"
                 )
             probe = self.probe_gpu(node, cancel=cancel)
+            if self.node_state(node).gpu == gs.GPU_LOST:  # its exporter lists a GPU Ollama does not use
+                return skipped(
+                    Reason.GPU_LOST, f"skipped {node}: its GPU is lost. {gs.lost_remedy_text(node)}"
+                )
             if probe["gpu"] is not True:
                 reason = Reason.NO_GPU if probe["gpu"] is False else Reason.GPU_UNKNOWN
                 return skipped(reason, f"skipped {node}: no GPU shown by a probe ({probe['message']})")

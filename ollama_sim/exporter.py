@@ -14,7 +14,10 @@ split evenly over `gpus` GPUs, and the page is written in one exporter's own for
 
 `page=` serves a fixed page instead (a recorded scrape). Faults, as for SimNode: "down" (connection refused),
 "hang" (never answers until cleared), "garbage" (200, not Prometheus text), "error500", "huge" (a page of
-`size` bytes, close-delimited, so a client must cap what it reads). Standard library only.
+`size` bytes, close-delimited, so a client must cap what it reads). A node without a GPU (`vram_gb` 0:
+a CPU box, or a GPU lost at run time) is written as each exporter writes it: dcgm-exporter an empty page,
+nvidia_gpu_exporter nvidia-smi's failure (exit code 6, no series), nvitop-exporter `device_count="0"` and
+its gauges without series. Standard library only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import contextlib
 import decimal
 import http.server
 import math
+import socket
 import threading
 from typing import Any
 
@@ -63,6 +67,7 @@ class SimExporter:
         self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()  # open ones: a process that dies drops them all
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> SimExporter:
@@ -95,11 +100,17 @@ class SimExporter:
         self._thread.start()
 
     def _unbind(self) -> None:
+        """Close the listener (connections are refused) and drop every open connection."""
         server, self._server = self._server, None
         if server is not None:
             server.close_listener()
             if self._thread is not None:
                 self._thread.join(timeout=2)
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     # ------------------------------------------------------------------ faults
     def set_fault(self, kind: str, size: int = 50 * 1024 * 1024) -> None:
@@ -158,6 +169,17 @@ class _ExporterHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet, like a daemon
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.exporter._lock:
+            self.exporter._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.exporter._lock:
+            self.exporter._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
 
     def do_GET(self) -> None:
         exporter = self.exporter
@@ -218,7 +240,7 @@ def _dcgm(gpus: list[_Gpu], hostname: str) -> str:
         ("DCGM_FI_DEV_FB_RESERVED", "Framebuffer memory reserved (in MiB).", lambda g: 0),
     ]
     lines = []
-    for name, help_text, value in counters:
+    for name, help_text, value in counters if gpus else ():  # the template writes families with series only
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
         for g in gpus:
             labels = (
@@ -255,8 +277,9 @@ def go_float(value: float) -> str:
 def _nvidia_smi(gpus: list[_Gpu], hostname: str) -> str:
     """nvidia_gpu_exporter's page: identity, collection status and the memory families, sorted by name."""
     uuid = {g.index: g.uuid.removeprefix("GPU-").lower() for g in gpus}
+    exit_code = 0 if gpus else 6  # nvidia-smi without a GPU: "No devices were found", exit code 6
     families: list[tuple[str, str, list[tuple[str, float]]]] = [
-        ("nvidia_smi_command_exit_code", "Exit code of the most recent nvidia-smi run", [("", 0)]),
+        ("nvidia_smi_command_exit_code", "Exit code of the most recent nvidia-smi run", [("", exit_code)]),
         (
             "nvidia_smi_gpu_info",
             "A metric with a constant '1' value labeled by gpu uuid, name, driver_model_current, "
@@ -277,7 +300,7 @@ def _nvidia_smi(gpus: list[_Gpu], hostname: str) -> str:
         (
             "nvidia_smi_last_collect_success",
             "Whether the most recent collection succeeded (1) or not (0)",
-            [("", 1)],
+            [("", 0 if exit_code else 1)],
         ),
     ]
     for figure in ("free", "reserved", "total", "used"):

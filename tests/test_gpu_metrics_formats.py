@@ -1,4 +1,5 @@
-"""GPU exporters' pages -> per-GPU memory (flockparse/gpu_metrics/formats.py), as plain data.
+"""GPU exporters' pages -> per-GPU memory (gpu_metrics/formats.py), and those figures next to Ollama's
+models (gpu_metrics/vram.py), as plain data.
 
 The fixtures in tests/fixtures/ are scrapes written in each exporter's own form (each file's header says
 from which of the exporter's sources); the simulator's exporter writes the same forms
@@ -11,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from flockparse.gpu_metrics import ExporterPageError, parse_page
+from flockparse.gpu_metrics import (
+    ExporterPageError,
+    GpuFigures,
+    GpuMemory,
+    HeldOff,
+    HeldOffTracker,
+    kept_off_by_others,
+    parse_page,
+    vram_fields,
+)
 from flockparse.gpu_metrics.formats import DCGM_BLANK_INT32
 from ollama_sim import SimNode
 from ollama_sim.exporter import SimExporter, go_float
@@ -166,3 +176,75 @@ def test_go_float_is_strconv_g_shortest() -> None:
         "0.0001",
         "1e-05",
     ]
+
+
+# ------------------------------------------------------------------ the figures next to Ollama's models
+def memory(used: float, free: float, stale: bool = False, gpus: int = 1) -> GpuMemory:
+    share = GpuFigures("0", "GPU-a", None, (used + free) / gpus, used / gpus, free / gpus)
+    return GpuMemory("http://n:11434", "http://n:9400/metrics", "dcgm", (share,) * gpus, 1.0, stale)
+
+
+def row(name: str, size_mb: float, vram_mb: float) -> dict:
+    location = "GPU (VRAM)" if vram_mb >= size_mb else "CPU (RAM)" if vram_mb == 0 else "Split (40% GPU)"
+    return {"name": name, "size_mb": size_mb, "vram_mb": vram_mb, "location": location}
+
+
+def test_vram_other_is_used_minus_what_ollama_lists_never_below_zero() -> None:
+    models = [row("llama3.1", 9000, 9000), row("mxbai-embed-large", 700, 0)]
+    fields = vram_fields(memory(used=15000, free=9576), models)
+    assert (fields["vram_ollama_mb"], fields["vram_other_mb"], fields["vram_total_mb"]) == (9000, 6000, 24576)
+    assert fields["gpus"][0]["other_mb"] == 6000
+    assert vram_fields(memory(used=8000, free=16576), models)["vram_other_mb"] == 0  # estimates above used
+    assert [g["other_mb"] for g in vram_fields(memory(15000, 9576, gpus=2), models)["gpus"]] == [None, None]
+
+
+def test_unknown_figures_are_none_and_stale() -> None:
+    never = GpuMemory("http://n:11434", "http://n:9400/metrics", error="connection refused")
+    fields = vram_fields(never, [row("llama3.1", 9000, 9000)])
+    assert (fields["vram_total_mb"], fields["vram_other_mb"], fields["vram_stale"], fields["gpus"]) == (
+        None,
+        None,
+        True,
+        [],
+    )
+
+
+def test_held_by_others_only_when_other_programs_are_what_keeps_it_off() -> None:
+    split = row("llama3.1", 9000, 3000)  # needs 6000 MiB more
+    priority = ["llama3.1"]
+    # 20 GB held by a training job, 1.5 GB free: the job is what keeps it off
+    [held] = kept_off_by_others([split], memory(used=23000, free=1576), priority)
+    assert (held.model, held.need_mb, held.room_mb, held.other_mb) == ("llama3.1:latest", 6000, 1576, 20000)
+    # enough free VRAM now: nothing keeps it off (the optimizer's next pass moves it)
+    assert kept_off_by_others([split], memory(used=3000, free=21576), priority) == []
+    # Ollama could make room by evicting its own other model: not other programs' doing
+    big = row("codellama", 7000, 7000)
+    assert kept_off_by_others([split, big], memory(used=18000, free=6576), priority) == []
+    # too big for the GPU whoever holds what (a 70b on 24 GB)
+    assert kept_off_by_others([row("llama3.1", 43000, 20000)], memory(23000, 1576), priority) == []
+    # not a priority model, pinned to CPU by the user, or figures that are stale: no condition
+    assert kept_off_by_others([split], memory(23000, 1576), ["codellama"]) == []
+    assert (
+        kept_off_by_others([split], memory(23000, 1576), priority, skip=lambda m: m == "llama3.1:latest")
+        == []
+    )
+    assert kept_off_by_others([split], memory(23000, 1576, stale=True), priority) == []
+
+
+def test_held_by_others_is_one_event_per_condition_and_one_when_it_ends() -> None:
+    tracker = HeldOffTracker()
+    held = HeldOff("llama3.1:latest", 6000, 1576, 20000)
+    [start] = tracker.update("http://n:11434", [held])
+    assert (start.kind, start.model, start.data["other_mb"]) == (
+        "vram_held_by_others",
+        "llama3.1:latest",
+        20000,
+    )
+    assert tracker.update("http://n:11434", [held]) == []
+    [end] = tracker.update("http://n:11434", [])
+    assert (end.kind, end.node, end.model) == (
+        "vram_held_by_others_resolved",
+        "http://n:11434",
+        "llama3.1:latest",
+    )
+    assert tracker.update("http://n:11434", []) == []

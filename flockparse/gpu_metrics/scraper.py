@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 SCRAPE_INTERVAL_S = 15.0  # at most this often per node: exporters refresh every few seconds anyway
 MAX_PAGE_BYTES = 4 * MIB  # a dcgm-exporter page with 8 GPUs and many pods is a few hundred KB
-STALE_AFTER_INTERVALS = 3  # figures older than this many intervals are stale even without an error
+STALE_AFTER_INTERVALS = 3  # figures this many intervals old are stale even without a failed scrape
 DEFAULT_PATH = "/metrics"
 
 
@@ -195,12 +195,20 @@ class GpuMetricsScraper:
             return None if target is None else self._snapshot(node, target)
 
     def wait_first(self, nodes: Iterable[str], timeout: float) -> None:
-        """Wait (at most `timeout` in all) until each node's first scrape has ended, well or not: a one-shot
-        `vram_report` right after start then shows figures, never more than one deadline late."""
+        """Wait (at most `timeout` in all) until each node's first scrape has ended, well or not; one not
+        begun yet (the loop is not started: a one-shot `vram_report`) is begun now. So a report right after
+        start shows figures, never more than one deadline late, and never causes a second scrape."""
         deadline = time.monotonic() + timeout
+        begin: list[str] = []
         with self._lock:
-            events = [t.first_done for node in nodes if (t := self._targets.get(node)) is not None]
-        for event in events:
+            targets = [(node, t) for node in nodes if (t := self._targets.get(node)) is not None]
+            for node, target in targets:
+                if not target.first_done.is_set() and not target.in_flight and not self._closed.is_set():
+                    target.in_flight, target.due = True, time.monotonic() + self.interval
+                    begin.append(node)
+        for node in begin:
+            self._pool.submit(lambda n=node: self._scrape(n))
+        for event in [target.first_done for _, target in targets]:
             left = deadline - time.monotonic()
             if left <= 0 or self._closed.is_set():
                 return
@@ -209,17 +217,22 @@ class GpuMetricsScraper:
     def _snapshot(self, node: str, target: _Target) -> GpuMemory:
         """Lock held."""
         page = target.page
-        old = target.scraped_mono is not None and (
-            time.monotonic() - target.scraped_mono > STALE_AFTER_INTERVALS * self.interval
+        age = None if target.scraped_mono is None else time.monotonic() - target.scraped_mono
+        # older than a missed scrape can make them (one interval and a deadline, twice): the loop is stuck
+        old = age is not None and age > max(
+            STALE_AFTER_INTERVALS * self.interval, 2 * (self.interval + self.timeout)
         )
+        error = target.error
+        if error is None and old:
+            error = f"no new figures for {age:.0f}s"
         return GpuMemory(
             node=node,
             exporter=target.url,
             format=page.format if page else None,
             gpus=page.gpus if page else (),
             scraped_at=target.scraped_at,
-            stale=target.error is not None or old or page is None,
-            error=target.error,
+            stale=error is not None or page is None,
+            error=error,
         )
 
     # ------------------------------------------------------------------ the loop
