@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep an Ollama cluster's models on GPU. Without COMMAND: the interactive console "
         "(or, with stdin not a terminal, one command per line read from stdin).",
         epilog=f"commands: {', '.join(REGISTRY)}. Config dir: $FLOCKPARSE_CONFIG_DIR or {config_dir()}. "
-        "Exit codes: 0 ok, 1 failed or a node unreachable, 2 usage or config error, 130 Ctrl-C.",
+        "Exit codes: 0 ok, 1 failed or a node unreachable, 2 usage or config error, 130 Ctrl-C. "
+        "`gpu-exporter [--listen HOST:PORT]` serves this machine's GPU memory from NVML (its own program).",
         allow_abbrev=False,  # `--node` must never silently mean `--nodes`
     )
     parser.add_argument(
@@ -561,6 +562,11 @@ def _tty_modes() -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, build the config and the core, run the console, one command, or stdin's lines."""
     exit_on_termination()
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["gpu-exporter"]:  # a program of its own: no nodes, no config, its own flags
+        from flockparse.console.gpu_exporter import main as gpu_exporter
+
+        return gpu_exporter(words[1:])
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before or between commands (e.g. during the first health round)
