@@ -616,7 +616,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 Config(), args.priority, args.interval, args.health_interval, args.timeout, args.load_timeout
             )
             cluster = start_demo_cluster()
-            config = demo_config(cluster.urls, flags)
+            config = demo_config(cluster.urls, flags, cluster.gpu_metrics)
             banner = demo_banner(cluster.urls)
             files_dir = demo_files_dir()
             demo_script = DemoScript(cluster)
