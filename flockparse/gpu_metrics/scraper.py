@@ -23,7 +23,8 @@ from flockparse.gpu_metrics.formats import (
     ExporterPage,
     ExporterPageError,
     GpuFigures,
-    parse_page,
+    memory_lines,
+    parse_memory_lines,
 )
 from flockparse.transport import MIB, NodeError, NodeTransport
 from flockparse.workers import ElasticPool
@@ -115,6 +116,7 @@ class _Target:
 
     url: str
     page: ExporterPage | None = None
+    lines: str = ""  # the memory lines `page` was parsed from: the same lines again are not parsed again
     scraped_at: float | None = None  # time.time() of the last good scrape
     scraped_mono: float | None = None  # ... and its time.monotonic()
     error: str | None = None
@@ -260,11 +262,11 @@ class GpuMetricsScraper:
         if target is None or url is None:
             return
         page: ExporterPage | None = None
-        error: str | None = None
+        lines, error = "", None
         try:
             if self._closed.is_set():
                 return
-            page = self._read(url)
+            lines, page = self._read(url, target)
         except (NodeError, ExporterPageError) as exc:
             error = str(exc)
         except Exception as exc:  # a bug must not stop this node's scrapes: logged, shown as the error
@@ -273,27 +275,36 @@ class GpuMetricsScraper:
         finally:
             with self._lock:
                 target.in_flight = False
-        self._record(node, target, page, error)
+        self._record(node, target, page, lines, error)
 
-    def _read(self, url: str) -> ExporterPage:
+    def _read(self, url: str, target: _Target | None = None) -> tuple[str, ExporterPage]:
+        """(memory lines, page) of one scrape; the last page again when its memory lines did not change
+        (an idle GPU's figures stay the same; the parser, not the HTTP exchange, is most of the CPU)."""
         reply = self._transport.call(
             _base(url), "GET", _path(url), timeout=self.timeout, max_bytes=self.max_bytes
         )
         if reply.status != 200:
             raise ExporterPageError(f"{url} answered HTTP {reply.status}")
+        lines = memory_lines(reply.text)
+        with self._lock:
+            last = target.page if target is not None and target.lines == lines else None
+        if last is not None:
+            return lines, last
         try:
-            return parse_page(reply.text)
+            return lines, parse_memory_lines(lines, dcgm_page="DCGM_FI_" in reply.text)
         except ExporterPageError as exc:
             raise ExporterPageError(f"{url}: {exc}") from None
 
-    def _record(self, node: str, target: _Target, page: ExporterPage | None, error: str | None) -> None:
+    def _record(
+        self, node: str, target: _Target, page: ExporterPage | None, lines: str, error: str | None
+    ) -> None:
         with self._lock:
             if self._targets.get(node) is not target or self._closed.is_set():
                 return  # removed, replaced or closed meanwhile
             was_failing = target.error is not None
             first = not target.first_done.is_set()
             if page is not None:
-                target.page, target.error = page, None
+                target.page, target.lines, target.error = page, lines, None
                 target.scraped_at, target.scraped_mono = time.time(), time.monotonic()
             else:
                 target.error = error
