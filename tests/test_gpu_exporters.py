@@ -146,6 +146,26 @@ def test_reports_never_scrape_more_often_than_the_interval(sim_node, make_balanc
     assert page.scrapes == 1
 
 
+def test_unchanged_figures_are_not_parsed_again(sim_node, make_balancer, exporter, monkeypatch) -> None:
+    from flockparse.gpu_metrics import scraper
+
+    parsed: list[str] = []
+    real = scraper.parse_memory_lines
+    monkeypatch.setattr(
+        scraper, "parse_memory_lines", lambda lines, **kw: parsed.append(lines) or real(lines, **kw)
+    )
+    node = sim_node(vram_gb=24, external_vram_gb=2)
+    page = exporter(node, format="dcgm")
+    balancer = make_balancer([node.url], gpu_metrics={node.url: page.url}, gpu_metrics_interval=FAST)
+    wait_until(lambda: page.scrapes >= 3, "three scrapes of the same figures")
+    assert len(parsed) == 1 and balancer.gpu_memory(node.url).used_mb == 2048
+
+    node.external_vram_gb = 5
+
+    wait_until(lambda: balancer.gpu_memory(node.url).used_mb == 5 * 1024, "the new figures")
+    assert len(parsed) == 2
+
+
 def test_get_stats_has_the_vram_keys_and_nodes_without_an_exporter_none(sim_node, make_balancer, exporter):
     with_exporter, without = sim_node(vram_gb=24), sim_node(vram_gb=24)
     page = exporter(with_exporter, format="dcgm")
