@@ -263,18 +263,15 @@ class GpuMetricsScraper:
             return
         page: ExporterPage | None = None
         lines, error = "", None
+        if self._closed.is_set():
+            return
         try:
-            if self._closed.is_set():
-                return
             lines, page = self._read(url, target)
         except (NodeError, ExporterPageError) as exc:
             error = str(exc)
         except Exception as exc:  # a bug must not stop this node's scrapes: logged, shown as the error
             logger.exception("scrape of %s failed", url)
             error = f"{type(exc).__name__}: {exc}"
-        finally:
-            with self._lock:
-                target.in_flight = False
         self._record(node, target, page, lines, error)
 
     def _read(self, url: str, target: _Target | None = None) -> tuple[str, ExporterPage]:
@@ -299,6 +296,7 @@ class GpuMetricsScraper:
         self, node: str, target: _Target, page: ExporterPage | None, lines: str, error: str | None
     ) -> None:
         with self._lock:
+            target.in_flight = False  # with the figures: the next scrape starts from this one's result
             if self._targets.get(node) is not target or self._closed.is_set():
                 return  # removed, replaced or closed meanwhile
             was_failing = target.error is not None
