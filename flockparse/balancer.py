@@ -11,6 +11,7 @@ Locking rule: `self._lock` guards the registry of agents and nothing else; no ne
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import logging
 import threading
@@ -409,11 +410,7 @@ class OllamaLoadBalancer:
         if agent.online is False and not self._closed.is_set():
             self._schedule(agent.url, time.monotonic() + OFFLINE_RECHECK_SECONDS)
         self._act_on(agent, folded, trigger=True)
-        if (
-            agent.snapshot().online
-            and self.controller.has_pending_restores(agent.url)
-            and not agent.lane.busy
-        ):
+        if agent.online and self.controller.has_pending_restores(agent.url) and not agent.lane.busy:
             agent.lane.submit(lambda stop: self._restore_pending(agent, stop), None, OPTIMIZER_PRIORITY)
 
     def _restore_pending(self, agent: NodeAgent, stop: threading.Event) -> dict:
@@ -448,14 +445,55 @@ class OllamaLoadBalancer:
         agent = self._agent(node)
         if agent is None:
             return {"node_url": node, "models": [], "error": f"{node} is not in the cluster"}
-        seq, sent_at, status = agent.read_status()
-        folded = agent.record(seq, sent_at, status, self._patterns())
+        seq, sent_at, raw = agent.read_raw()
+        folded, status = agent.fold(seq, sent_at, raw, self._patterns())
+        self._after_read(agent, folded, status, trigger)
+        return status
+
+    def _after_read(self, agent: NodeAgent, folded: Folded, status: dict, trigger: bool) -> None:
+        """What a read outside the monitor's checks leads to: a quick recheck of a node seen down, the
+        version of a node seen coming up, and the optimizer's attention when something changed."""
         if "error" in status and self._started and not self._closed.is_set():
-            self._schedule(node, time.monotonic() + OFFLINE_RECHECK_SECONDS)  # seen down here: recheck soon
+            self._schedule(agent.url, time.monotonic() + OFFLINE_RECHECK_SECONDS)  # seen down: recheck soon
         if folded.warm_up:  # it came up: the version says how far its /api/ps figures can be trusted
             agent.ensure_version()
         self._act_on(agent, folded, trigger=trigger)
-        return status
+
+    def read_statuses(self, nodes: Iterable[str]) -> dict[str, Future]:
+        """Read every given node's /api/ps now, all at once through the status poller: a Future of each
+        node's status dict (as `read_status`), done within the controller's timeout. An unchanged reply
+        costs no parsing and no thread; a changed one is parsed and recorded on a reader worker."""
+        patterns = self._patterns()
+        futures: dict[str, Future] = {}
+        for url in nodes:
+            agent = self._agent(url)
+            future: Future = Future()
+            futures[url] = future
+            if agent is None:
+                future.set_result({"node_url": url, "models": [], "error": f"{url} is not in the cluster"})
+                continue
+            agent.fetch(functools.partial(self._on_read, agent, future, patterns))
+        return futures
+
+    def _on_read(
+        self, agent: NodeAgent, future: Future, patterns: list[str], seq: int, sent_at: float, raw: Any
+    ) -> None:
+        status = agent.fold_if_unchanged(seq, sent_at, raw)
+        if status is not None:
+            future.set_result(status)
+            return
+
+        def fold() -> None:
+            try:
+                folded, full = agent.fold(seq, sent_at, raw, patterns)
+                self._after_read(agent, folded, full, trigger=False)
+            except BaseException as error:  # the controller promises not to raise; never hang a caller
+                future.set_exception(error)
+                return
+            future.set_result(full)
+
+        if self._read_pool.submit(fold).cancelled():  # closing: say so rather than never answering
+            future.set_result({"node_url": agent.url, "models": [], "error": f"{agent.url}: closing"})
 
     def installed_models(self, node: str) -> set[str]:
         """Canonical keys of the models installed on a node (read now if never read successfully)."""
@@ -547,23 +585,19 @@ class OllamaLoadBalancer:
     def vram_report(self, nodes: Iterable[str] | None = None) -> list[dict]:
         """Fresh placement of every model on every node, nodes concurrently, bounded by the timeout.
 
-        Each node is read on a thread of its own (never queued behind the monitor or another node), so a
-        node that answers within its timeout is never reported stale. A node that does not answer keeps its
-        last known models, marked `stale`. `nodes`: only those (then no other node is waited for).
+        Every node is read at once through the status poller (never queued behind the monitor or another
+        node), so a node that answers within its timeout is never reported stale. A node that does not
+        answer keeps its last known models, marked `stale`. `nodes`: only those (no other node is waited
+        for).
         """
         wanted = None if nodes is None else set(self._targets(nodes))
         agents = [agent for agent in self._all_agents() if wanted is None or agent.url in wanted]
-        started: dict[str, float] = {}
-
-        def read(url: str) -> dict:
-            started[url] = time.monotonic()
-            return self.read_status(url)
-
-        futures = {agent.url: self._read_pool.submit(lambda u=agent.url: read(u)) for agent in agents}
-        begun = time.monotonic()
+        sent = time.monotonic()
+        futures = self.read_statuses(agent.url for agent in agents)
+        started = dict.fromkeys(futures, sent)
         self._wait_for_reads(futures, started)
         budget = float(getattr(self.controller, "timeout", 5.0)) + REPORT_SLACK_S
-        self.gpu_metrics.wait_first(list(futures), begun + budget - time.monotonic())  # right after start
+        self.gpu_metrics.wait_first(list(futures), sent + budget - time.monotonic())  # right after start
         report = []
         for agent in agents:
             state = agent.snapshot()
