@@ -389,15 +389,16 @@ class NodeAgent:
             _reset_gpu_evidence(state, gs.EVIDENCE_RESTARTED)
 
     # ------------------------------------------------------------------ evidence from moves and probes
-    def record_move(self, model: str, result: MoveResult) -> list[Event]:
+    def record_move(self, model: str, result: MoveResult, exporter_gpus: int | None = None) -> list[Event]:
         """Moves are evidence: a load in VRAM proves a GPU; an all-layers load in RAM proves none, or that
-        the GPU was lost when one was seen before. Modelfile pins and MLX models are remembered."""
+        the GPU was lost when one was seen before (or the node's exporter lists one: `exporter_gpus`).
+        Modelfile pins and MLX models are remembered."""
         with self._lock:
             self._last_body = None  # the verdict may have changed: fold the next reply in full
             state = self._state
             events: list[Event] = []
             if result.reason == Reason.NO_GPU:
-                events = _note_cpu_landing(state)
+                events = _note_cpu_landing(state, exporter_gpus)
             elif result.success and result.location == LOCATION_GPU and result.reason != Reason.ALREADY:
                 events = _note_gpu_seen(state, gs.EVIDENCE_LOAD_VRAM)
             key = model_key(model)
@@ -407,14 +408,19 @@ class NodeAgent:
                 state.unmovable.pop(key, None)
             return events
 
-    def record_probe(self, result: dict) -> list[Event]:
+    def record_probe(self, result: dict, exporter_gpus: int | None = None) -> list[Event]:
         with self._lock:
             self._last_body = None
             if result["gpu"] is True:
                 return _note_gpu_seen(self._state, gs.EVIDENCE_LOAD_VRAM)
             if result["gpu"] is False:
-                return _note_cpu_landing(self._state)
+                return _note_cpu_landing(self._state, exporter_gpus)
             return []
+
+    def record_exporter(self, gpu_count: int) -> list[Event]:
+        """The GPUs a fresh scrape of the node's exporter lists are evidence too (exporter_verdict)."""
+        with self._lock:
+            return _note_exporter(self._state, gpu_count)
 
     # ------------------------------------------------------------------ routed requests
     def request_started(self) -> bool:
@@ -565,23 +571,48 @@ def _note_gpu_seen(state: NodeState, evidence: str) -> list[Event]:
     return events
 
 
-def _note_cpu_landing(state: NodeState) -> list[Event]:
+def _note_cpu_landing(state: NodeState, exporter_gpus: int | None = None) -> list[Event]:
     """An all-layers load landed in RAM: a CPU-only node, or a lost GPU (one `gpu_lost` event per loss,
-    however many loads land in RAM until the GPU is seen again)."""
+    however many loads land in RAM until the GPU is seen again); gpu_state.landing_verdict decides."""
     state.cpu_landings += 1
-    if state.reports_estimates and state.cpu_landings < 2:
+    verdict = gs.landing_verdict(state.gpu_seen, state.cpu_landings, state.reports_estimates, exporter_gpus)
+    if verdict is None:
         state.gpu_evidence = gs.EVIDENCE_ONE_LANDING
         return []
-    if not state.gpu_seen:
+    if verdict == gs.GPU_NO:
         _set_gpu(state, gs.GPU_NO, gs.EVIDENCE_RAM)
         return []
-    _set_gpu(state, gs.GPU_LOST, gs.EVIDENCE_LOST)
+    if exporter_gpus and not state.gpu_seen:
+        return _mark_lost(state, gs.EVIDENCE_LOST_EXPORTER)
+    return _mark_lost(state, gs.EVIDENCE_LOST)
+
+
+def _note_exporter(state: NodeState, gpu_count: int) -> list[Event]:
+    """The exporter's GPU list: `no` when it lists none, `lost` when it lists one Ollama does not use."""
+    change = gs.exporter_verdict(state.gpu, state.gpu_evidence, state.gpu_seen, gpu_count)
+    if change is None:
+        return []
+    gpu, evidence = change
+    if gpu == gs.GPU_LOST:
+        return _mark_lost(state, evidence)
+    _set_gpu(state, gpu, evidence)
+    return []
+
+
+def _mark_lost(state: NodeState, evidence: str) -> list[Event]:
+    """The node's GPU is lost: one `gpu_lost` event per loss (none while one is in force)."""
+    _set_gpu(state, gs.GPU_LOST, evidence)
     if state.gpu_lost_since is not None:
         return []
     state.gpu_lost_since = time.time()
     state.vram_when_lost = [model_key(m["name"]) for m in state.models if _in_vram(m)]
     remedy = gs.lost_remedy_text(state.url)
-    message = f"{state.url} lost its GPU: a load with every layer on the GPU landed in RAM. {remedy}"
+    what = (
+        "its GPU exporter lists a GPU, but a load with every layer on the GPU landed in RAM"
+        if evidence == gs.EVIDENCE_LOST_EXPORTER
+        else "a load with every layer on the GPU landed in RAM"
+    )
+    message = f"{state.url} lost its GPU: {what}. {remedy}"
     return [Event("gpu_lost", node=state.url, message=message, data={"remedy": remedy})]
 
 
