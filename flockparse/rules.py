@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Any
@@ -77,6 +78,24 @@ def check_model_name(name: str, allow_glob: bool = False) -> str:
     if not _NAME.fullmatch(text):
         raise ModelNameError(f"`{shown}` is not a model name (e.g. `llama3.1`, `llama3.1:8b`, `org/m:tag`)")
     return text
+
+
+def unique_names(names: Iterable[str], allow_glob: bool = False) -> list[str]:
+    """Checked names, blanks skipped, the first spelling of each model kept (`a` and `a:latest` are one)."""
+    seen: dict[str, str] = {}
+    for raw in names:
+        if not raw.strip():
+            continue
+        name = check_model_name(raw, allow_glob)
+        seen.setdefault(name.casefold() if is_glob(name) else model_key(name), name)
+    return list(seen.values())
+
+
+def same_name(a: str, b: str) -> bool:
+    """One rule for equality: globs compare as text (case-folded), names by model key."""
+    if is_glob(a) or is_glob(b):
+        return a.strip().casefold() == b.strip().casefold()
+    return model_key(a) == model_key(b)
 
 
 # --------------------------------------------------------------------------------------------- placement

@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-from flockparse.rules import MAX_NAME, ModelNameError, is_glob, model_key
+from flockparse.rules import MAX_NAME, ModelNameError, is_glob, model_key, same_name, unique_names
 from flockparse.rules import check_model_name as check_name
 
 __all__ = [
@@ -23,24 +23,6 @@ __all__ = [
     "suggestions",
     "unique_names",
 ]
-
-
-def unique_names(names: Iterable[str], allow_glob: bool = False) -> list[str]:
-    """Checked names, blanks skipped, the first spelling of each model kept (`a` and `a:latest` are one)."""
-    seen: dict[str, str] = {}
-    for raw in names:
-        if not raw.strip():
-            continue
-        name = check_name(raw, allow_glob)
-        seen.setdefault(name.casefold() if is_glob(name) else model_key(name), name)
-    return list(seen.values())
-
-
-def same_name(a: str, b: str) -> bool:
-    """One rule for equality: globs compare as text (case-folded), names by model key."""
-    if is_glob(a) or is_glob(b):
-        return a.strip().casefold() == b.strip().casefold()
-    return model_key(a) == model_key(b)
 
 
 def suggestions(name: str, known: Iterable[str], n: int = 3) -> list[str]:

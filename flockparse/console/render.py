@@ -42,6 +42,9 @@ EVENT_STYLE = {
     "remedy_finished": ("remedy", "yellow"),
     "demo": ("demo", "bold magenta"),
     "fd_limit": ("limit", "bold red"),
+    "serve_lost": ("serve", "bold red"),  # an attached console lost its serve (flockparse/remote.py)
+    "serve_back": ("serve", "green"),
+    "state_not_saved": ("serve", "bold red"),
 }
 REMEDY_OUTPUT_LINES = 5
 UNMOVABLE_WORDS = {
