@@ -49,8 +49,10 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 DEFAULT_HEARTBEAT_S = 15.0
-DEFAULT_CLIENT_QUEUE = 1024  # events buffered per stream client before it is dropped
-REPLAY_EVENTS = 256  # kept for clients that reconnect with Last-Event-ID
+# events buffered per stream client before it is dropped: a burst (5,000 nodes coming up) must fit, and the
+# frames are shared between clients, so a queue costs a reference per event
+DEFAULT_CLIENT_QUEUE = 20_000
+REPLAY_EVENTS = 1024  # kept for clients that reconnect with Last-Event-ID
 INTERVAL_RANGE_S = (5.0, 30 * 86400.0)  # as the console's --interval (console/config.py RANGES)
 OPERATION_ID_MAX = 64
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
