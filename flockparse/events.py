@@ -34,6 +34,10 @@ EVENT_KINDS = (
     "pass_finished",
     "optimizer_started",
     "optimizer_stopped",
+    "state_not_saved",  # a serve could not write its state file (flockparse/serve/state.py)
+    # an attached console's own, from its RemoteCluster (flockparse/remote.py), never on a serve's bus:
+    "serve_lost",
+    "serve_back",
 )
 
 

@@ -19,6 +19,8 @@ from serving import ServedApp, control_app
 from flockparse.events import Event
 from flockparse.remote import API_PREFIX, RemoteCluster
 
+EVENTS = 1500
+
 
 class Collected:
     """Events a RemoteCluster delivered, in the order delivered."""
@@ -108,12 +110,14 @@ def test_a_client_that_stops_reading_is_dropped_and_holds_up_nobody(make_balance
     remote, seen = attached(url)
     slow = open_stream(url, rcvbuf=4096)  # sends its request, then never reads
     received = read_until(slow, lambda data: b"event: hello" in data, "the slow client's hello")
-    padding = "x" * 16000
-    for batch in range(20):  # 32 MB in all: far more than the slow client's socket buffers hold
+    padding = "x" * 8000
+    for batch in range(EVENTS // 100):  # 12 MB in all: three times what the kernel buffers for the slow one
         for number in range(batch * 100, batch * 100 + 100):
             lb.events.emit(Event("node_up", message=f"event {number}", data={"padding": padding}))
-        wait_until(lambda b=batch: len(seen.messages("node_up")) == b * 100 + 100, "the batch at the reader")
-    assert seen.messages("node_up") == [f"event {n}" for n in range(2000)]
+        wait_until(
+            lambda b=batch: len(seen.messages("node_up")) == b * 100 + 100, "the batch at the reader", 60
+        )
+    assert seen.messages("node_up") == [f"event {n}" for n in range(EVENTS)]
     assert not seen.messages("serve_lost")  # the reading client was never dropped
     # the slow one was: it gets what it had buffered, then the end of its stream
     try:
@@ -123,7 +127,7 @@ def test_a_client_that_stops_reading_is_dropped_and_holds_up_nobody(make_balance
         received += b"(reset)"
     slow.close()
     messages = stream_messages(received)
-    assert len(messages) < 2000 and messages == [f"event {n}" for n in range(len(messages))]
+    assert len(messages) < EVENTS and messages == [f"event {n}" for n in range(len(messages))]
     remote.close()
 
 
@@ -207,3 +211,15 @@ def test_a_serve_that_hangs_is_noticed_by_its_missing_heartbeats() -> None:
         listener.close()
         for conn in accepted:
             conn.close()
+
+
+def test_an_event_json_cannot_carry_arrives_as_text_and_node_text_stays_text(make_balancer, served) -> None:
+    lb = make_balancer([])
+    remote, seen = attached(served(lb))
+    lb.events.emit(Event("node_up", message="odd", data={"latency": float("nan")}))
+    lb.events.emit(Event("node_down", message="x\x1b[2J\n\u202e", data={"error": "\x07"}))
+    wait_until(lambda: seen.messages("node_down"), "both events")
+    odd, hostile = seen.events
+    assert odd.data == {"text": "{'latency': nan}"}
+    assert hostile.message == "x\x1b[2J\n\u202e" and hostile.data == {"error": "\x07"}  # rendering escapes it
+    remote.close()

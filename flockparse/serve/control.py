@@ -33,7 +33,7 @@ import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -201,11 +201,16 @@ class EventHub:
             self._loop = loop
 
     def publish(self, event: Event) -> None:
+        body = _event_json(event)
         with self._lock:
             self._seq += 1
-            payload = {"seq": self._seq, **asdict(event)}
-            data = json.dumps(payload, default=str, allow_nan=False).encode()
-            item = _Item(self._seq, b"id: %s-%d\ndata: %s\n\n" % (self.instance.encode(), self._seq, data))
+            frame = b'id: %s-%d\ndata: {"seq": %d, %s\n\n' % (
+                self.instance.encode(),
+                self._seq,
+                self._seq,
+                body,
+            )
+            item = _Item(self._seq, frame)
             self._ring.append(item)
             loop = self._loop
         if loop is None:
@@ -238,6 +243,17 @@ class EventHub:
     def end_all(self) -> None:
         for client in list(self._clients):
             client.end()
+
+
+def _event_json(event: Event) -> bytes:
+    """The event as strict JSON without its opening brace (the stream adds `{"seq": N, `); data that
+    JSON cannot carry (NaN, odd objects) is sent as its text."""
+    fields = {"kind": event.kind, "node": event.node, "model": event.model, "message": event.message}
+    try:
+        body = json.dumps({**fields, "data": event.data, "time": event.time}, default=str, allow_nan=False)
+    except (TypeError, ValueError):
+        body = json.dumps({**fields, "data": {"text": str(event.data)}, "time": event.time}, default=str)
+    return body[1:].encode()
 
 
 def _seen_seq(last_event_id: str | None, instance: str) -> int | None:
