@@ -330,7 +330,7 @@ class RemoteCluster:
         self.reconnect_max = reconnect_max
         self._lock = threading.Lock()  # guards the mirror and the stream position below; never I/O
         self._mirror = _Mirror()
-        self._priorities_read: list[str] = []  # what the getter last handed out: the setter sends the diff
+        self._priorities_read: list[str] | None = None  # what the getter last handed out (setter: the diff)
         self._stream_seen = threading.Condition(self._lock)
         self._stream_instance: str | None = None
         self._stream_seq = 0
@@ -420,7 +420,8 @@ class RemoteCluster:
         """Sent as a change (added, removed) against the list last read, so two consoles changing the list
         at once both keep their change."""
         with self._lock:
-            before = list(self._priorities_read)
+            read = self._priorities_read
+            before = list(self._mirror.status.get("priority_models") or []) if read is None else list(read)
         added = [name for name in models if name not in before]
         removed = [name for name in before if name not in models]
         answer = self.client.request("POST", "/priorities", {"add": added, "remove": removed})

@@ -139,6 +139,9 @@ def test_a_serve_registers_and_a_dead_one_is_ignored(tmp_path: Path) -> None:
     assert [s.url for s in registered_serves(tmp_path)] == ["http://127.0.0.1:11435"]
     unregister_serve(path)
     unregister_serve(path)  # twice is fine
+    wildcard = register_serve(tmp_path, "0.0.0.0:11435", [])
+    assert [s.url for s in registered_serves(tmp_path)] == ["http://127.0.0.1:11435"]  # what --connect takes
+    unregister_serve(wildcard)
     assert registered_serves(tmp_path) == []
     assert os.getpid() != int(dead.stdout)
 

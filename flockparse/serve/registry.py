@@ -52,7 +52,7 @@ def registry_dir(config_dir: Path) -> Path:
 
 def register_serve(config_dir: Path, url: str, nodes: Iterable[str], pid: int | None = None) -> Path:
     """Write this serve's file (atomically: temp file + rename); returns its path for `unregister_serve`."""
-    address = serve_url(url)
+    address = reachable_url(serve_url(url))
     folder = registry_dir(config_dir)
     folder.mkdir(parents=True, exist_ok=True)
     parts = urlsplit(address)
@@ -65,6 +65,13 @@ def register_serve(config_dir: Path, url: str, nodes: Iterable[str], pid: int | 
     }
     atomic_write(path, json.dumps(record, indent=2) + "\n")
     return path
+
+
+def reachable_url(url: str) -> str:
+    """A serve bound to every address (`0.0.0.0`, `::`) is reached on loopback from this machine."""
+    parts = urlsplit(url)
+    loopback = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(str(parts.hostname))
+    return f"{parts.scheme}://{loopback}:{parts.port}" if loopback else url
 
 
 def unregister_serve(path: Path | None) -> None:
