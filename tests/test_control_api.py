@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from helpers import LLAMA, on_cpu, on_gpu, posts
+from serving import ServedApp, control_app
 
 from flockparse.remote import (
     API_PREFIX,
@@ -201,3 +202,22 @@ def test_ctrl_c_in_an_attached_console_cancels_the_serves_pass(
     assert lb.optimizer_status()["last_pass"]["cancelled"] is True
     loads = [body["model"] for _, path, body in posts(slow) if path == "/api/generate"]
     assert len(loads) == 1  # the second model's move never started
+
+
+def test_a_serve_that_stops_answers_its_long_calls_first(sim_node, make_balancer, wait_until) -> None:
+    """Stopping the server cancels the passes and moves in flight: each answers with what it did."""
+    slow = sim_node(
+        vram_gb=24, preload=[("llama3.1", "forced-cpu"), ("codellama", "forced-cpu")], load_seconds_per_gb=1
+    )
+    lb = make_balancer([slow.url], gpu_priority_models=["llama3.1", "codellama"])
+    wait_until(lambda: lb.node_states()[0].online, "the first check")
+    app = ServedApp(control_app(lb, TOKEN))
+    remote = RemoteCluster(app.start(), token=TOKEN)
+    remote.connect()
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(actions=remote.optimize_gpu_once()))
+    worker.start()
+    wait_until(lambda: slow.loading, "the first load to start on the node")
+    app.stop()
+    worker.join(10)
+    assert not worker.is_alive() and isinstance(box.get("actions"), list)

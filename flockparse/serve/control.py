@@ -293,17 +293,18 @@ class Control:
         self._unsubscribe = self.balancer.subscribe(self.hub.publish)
 
     async def on_shutdown(self, app: web.Application) -> None:
-        """Before the server waits for its handlers: end every event stream (they would never end)."""
+        """Before the server waits for its handlers: end every event stream (they would never end), and
+        cancel the long calls, which then answer with what they did (a load already sent ends on its node)."""
         self.hub.end_all()
+        with self._operations_lock:
+            running = list(self._operations.values())
+        for cancel in running:
+            cancel.set()
 
     async def on_cleanup(self, app: web.Application) -> None:
         if self._unsubscribe is not None:
             self._unsubscribe()
         self.hub.attach(None)
-        with self._operations_lock:
-            running = list(self._operations.values())
-        for cancel in running:
-            cancel.set()
         self.pool.close()
 
     # ------------------------------------------------------------------ plumbing
@@ -545,24 +546,22 @@ class Control:
 
 
 class _Operation:
-    """A long call's cancel Event, findable by its id while it runs (POST /cancel)."""
+    """A long call's cancel Event, findable by its id while it runs (POST /cancel, and the shutdown)."""
 
     def __init__(self, control: Control, operation: str | None) -> None:
-        self.control, self.operation = control, operation
+        self.control, self.operation = control, operation or f"anonymous-{secrets.token_hex(8)}"
         self.cancel = threading.Event()
 
     def __enter__(self) -> threading.Event:
-        if self.operation is not None:
-            with self.control._operations_lock:
-                if self.operation in self.control._operations:
-                    raise BadRequest(f"operation {self.operation} is already running", 409)
-                self.control._operations[self.operation] = self.cancel
+        with self.control._operations_lock:
+            if self.operation in self.control._operations:
+                raise BadRequest(f"operation {self.operation} is already running", 409)
+            self.control._operations[self.operation] = self.cancel
         return self.cancel
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.operation is not None:
-            with self.control._operations_lock:
-                self.control._operations.pop(self.operation, None)
+        with self.control._operations_lock:
+            self.control._operations.pop(self.operation, None)
 
 
 def _dumps(value: Any) -> str:
