@@ -135,6 +135,8 @@ class _Connection(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, deadline: float, tls: ssl.SSLContext | None) -> None:
         super().__init__(host, port)
         self.deadline, self.tls = deadline, tls
+        # kept past http.client's close(): a reply read until the connection closes keeps reading from it
+        self.stream_socket: socket.socket | None = None
 
     def connect(self) -> None:
         raw = socket.create_connection((self.host, self.port), timeout=_time_left(self.deadline))
@@ -149,13 +151,21 @@ class _Connection(http.client.HTTPConnection):
                 sock.close()
                 raise
             sock.deadline = self.deadline  # type: ignore[attr-defined]
-        self.sock = sock
+        self.sock = self.stream_socket = sock
 
     def push_deadline(self, deadline: float) -> None:
         """The event stream: each line read gets a fresh idle deadline."""
         self.deadline = deadline
-        if self.sock is not None:
-            self.sock.deadline = deadline  # type: ignore[attr-defined]
+        if self.stream_socket is not None:
+            self.stream_socket.deadline = deadline  # type: ignore[attr-defined]
+
+    def shut(self) -> None:
+        """End a blocked read from another thread (close() alone does not wake it)."""
+        if self.stream_socket is not None:
+            try:
+                self.stream_socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                logger.debug("the event stream was already closed", exc_info=True)
 
 
 @dataclass
@@ -370,11 +380,8 @@ class RemoteCluster:
         self.events.close()
         with self._lock:
             conn = self._stream_conn
-        if conn is not None and conn.sock is not None:
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                logger.debug("the event stream was already closed", exc_info=True)
+        if conn is not None:
+            conn.shut()
         for thread in self._threads:
             thread.join(1.0)
 
@@ -713,6 +720,7 @@ class RemoteCluster:
 
     def _emit_local(self, kind: str, message: str) -> None:
         self.events.emit(Event(kind, message=message, data={"serve": self.url}))
+        self._poll_wake.set()  # the toolbar says so at once too
 
 
 @dataclass

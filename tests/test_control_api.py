@@ -184,7 +184,7 @@ def test_ctrl_c_in_an_attached_console_cancels_the_serves_pass(
     """As in a local console: the pass returns at once and starts no further move (a load already sent
     finishes on the node)."""
     slow = sim_node(
-        vram_gb=24, preload=[("llama3.1", "forced-cpu"), ("codellama", "forced-cpu")], load_seconds_per_gb=1
+        vram_gb=24, preload=[("llama3.1", "forced-cpu"), ("codellama", "forced-cpu")], load_seconds_per_gb=0.2
     )
     lb = make_balancer([slow.url], gpu_priority_models=["llama3.1", "codellama"])
     wait_until(lambda: lb.node_states()[0].online, "the first check")
