@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ from flockparse.remote import (
     ControlClient,
     RemoteAuthError,
     RemoteCluster,
+    RemoteError,
     RemoteRejected,
     serve_url,
 )
@@ -221,3 +223,64 @@ def test_a_serve_that_stops_answers_its_long_calls_first(sim_node, make_balancer
     app.stop()
     worker.join(10)
     assert not worker.is_alive() and isinstance(box.get("actions"), list)
+
+
+class HostileServe:
+    """A listener that answers every request with `reply(conn)`: for what a real serve never does."""
+
+    def __init__(self, reply: Callable[[socket.socket], None]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.reply = reply
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.recv(65536)
+        try:
+            self.reply(conn)
+        except OSError:  # the client gave up and closed: what the test wants to see
+            conn.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def trickle(conn: socket.socket) -> None:
+    stop = threading.Event()
+    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b" " * 100000:
+        conn.sendall(bytes([byte]))
+        stop.wait(0.05)
+
+
+@pytest.mark.parametrize(
+    ("reply", "words"),
+    [
+        (trickle, "did not answer /status within 0.5s"),
+        (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n{"), "too large to read"),
+        (lambda c: c.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://evil/\r\nContent-Length: 0\r\n\r\n"),
+         "redirected /status to http://evil/: not followed"),
+        (lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"), "not JSON"),
+        (lambda c: c.sendall(b"SSH-2.0-OpenSSH\r\n"), "/status failed (the reply is not HTTP"),
+    ],
+)  # fmt: skip
+def test_the_client_bounds_every_call(reply: Callable[[socket.socket], None], words: str) -> None:
+    """A total deadline (not per read), a reply cap, no redirect, one line: whatever answers at the URL."""
+    hostile = HostileServe(reply)
+    try:
+        with pytest.raises(RemoteError) as failed:
+            ControlClient(hostile.url, timeout=0.5).request("GET", "/status")
+    finally:
+        hostile.close()
+    assert words in str(failed.value) and "\n" not in str(failed.value)
