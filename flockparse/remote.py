@@ -7,12 +7,10 @@ console has one code path; what the balancer answers from memory (node list, cou
 optimizer status, priorities) comes from a mirror of `GET /status` refreshed in the background, so the
 prompt never waits on the network.
 
-`ControlClient` follows the node transport's rules (flockparse/transport.py) for a peer we do not control,
-with the standard library's http.client as the transport does: a TOTAL deadline per call (every socket read
-gets only the time left, so a reply trickled byte by byte ends at the deadline; requests bounds each read,
-not the call), replies read up to a cap, redirects never followed, failures as one phrase. The event stream
-has no end, so there the deadline is an idle one: three heartbeats without a byte and the stream is judged
-dead and opened again, with back-off; one notice when the serve goes away and one when it is back.
+Calls go through `ControlClient` (flockparse/control_client.py: total deadlines, reply caps, no redirects).
+The event stream has no end, so there the deadline is an idle one: three heartbeats without a byte and the
+stream is judged dead and opened again, with back-off; one notice when the serve goes away and one when it
+is back.
 """
 
 from __future__ import annotations
@@ -22,288 +20,60 @@ import http.client
 import json
 import logging
 import math
-import socket
-import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode, urlsplit
 
 from flockparse.agent import NodeState
+from flockparse.control_client import (
+    API_PREFIX,
+    DEFAULT_SERVE_PORT,
+    EVENT_SEQ_HEADER,
+    INSTANCE_HEADER,
+    KIB,
+    MIB,
+    TOKEN_ENV,
+    Answer,
+    Connection,
+    ControlClient,
+    RemoteAuthError,
+    RemoteError,
+    RemoteRejected,
+    RemoteTimeout,
+    parse_json,
+    read_capped,
+    serve_url,
+)
 from flockparse.events import Event, EventBus
 from flockparse.transport import describe
 
+__all__ = [
+    "API_PREFIX",
+    "DEFAULT_SERVE_PORT",
+    "EVENT_SEQ_HEADER",
+    "INSTANCE_HEADER",
+    "TOKEN_ENV",
+    "ControlClient",
+    "RemoteAuthError",
+    "RemoteCluster",
+    "RemoteError",
+    "RemoteRejected",
+    "RemoteTimeout",
+    "serve_url",
+]
+
 logger = logging.getLogger(__name__)
 
-API_PREFIX = "/flockparse/v1"
-DEFAULT_SERVE_PORT = 11435
-TOKEN_ENV = "FLOCKPARSE_TOKEN"
-EVENT_SEQ_HEADER = "X-Flockparse-Event-Seq"  # the newest event emitted when a reply was built
-INSTANCE_HEADER = "X-Flockparse-Instance"  # which run of the serve answered (a restart changes it)
-KIB, MIB = 1024, 1024 * 1024
-MAX_REPLY_BYTES = 64 * MIB  # a vram_report of thousands of nodes is megabytes; anything past this is refused
 MAX_EVENT_LINE = 1 * MIB
-READ_CHUNK = 64 * KIB
 STATUS_POLL_S = 2.0  # the mirror behind the toolbar; events wake it sooner
 EVENTS_WAIT_S = 1.0  # after a command, how long its own events may take to arrive on the stream
 RECONNECT_FIRST_S, RECONNECT_MAX_S = 0.2, 5.0
 DEFAULT_HEARTBEAT_S = 15.0
 CANCEL_POLL_S = 0.1
 OPERATION_SLACK_S = 10.0  # on top of what the serve says its longest operation may take
-USER_AGENT = "flockparse-console"
-
-
-class RemoteError(RuntimeError):
-    """The serve could not be reached, refused us, or failed; the message is one line for the user."""
-
-
-class RemoteRejected(RemoteError, ValueError):
-    """The serve refused the request itself (400, 404, 409: a model or node it does not know, a bad
-    value); a ValueError like the balancer's own, so the console treats both alike."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class RemoteAuthError(RemoteError):
-    """401: no token, or not the serve's."""
-
-
-class RemoteTimeout(RemoteError):
-    """The serve did not answer within the call's deadline."""
-
-
-def serve_url(raw: str) -> str:
-    """`host`, `host:port` or `http(s)://host[:port]` -> `http://host:port` (11435 when no port and no
-    scheme is given); ValueError with one line for anything else (credentials, a path, a query)."""
-    text = str(raw).strip()
-    if not text or any(ch.isspace() or not ch.isprintable() for ch in text):
-        raise ValueError(f"not a serve address: {text!r} (e.g. http://127.0.0.1:{DEFAULT_SERVE_PORT})")
-    with_scheme = "://" in text
-    try:
-        parts = urlsplit(text if with_scheme else f"http://{text}")
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"not a serve address: {text} ({exc})") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not a serve address: {text} (http://HOST:PORT)")
-    if parts.username or parts.password:
-        raise ValueError("a serve address with credentials is not supported: pass --token instead")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"a serve address is http(s)://HOST:PORT, without a path: {text}")
-    if port is None:
-        port = DEFAULT_SERVE_PORT if not with_scheme else (443 if parts.scheme == "https" else 80)
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return f"{parts.scheme}://{host}:{port}"
-
-
-# ------------------------------------------------------------------------------------ deadline sockets
-
-
-def _time_left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("deadline passed")
-    return left
-
-
-class _DeadlineSocket(socket.socket):
-    """Every read may only take the time left before `deadline` (the call's, or the stream's idle one)."""
-
-    __slots__ = ("deadline",)
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        self.settimeout(_time_left(self.deadline))
-        return super().recv_into(buffer, nbytes, flags)
-
-
-class _DeadlineSSLSocket(ssl.SSLSocket):
-    deadline = math.inf
-
-    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
-        self.settimeout(_time_left(self.deadline))
-        return super().recv_into(buffer, nbytes, flags)
-
-
-class _Connection(http.client.HTTPConnection):
-    """One connection per call (the control API is called rarely); its socket obeys `deadline`."""
-
-    def __init__(self, host: str, port: int, deadline: float, tls: ssl.SSLContext | None) -> None:
-        super().__init__(host, port)
-        self.deadline, self.tls = deadline, tls
-        # kept past http.client's close(): a reply read until the connection closes keeps reading from it
-        self.stream_socket: socket.socket | None = None
-
-    def connect(self) -> None:
-        raw = socket.create_connection((self.host, self.port), timeout=_time_left(self.deadline))
-        sock: socket.socket = _DeadlineSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
-        sock.deadline = self.deadline  # type: ignore[attr-defined]
-        sock.settimeout(_time_left(self.deadline))  # sending is bounded by the deadline too
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls is not None:
-            try:
-                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
-            except BaseException:
-                sock.close()
-                raise
-            sock.deadline = self.deadline  # type: ignore[attr-defined]
-        self.sock = self.stream_socket = sock
-
-    def push_deadline(self, deadline: float) -> None:
-        """The event stream: each line read gets a fresh idle deadline."""
-        self.deadline = deadline
-        if self.stream_socket is not None:
-            self.stream_socket.deadline = deadline  # type: ignore[attr-defined]
-
-    def shut(self) -> None:
-        """End a blocked read from another thread (close() alone does not wake it)."""
-        if self.stream_socket is not None:
-            try:
-                self.stream_socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                logger.debug("the event stream was already closed", exc_info=True)
-
-
-@dataclass
-class Answer:
-    """A 2xx reply: its JSON and the event position it was built at (see EVENT_SEQ_HEADER)."""
-
-    data: Any
-    event_seq: int | None = None
-    instance: str | None = None
-
-
-class ControlClient:
-    """JSON calls to a serve's control API: a total deadline, a reply cap, no redirect, one-line errors."""
-
-    def __init__(self, url: str, token: str | None = None, timeout: float = 5.0) -> None:
-        self.url = serve_url(url)
-        parts = urlsplit(self.url)
-        self.host, self.port = str(parts.hostname), int(parts.port or DEFAULT_SERVE_PORT)
-        self.token = token or None
-        self.timeout = float(timeout)
-        self._tls = _tls_context() if parts.scheme == "https" else None
-
-    def headers(self) -> dict[str, str]:
-        headers = {"User-Agent": USER_AGENT, "Accept": "application/json", "Accept-Encoding": "identity"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        return headers
-
-    def connection(self, deadline: float) -> _Connection:
-        return _Connection(self.host, self.port, deadline, self._tls)
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        query: Iterable[tuple[str, str]] = (),
-        timeout: float | None = None,
-    ) -> Answer:
-        """One call; its Answer within `timeout` seconds in total, else a RemoteError subclass."""
-        limit = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        target = API_PREFIX + path + (f"?{urlencode(list(query))}" if query else "")
-        payload = None if body is None else json.dumps(body).encode()
-        headers = self.headers()
-        if payload is not None:
-            headers["Content-Type"] = "application/json"
-        conn = self.connection(deadline)
-        connected = False
-        try:
-            conn.connect()
-            connected = True
-            conn.request(method, target, payload, headers)
-            response = conn.getresponse()
-            raw = _read_capped(response, MAX_REPLY_BYTES)
-            return self._answer(response, raw, path)
-        except RemoteError:
-            raise
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise self._failure(path, limit, exc, connected, deadline) from None
-        finally:
-            conn.close()
-
-    def _answer(self, response: http.client.HTTPResponse, raw: bytes, path: str) -> Answer:
-        status = response.status
-        if 300 <= status < 400:
-            where = response.getheader("Location") or "nowhere"
-            raise RemoteError(f"the serve at {self.url} redirected {path} to {where}: not followed")
-        data = _parse(raw)
-        if status >= 400:
-            raise self.refusal(status, data, raw, path)
-        if data is _NOT_JSON:
-            raise RemoteError(f"the serve at {self.url} sent a {path} reply that is not JSON")
-        seq = response.getheader(EVENT_SEQ_HEADER)
-        return Answer(data, int(seq) if seq and seq.isdigit() else None, response.getheader(INSTANCE_HEADER))
-
-    def refusal(self, status: int, data: Any, raw: bytes, path: str) -> RemoteError:
-        text = data.get("error") if isinstance(data, dict) else None
-        if not isinstance(text, str) or not text:
-            text = raw.decode("utf-8", "replace").strip().splitlines()[0][:200] if raw.strip() else ""
-            text = text or f"HTTP {status}"
-        if status == 401:
-            if self.token:
-                return RemoteAuthError(f"the serve at {self.url} refused the token (--token, ${TOKEN_ENV})")
-            return RemoteAuthError(f"the serve at {self.url} wants a token: pass --token or set ${TOKEN_ENV}")
-        if status in (400, 404, 405, 409, 413, 422):
-            return RemoteRejected(text, status)
-        return RemoteError(f"the serve at {self.url} failed on {path} (HTTP {status}): {text}")
-
-    def _failure(
-        self, path: str, limit: float, exc: BaseException, connected: bool, deadline: float
-    ) -> RemoteError:
-        if isinstance(exc, TimeoutError) or time.monotonic() >= deadline:
-            if not connected:
-                return RemoteTimeout(f"the serve at {self.url} did not accept a connection within {limit:g}s")
-            return RemoteTimeout(f"the serve at {self.url} did not answer {path} within {limit:g}s")
-        _, phrase = describe(exc, connected)
-        if not connected:
-            return RemoteError(f"cannot reach the serve at {self.url}: {phrase}")
-        return RemoteError(f"the serve at {self.url}: {path} failed ({phrase})")
-
-
-_NOT_JSON = object()
-
-
-def _parse(raw: bytes) -> Any:
-    """JSON, or _NOT_JSON (an empty body, text, JSON too deep or with numbers too long to read)."""
-    try:
-        return json.loads(raw.decode("utf-8", "replace")) if raw.strip() else _NOT_JSON
-    except (ValueError, RecursionError):
-        return _NOT_JSON
-
-
-def _read_capped(response: http.client.HTTPResponse, limit: int) -> bytes:
-    """The whole body, never more than `limit` bytes read (a declared larger size is not read at all)."""
-    if response.length is not None and response.length > limit:
-        raise RemoteError(f"the serve sent a reply too large to read (over {limit // MIB} MiB)")
-    parts: list[bytes] = []
-    total = 0
-    while part := response.read(READ_CHUNK):
-        total += len(part)
-        if total > limit:
-            raise RemoteError(f"the serve sent a reply too large to read (over {limit // MIB} MiB)")
-        parts.append(part)
-    return b"".join(parts)
-
-
-_TLS: ssl.SSLContext | None = None
-
-
-def _tls_context() -> ssl.SSLContext:
-    global _TLS
-    if _TLS is None:
-        context = ssl.create_default_context()
-        context.sslsocket_class = _DeadlineSSLSocket
-        _TLS = context
-    return _TLS
 
 
 # ------------------------------------------------------------------------------------------ the cluster
@@ -347,7 +117,7 @@ class RemoteCluster:
         self._stream_live = False
         self._stop = threading.Event()
         self._poll_wake = threading.Event()
-        self._stream_conn: _Connection | None = None
+        self._stream_conn: Connection | None = None
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -649,8 +419,8 @@ class RemoteCluster:
             conn.request("GET", API_PREFIX + "/events", headers=headers)
             response = conn.getresponse()
             if response.status != 200:
-                raw = _read_capped(response, 64 * KIB)
-                raise self.client.refusal(response.status, _parse(raw), raw, "/events")
+                raw = read_capped(response, 64 * KIB)
+                raise self.client.refusal(response.status, parse_json(raw), raw, "/events")
             fields: dict[str, str] = {}
             data: list[str] = []
             while not self._stop.is_set():

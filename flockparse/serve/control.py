@@ -40,8 +40,8 @@ from aiohttp import web
 
 from flockparse import __version__
 from flockparse.balancer import REPORT_QUEUE_CAP, REPORT_SLACK_S, OllamaLoadBalancer
+from flockparse.control_client import API_PREFIX, EVENT_SEQ_HEADER, INSTANCE_HEADER
 from flockparse.events import Event
-from flockparse.remote import API_PREFIX, EVENT_SEQ_HEADER, INSTANCE_HEADER
 from flockparse.rules import ModelNameError, check_model_name, same_model, same_name, unique_names
 from flockparse.workers import ElasticPool
 

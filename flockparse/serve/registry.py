@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flockparse.remote import ControlClient, RemoteError, serve_url
+from flockparse.control_client import ControlClient, RemoteError, serve_url
 from flockparse.rules import normalize_url
 
 logger = logging.getLogger(__name__)
