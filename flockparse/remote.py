@@ -144,7 +144,8 @@ class RemoteCluster:
             self._threads.append(thread)
 
     def close(self) -> None:
-        """Stop the threads (the open stream is shut so its read returns); safe to call twice."""
+        """Stop the threads within a second (the open stream is shut so its read returns; they are daemon
+        threads); safe to call twice."""
         self._stop.set()
         self._poll_wake.set()
         self.events.close()
@@ -152,8 +153,9 @@ class RemoteCluster:
             conn = self._stream_conn
         if conn is not None:
             conn.shut()
+        deadline = time.monotonic() + 1.0  # a status call in flight ends at its own deadline, unwaited
         for thread in self._threads:
-            thread.join(1.0)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> RemoteCluster:
         return self
