@@ -220,6 +220,7 @@ def test_two_attached_consoles_and_a_one_shot_share_one_optimizer_and_its_events
         assert len(events.of("pass_finished")) > passes
         for term in (first, second):
             assert term.text().count("mxbai-embed-large:latest now on GPU") == 1
+            assert "GPU auto-optimization enabled" not in term.text()  # no optimizer started in a console
             term.type("exit\r")
             assert term.wait_for_exit() == 0
     assert lb.optimization_running

@@ -106,7 +106,7 @@ def test_events_arrive_in_order_at_every_client(make_balancer, served) -> None:
 
 def test_a_client_that_stops_reading_is_dropped_and_holds_up_nobody(make_balancer, served) -> None:
     lb = make_balancer([])
-    url = served(lb, client_queue=200, heartbeat_s=5.0)
+    url = served(lb, client_queue=200, heartbeat_s=60.0)  # only a full queue drops a client here
     remote, seen = attached(url)
     slow = open_stream(url, rcvbuf=4096)  # sends its request, then never reads
     received = read_until(slow, lambda data: b"event: hello" in data, "the slow client's hello")
