@@ -192,7 +192,7 @@ def test_two_attached_consoles_and_a_one_shot_share_one_optimizer_and_its_events
     reads_before = node_reads(node)
     with Terminal(["--connect", url], env) as first, Terminal(["--connect", url], env) as second:
         for term in (first, second):
-            term.wait_for(lambda t=term: f"attached to the serve at {url}" in t.text(), "the banner")
+            term.wait_for(lambda t=term: f"attached to the serve at {url}" in t.text(), "the banner", 60)
             term.wait_for(
                 lambda t=term: "optimizer on" in t.text() and "serve 127.0.0.1" in t.text(), "toolbar"
             )
@@ -231,12 +231,12 @@ def test_a_local_console_in_a_terminal_says_how_to_attach(home: Path, node: SimN
     path = register_serve(home, url, lb.nodes)
     args = ["--nodes", node.url, "--health-interval", "0.2"]
     with Terminal(args, terminal_env(home)) as term:
-        term.wait_for(lambda: f"--connect {url}" in term.text(), "the refusal line")
+        term.wait_for(lambda: f"--connect {url}" in term.text(), "the refusal line", 60)
         term.wait_for(lambda: "optimizer off" in term.text(), "the toolbar")
         term.type("exit\r")
         assert term.wait_for_exit() == 0
     with Terminal([*args, "--own-optimizer"], terminal_env(home)) as term:
-        term.wait_for(lambda: "GPU auto-optimization enabled" in term.text(), "its own optimizer")
+        term.wait_for(lambda: "GPU auto-optimization enabled" in term.text(), "its own optimizer", 60)
         assert "--connect" not in term.text()
         term.type("exit\r")
         assert term.wait_for_exit() == 0
