@@ -4,6 +4,7 @@
     python3 flockparsecli.py [--nodes URL,...] [--config FILE]        # interactive console
     python3 flockparsecli.py [flags] COMMAND [ARGS] [--json]          # one command, for scripts and cron
     python3 flockparsecli.py --demo                                   # a simulated three-node cluster
+    python3 flockparsecli.py --connect http://HOST:11435 [COMMAND]    # the console of a running serve
 
 The console is a client of the core (balancer.OllamaLoadBalancer): it renders what the core returns and
 the Events it emits, and never reaches into private state.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -45,6 +47,8 @@ from flockparse.console.commands import (
 from flockparse.console.config import Config, ConfigError, apply_flags, config_dir, load_config
 from flockparse.console.names import is_glob, same_name
 from flockparse.console.tty import unbuffered_keys
+from flockparse.remote import TOKEN_ENV, RemoteCluster, RemoteError
+from flockparse.serve.registry import DEFAULT_SERVE_URL, ServeInfo, serves_managing
 from gpu_controller import GPUController
 
 __all__ = ["OllamaLoadBalancer", "GPUController", "main"]
@@ -112,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
         "nvitop-exporter), e.g. gpu1=http://gpu1:9400/metrics (repeatable)",
     )
     parser.add_argument("--no-optimizer", action="store_true", help="do not start the background optimizer")
+    parser.add_argument(
+        "--connect",
+        metavar="URL",
+        help="attach to a running serve (e.g. http://127.0.0.1:11435): its nodes, its optimizer, its events",
+    )
+    parser.add_argument(
+        "--token", metavar="TOKEN", help=f"the serve's token, with --connect (default: ${TOKEN_ENV})"
+    )
+    parser.add_argument(
+        "--own-optimizer",
+        action="store_true",
+        help="start this console's optimizer even when a serve already manages these nodes",
+    )
     parser.add_argument(
         "--node",
         action="append",
@@ -392,11 +409,14 @@ def interactive(
     pt_output: Any = None,
     files_dir: Path | None = None,
     verbose: bool = False,
+    optimizer_guard: Any = None,
 ) -> int:
     """The prompt_toolkit loop; background lines appear above the prompt, the typed line stays intact.
 
     `files_dir` holds the history and console.log (None: the config dir; --demo passes a temp dir).
     `console`, `pt_input` and `pt_output` let tests drive the real loop through a pipe.
+    `balancer` may be a RemoteCluster (`--connect`): the serve's events, and no optimizer of our own.
+    `optimizer_guard()` says why this console must not start an optimizer (a serve manages its nodes).
     """
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
@@ -407,6 +427,7 @@ def interactive(
 
     console = console or make_interactive_console()
     printer = EventPrinter(console, verbose=verbose)
+    attached = attached_to(balancer)
     ctx = Context(
         balancer=balancer,
         console=console,
@@ -414,6 +435,8 @@ def interactive(
         verbose=verbose,
         quiet_events=printer.quiet,
         flush_events=lambda: printer.drain(EVENT_DRAIN_S),
+        attached=attached,
+        optimizer_guard=optimizer_guard,
     )
     unsubscribe = balancer.subscribe(printer)
     refresher = ModelNameRefresher(balancer.known_models).start()
@@ -447,12 +470,17 @@ def interactive(
         with patch_stdout(raw=True):
             if banner:
                 console.print(Text(banner, style="cyan"))
+            refusal = optimizer_guard() if optimizer_guard and balancer.auto_optimize_gpu else None
+            if refusal:  # a serve runs these nodes' optimizer: a second one would undo its pins
+                balancer.auto_optimize_gpu = False
+                console.print(render.safe_text(refusal, style="yellow"))
             balancer.start()  # after subscribing, so the "enabled" line and node_down lines are shown
             if demo_script is not None:
                 demo_script.start(printer, ready=lambda: balancer.optimizer_status()["last_pass"] is not None)
-            threading.Thread(
-                target=warn_at_start, args=(balancer, config, console), name="first-health", daemon=True
-            ).start()  # the prompt comes up at once; the hint appears above it if nothing answers
+            if attached is None:  # a serve has checked its nodes already
+                threading.Thread(
+                    target=warn_at_start, args=(balancer, config, console), name="first-health", daemon=True
+                ).start()  # the prompt comes up at once; the hint appears above it if nothing answers
             while True:
                 try:
                     line = session.prompt(PROMPT)
@@ -463,7 +491,8 @@ def interactive(
                 with keep_typeahead(None if pt_input is None else pt_input):
                     if run_line(ctx, line, log_path).exit:
                         break
-            balancer.stop_gpu_optimization()
+            if attached is None:  # a serve's optimizer is the cluster's: it runs on for the others
+                balancer.stop_gpu_optimization()
             printer.drain(SHUTDOWN_DRAIN_S)
     finally:
         unsubscribe()
@@ -508,11 +537,36 @@ def run_script(
 
 
 def start_and_check(balancer: OllamaLoadBalancer, config: Config, reporter: Reporter) -> None:
-    """Start the health monitor and wait (at most one timeout and a second) for its first round."""
+    """Start the health monitor and wait (at most one timeout and a second) for its first round.
+    Attached to a serve there is nothing to start: the serve checks its nodes."""
+    if isinstance(balancer, RemoteCluster):
+        return
     balancer.start()
     hint = unreachable_hint(first_health_round(balancer, first_round_timeout(config)), config)
     if hint:
         reporter.errors.print(render.error_line(hint))
+
+
+def attached_to(balancer: Any) -> str | None:
+    """The serve's URL when the console is attached to one (--connect), else None."""
+    return balancer.url if isinstance(balancer, RemoteCluster) else None
+
+
+def optimizer_refusal(
+    nodes: list[str], token: str | None, probe_url: str | None = DEFAULT_SERVE_URL
+) -> str | None:
+    """One line when a serve this machine can see manages any of `nodes` (its registry file in the config
+    directory, or the default address asked with a short deadline): how to attach instead."""
+    found = serves_managing(nodes, config_dir(), probe_url, token)
+    return refusal_line(*found[0]) if found else None
+
+
+def refusal_line(info: ServeInfo, shared: list[str]) -> str:
+    who = f" (pid {info.pid})" if info.pid else ""
+    return (
+        f"the serve at {info.url}{who} runs the optimizer of {len(shared)} of these nodes, so this console "
+        f"starts none: attach with `{program_name()} --connect {info.url}` (or pass --own-optimizer)"
+    )
 
 
 def program_name() -> str:
@@ -600,6 +654,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.demo and (args.nodes or args.config or args.gpu_metrics):
         flag = "--nodes" if args.nodes else "--config" if args.config else "--gpu-metrics"
         return reporter.error(f"--demo starts its own nodes and saves nothing: drop {flag}", EXIT_USAGE)
+    if args.connect:
+        return run_attached(args, words, script, reporter)
     cluster, banner, files_dir, demo_script = None, None, None, None
     try:
         if args.demo:
@@ -636,13 +692,23 @@ def _main(argv: Sequence[str] | None) -> int:
         return reporter.error(str(exc), EXIT_USAGE)
     interactive_mode = not words and not script
     balancer = make_balancer(config, optimize=interactive_mode and not args.no_optimizer)
+    guard = None
+    if not (args.demo or args.own_optimizer):  # --demo's nodes are its own
+        token = args.token or os.environ.get(TOKEN_ENV) or None
+        guard = functools.partial(optimizer_refusal, list(config.nodes), token)
     try:
         if words:
             return run_one_shot(balancer, config, words, reporter, args.verbose)
         if script:
             return run_script(balancer, config, reporter, args.verbose)
         return interactive(
-            balancer, config, banner, files_dir=files_dir, verbose=args.verbose, demo_script=demo_script
+            balancer,
+            config,
+            banner,
+            files_dir=files_dir,
+            verbose=args.verbose,
+            demo_script=demo_script,
+            optimizer_guard=guard,
         )
     finally:
         if demo_script is not None:
@@ -664,6 +730,55 @@ def batch_context(balancer: OllamaLoadBalancer, config: Config, reporter: Report
         config=config,
         progress=reporter.errors,
         verbose=verbose,
+        attached=attached_to(balancer),
+    )
+
+
+SERVE_FLAGS = ("nodes", "config", "demo", "priority", "interval", "health_interval", "load_timeout")
+
+
+def run_attached(args: argparse.Namespace, words: list[str], script: bool, reporter: Reporter) -> int:
+    """`--connect URL`: the same console on a running serve. Every command goes through its control API,
+    its events appear above the prompt; no health monitor and no optimizer run here."""
+    given = [f"--{name.replace('_', '-')}" for name in (*SERVE_FLAGS, "own_optimizer") if getattr(args, name)]
+    if given:
+        return reporter.error(
+            f"{', '.join(given)}: the serve's settings, not an attached console's (set them on the serve)",
+            EXIT_USAGE,
+        )
+    try:
+        timeout = apply_flags(Config(), timeout_flag=args.timeout).timeout
+        remote = RemoteCluster(
+            args.connect, token=args.token or os.environ.get(TOKEN_ENV) or None, timeout=timeout
+        )
+    except ValueError as exc:  # ConfigError too: a bad --timeout or address
+        return reporter.error(str(exc), EXIT_USAGE)
+    try:
+        remote.connect()
+        config = Config(
+            nodes=remote.nodes,
+            priority_models=remote.gpu_priority_models,
+            interval=remote.check_interval or Config().interval,
+            timeout=remote.node_timeout,
+            path=None,  # nothing of the serve's is saved by a console
+            nodes_from="serve",
+        )
+        if words:
+            return run_one_shot(remote, config, words, reporter, args.verbose)
+        if script:
+            return run_script(remote, config, reporter, args.verbose)
+        return interactive(remote, config, attached_banner(remote), verbose=args.verbose)
+    except RemoteError as exc:  # the serve could not be read at start
+        return reporter.error(str(exc), 1)
+    finally:
+        remote.close()
+
+
+def attached_banner(remote: RemoteCluster) -> str:
+    state = "on" if remote.optimization_running else "off"
+    return (
+        f"attached to the serve at {remote.url} (flockparse {remote.version}, {len(remote.nodes)} node(s), "
+        f"optimizer {state}): commands run there, its events show here; this console runs no optimizer"
     )
 
 

@@ -29,6 +29,7 @@ from flockparse.console import render
 from flockparse.console.config import Config, ConfigError, check_seconds, normalize_url, update_nodes
 from flockparse.console.names import ModelNameError, check_name, is_glob, same_name, suggestions, unique_names
 from flockparse.console.tty import unbuffered_keys
+from flockparse.remote import RemoteError, RemoteRejected
 
 CANCEL_GRACE_S = 0.5  # after Ctrl-C, how long we give the core to notice the cancel Event
 SLOW_NOTE_S = 0.5  # a command that waits on nodes longer than this says what it waits for
@@ -77,6 +78,8 @@ class Context:
     quiet_events: Callable[[str], Any] | None = None  # mutes event lines a command reports itself
     flush_events: Callable[[], None] | None = None  # prints queued event lines before a command's output
     options: dict[str, Any] = field(default_factory=dict)  # this call's --node / --dry-run
+    attached: str | None = None  # the serve's URL when the console is attached to one (--connect)
+    optimizer_guard: Callable[[], str | None] | None = None  # why this console must not start an optimizer
 
     def note(self, message: str) -> None:
         (self.progress or self.console).print(render.safe_text(message, style="dim"))
@@ -144,6 +147,7 @@ class Command:
     needs_nodes: bool | Callable[[list[str]], bool] = True  # False: answered without any node (no wait)
     complete_as: Mapping[str, str] | None = None  # subcommand -> completion source for its argument
     options: tuple[str, ...] = ()  # e.g. ("--node URL", "--dry-run"): anywhere after the command name
+    local_only: str | None = None  # why it is refused when attached to a serve (None: it works there too)
 
     def wants_nodes(self, args: list[str]) -> bool:
         """Whether this call needs the first health round (one-shot mode waits for it, bounded)."""
@@ -171,6 +175,7 @@ def command(
     needs_nodes: bool | Callable[[list[str]], bool] = True,
     complete_as: Mapping[str, str] | None = None,
     options: tuple[str, ...] = (),
+    local_only: str | None = None,
 ) -> Callable[[Callable[[Context, list[str]], Outcome]], Callable[[Context, list[str]], Outcome]]:
     """Register a handler (litecli's special-command pattern)."""
 
@@ -186,6 +191,7 @@ def command(
             needs_nodes,
             complete_as,
             options,
+            local_only,
         )
         return handler
 
@@ -262,8 +268,16 @@ def dispatch(ctx: Context, words: list[str]) -> Outcome:
         return Outcome()
     cmd = resolve(words[0])
     check_arity(cmd, words[1:])
+    if cmd.local_only and ctx.attached:
+        where = f"the serve at {ctx.attached}"
+        raise CommandError(f"{cmd.name} is not available when attached to {where}: {cmd.local_only}")
     args, ctx.options = split_options(cmd, words[1:])
-    return cmd.handler(ctx, args)
+    try:
+        return cmd.handler(ctx, args)
+    except RemoteError as exc:  # attached: the serve could not be reached or refused; one line
+        if isinstance(exc, RemoteRejected) and exc.status in (400, 404, 413, 422):  # a bad name, node...
+            raise UsageError(str(exc)) from None
+        raise CommandError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- helpers
@@ -379,6 +393,9 @@ def cmd_help(ctx: Context, args: list[str]) -> Outcome:
     )
 
 
+SERVE_NODES = "the serve's nodes come from its --nodes or config file (change them there and restart it)"
+
+
 @command("nodes", "list the nodes: online, GPU, latency, last error (the full text of the last failure)")
 def cmd_nodes(ctx: Context, args: list[str]) -> Outcome:
     states = [as_dict(state) for state in ctx.balancer.node_states()]
@@ -393,6 +410,7 @@ def cmd_nodes(ctx: Context, args: list[str]) -> Outcome:
     args=("URL",),
     optional=("gpu|cpu",),
     needs_nodes=False,
+    local_only=SERVE_NODES,
 )
 def cmd_add_node(ctx: Context, args: list[str]) -> Outcome:
     flags = {"gpu": True, "cpu": False}
@@ -419,6 +437,7 @@ def cmd_add_node(ctx: Context, args: list[str]) -> Outcome:
     args=("NODE",),
     aliases=("rm_node",),
     needs_nodes=False,
+    local_only=SERVE_NODES,
 )
 def cmd_remove_node(ctx: Context, args: list[str]) -> Outcome:
     try:
@@ -686,6 +705,9 @@ OPTIMIZER_SUBCOMMANDS = {"on": (), "off": (), "status": (), "now": (), "interval
 def cmd_optimizer(ctx: Context, args: list[str]) -> Outcome:
     balancer, sub = ctx.balancer, args[0]
     if sub == "on":
+        refusal = ctx.optimizer_guard() if ctx.optimizer_guard else None
+        if refusal:
+            raise CommandError(refusal)
         balancer._start_gpu_optimization()  # public in the product spec despite the underscore; starts once
     elif sub == "off":
         balancer.stop_gpu_optimization()
@@ -751,6 +773,8 @@ def cmd_clear(ctx: Context, args: list[str]) -> Outcome:
     return Outcome()
 
 
-@command("exit", "stop the optimizer and leave (Ctrl-D too)", aliases=("quit",), needs_nodes=False)
+@command(
+    "exit", "leave (Ctrl-D too); a local console stops its optimizer", aliases=("quit",), needs_nodes=False
+)
 def cmd_exit(ctx: Context, args: list[str]) -> Outcome:
     return Outcome(exit=True)

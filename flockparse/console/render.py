@@ -46,6 +46,9 @@ EVENT_STYLE = {
     "vram_held_by_others": ("VRAM", "bold yellow"),
     "vram_held_by_others_resolved": ("VRAM", "green"),
     "fd_limit": ("limit", "bold red"),
+    "serve_lost": ("serve", "bold red"),  # an attached console lost its serve (flockparse/remote.py)
+    "serve_back": ("serve", "green"),
+    "state_not_saved": ("serve", "bold red"),
 }
 REMEDY_OUTPUT_LINES = 5
 UNMOVABLE_WORDS = {
