@@ -109,6 +109,7 @@ class AlertRules:
         self._patterns = patterns
         self._conditions: dict[Key, _Condition] = {}
         self._moves = MoveAttribution()
+        self._last_loaded: dict[tuple[str, str], str] = {}  # (node, model) -> gpu | split | cpu
         self.suppressed = 0
 
     def active(self) -> list[dict[str, Any]]:
@@ -131,6 +132,8 @@ class AlertRules:
         if kind == "node_removed":
             for key in [k for k in self._conditions if k[0] == node]:
                 del self._conditions[key]
+            for pair in [p for p in self._last_loaded if p[0] == node]:
+                del self._last_loaded[pair]
             return []
         if kind in ("gpu_lost", "gpu_back"):
             text = event.message or f"{node}: {kind}"
@@ -168,12 +171,19 @@ class AlertRules:
             row = models.get(key)
             placement = placement_of(row.get("location")) if row else NOT_LOADED
             caused_by_move = self._moves.cause(node, key, placement) == CAUSE_MOVE
+            was = self._last_loaded.get((node, key))
+            if placement in (GPU, SPLIT, CPU):
+                self._last_loaded[(node, key)] = placement
             if not matches_priority(key, patterns):
                 continue
             condition = (node, key, KIND_OFF_GPU)
             if placement in (SPLIT, CPU) and not caused_by_move:
                 where = "on CPU" if placement == CPU else f"split between CPU and GPU ({row.get('location')})"
-                text = f"priority model {key} fell off the GPU on {node}: now {where}"
+                text = (
+                    f"priority model {key} fell off the GPU on {node}: now {where}"
+                    if was == GPU
+                    else f"priority model {key} is {where} on {node}, not on GPU"
+                )
                 notices += self._set(condition, True, text, now, event)
             elif placement == GPU:
                 notices += self._set(
@@ -271,9 +281,12 @@ class ChannelSender:
             )
 
     def close(self) -> None:
-        with contextlib.suppress(queue.Full):  # else the thread sees the stop at its next item
+        """No more notices: what is queued is still sent (see Alerter.close for the bound)."""
+        with contextlib.suppress(queue.Full):  # full: Alerter.close's stop ends it at its deadline
             self._queue.put_nowait(_STOP)
-        self._thread.join(CLOSE_WAIT_S)
+
+    def join(self, wait: float) -> None:
+        self._thread.join(wait)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
@@ -292,7 +305,7 @@ class ChannelSender:
             if isinstance(item, threading.Event):  # a flush marker: everything before it is done
                 item.set()
                 continue
-            if item is _STOP or self._stop.is_set():
+            if item is _STOP:
                 return
             self._deliver(item)
 
@@ -394,14 +407,21 @@ class Alerter:
         return all(marker.wait(max(0.0, deadline - time.monotonic())) for marker in markers)
 
     def close(self) -> None:
+        """Stop watching; what was decided is still sent for up to CLOSE_WAIT_S in all, then back-offs and
+        queued messages are abandoned (a receiver that is down does not hold the exit)."""
         if self._unsubscribe is not None:
             self._unsubscribe()
-        self._stop.set()  # ends back-off waits at once
-        with contextlib.suppress(queue.Full):  # else the thread sees the stop at its next item
-            self._queue.put_nowait(_STOP)
-        self._thread.join(CLOSE_WAIT_S)
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        try:
+            self._queue.put(_STOP, timeout=CLOSE_WAIT_S)
+        except queue.Full:
+            self._stop.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         for sender in self._senders:
             sender.close()
+        for sender in self._senders:
+            sender.join(max(0.0, deadline - time.monotonic()))
+        self._stop.set()  # a sender still in a back-off wait gives up now
         for sender in self._senders:
             close = getattr(sender.channel, "close", None)
             if close is not None:
@@ -426,7 +446,7 @@ class Alerter:
                 item = self._queue.get(timeout=wait)
             except queue.Empty:
                 item = None
-            if item is _STOP:
+            if item is _STOP or self._stop.is_set():
                 return
             with self._lock:
                 notices = self.rules.observe(item, self._clock()) if isinstance(item, Event) else []

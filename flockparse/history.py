@@ -386,9 +386,8 @@ class History:
             if (node is None or p.node == node) and (model is None or matches_priority(p.model, [model]))
         ]  # fmt: skip
         kept_nodes = {p.node for p in pairs} if model is not None else {node}
-        return Summary(
-            summary.since, summary.until, pairs, [n for n in summary.nodes if n.node in kept_nodes]
-        )
+        nodes = [n for n in summary.nodes if n.node in kept_nodes]
+        return Summary(summary.since, summary.until, pairs, nodes, summary.recorded_s)
 
     def rows(self, since: float, until: float) -> Rows:
         """Every row of [since, until], the last ones before `since` and all sessions."""

@@ -262,8 +262,9 @@ class _QuietHandler(WSGIRequestHandler):
 class MetricsServer:
     """A running `/metrics` endpoint; `close()` stops it."""
 
-    def __init__(self, server: WSGIServer, thread: threading.Thread) -> None:
+    def __init__(self, server: WSGIServer, thread: threading.Thread, collector: ClusterCollector) -> None:
         self._server, self._thread = server, thread
+        self.collector = collector  # its `history` and `alerter` may be set once they run
 
     @property
     def address(self) -> tuple[str, int]:
@@ -285,8 +286,12 @@ def start_metrics_server(
         v6 = ipaddress.ip_address(host).version == 6
     except ValueError:
         v6 = False
-    app = make_wsgi_app(registry_for(balancer, history, alerter))
-    server = make_server(host, port, app, _V6Server if v6 else _Server, handler_class=_QuietHandler)
+    collector = ClusterCollector(balancer, history, alerter)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    server = make_server(
+        host, port, make_wsgi_app(registry), _V6Server if v6 else _Server, handler_class=_QuietHandler
+    )
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
-    return MetricsServer(server, thread)
+    return MetricsServer(server, thread, collector)

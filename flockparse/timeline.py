@@ -162,11 +162,13 @@ class Summary:
     until: float
     pairs: list[PairHistory]
     nodes: list[NodeHistory]
+    recorded_s: float = 0.0  # how much of the window something was recording
 
     def as_dict(self) -> dict:
         return {
             "since": self.since,
             "until": self.until,
+            "recorded_s": round(self.recorded_s, 1),
             "buckets": len(self.pairs[0].timeline) if self.pairs else None,
             "models": [pair.as_dict() for pair in self.pairs],
             "nodes": [node.as_dict() for node in self.nodes],
@@ -298,7 +300,8 @@ def summarize(rows: Rows, since: float, until: float, buckets: int = 48) -> Summ
             )
             if pair is not None:
                 pairs.append(pair)
-    return Summary(since, until, pairs, node_histories)
+    recorded = sum(max(0.0, min(span.end, until) - max(span.start, since)) for span in spans)
+    return Summary(since, until, pairs, node_histories, recorded)
 
 
 def _node_history(
