@@ -34,6 +34,8 @@ EVENT_KINDS = (
     "pass_finished",
     "optimizer_started",
     "optimizer_stopped",
+    "history_warning",  # flockparse/history.py: the history file cannot be written; history is off
+    "alert_failed",  # flockparse/alerts.py: a channel gave up on a message after its retries
 )
 
 
