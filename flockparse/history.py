@@ -340,7 +340,7 @@ class HistoryRecorder:
         if self._off.is_set():
             return
         self._off.set()
-        message = f"history is off from now on: {reason}"
+        message = f"no placement history from now on: {reason}"
         with self._lock:
             self.error = message
         logger.warning("%s", message)

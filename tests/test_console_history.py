@@ -113,7 +113,7 @@ def test_history_off_is_one_line(cluster_config, capsys, tmp_path) -> None:
     node, _ = cluster_config
     (tmp_path / "config.toml").write_text("history_days = 0\n")
     code, _, err = one_shot(["--nodes", node.url, "history"], capsys)
-    assert code == 1 and "history is off" in err
+    assert code == 1 and "placement history is not recorded" in err
 
 
 def test_alerts_test_one_shot_reports_each_channel(cluster_config, capsys, tmp_path, receiver) -> None:

@@ -192,7 +192,7 @@ def test_an_unwritable_file_turns_history_off_with_one_warning(tmp_path, sim_nod
     recorder = HistoryRecorder(blocker / "history.sqlite").attach(lb)
     lb.start()
     [warning] = events.wait("history_warning")
-    assert "history is off" in warning.message and "not-a-dir" in warning.message
+    assert "no placement history from now on" in warning.message and "not-a-dir" in warning.message
     [result] = lb.force_gpu_all_nodes("llama3.1")
     assert result["result"]["reason"] == "moved"
     assert not recorder.flush()
@@ -251,3 +251,17 @@ def test_retention_prunes_old_rows_but_keeps_the_state_they_leave(tmp_path) -> N
     assert count(path, "placements") == 1  # the CPU row is gone, the last (GPU) one is kept
     [pair] = History(path).summary(since_s=86400, until=now).pairs
     assert pair.shares[GPU] == pytest.approx(1.0)
+
+
+def test_a_file_that_is_not_a_database_is_one_warning_and_one_read_error(tmp_path) -> None:
+    from flockparse.history import HistoryError
+
+    path = tmp_path / "history.sqlite"
+    path.write_bytes(b"this is not an SQLite file, it is somebody's notes\n" * 100)
+    warnings: list[Event] = []
+    recorder = HistoryRecorder(path, emit=warnings.append).start()
+    wait_until(lambda: warnings, "the history warning")
+    assert "not a database" in warnings[0].message
+    recorder.close()
+    with pytest.raises(HistoryError, match="cannot read"):
+        History(path).summary()

@@ -801,7 +801,7 @@ def cmd_history(ctx: Context, args: list[str]) -> Outcome:
     what = args[0] if args else None
     node, model = _history_filter(ctx, what)
     if ctx.history is None:
-        raise CommandError("history is off: history_days = 0 in the config (or no config directory)")
+        raise CommandError("placement history is not recorded: history_days = 0 in the config")
     try:
         summary = ctx.history.summary(since_s=seconds, node=node, model=model, buckets=HISTORY_BUCKETS)
     except HistoryError as exc:
