@@ -32,8 +32,12 @@ from typing import Any
 from flockparse.events import Event
 from flockparse.rules import matches_priority, model_key
 from flockparse.timeline import (
+    CAUSE_MOVE,
+    CPU,
+    GPU,
     NODE_KINDS,
     NOT_LOADED,
+    UNKNOWN,
     MoveAttribution,
     MoveRow,
     NodeRow,
@@ -311,6 +315,15 @@ class HistoryRecorder:
                 event.time, started, node, key, data.get("target"), data.get("source"), int(ok),
                 data.get("reason"), data.get("location"), data.get("vram_mb"),
             ))  # fmt: skip
+            if ok and data.get("reason") != "already":  # a verified move is an observation too: the
+                # history shows it at once, not at the next health check
+                where = NOT_LOADED if event.kind == "model_unloaded" else placement_of(data.get("location"))
+                if where != UNKNOWN:
+                    percent = {GPU: 100, CPU: 0}.get(where)
+                    placements.append((
+                        event.time, node, key, where, data.get("location"), percent, data.get("vram_mb"),
+                        None, None, CAUSE_MOVE,
+                    ))  # fmt: skip
 
     def _prune(self, conn: sqlite3.Connection, now: float) -> None:
         """Drop rows older than the retention, keeping the last per (node, model) and per (node, kind)."""

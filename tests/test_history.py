@@ -53,16 +53,17 @@ def test_changes_and_moves_are_recorded_and_read_back(tmp_path: Path) -> None:
                             data={"target": "GPU", "source": "optimizer"}))  # fmt: skip
     recorder.on_event(placements(t0 + 700, {LLAMA: GPU_ROW}, {LLAMA: CPU_ROW}))
     recorder.on_event(Event("move_finished", node=N, model="llama3.1:latest", time=t0 + 701,
-                            data={"target": "GPU", "source": "optimizer", "reason": "moved"}))  # fmt: skip
+                            data={"target": "GPU", "source": "optimizer", "reason": "moved",
+                                  "location": "GPU (VRAM)"}))  # fmt: skip
     assert recorder.flush()
     recorder.close()
 
-    assert count(path, "placements") == 3
+    assert count(path, "placements") == 4  # 3 seen by checks, 1 by the move's own verification
     assert count(path, "node_events") == 1
     with sqlite3.connect(path) as conn:
         causes = [row[0] for row in conn.execute("SELECT cause FROM placements ORDER BY t")]
         started = conn.execute("SELECT started FROM moves").fetchone()[0]
-    assert causes == ["", "", "move"]  # the move's own change is not a fall
+    assert causes == ["", "", "move", "move"]  # the move's own changes are not falls
     assert started == pytest.approx(t0 + 690)
     summary = History(path).summary(since_s=1000, until=t0 + 1000)
     [pair] = summary.pairs
@@ -97,11 +98,14 @@ def test_history_of_a_fallback_a_move_and_the_recovery_on_a_simulated_node(
     lb.start()
 
     def llama_placements() -> list[tuple[float, str]]:
-        return [
+        """What was observed of llama3.1: by health checks, and by a move's own verification."""
+        seen = [
             (e.time, placement_of((e.data["models"].get(LLAMA) or {}).get("location")) if
              LLAMA in e.data["models"] else NOT_LOADED)
             for e in events.of("placements_changed") if LLAMA in e.data["changed"]
         ]  # fmt: skip
+        seen += [(e.time, placement_of(e.data["location"])) for e in events.of("move_finished")]
+        return sorted(seen)
 
     wait_until(lambda: [p for _, p in llama_placements()] == [GPU], "llama3.1 seen on GPU")
     node.external_vram_gb = 20  # a training job
