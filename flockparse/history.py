@@ -131,6 +131,7 @@ class HistoryRecorder:
         self.dropped = 0
         self.error: str | None = None
         self._moves = MoveAttribution()  # writer thread only
+        self._last: dict[tuple[str, str], str] = {}  # (node, model) -> the placement last written (writer)
         self._thread: threading.Thread | None = None
         self._started_at = clock()
         self._unsubscribe: Callable[[], None] | None = None
@@ -298,6 +299,7 @@ class HistoryRecorder:
                 model = models.get(key)
                 placement = placement_of(model.get("location")) if model else NOT_LOADED
                 cause = self._moves.cause(node, key, placement)
+                self._last[(node, key)] = placement
                 fields = model or {}
                 placements.append((
                     event.time, node, key, placement, fields.get("location"), fields.get("gpu_percent"),
@@ -318,7 +320,8 @@ class HistoryRecorder:
             if ok and data.get("reason") != "already":  # a verified move is an observation too: the
                 # history shows it at once, not at the next health check
                 where = NOT_LOADED if event.kind == "model_unloaded" else placement_of(data.get("location"))
-                if where != UNKNOWN:
+                if where != UNKNOWN and self._last.get((node, key)) != where:  # a check saw it already
+                    self._last[(node, key)] = where
                     percent = {GPU: 100, CPU: 0}.get(where)
                     placements.append((
                         event.time, node, key, where, data.get("location"), percent, data.get("vram_mb"),

@@ -55,22 +55,32 @@ def test_changes_and_moves_are_recorded_and_read_back(tmp_path: Path) -> None:
     recorder.on_event(Event("move_finished", node=N, model="llama3.1:latest", time=t0 + 701,
                             data={"target": "GPU", "source": "optimizer", "reason": "moved",
                                   "location": "GPU (VRAM)"}))  # fmt: skip
+    # the user's force_cpu, verified by the move itself at 800, then seen by a check at 805
+    recorder.on_event(Event("move_started", node=N, model="llama3.1:latest", time=t0 + 795,
+                            data={"target": "CPU", "source": "user"}))  # fmt: skip
+    recorder.on_event(Event("move_finished", node=N, model="llama3.1:latest", time=t0 + 800,
+                            data={"target": "CPU", "source": "user", "reason": "moved",
+                                  "location": "CPU (RAM)"}))  # fmt: skip
+    recorder.on_event(placements(t0 + 805, {LLAMA: CPU_ROW}, {LLAMA: GPU_ROW}))
     assert recorder.flush()
     recorder.close()
 
-    assert count(path, "placements") == 4  # 3 seen by checks, 1 by the move's own verification
     assert count(path, "node_events") == 1
     with sqlite3.connect(path) as conn:
-        causes = [row[0] for row in conn.execute("SELECT cause FROM placements ORDER BY t")]
-        started = conn.execute("SELECT started FROM moves").fetchone()[0]
-    assert causes == ["", "", "move", "move"]  # the move's own changes are not falls
-    assert started == pytest.approx(t0 + 690)
+        rows = list(conn.execute("SELECT t - ?, placement, cause FROM placements ORDER BY t", (t0,)))
+        started = [row[0] - t0 for row in conn.execute("SELECT started FROM moves ORDER BY t")]
+    # the first move's change was seen by a check during the move (its own row would say nothing new);
+    # the second one's by the move first: the check after it is marked as the move's too
+    assert [(round(t), p, c) for t, p, c in rows] == [
+        (0, "gpu", ""), (400, "cpu", ""), (700, "gpu", "move"), (800, "cpu", "move"), (805, "cpu", "move")
+    ]  # fmt: skip
+    assert started == pytest.approx([690, 795])
     summary = History(path).summary(since_s=1000, until=t0 + 1000)
     [pair] = summary.pairs
     assert (pair.node, pair.model) == (N, LLAMA)
-    assert pair.shares[GPU] == pytest.approx(0.7)
-    assert pair.shares[CPU] == pytest.approx(0.3)
-    assert (pair.fallbacks, pair.moves) == (1, 1)
+    assert pair.shares[GPU] == pytest.approx(0.5)
+    assert pair.shares[CPU] == pytest.approx(0.5)
+    assert (pair.fallbacks, pair.moves) == (1, 2)  # the user's force_cpu is not a fall
     assert History(path).summary(since_s=1000, until=t0 + 1000, model="llama3.1").pairs == [pair]
     assert History(path).summary(since_s=1000, until=t0 + 1000, model="llama3.2").pairs == []
     assert History(path).summary(since_s=1000, until=t0 + 1000, node="http://other:11434").pairs == []

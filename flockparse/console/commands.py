@@ -833,16 +833,16 @@ def cmd_alerts(ctx: Context, args: list[str]) -> Outcome:
         raise UsageError(
             f"no alert channel configured: set [alerts] webhook_url or [alerts.email] in {where}"
         )
-    if args[0] == "status":
-        if ctx.alerter is not None:
-            status = ctx.alerter.status()
-        else:
-            channels = [{"channel": channel.describe()} for channel in settings.channels()]
-            status = {"cooldown_s": settings.cooldown_s, "channels": channels, "running": False}
+    if args[0] == "status" and ctx.alerter is not None:
+        status = ctx.alerter.status()
         return Outcome(data=status, renderable=render.alert_status(status))
     channels = settings.channels()
-    ctx.note(f"sending a test message to {len(channels)} channel(s)... (Ctrl-C cancels)")
     try:
+        if args[0] == "status":  # one-shot and stdin modes send nothing: the configured channels only
+            shown = [{"channel": channel.describe()} for channel in channels]
+            status = {"cooldown_s": settings.cooldown_s, "channels": shown, "running": False}
+            return Outcome(data=status, renderable=render.alert_status(status))
+        ctx.note(f"sending a test message to {len(channels)} channel(s)... (Ctrl-C cancels)")
         results = ctx.run_cancellable(lambda cancel: send_test(channels))
     finally:
         for channel in channels:
