@@ -135,6 +135,9 @@ def test_alerts_test_one_shot_reports_each_channel(cluster_config, capsys, tmp_p
     assert "SECRET" not in out
     assert f"127.0.0.1:{dead_port}: connection refused" in lines[1] and "error" in lines[1]
     assert "test message from flockparse" in receiver.bodies[0]["text"]
+    code, out, _ = one_shot(["--nodes", node.url, "alerts", "status"], capsys)
+    assert code == 0 and "not sending in this mode" in out and f"127.0.0.1:{dead_port} (none)" in out
+    assert len(receiver.bodies) == 1  # status sends nothing
 
 
 def test_alerts_without_a_channel_is_a_usage_error(cluster_config, capsys) -> None:
