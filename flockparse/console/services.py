@@ -53,7 +53,7 @@ def start_services(
     if reader is not None:
         services.recorder = HistoryRecorder(reader.path, config.history_days).attach(balancer)
         recorder = services.recorder
-        services.history = History(reader.path, before_read=lambda: recorder.flush(1.0))
+        services.history = History(reader.path, before_read=lambda: recorder.flush(2.0))
     if config.alerts.configured:
         services.alerter = Alerter.from_settings(config.alerts).attach(balancer)
     if services.metrics is not None:  # the collector reports the writer's and the sender's health too
