@@ -15,7 +15,6 @@ from typing import Any
 from flockparse.alerts import Alerter
 from flockparse.console.config import Config
 from flockparse.history import FILE_NAME, History, HistoryRecorder
-from flockparse.metrics import MetricsServer, start_metrics_server
 
 
 @dataclass
@@ -23,7 +22,7 @@ class Services:
     recorder: HistoryRecorder | None = None
     history: History | None = None
     alerter: Alerter | None = None
-    metrics: MetricsServer | None = None
+    metrics: Any = None  # flockparse.metrics.MetricsServer (imported only when --metrics is given)
 
     def close(self) -> None:
         if self.metrics is not None:
@@ -48,6 +47,8 @@ def start_services(
     others are started afterwards, so nothing is left running)."""
     services = Services()
     if metrics_address is not None:
+        from flockparse.metrics import start_metrics_server
+
         services.metrics = start_metrics_server(metrics_address, balancer)
     reader = history_reader(config, files_dir)
     if reader is not None:
