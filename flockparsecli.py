@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep an Ollama cluster's models on GPU. Without COMMAND: the interactive console "
         "(or, with stdin not a terminal, one command per line read from stdin).",
         epilog=f"commands: {', '.join(REGISTRY)}. Config dir: $FLOCKPARSE_CONFIG_DIR or {config_dir()}. "
-        "Exit codes: 0 ok, 1 failed or a node unreachable, 2 usage or config error, 130 Ctrl-C.",
+        "Exit codes: 0 ok, 1 failed or a node unreachable, 2 usage or config error, 130 Ctrl-C. "
+        "`gpu-exporter [--listen HOST:PORT]` serves this machine's GPU memory from NVML (its own program).",
         allow_abbrev=False,  # `--node` must never silently mean `--nodes`
     )
     parser.add_argument(
@@ -102,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--load-timeout",
         metavar="SECONDS",
         help="seconds a model load may take on a node (default 300, 5 .. 3600)",
+    )
+    parser.add_argument(
+        "--gpu-metrics",
+        action="append",
+        metavar="NODE_URL=EXPORTER_URL",
+        help="read NODE's real VRAM figures from its GPU exporter (dcgm-exporter, nvidia_gpu_exporter, "
+        "nvitop-exporter), e.g. gpu1=http://gpu1:9400/metrics (repeatable)",
     )
     parser.add_argument("--no-optimizer", action="store_true", help="do not start the background optimizer")
     parser.add_argument(
@@ -162,6 +170,7 @@ def make_balancer(config: Config, optimize: bool) -> OllamaLoadBalancer:
         start=False,
         on_gpu_lost=config.on_gpu_lost,
         remedy_timeout=config.remedy_timeout,
+        gpu_metrics={node: url for node, url in config.gpu_metrics.items() if node in config.nodes},
     )
 
 
@@ -583,6 +592,11 @@ def _tty_modes() -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, build the config and the core, run the console, one command, or stdin's lines."""
     exit_on_termination()
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["gpu-exporter"]:  # a program of its own: no nodes, no config, its own flags
+        from flockparse.console.gpu_exporter import main as gpu_exporter
+
+        return gpu_exporter(words[1:])
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before or between commands (e.g. during the first health round)
@@ -628,8 +642,8 @@ def _main(argv: Sequence[str] | None) -> int:
         words = ["watch", args.watch, *words[1:]]
     if args.json and not words and not script:
         return reporter.error("--json needs a COMMAND (e.g. `vram_report --json`)", EXIT_USAGE)
-    if args.demo and (args.nodes or args.config):
-        flag = "--nodes" if args.nodes else "--config"
+    if args.demo and (args.nodes or args.config or args.gpu_metrics):
+        flag = "--nodes" if args.nodes else "--config" if args.config else "--gpu-metrics"
         return reporter.error(f"--demo starts its own nodes and saves nothing: drop {flag}", EXIT_USAGE)
     cluster, banner, files_dir, demo_script = None, None, None, None
     try:
@@ -647,7 +661,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 Config(), args.priority, args.interval, args.health_interval, args.timeout, args.load_timeout
             )
             cluster = start_demo_cluster()
-            config = demo_config(cluster.urls, flags)
+            config = demo_config(cluster.urls, flags, cluster.gpu_metrics)
             banner = demo_banner(cluster.urls)
             files_dir = demo_files_dir()
             demo_script = DemoScript(cluster)
@@ -661,6 +675,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 args.health_interval,
                 args.timeout,
                 load_timeout_flag=args.load_timeout,
+                gpu_metrics_flag=args.gpu_metrics,
             )
     except ConfigError as exc:
         return reporter.error(str(exc), EXIT_USAGE)

@@ -34,6 +34,10 @@ EVENT_KINDS = (
     "pass_finished",
     "optimizer_started",
     "optimizer_stopped",
+    "gpu_metrics_failed",
+    "gpu_metrics_back",
+    "vram_held_by_others",
+    "vram_held_by_others_resolved",
     "history_warning",  # flockparse/history.py: the history file cannot be written; history is off
     "alert_failed",  # flockparse/alerts.py: a channel gave up on a message after its retries
 )

@@ -15,6 +15,9 @@ Precedence is flags > config file > $OLLAMA_HOST > http://localhost:11434. The f
     [gpu]                   # declared GPU capability per node; absent = detect
     "http://127.0.0.1:11434" = false
 
+    [gpu_metrics]           # the GPU exporter beside a node (dcgm-exporter, nvidia_gpu_exporter, nvitop)
+    "http://127.0.0.1:11434" = "http://127.0.0.1:9400/metrics"
+
     [alerts]                # off unless a webhook or [alerts.email] is set
     webhook_url = "https://hooks.slack.com/services/..."
     webhook_format = "slack"  # json | slack | discord
@@ -73,6 +76,7 @@ KNOWN_KEYS = (
     "on_gpu_lost",
     "remedy_timeout",
     "load_timeout",
+    "gpu_metrics",
     "history_days",
     "alerts",
 )
@@ -115,6 +119,9 @@ NEW_FILE_HEADER = """\
 # [gpu]                   # declare a node's GPU instead of detecting it
 # "http://cpu-box:11434" = false
 #
+# [gpu_metrics]           # real VRAM figures from the GPU exporter beside a node (scraped every 15 s)
+# "http://gpu1:11434" = "http://gpu1:9400/metrics"   # dcgm-exporter, nvidia_gpu_exporter, nvitop-exporter
+#
 # [alerts]                # a message when a priority model leaves the GPU, a GPU is lost, a node goes down
 # webhook_url = "https://hooks.slack.com/services/..."
 # webhook_format = "slack"  # json | slack | discord
@@ -150,6 +157,7 @@ class Config:
     on_gpu_lost: str | None = None  # the operator's remedy command ({url}, {host}); None = off
     remedy_timeout: float = DEFAULT_REMEDY_TIMEOUT
     load_timeout: float = DEFAULT_LOAD_TIMEOUT
+    gpu_metrics: dict[str, str] = field(default_factory=dict)  # node URL -> its GPU exporter's URL
     history_days: float = DEFAULT_RETENTION_DAYS  # 0: no history recorded
     alerts: AlertSettings = field(default_factory=AlertSettings)
     path: Path | None = None  # None: nothing is persisted (e.g. --demo)
@@ -409,6 +417,36 @@ def apply_table(config: Config, table: dict[str, Any], source: str) -> None:
         if not isinstance(gpu, dict) or not all(isinstance(v, bool) for v in gpu.values()):
             raise ConfigError(f"{source}: [gpu] must map node URLs to true/false")
         config.gpu = {_urls([url], source, "[gpu]")[0]: flag for url, flag in gpu.items()}
+    if "gpu_metrics" in table:
+        exporters = table["gpu_metrics"]
+        if not isinstance(exporters, dict) or not all(isinstance(v, str) for v in exporters.values()):
+            raise ConfigError(f"{source}: [gpu_metrics] must map node URLs to exporter URLs (strings)")
+        config.gpu_metrics = {
+            _urls([node], source, "[gpu_metrics]")[0]: _exporter(url, f"{source}: [gpu_metrics] {node}")
+            for node, url in exporters.items()
+        }
+
+
+def _exporter(raw: str, where: str) -> str:
+    """A GPU exporter address (`host:9400` -> `http://host:9400/metrics`), or a ConfigError naming `where`."""
+    from flockparse.gpu_metrics import exporter_url
+
+    try:
+        return exporter_url(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def gpu_metrics_flags(values: list[str]) -> dict[str, str]:
+    """`--gpu-metrics NODE_URL=EXPORTER_URL` (repeatable) -> {node: exporter}; one-line ConfigError."""
+    exporters: dict[str, str] = {}
+    for value in values:
+        node, sep, exporter = value.partition("=")
+        if not sep or not node.strip() or not exporter.strip():
+            raise ConfigError(f"--gpu-metrics {value!r}: expected NODE_URL=EXPORTER_URL")
+        where = f"--gpu-metrics {node.strip()}"
+        exporters[_urls([node], "--gpu-metrics", "NODE_URL")[0]] = _exporter(exporter, where)
+    return exporters
 
 
 def load_config(
@@ -420,6 +458,7 @@ def load_config(
     timeout_flag: float | str | None = None,
     env: dict[str, str] | None = None,
     load_timeout_flag: float | str | None = None,
+    gpu_metrics_flag: list[str] | None = None,
 ) -> Config:
     """Build the effective Config: flags > file > $OLLAMA_HOST > default. Every mistake is a ConfigError."""
     env = os.environ if env is None else env
@@ -441,6 +480,7 @@ def load_config(
         except ConfigError as exc:
             raise ConfigError(f"$OLLAMA_HOST: {exc} (or pass --nodes)") from None
         config.nodes_from = "env"
+    config.gpu_metrics.update(gpu_metrics_flags(gpu_metrics_flag or []))
     return apply_flags(
         config, priority_flag, interval_flag, health_interval_flag, timeout_flag, load_timeout_flag
     )
