@@ -1,5 +1,6 @@
 """Alerts: tell someone when a priority model falls to CPU or a split, a node's GPU is lost, a node goes
-down (and when it comes back), or a move fails; and say "resolved" when the condition ends.
+down (and when it comes back), a move fails, or other programs' VRAM keeps a priority model off a GPU (seen
+with a GPU exporter, flockparse/gpu_metrics); and say "resolved" when the condition ends.
 
 `AlertRules` is pure (events and a monotonic time in, `Notice`s out): one condition per (node, model, kind),
 de-duplicated with a cool-down: a condition that starts is sent at once unless one was sent for the same key
@@ -46,6 +47,9 @@ KIND_OFF_GPU, KIND_GPU_LOST, KIND_NODE_DOWN, KIND_MOVE_FAILED = (
     "node_down",
     "move_failed",
 )
+KIND_VRAM_HELD = (
+    "vram_held_by_others"  # flockparse/gpu_metrics: other programs' VRAM keeps a model off the GPU
+)
 FIRING, RESOLVED, TEST = "firing", "resolved", "test"
 DEFAULT_COOLDOWN_S = 600.0
 QUEUE_MAX = 10_000  # events waiting for the dispatcher
@@ -54,6 +58,7 @@ CLOSE_WAIT_S = 2.0
 WATCHED_KINDS = frozenset((
     "placements_changed", "node_up", "node_down", "node_removed", "gpu_lost", "gpu_back",
     "move_started", "move_finished", "move_failed", "model_unloaded",
+    "vram_held_by_others", "vram_held_by_others_resolved",
 ))  # fmt: skip
 
 Key = tuple[str | None, str | None, str]  # (node, model, kind)
@@ -138,6 +143,9 @@ class AlertRules:
         if kind in ("gpu_lost", "gpu_back"):
             text = event.message or f"{node}: {kind}"
             return self._set((node, None, KIND_GPU_LOST), kind == "gpu_lost", text, now, event)
+        if kind in ("vram_held_by_others", "vram_held_by_others_resolved"):
+            text = event.message or f"{model} on {node}: {kind}"
+            return self._set((node, model, KIND_VRAM_HELD), kind == "vram_held_by_others", text, now, event)
         if model is None:
             return self._placements(event, now) if kind == "placements_changed" else []
         return self._moved(event, str(node), model, now)

@@ -71,8 +71,10 @@ def test_the_console_records_history_and_shows_it(cluster_config, tmp_path, caps
     """force_gpu in the console, then `history` there and in one-shot mode: one model, one move, GPU now."""
     node, config = cluster_config
     config.alerts = AlertSettings(webhook_url=receiver.url, cooldown_s=600)
-    keys = "force_gpu mxbai-embed-large\rvram_report\rhistory\rhistory mxbai-embed-large --since 1h\r"
-    keys += "alerts status\rexit\r"
+    # the prompt comes up before the first health check: vram_report first reads the node (and so knows
+    # the model force_gpu names), vram_report after it is seen by the check
+    keys = "vram_report\rforce_gpu mxbai-embed-large\rvram_report\r"
+    keys += "history\rhistory mxbai-embed-large --since 1h\ralerts status\rexit\r"
     code, shown = run_console(config, keys, tmp_path)
     assert code == 0
     assert (tmp_path / "history.sqlite").is_file()
