@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from flockparse import __version__
 from flockparse import gpu_state as gs
+from flockparse.gpu_metrics.vram import other_vram_mb
 from flockparse.rules import model_key
 from flockparse.timeline import CPU, GPU, SPLIT, placement_of
 
@@ -96,6 +97,16 @@ class ClusterCollector(Collector):
         model_vram = GaugeMetricFamily(
             "flockparse_model_vram_bytes", "VRAM held by the loaded model.", labels=["node", "model"]
         )
+        gpu_memory = GaugeMetricFamily(
+            "flockparse_node_gpu_memory_bytes",
+            "The node's GPU memory as its GPU exporter last showed it (all GPUs): total, used, free, and "
+            "held by other programs than Ollama's models (used minus their VRAM).",
+            labels=["node", "kind"],
+        )
+        gpu_stale = GaugeMetricFamily(
+            "flockparse_node_gpu_memory_stale", "1 when the exporter's last scrape failed (figures are old).",
+            labels=["node"],
+        )  # fmt: skip
         for state in self.balancer.node_states():
             node = state.url
             up.add_metric([node], 1 if state.online else 0)
@@ -121,7 +132,33 @@ class ClusterCollector(Collector):
             vram.add_metric([node], held * MIB)
             for placement, count in counts.items():
                 by_placement.add_metric([node, placement], count)
-        yield from (up, gpu, vram, by_placement, latency, requests, errors, ratio, model_vram)
+            self._gpu_memory(state, gpu_memory, gpu_stale)
+        yield from (
+            up,
+            gpu,
+            vram,
+            by_placement,
+            latency,
+            requests,
+            errors,
+            ratio,
+            model_vram,
+            gpu_memory,
+            gpu_stale,
+        )
+
+    def _gpu_memory(self, state: Any, figures: GaugeMetricFamily, stale: GaugeMetricFamily) -> None:
+        """The exporter's figures the balancer already holds (flockparse/gpu_metrics); none without one."""
+        read = getattr(self.balancer, "gpu_memory", None)
+        memory = read(state.url) if read is not None else None
+        if memory is None or not memory.known:
+            return
+        other = other_vram_mb(memory, state.models)
+        for kind, value in (("total", memory.total_mb), ("used", memory.used_mb), ("free", memory.free_mb),
+                            ("other", other)):  # fmt: skip
+            if value is not None:
+                figures.add_metric([state.url, kind], value * MIB)
+        stale.add_metric([state.url], int(bool(memory.stale)))
 
     def _optimizer(self) -> Iterator[Metric]:
         status = self.balancer.optimizer_status()

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flockparse.history import HistoryRecorder
 from flockparse.metrics import metrics_text, parse_address, start_metrics_server
 from flockparse.stats import Histogram
+from ollama_sim.exporter import SimExporter
 
 
 def parse(text: str) -> dict[tuple[str, tuple], float]:
@@ -89,6 +90,26 @@ def test_metrics_of_a_cluster_parse_and_say_what_happened(sim_node, make_balance
     assert kinds["flockparse_moves"] == "counter"
     assert kinds["flockparse_node_vram_bytes"] == "gauge"
     recorder.close()
+
+
+def test_gpu_exporter_figures_are_exported_when_a_node_has_one(sim_node, make_balancer) -> None:
+    """A node with a (simulated) dcgm-exporter beside it: total, used, free and other programs' VRAM."""
+    node = sim_node(vram_gb=24, preload=[("llama3.1", "gpu")], external_vram_gb=4)
+    with SimExporter(node, format="dcgm") as exporter:
+        lb = make_balancer([node.url], gpu_metrics={node.url: exporter.url}, gpu_metrics_interval=0.2)
+        wait_until(lambda: (m := lb.gpu_memory(node.url)) is not None and m.known, "the exporter's figures")
+        wait_until(lambda: lb.node_states()[0].models, "llama3.1 seen")
+        memory = lb.gpu_memory(node.url)
+        samples = parse(metrics_text(lb))
+    figure = {
+        kind: samples[("flockparse_node_gpu_memory_bytes", (("kind", kind), ("node", node.url)))]
+        for kind in ("total", "used", "free", "other")
+    }
+    assert figure["total"] == pytest.approx(memory.total_mb * 1024 * 1024)
+    assert figure["total"] == pytest.approx(24 * 1024**3, rel=0.01)
+    assert figure["used"] + figure["free"] == pytest.approx(figure["total"], rel=0.01)
+    assert figure["other"] >= 4 * 1024**3 * 0.99  # the training job's 4 GB (and the runner's CUDA context)
+    assert samples[("flockparse_node_gpu_memory_stale", (("node", node.url),))] == 0
 
 
 def test_the_metrics_server_serves_the_same_text_on_loopback(sim_node, make_balancer) -> None:
