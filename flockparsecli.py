@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="force_*/unload/optimizer now: say what would be done, change nothing",
     )
     parser.add_argument(
+        "--since", metavar="DURATION", help="history: the window, e.g. 30m, 24h (default), 7d"
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="the interactive console serves Prometheus metrics at http://HOST:PORT/metrics (host 127.0.0.1)",
+    )
+    parser.add_argument(
         "--config", metavar="FILE", help="TOML config file (default: <config dir>/config.toml)"
     )
     parser.add_argument("--demo", action="store_true", help="start a simulated 3-node cluster in-process")
@@ -410,6 +418,7 @@ def interactive(
     files_dir: Path | None = None,
     verbose: bool = False,
     optimizer_guard: Any = None,
+    metrics_address: tuple[str, int] | None = None,
 ) -> int:
     """The prompt_toolkit loop; background lines appear above the prompt, the typed line stays intact.
 
@@ -417,12 +426,14 @@ def interactive(
     `console`, `pt_input` and `pt_output` let tests drive the real loop through a pipe.
     `balancer` may be a RemoteCluster (`--connect`): the serve's events, and no optimizer of our own.
     `optimizer_guard()` says why this console must not start an optimizer (a serve manages its nodes).
+    `metrics_address`: serve Prometheus metrics there (`--metrics`).
     """
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
 
     from flockparse.console.completion import ConsoleCompleter, ModelNameRefresher
     from flockparse.console.history import open_history, open_log
+    from flockparse.console.services import start_services
     from flockparse.console.toolbar import TOOLBAR_STYLE, toolbar_fragments, toolbar_state
 
     console = console or make_interactive_console()
@@ -449,6 +460,19 @@ def interactive(
 
     # tracebacks (a failing command, a failing event subscriber) go to a file, never into the prompt
     log_path = open_log(files_dir, LOG_FORMAT, tell)
+    try:  # history, alerts and metrics, before the first health check so that it is recorded
+        services = start_services(balancer, config, files_dir, metrics_address)
+    except OSError as exc:
+        host, port = metrics_address or ("?", 0)
+        console.print(render.error_line(f"--metrics: cannot listen on {host}:{port} ({exc.strerror or exc})"))
+        unsubscribe()
+        printer.close()
+        refresher.stop()
+        return 1
+    ctx.history, ctx.alerter = services.history, services.alerter
+    if services.metrics is not None:
+        host, port = services.metrics.address
+        console.print(Text(f"Prometheus metrics at http://{host}:{port}/metrics", style="dim"))
     session: PromptSession[str] = PromptSession(
         history=open_history(files_dir, tell),
         completer=ConsoleCompleter(
@@ -495,6 +519,7 @@ def interactive(
                 balancer.stop_gpu_optimization()
             printer.drain(SHUTDOWN_DRAIN_S)
     finally:
+        services.close()
         unsubscribe()
         printer.close()
         refresher.stop()
@@ -502,12 +527,17 @@ def interactive(
 
 
 def run_script(
-    balancer: OllamaLoadBalancer, config: Config, reporter: Reporter, verbose: bool, lines: Any = None
+    balancer: OllamaLoadBalancer,
+    config: Config,
+    reporter: Reporter,
+    verbose: bool,
+    lines: Any = None,
+    files_dir: Path | None = None,
 ) -> int:
     """stdin is not a terminal: run each line as a command (like `sqlite3 < file`), no prompt, no
     optimizer thread, no escape codes into a pipe. Blank lines and `#` comments are skipped. Exit code:
     the highest of the lines' (0 all ok, 1 a command failed, 2 a usage error); 130 at once on Ctrl-C."""
-    ctx = batch_context(balancer, config, reporter, verbose)
+    ctx = batch_context(balancer, config, reporter, verbose, files_dir)
     started = False
     worst = 0
     for raw in sys.stdin if lines is None else lines:
@@ -639,12 +669,27 @@ def _main(argv: Sequence[str] | None) -> int:
     words = list(args.command)
     script = not words and not sys.stdin.isatty()
     reporter = Reporter(args.json, json_lines=script)
-    if (args.node or args.dry_run) and not words:
+    if (args.node or args.dry_run or args.since) and not words:
         return reporter.error(
-            "--node and --dry-run go with a command (e.g. `force_gpu MODEL --dry-run`)", EXIT_USAGE
+            "--node, --dry-run and --since go with a command (e.g. `force_gpu MODEL --dry-run`, "
+            "`history --since 7d`)",
+            EXIT_USAGE,
         )
+    if args.metrics and (words or script):
+        return reporter.error(
+            "--metrics goes with the interactive console (no COMMAND, no stdin)", EXIT_USAGE
+        )
+    metrics_address = None
+    if args.metrics:
+        from flockparse.metrics import parse_address
+
+        try:
+            metrics_address = parse_address(args.metrics)
+        except ValueError as exc:
+            return reporter.error(str(exc), EXIT_USAGE)
     words += [word for node in args.node or () for word in ("--node", node)]
     words += ["--dry-run"] if args.dry_run else []
+    words += ["--since", args.since] if args.since else []
     if args.watch is not None:
         if words[:1] != ["vram_report"]:
             return reporter.error("--watch goes with vram_report (or use the `watch` command)", EXIT_USAGE)
@@ -698,9 +743,9 @@ def _main(argv: Sequence[str] | None) -> int:
         guard = functools.partial(optimizer_refusal, list(config.nodes), token)
     try:
         if words:
-            return run_one_shot(balancer, config, words, reporter, args.verbose)
+            return run_one_shot(balancer, config, words, reporter, args.verbose, files_dir)
         if script:
-            return run_script(balancer, config, reporter, args.verbose)
+            return run_script(balancer, config, reporter, args.verbose, files_dir=files_dir)
         return interactive(
             balancer,
             config,
@@ -709,6 +754,7 @@ def _main(argv: Sequence[str] | None) -> int:
             verbose=args.verbose,
             demo_script=demo_script,
             optimizer_guard=guard,
+            metrics_address=metrics_address,
         )
     finally:
         if demo_script is not None:
@@ -722,14 +768,24 @@ def _main(argv: Sequence[str] | None) -> int:
             remove_demo_files(files_dir)
 
 
-def batch_context(balancer: OllamaLoadBalancer, config: Config, reporter: Reporter, verbose: bool) -> Context:
-    """The context of one-shot and stdin modes: plain output, progress on stderr."""
+def batch_context(
+    balancer: OllamaLoadBalancer,
+    config: Config,
+    reporter: Reporter,
+    verbose: bool,
+    files_dir: Path | None = None,
+) -> Context:
+    """The context of one-shot and stdin modes: plain output, progress on stderr; history is read from
+    `files_dir` (the config directory unless --demo), never recorded."""
+    from flockparse.console.services import history_reader
+
     return Context(
         balancer=balancer,
         console=make_one_shot_console(),
         config=config,
         progress=reporter.errors,
         verbose=verbose,
+        history=history_reader(config, files_dir or config_dir()),
         attached=attached_to(balancer),
     )
 
@@ -783,7 +839,12 @@ def attached_banner(remote: RemoteCluster) -> str:
 
 
 def run_one_shot(
-    balancer: OllamaLoadBalancer, config: Config, words: list[str], reporter: Reporter, verbose: bool = False
+    balancer: OllamaLoadBalancer,
+    config: Config,
+    words: list[str],
+    reporter: Reporter,
+    verbose: bool = False,
+    files_dir: Path | None = None,
 ) -> int:
     """No optimizer thread; the health monitor and its first round (bounded) only if the command needs it."""
     try:  # a mistyped command is told at once, before any node is contacted
@@ -791,7 +852,7 @@ def run_one_shot(
         check_arity(cmd, words[1:])
     except CommandError as exc:
         return reporter.error(str(exc), exc.exit_code)
-    ctx = batch_context(balancer, config, reporter, verbose)
+    ctx = batch_context(balancer, config, reporter, verbose, files_dir)
     if cmd.wants_nodes(words[1:]):
         start_and_check(balancer, config, reporter)
     return one_shot(ctx, words, reporter)

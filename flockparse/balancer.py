@@ -35,6 +35,7 @@ from flockparse.limits import FdBudget, fd_budget
 from flockparse.optimizer import GPUOptimizer
 from flockparse.results import MoveResult, Reason, skipped
 from flockparse.rules import LOCATION_CPU, LOCATION_GPU, canonical_name, model_key, normalize_url, same_model
+from flockparse.stats import ClusterStats
 from flockparse.workers import ElasticPool
 from gpu_controller import GPUController, NodeError
 
@@ -91,6 +92,8 @@ class OllamaLoadBalancer:
         gpu_metrics_interval: float = SCRAPE_INTERVAL_S,
     ) -> None:
         self.events = EventBus()
+        self.stats = ClusterStats()  # passes, moves, request latencies: for metrics (flockparse/metrics.py)
+        self.events.subscribe(self.stats.on_event)
         self.controller = controller if controller is not None else GPUController(keep_alive=keep_alive)
         self.gpu_priority_models: list[str] = list(
             DEFAULT_PRIORITY_MODELS if gpu_priority_models is None else gpu_priority_models
@@ -884,6 +887,7 @@ class OllamaLoadBalancer:
             return {}, "removed from the cluster"
         agent.request_started()
         node_error: str | None = None
+        started = time.monotonic()
         try:
             answer = self.controller.call(node, "POST", path, body, read_timeout=self.request_timeout)
         except NodeError as exc:  # refused, reset, timed out: fail over
@@ -891,12 +895,14 @@ class OllamaLoadBalancer:
         else:
             if 400 <= answer.status < 500 and answer.status != 404:
                 agent.request_finished(None)
+                self.stats.observe_request(path, time.monotonic() - started, failed=False)
                 raise RequestRejectedError(node, answer.status, answer.error_text())
             if answer.status != 200:
                 node_error = f"HTTP {answer.status}: {answer.error_text()}"
             elif not isinstance(answer.body, dict):
                 node_error = "reply is not a JSON object"
         agent.request_finished(node_error)
+        self.stats.observe_request(path, time.monotonic() - started, failed=node_error is not None)
         if node_error is not None:
             self._check(agent)  # let the monitor confirm up/down now rather than in 5 s
             return {}, node_error

@@ -42,6 +42,8 @@ EVENT_KINDS = (
     # an attached console's own, from its RemoteCluster (flockparse/remote.py), never on a serve's bus:
     "serve_lost",
     "serve_back",
+    "history_warning",  # flockparse/history.py: the history file cannot be written; history is off
+    "alert_failed",  # flockparse/alerts.py: a channel gave up on a message after its retries
 )
 
 

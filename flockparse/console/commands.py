@@ -26,7 +26,14 @@ from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
 from flockparse.console import render
-from flockparse.console.config import Config, ConfigError, check_seconds, normalize_url, update_nodes
+from flockparse.console.config import (
+    Config,
+    ConfigError,
+    check_seconds,
+    normalize_url,
+    parse_duration,
+    update_nodes,
+)
 from flockparse.console.names import ModelNameError, check_name, is_glob, same_name, suggestions, unique_names
 from flockparse.console.tty import unbuffered_keys
 from flockparse.remote import RemoteError, RemoteRejected
@@ -80,6 +87,8 @@ class Context:
     options: dict[str, Any] = field(default_factory=dict)  # this call's --node / --dry-run
     attached: str | None = None  # the serve's URL when the console is attached to one (--connect)
     optimizer_guard: Callable[[], str | None] | None = None  # why this console must not start an optimizer
+    history: Any = None  # flockparse.history.History (None: history is off)
+    alerter: Any = None  # the running flockparse.alerts.Alerter (interactive console only)
 
     def note(self, message: str) -> None:
         (self.progress or self.console).print(render.safe_text(message, style="dim"))
@@ -765,6 +774,104 @@ def cmd_priority(ctx: Context, args: list[str]) -> Outcome:
     models = unique_names(balancer.gpu_priority_models, allow_glob=True)
     shown = render.string_list("priority models", models)
     return Outcome(data=models, renderable=Group(shown, note) if note else shown)
+
+
+HISTORY_BUCKETS = 24  # sparkline marks over the window
+HISTORY_DEFAULT_S = 86400.0
+HISTORY_MAX_S = 3650 * 86400.0
+
+
+def _history_window(ctx: Context) -> float:
+    """`--since 24h` (default): the window, in seconds."""
+    given = ctx.options.get("since")
+    if not given:
+        return HISTORY_DEFAULT_S
+    try:
+        seconds = parse_duration(given[-1], "history --since")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if not 60 <= seconds <= HISTORY_MAX_S:
+        raise UsageError("history --since must be between 1m and 3650d")
+    return seconds
+
+
+def _history_filter(ctx: Context, what: str | None) -> tuple[str | None, str | None]:
+    """(node, model pattern): a node of the cluster or an address with a scheme is a node, else a model."""
+    if not what:
+        return None, None
+    if not what.strip():
+        raise UsageError("history: the filter is empty: usage: history [MODEL|NODE] [--since DURATION]")
+    with contextlib.suppress(ConfigError):
+        url = normalize_url(what)
+        if url in ctx.balancer.nodes or "://" in what:
+            return url, None
+    return None, model_name(what, allow_glob=True)
+
+
+@command(
+    "history",
+    "per model and node over --since (default 24h): share of time on GPU, split, CPU, not loaded; "
+    "falls off the GPU, moves, and the placement over time",
+    optional=("MODEL|NODE",),
+    options=("--since DURATION",),
+    needs_nodes=False,
+)
+def cmd_history(ctx: Context, args: list[str]) -> Outcome:
+    from flockparse.history import HistoryError
+
+    seconds = _history_window(ctx)
+    what = args[0] if args else None
+    node, model = _history_filter(ctx, what)
+    if ctx.history is None:
+        raise CommandError("placement history is not recorded: history_days = 0 in the config")
+    try:
+        summary = ctx.history.summary(since_s=seconds, node=node, model=model, buckets=HISTORY_BUCKETS)
+    except HistoryError as exc:
+        raise CommandError(str(exc)) from None
+    if what and not summary.pairs and not summary.nodes:
+        everything = ctx.history.summary(since_s=seconds, buckets=1)
+        known = sorted({pair.model for pair in everything.pairs})
+        hint = f" ({unknown_model_hint(model, known)})" if model and known else ""
+        raise UsageError(f"no history of {what} in the last {render.human_seconds(seconds)}{hint}")
+    data = summary.as_dict()
+    return Outcome(data=data, renderable=render.history_report(data))
+
+
+ALERTS_SUBCOMMANDS = {"test": (), "status": ()}
+
+
+@command(
+    "alerts",
+    "send a test message to each alert channel (test), or show the channels and what fires (status)",
+    subcommands=ALERTS_SUBCOMMANDS,
+    needs_nodes=False,
+)
+def cmd_alerts(ctx: Context, args: list[str]) -> Outcome:
+    from flockparse.alerts import send_test
+
+    settings = ctx.config.alerts
+    where = ctx.config.path or "the config file"
+    if not settings.configured:
+        raise UsageError(
+            f"no alert channel configured: set [alerts] webhook_url or [alerts.email] in {where}"
+        )
+    if args[0] == "status" and ctx.alerter is not None:
+        status = ctx.alerter.status()
+        return Outcome(data=status, renderable=render.alert_status(status))
+    channels = settings.channels()
+    try:
+        if args[0] == "status":  # one-shot and stdin modes send nothing: the configured channels only
+            shown = [{"channel": channel.describe()} for channel in channels]
+            status = {"cooldown_s": settings.cooldown_s, "channels": shown, "running": False}
+            return Outcome(data=status, renderable=render.alert_status(status))
+        ctx.note(f"sending a test message to {len(channels)} channel(s)... (Ctrl-C cancels)")
+        results = ctx.run_cancellable(lambda cancel: send_test(channels))
+    finally:
+        for channel in channels:
+            close = getattr(channel, "close", None)
+            if close is not None:
+                close()
+    return Outcome(data=results, renderable=render.alert_test(results), ok=all(r["ok"] for r in results))
 
 
 @command("clear", "clear the screen", needs_nodes=False, aliases=("cls",))
