@@ -20,10 +20,12 @@ from concurrent.futures import Future, wait
 from typing import Any
 
 from flockparse import gpu_state as gs
+from flockparse import routing as routes
 from flockparse.agent import OPTIMIZER_PRIORITY, USER_PRIORITY, Folded, NodeAgent, NodeState, run_daemon
 from flockparse.events import Event, EventBus
 from flockparse.limits import FdBudget, fd_budget
 from flockparse.optimizer import GPUOptimizer
+from flockparse.request_stats import RequestStats, Sample, eval_metrics
 from flockparse.results import MoveResult, Reason, skipped
 from flockparse.rules import LOCATION_CPU, LOCATION_GPU, canonical_name, model_key, normalize_url, same_model
 from flockparse.workers import ElasticPool
@@ -78,8 +80,13 @@ class OllamaLoadBalancer:
         request_timeout: float = 300.0,
         on_gpu_lost: str | None = None,
         remedy_timeout: float = gs.REMEDY_TIMEOUT_S,
+        routing: str = routes.DEFAULT_STRATEGY,
     ) -> None:
         self.events = EventBus()
+        self._routing = routes.check_strategy(routing)  # how pick_node chooses (flockparse/routing.py)
+        self._turn = 0  # round robin's position; guarded by _turn_lock
+        self._turn_lock = threading.Lock()
+        self.request_stats = RequestStats()  # latency/TTFT/token-rate rings and cool-downs, per node
         self.controller = controller if controller is not None else GPUController(keep_alive=keep_alive)
         self.gpu_priority_models: list[str] = list(
             DEFAULT_PRIORITY_MODELS if gpu_priority_models is None else gpu_priority_models
@@ -273,6 +280,7 @@ class OllamaLoadBalancer:
             self._phased.discard(node)
         agent.close()
         self.controller.forget_node(node)
+        self.request_stats.forget(node)
         self._optimizer.forget_node(node, keep_pins=False)
         self.events.emit(Event("node_removed", node=node, message=f"removed node {node}"))
         return True
@@ -549,10 +557,11 @@ class OllamaLoadBalancer:
                 "stale": s.stale,
                 "models_loaded": len(s.models),
                 "models_on_gpu": sum(m.get("location") == LOCATION_GPU for m in s.models),
+                **self.request_stats.summary(s.url),  # p50/p95 latency and TTFT, tokens/s, cool-down
             }
             for s in self.node_states()
         ]
-        return {"nodes": nodes, "optimizer": self.optimizer_status()}
+        return {"nodes": nodes, "optimizer": self.optimizer_status(), "routing": self._routing}
 
     def known_models(self) -> list[str]:
         """Canonical names installed or loaded on any node (for completion); no network call."""
@@ -735,18 +744,66 @@ class OllamaLoadBalancer:
         return agent.lane.submit(run, cancel, priority).result()
 
     # ------------------------------------------------------------------ routing
-    def pick_node(self, model: str | None = None, exclude: Iterable[str] = ()) -> str | None:
-        """Best node for `model`: where it is in VRAM, then loaded anywhere, then GPU, unknown, CPU-only.
+    @property
+    def routing(self) -> str:
+        """How requests are routed (flockparse/routing.py): adaptive, round_robin, least_loaded or
+        lowest_latency; setting an unknown name is a ValueError."""
+        return self._routing
 
-        Ties go to the fewest requests in flight, then the lowest latency. Nodes not checked yet come
-        after every online node; offline nodes are never chosen.
+    @routing.setter
+    def routing(self, name: str) -> None:
+        self._routing = routes.check_strategy(name)  # ValueError naming the four for anything else
+
+    def route_candidates(self, model: str | None) -> list[routes.Candidate]:
+        """What routing knows about every node for `model` (lock-only: snapshots, no network call)."""
+        cooling = self.request_stats.cooling()
+        return [routes.candidate(state, model, cooling.get(state.url, 0.0)) for state in self.node_states()]
+
+    def pick_node(self, model: str | None = None, exclude: Iterable[str] = ()) -> str | None:
+        """The node for a request for `model` under the routing strategy; None when no node is usable.
+
+        Offline nodes are never chosen; nodes cooling down after errors only when nothing else is left;
+        nodes not checked yet come after every online node. `exclude`: nodes already tried.
         """
-        excluded = set(exclude)
-        name = model_key(model) if model else None
-        candidates = [s for s in self.node_states() if s.online is not False and s.url not in excluded]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda s: _route_rank(s, name)).url
+        with self._turn_lock:
+            turn, self._turn = self._turn, self._turn + 1
+        return routes.choose(self.route_candidates(model), model, self._routing, turn, exclude)
+
+    def explain_route(self, model: str | None) -> dict[str, Any]:
+        """`route MODEL`: every node in the order the next request would try them, each with why (one
+        phrase), then the nodes skipped and why. Changes nothing (round robin's turn is not used up)."""
+        with self._turn_lock:
+            turn = self._turn
+        order = routes.rank(self.route_candidates(model), model, self._routing, turn)
+        return {
+            "model": canonical_name(model) if model else None,
+            "routing": self._routing,
+            "nodes": [ranked.as_dict() for ranked in order],
+        }
+
+    def request_started(self, node: str) -> bool:
+        """Count a routed request on `node` (requests, in flight); False if the node is not in the cluster."""
+        agent = self._agent(node)
+        if agent is None:
+            return False
+        agent.request_started()
+        return True
+
+    def request_finished(self, node: str, error: str | None = None, sample: Sample | None = None) -> None:
+        """End a routed request. `error`: the node failed it (counted, the node cools down and its health is
+        checked now rather than in `health_interval`); `sample`: what the answer took (lb_stats); neither:
+        the node answered without a sample (e.g. rejected the caller's request with a 4xx)."""
+        agent = self._agent(node)
+        if agent is not None:
+            agent.request_finished(error)
+        if error is not None:
+            self.request_stats.failed(node)
+            if agent is not None:
+                self._check(agent)  # let the monitor confirm up/down now rather than in 5 s
+        elif sample is not None:
+            self.request_stats.record(node, sample)
+        else:
+            self.request_stats.succeeded(node)
 
     def generate(self, model: str, prompt: str, **options: Any) -> dict:
         """POST /api/generate (stream false) on the best node, failing over to other nodes.
@@ -774,27 +831,27 @@ class OllamaLoadBalancer:
     def _post_once(self, node: str, path: str, body: dict) -> tuple[dict, str | None]:
         """One attempt; returns (reply, None) or ({}, reason to fail over). 4xx other than 404 raises and
         is not counted against the node: another node would say the same about the caller's request."""
-        agent = self._agent(node)
-        if agent is None:
+        if not self.request_started(node):
             return {}, "removed from the cluster"
-        agent.request_started()
         node_error: str | None = None
+        sent = time.monotonic()
         try:
             answer = self.controller.call(node, "POST", path, body, read_timeout=self.request_timeout)
         except NodeError as exc:  # refused, reset, timed out: fail over
             node_error = exc.message
         else:
             if 400 <= answer.status < 500 and answer.status != 404:
-                agent.request_finished(None)
+                self.request_finished(node)
                 raise RequestRejectedError(node, answer.status, answer.error_text())
             if answer.status != 200:
                 node_error = f"HTTP {answer.status}: {answer.error_text()}"
             elif not isinstance(answer.body, dict):
                 node_error = "reply is not a JSON object"
-        agent.request_finished(node_error)
         if node_error is not None:
-            self._check(agent)  # let the monitor confirm up/down now rather than in 5 s
+            self.request_finished(node, node_error)
             return {}, node_error
+        count, duration = eval_metrics(answer.body)
+        self.request_finished(node, sample=Sample(time.monotonic() - sent, None, count, duration))
         return answer.body, None
 
 
@@ -840,17 +897,3 @@ def _report_models(state: NodeState) -> list[dict]:
             row["unmovable_message"] = "a safetensors (MLX) model: Ollama ignores num_gpu for it"
         rows.append(row)
     return rows
-
-
-def _route_rank(state: NodeState, model: str | None) -> tuple:
-    location = None
-    if model is not None:
-        location = next((m.get("location") for m in state.models if model_key(m["name"]) == model), None)
-    if location == LOCATION_GPU:
-        tier = 0
-    elif location is not None:
-        tier = 1
-    else:
-        tier = {gs.GPU_YES: 2, gs.GPU_UNKNOWN: 3}.get(state.gpu, 4)
-    latency = state.latency_ms if state.latency_ms is not None else float("inf")
-    return (state.online is not True, tier, state.in_flight, latency)
