@@ -10,6 +10,7 @@ Precedence is flags > config file > $OLLAMA_HOST > http://localhost:11434. The f
     timeout = 5             # seconds: per request to a node (status, tags); a dead node never costs more
     on_gpu_lost = "ssh {host} sudo systemctl restart ollama"   # remedy when a node loses its GPU (off)
     remedy_timeout = 120    # seconds the remedy may run
+    routing = "adaptive"    # how requests are routed (adaptive, round_robin, least_loaded, lowest_latency)
 
     [gpu]                   # declared GPU capability per node; absent = detect
     "http://127.0.0.1:11434" = false
@@ -38,6 +39,7 @@ from typing import Any
 import tomlkit
 from tomlkit.items import Array, Table
 
+from flockparse.routing import DEFAULT_STRATEGY, check_strategy
 from flockparse.rules import normalize_url as core_normalize_url
 
 DEFAULT_NODE = "http://localhost:11434"
@@ -55,6 +57,7 @@ KNOWN_KEYS = (
     "on_gpu_lost",
     "remedy_timeout",
     "load_timeout",
+    "routing",
 )
 DEFAULT_REMEDY_TIMEOUT = 120.0
 DEFAULT_LOAD_TIMEOUT = 300.0
@@ -84,6 +87,7 @@ NEW_FILE_HEADER = """\
 # keep_alive = "30m"      # how long Ollama keeps a moved model: a duration ("30m", "2h") or seconds
 # on_gpu_lost = "ssh {host} sudo systemctl restart ollama"  # run once when a node loses its GPU (off)
 # remedy_timeout = 120    # seconds the remedy may run (1 .. 3600)
+# routing = "adaptive"    # how requests are routed: adaptive, round_robin, least_loaded, lowest_latency
 #
 # [gpu]                   # declare a node's GPU instead of detecting it
 # "http://cpu-box:11434" = false
@@ -109,6 +113,7 @@ class Config:
     on_gpu_lost: str | None = None  # the operator's remedy command ({url}, {host}); None = off
     remedy_timeout: float = DEFAULT_REMEDY_TIMEOUT
     load_timeout: float = DEFAULT_LOAD_TIMEOUT
+    routing: str = DEFAULT_STRATEGY  # flockparse/routing.py
     path: Path | None = None  # None: nothing is persisted (e.g. --demo)
     nodes_from: str = "default"  # "flag" | "file" | "env" | "default": where `nodes` came from
 
@@ -205,6 +210,16 @@ def check_keep_alive(value: Any, source: str) -> str | int | float:
     return value
 
 
+def check_routing(value: Any, source: str) -> str:
+    """One of the routing strategies (flockparse/routing.py), else a one-line ConfigError."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{source} must be a name (adaptive, round_robin, least_loaded, lowest_latency)")
+    try:
+        return check_strategy(value)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
 def _string_list(value: Any, key: str, source: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ConfigError(f"{source}: {key} must be a list of strings")
@@ -250,6 +265,8 @@ def apply_table(config: Config, table: dict[str, Any], source: str) -> None:
         if not isinstance(table["on_gpu_lost"], str) or not table["on_gpu_lost"].strip():
             raise ConfigError(f"{source}: on_gpu_lost must be a command line (a non-empty string)")
         config.on_gpu_lost = table["on_gpu_lost"]
+    if "routing" in table:
+        config.routing = check_routing(table["routing"], f"{source}: routing")
     if "gpu" in table:
         gpu = table["gpu"]
         if not isinstance(gpu, dict) or not all(isinstance(v, bool) for v in gpu.values()):
@@ -266,6 +283,7 @@ def load_config(
     timeout_flag: float | str | None = None,
     env: dict[str, str] | None = None,
     load_timeout_flag: float | str | None = None,
+    routing_flag: str | None = None,
 ) -> Config:
     """Build the effective Config: flags > file > $OLLAMA_HOST > default. Every mistake is a ConfigError."""
     env = os.environ if env is None else env
@@ -288,7 +306,13 @@ def load_config(
             raise ConfigError(f"$OLLAMA_HOST: {exc} (or pass --nodes)") from None
         config.nodes_from = "env"
     return apply_flags(
-        config, priority_flag, interval_flag, health_interval_flag, timeout_flag, load_timeout_flag
+        config,
+        priority_flag,
+        interval_flag,
+        health_interval_flag,
+        timeout_flag,
+        load_timeout_flag,
+        routing_flag,
     )
 
 
@@ -299,8 +323,11 @@ def apply_flags(
     health_interval_flag: float | str | None = None,
     timeout_flag: float | str | None = None,
     load_timeout_flag: float | str | None = None,
+    routing_flag: str | None = None,
 ) -> Config:
     """The flags other than --nodes and --config, checked the same way as the file's keys."""
+    if routing_flag is not None:
+        config.routing = check_routing(routing_flag, "--routing")
     if priority_flag is not None:
         config.priority_models = priority_list(priority_flag.split(","), "--priority")
     for key, flag in (
