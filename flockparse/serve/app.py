@@ -204,12 +204,15 @@ class Proxy:
                 return await self._relay(request, response, node, path, sent)
             left = max(0.0, sent + self.request_timeout - loop.time())
             raw = await upstream.read_whole(response, node, path, left, reply_limit(path))
+            reply = await _parsed(raw)
+            if not isinstance(reply, dict):  # Ollama's replies are JSON objects: this node is broken
+                raise NodeError("error", f"{node}: {path} failed (the reply is not a JSON object)")
         except NodeError as exc:
             self.balancer.request_finished(node, exc.message)
             return Failed(exc.message)
         finally:
             response.release()
-        count, duration = _metrics(path, raw)
+        count, duration = eval_metrics(reply)
         self.balancer.request_finished(node, sample=Sample(loop.time() - sent, None, count, duration))
         return web.Response(status=200, body=raw, headers={"Content-Type": _content_type(response)})
 
@@ -373,17 +376,17 @@ async def _ollama_errors(request: web.Request, handler: Callable[[web.Request], 
 
 
 # --------------------------------------------------------------------------------------------- helpers
+async def _parsed(raw: bytes) -> Any:
+    """JSON, or None when it is not; a large body is parsed on a worker thread, not on the event loop."""
+    if len(raw) <= PARSE_OFF_LOOP_BYTES:
+        return upstream.final_object(raw)
+    return await asyncio.to_thread(upstream.final_object, raw)
+
+
 async def _model_of(body: bytes) -> str | None:
     """The request's `model` (or the older `name`); None when the body is not a JSON object with one
-    (the node then answers Ollama's own 400). A large body is parsed on a worker thread."""
-
-    def parse() -> Any:
-        try:
-            return json.loads(body)
-        except (ValueError, RecursionError):
-            return None
-
-    value = parse() if len(body) <= PARSE_OFF_LOOP_BYTES else await asyncio.to_thread(parse)
+    (the node then answers Ollama's own 400)."""
+    value = await _parsed(body)
     if not isinstance(value, dict):
         return None
     model = value.get("model") or value.get("name")
@@ -416,13 +419,6 @@ def _unfinished(final: Any, node: str, path: str) -> str | None:
     if _is_error_object(final):
         return f"{node}: {path} failed mid-stream: {str(final['error'])[:200]}"
     return f"{node} ended {path} without its final chunk"
-
-
-def _metrics(path: str, raw: bytes) -> tuple[int | None, int | None]:
-    """eval_count/eval_duration of a whole generate/chat reply (other replies carry none: not parsed)."""
-    if path not in ("/api/generate", "/api/chat"):
-        return None, None
-    return eval_metrics(upstream.final_object(raw))
 
 
 async def _write_quietly(out: web.StreamResponse, data: bytes) -> None:
