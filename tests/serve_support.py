@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from flockparse.serve.app import PROXY_KEY, Proxy, build_app
+from flockparse.serve.runner import stop_gracefully
 
 
 class ServeThread:
@@ -59,7 +60,7 @@ class ServeThread:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=self.grace, access_log=None)
+        runner = web.AppRunner(self.app, handle_signals=False, shutdown_timeout=1.0, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -67,4 +68,4 @@ class ServeThread:
         self.url = f"http://{host}:{port}"
         self._ready.set()
         await self._stop.wait()
-        await runner.cleanup()
+        await stop_gracefully(runner, self.grace)

@@ -311,3 +311,25 @@ def test_concurrent_streams_are_each_relayed_whole(sim_node, serve) -> None:
     assert outcomes == [True] * 16
     per_node = [calls(node, "/api/generate") for node in nodes]
     assert sum(per_node) == 16 and min(per_node) >= 4  # fewest in flight among equals spreads them
+
+
+def test_a_request_not_answered_by_the_end_of_the_grace_period_gets_a_503(sim_node, make_balancer) -> None:
+    node = sim_node(preload=[("llama3.1", "gpu")])
+    balancer = make_balancer([node.url])
+    wait_until(lambda: balancer.node_state(node.url).online, "node checked")
+    node.set_fault("hang", paths=("/api/generate",))
+    server = ServeThread(balancer, grace=0.2).start()
+    replies: list[requests.Response] = []
+    body = {"model": "llama3.1", "prompt": "hi", "stream": False}
+    asker = threading.Thread(
+        target=lambda: replies.append(requests.post(server.url + "/api/generate", json=body, timeout=30))
+    )
+    asker.start()
+    wait_until(lambda: server.proxy.in_flight == 1 and calls(node, "/api/generate") == 1, "the request sent")
+    server.stop()
+    asker.join(10)
+    assert (replies[0].status_code, replies[0].json()) == (
+        503,
+        {"error": "flockparse serve is shutting down"},
+    )
+    assert balancer.get_stats()["nodes"][0]["in_flight"] == 0

@@ -50,6 +50,7 @@ NOT_BALANCED = {  # path -> methods: Ollama's model-store paths, which change on
     "/api/blobs/{digest}": ("POST", "HEAD"),
 }
 MAX_ATTEMPTS = 3  # nodes one request is tried on, at most
+CUT_WAIT_S = 2.0  # at the end of the grace period, how long cut requests may take to say so
 MAX_BODY_BYTES = 256 * MIB  # a request body (embedding batches, chat with images), at most
 PARSE_OFF_LOOP_BYTES = 256 * 1024  # a larger body is parsed on a worker thread, not on the event loop
 OLLAMA_RUNNING = "Ollama is running"
@@ -82,13 +83,47 @@ class Proxy:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout  # /api/tags and /api/ps from every node (the core's --timeout)
         self.session: aiohttp.ClientSession | None = None
-        self.in_flight = 0  # requests being handled (the shutdown line says how many it waits for)
-        self.cut = 0  # streams cut at the end of the shutdown grace period
+        self._handlers: set[asyncio.Task] = set()  # requests being handled (their tasks)
+        self._idle: asyncio.Event | None = None  # set while no request is being handled
+        self.cutting = False  # the shutdown grace period is over: requests still running are cut
+        self.cut = 0  # requests cut at the end of the grace period
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._handlers)
+
+    async def drain(self, grace: float) -> int:
+        """Shutdown: let the requests in flight finish within `grace` seconds, then cut the others (a
+        stream ends with an error line, a request not answered yet gets a 503); returns how many were cut.
+        The caller has stopped accepting connections already."""
+        assert self._idle is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+        if not self._handlers:
+            return 0
+        self.cutting = True
+        for task in list(self._handlers):
+            task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), CUT_WAIT_S)
+        return self.cut
+
+    def _cut(self) -> bool:
+        """Inside a handler that got CancelledError: True (and the cancel is consumed) when it is the
+        shutdown's cut, which the handler answers; False for any other cancel, which must propagate."""
+        task = asyncio.current_task()
+        if not self.cutting or task is None:
+            return False
+        task.uncancel()
+        self.cut += 1
+        return True
 
     # ------------------------------------------------------------------ lifecycle
     async def session_context(self, app: web.Application) -> AsyncIterator[None]:
         """aiohttp cleanup context: the one connection pool lives as long as the server."""
         self.session = upstream.new_session()
+        self._idle = asyncio.Event()
+        self._idle.set()
         yield
         await self.session.close()
 
@@ -197,6 +232,9 @@ class Proxy:
         except NodeError as exc:
             self.balancer.request_finished(node, exc.message)
             return Failed(exc.message)
+        except asyncio.CancelledError:  # cut at shutdown: neither an answer nor the node's failure
+            self.balancer.request_finished(node)
+            raise
         try:
             if response.status != 200:
                 return await self._not_ok(response, node, path)
@@ -210,6 +248,10 @@ class Proxy:
         except NodeError as exc:
             self.balancer.request_finished(node, exc.message)
             return Failed(exc.message)
+        except asyncio.CancelledError:
+            response.close()
+            self.balancer.request_finished(node)
+            raise
         finally:
             response.release()
         count, duration = eval_metrics(reply)
@@ -263,12 +305,15 @@ class Proxy:
             response.close()
             self.balancer.request_finished(node)
             return out
-        except asyncio.CancelledError:  # the shutdown grace period is over
-            self.cut += 1
+        except asyncio.CancelledError:
             response.close()
             self.balancer.request_finished(node)
+            if not self._cut():
+                raise
             await _write_quietly(out, _error_line("flockparse serve is shutting down: stream cut"))
-            raise
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await out.write_eof()
+            return out
         if error is not None:
             response.close()
             self.balancer.request_finished(node, error)
@@ -329,13 +374,25 @@ def build_app(
 
 
 def _counting(proxy: Proxy) -> Any:
+    """Keeps the set of requests in flight (shutdown waits for them, then cuts them); a request cut
+    before its answer began gets a 503 in Ollama's error shape."""
+
     @web.middleware
     async def count(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
-        proxy.in_flight += 1
+        task = asyncio.current_task()
+        assert task is not None and proxy._idle is not None
+        proxy._handlers.add(task)
+        proxy._idle.clear()
         try:
             return await handler(request)
+        except asyncio.CancelledError:
+            if not proxy._cut():
+                raise
+            return _json(503, {"error": "flockparse serve is shutting down"})
         finally:
-            proxy.in_flight -= 1
+            proxy._handlers.discard(task)
+            if not proxy._handlers:
+                proxy._idle.set()
 
     return count
 

@@ -4,9 +4,10 @@ headless process, until SIGTERM or SIGINT.
 - It logs one time-stamped line per event to stderr (the console's own event text, `render.event_line`,
   without colour codes), plus its own `serve` lines: listening, stopping, stopped. Lines are written by a
   thread of their own, so the core never waits on a slow stderr.
-- SIGTERM/SIGINT: the listener closes (no new connections; idle keep-alive connections are closed), the
-  requests in flight get the grace period to finish, streams still running then are cut with an error line
-  (serve/app.py), and `run_serve` returns 0 (the caller closes the balancer).
+- SIGTERM/SIGINT: the listener closes (no new connections; idle keep-alive connections are closed, busy
+  ones after their answer), the requests in flight get the grace period to finish, then the rest are cut
+  (a stream ends with an error line, a request not answered yet gets a 503: serve/app.py `Proxy.drain`),
+  and `run_serve` returns 0 (the caller closes the balancer).
 - It refuses to listen on an address that is not loopback without a token: the cluster would be open to
   the network (`check_listen`).
 """
@@ -34,6 +35,7 @@ DEFAULT_GRACE_S = 10.0
 GRACE_RANGE = (0.0, 3600.0)
 STAMP_FORMAT = "%Y-%m-%d %H:%M:%S"
 LOG_DRAIN_S = 2.0  # at exit, how long queued log lines may take to be written
+SHUTDOWN_TIMEOUT_S = 1.0  # aiohttp's own wait after our grace period and cut (nothing should be left)
 
 
 class ServeError(ValueError):
@@ -148,7 +150,7 @@ def run_serve(
 
 async def _serve(balancer: Any, host: str, port: int, token: str | None, grace: float, log: EventLog) -> None:
     app = build_app(balancer, token=token)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=grace, access_log=None)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, reuse_address=True)
@@ -173,6 +175,18 @@ async def _serve(balancer: Any, host: str, port: int, token: str | None, grace: 
     log.line(
         f"stopping: no new connections; {proxy.in_flight} request(s) in flight get up to {grace:g}s to finish"
     )
+    cut = await stop_gracefully(runner, grace)
+    log.line(f"stopped; {cut} request(s) cut at the end of the grace period" if cut else "stopped")
+
+
+async def stop_gracefully(runner: web.AppRunner, grace: float) -> int:
+    """Stop listening and close idle keep-alive connections (busy ones close after their answer), give the
+    requests in flight `grace` seconds, cut the rest (serve/app.py `Proxy.drain`), then clean up.
+    Returns how many requests were cut."""
+    for site in list(runner.sites):
+        await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()
+    cut = await runner.app[PROXY_KEY].drain(grace)
     await runner.cleanup()
-    cut = f"; {proxy.cut} stream(s) cut at the end of the grace period" if proxy.cut else ""
-    log.line(f"stopped{cut}")
+    return cut

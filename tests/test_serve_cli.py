@@ -1,0 +1,186 @@
+"""`flockparsecli.py [flags] serve` as a process: usage errors, the token rule for addresses that are not
+loopback, the status log on stderr, and SIGTERM (requests in flight finish within the grace period, or are
+cut with an error line), exit 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from helpers import wait_until
+
+from ollama_sim import SimNode
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = "llama3.2:3b"
+STAMPED = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+ +\S")
+
+
+class ServeProcess:
+    """serve in a child process; its stderr lines collected by a thread (read with deadlines)."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        command = [sys.executable, str(ROOT / "flockparsecli.py"), *args]
+        self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def line(self, needle: str, timeout: float = 20) -> str:
+        return wait_until(
+            lambda: next((line for line in self.lines if needle in line), None),
+            f"a log line with {needle}",
+            timeout,
+        )
+
+    @property
+    def url(self) -> str:
+        return re.search(r"listening on (http://\S+)", self.line("listening on")).group(1)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(5)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    values = {k: v for k, v in os.environ.items() if k not in ("OLLAMA_HOST", "FLOCKPARSE_TOKEN")}
+    values["FLOCKPARSE_CONFIG_DIR"] = str(tmp_path)
+    return values
+
+
+@pytest.fixture
+def start_serve(env: dict[str, str]) -> Iterator[Any]:
+    started: list[ServeProcess] = []
+
+    def start(node: SimNode, *flags: str, extra_env: dict[str, str] | None = None) -> ServeProcess:
+        args = ["--nodes", node.url, "--health-interval", "0.2", "--no-optimizer", "serve"]
+        process = ServeProcess([*args, "--listen", "127.0.0.1:0", *flags], {**env, **(extra_env or {})})
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(ROOT / "flockparsecli.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+
+
+# --------------------------------------------------------------------------------------------- refusals
+def test_an_address_that_is_not_loopback_needs_a_token(sim_node, env: dict[str, str]) -> None:
+    node = sim_node()
+    done = run(["--nodes", node.url, "serve", "--listen", "0.0.0.0:11435"], env)
+    assert done.returncode == 2 and done.stdout == ""
+    assert (
+        done.stderr.startswith("refusing to listen on 0.0.0.0 without a token")
+        and done.stderr.count("\n") == 1
+    )
+    assert node.request_log == []  # refused before any node was contacted
+    # with a token the rule is met: 192.0.2.1 (TEST-NET, never local) then fails to bind, exit 1
+    done = run(["--nodes", node.url, "serve", "--listen", "192.0.2.1:0"], {**env, "FLOCKPARSE_TOKEN": "t"})
+    assert done.returncode == 1 and "cannot listen on 192.0.2.1:0" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--listen", "127.0.0.1:1", "nodes"], "--listen: only with `serve`"),
+        (["--token", "t", "priority", "list"], "--token: only with `serve`"),
+        (["serve", "now"], "serve takes no argument, got `now`"),
+        (["serve", "--listen", "nonsense"], "--listen nonsense: expected HOST:PORT"),
+        (["serve", "--grace", "-1"], "--grace must be between 0 and 3600 seconds"),
+        (["serve", "--routing", "fastest"], "--routing: unknown routing `fastest`"),
+        (["--demo", "serve"], "serve runs in front of real nodes"),
+    ],
+)
+def test_serve_usage_errors_are_one_line_and_exit_2(
+    env: dict[str, str], args: list[str], needle: str
+) -> None:
+    done = run(["--nodes", "http://127.0.0.1:9", *args], env) if "--demo" not in args else run(args, env)
+    assert done.returncode == 2 and done.stderr.startswith(needle) and done.stderr.count("\n") == 1
+
+
+# --------------------------------------------------------------------------------------------- running
+def test_serve_logs_a_stamped_line_per_event_and_serves(sim_node, start_serve) -> None:
+    node = sim_node(preload=[(SMALL, "gpu")])
+    serve = start_serve(node)
+    url = serve.url
+    online = serve.line("is online")
+    assert STAMPED.match(online) and online.endswith(
+        f"node      {node.url.removeprefix('http://')} is online"
+    )
+    reply = requests.post(
+        url + "/api/generate", json={"model": SMALL, "prompt": "hi", "stream": False}, timeout=10
+    )
+    assert reply.status_code == 200 and reply.json()["done"] is True
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.proc.wait(15) == 0
+    serve.stop()
+    assert all(STAMPED.match(line) for line in serve.lines), serve.lines
+    assert not any("\x1b" in line for line in serve.lines)  # plain text: no colour codes in a log
+    assert serve.lines[-1].endswith("serve     stopped")
+
+
+def stream_into(lines: list[dict], url: str, prompt: str) -> None:
+    body = {"model": SMALL, "prompt": prompt}
+    with requests.post(url + "/api/generate", json=body, stream=True, timeout=60) as reply:
+        for line in reply.iter_lines():
+            if line:
+                lines.append(json.loads(line))
+
+
+def test_sigterm_lets_a_request_in_flight_finish_and_refuses_new_ones(sim_node, start_serve) -> None:
+    node = sim_node(inference_time_scale=40.0, preload=[(SMALL, "gpu")])
+    serve = start_serve(node, "--grace", "20")
+    url = serve.url
+    serve.line("is online")
+    received: list[dict] = []
+    asker = threading.Thread(target=stream_into, args=(received, url, "why is the sky blue"))
+    asker.start()
+    wait_until(lambda: received, "the first chunk")
+    serve.proc.send_signal(signal.SIGTERM)
+    assert "1 request(s) in flight get up to 20s" in serve.line("stopping:")
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/api/version", timeout=5)  # the listener is closed
+    asker.join(30)
+    assert received[-1]["done"] is True and not any("error" in part for part in received)
+    assert serve.proc.wait(15) == 0
+    serve.stop()
+    assert serve.lines[-1].endswith("serve     stopped")
+
+
+def test_sigterm_cuts_a_stream_still_running_after_the_grace_period(sim_node, start_serve) -> None:
+    node = sim_node(inference_time_scale=400.0, preload=[(SMALL, "gpu")])  # ~1.6 s per token
+    serve = start_serve(node, "--grace", "0.5")
+    url = serve.url
+    serve.line("is online")
+    received: list[dict] = []
+    asker = threading.Thread(target=stream_into, args=(received, url, "why is the sky blue"))
+    asker.start()
+    wait_until(lambda: received, "the first chunk")
+    serve.proc.send_signal(signal.SIGTERM)
+    asker.join(30)
+    assert received[-1] == {"error": "flockparse serve is shutting down: stream cut"}
+    assert serve.proc.wait(15) == 0
+    serve.stop()
+    assert serve.lines[-1].endswith("serve     stopped; 1 request(s) cut at the end of the grace period")
