@@ -42,6 +42,7 @@ REPORT_QUEUE_CAP = 3  # ... and never more than this many timeouts in all (reads
 GOLDEN_RATIO_FRACTION = 0.6180339887498949  # spreads the nodes' check phases evenly, whatever their count
 CHECK_MAX_WAIT_S = 0.25  # a due health check waits at most about this for a checker before one is added
 READ_MAX_WAIT_S = 0.05  # ... and a report's read (it has the node's timeout plus REPORT_SLACK_S in all)
+ROUTE_VIEW_TTL_S = 0.25  # routing reuses the nodes' snapshots this long (requests in flight are live)
 
 
 class AllNodesFailedError(RuntimeError):
@@ -87,6 +88,7 @@ class OllamaLoadBalancer:
         self._turn = 0  # round robin's position; guarded by _turn_lock
         self._turn_lock = threading.Lock()
         self.request_stats = RequestStats()  # latency/TTFT/token-rate rings and cool-downs, per node
+        self._route_views: tuple[float, list[routes.NodeView]] = (float("-inf"), [])  # (when, views)
         self.controller = controller if controller is not None else GPUController(keep_alive=keep_alive)
         self.gpu_priority_models: list[str] = list(
             DEFAULT_PRIORITY_MODELS if gpu_priority_models is None else gpu_priority_models
@@ -258,6 +260,7 @@ class OllamaLoadBalancer:
             )
             self._agents[node] = agent
             count = len(self._agents)
+        self._route_views = (float("-inf"), [])  # routing sees the new node at once
         self.events.emit(Event("node_added", node=node, message=f"added node {node}"))
         if self._started:
             self._schedule(node, time.monotonic())
@@ -281,6 +284,7 @@ class OllamaLoadBalancer:
         agent.close()
         self.controller.forget_node(node)
         self.request_stats.forget(node)
+        self._route_views = (float("-inf"), [])
         self._optimizer.forget_node(node, keep_pins=False)
         self.events.emit(Event("node_removed", node=node, message=f"removed node {node}"))
         return True
@@ -754,10 +758,20 @@ class OllamaLoadBalancer:
     def routing(self, name: str) -> None:
         self._routing = routes.check_strategy(name)  # ValueError naming the four for anything else
 
-    def route_candidates(self, model: str | None) -> list[routes.Candidate]:
-        """What routing knows about every node for `model` (lock-only: snapshots, no network call)."""
-        cooling = self.request_stats.cooling()
-        return [routes.candidate(state, model, cooling.get(state.url, 0.0)) for state in self.node_states()]
+    def route_candidates(self, model: str | None, fresh: bool = False) -> list[routes.Candidate]:
+        """What routing knows about every node for `model` (no network call). The nodes' placements come
+        from snapshots taken at most ROUTE_VIEW_TTL_S ago (`fresh`: now), so a request costs no copy of
+        every node's state; requests in flight and cool-downs are counted live."""
+        taken, views = self._route_views
+        if fresh or time.monotonic() - taken > ROUTE_VIEW_TTL_S:
+            views = [routes.view(state) for state in self.node_states()]
+            self._route_views = (time.monotonic(), views)
+        key = model_key(model) if model else None
+        in_flight, cooling = self.request_stats.in_flight(), self.request_stats.cooling()
+        return [
+            routes.candidate(node, key, in_flight.get(node.url, 0), cooling.get(node.url, 0.0))
+            for node in views
+        ]
 
     def pick_node(self, model: str | None = None, exclude: Iterable[str] = ()) -> str | None:
         """The node for a request for `model` under the routing strategy; None when no node is usable.
@@ -774,7 +788,7 @@ class OllamaLoadBalancer:
         phrase), then the nodes skipped and why. Changes nothing (round robin's turn is not used up)."""
         with self._turn_lock:
             turn = self._turn
-        order = routes.rank(self.route_candidates(model), model, self._routing, turn)
+        order = routes.rank(self.route_candidates(model, fresh=True), model, self._routing, turn)
         return {
             "model": canonical_name(model) if model else None,
             "routing": self._routing,
@@ -787,6 +801,7 @@ class OllamaLoadBalancer:
         if agent is None:
             return False
         agent.request_started()
+        self.request_stats.begin(node)
         return True
 
     def request_finished(self, node: str, error: str | None = None, sample: Sample | None = None) -> None:
@@ -796,6 +811,7 @@ class OllamaLoadBalancer:
         agent = self._agent(node)
         if agent is not None:
             agent.request_finished(error)
+        self.request_stats.end(node)
         if error is not None:
             self.request_stats.failed(node)
             if agent is not None:

@@ -8,7 +8,8 @@ server that runs for months holds the same few kilobytes per node.
 A node that fails a routed request (refused, reset, timed out, 5xx) cools down: routing skips it for
 COOL_BASE_S, doubled for each further failure in a row up to COOL_MAX_S, while another node can serve;
 its next success ends the cool-down. Requests/errors/in-flight counters stay with the node's owner
-(NodeAgent); this module keeps what they do not.
+(NodeAgent); this module keeps what they do not, and its own in-flight count per node, which
+routing reads for every request without copying any node's state.
 
 Thread-safe (one lock, memory only); the clock is injectable so tests need no sleeps.
 """
@@ -43,6 +44,7 @@ class _Node:
     samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=SAMPLES_KEPT))
     failures_in_row: int = 0
     cool_until: float = 0.0
+    in_flight: int = 0
 
 
 def eval_metrics(reply: Any) -> tuple[int | None, int | None]:
@@ -80,6 +82,22 @@ class RequestStats:
         if node is None:
             node = self._nodes[url] = _Node(deque(maxlen=self.keep))
         return node
+
+    def begin(self, url: str) -> None:
+        """A routed request was sent to the node (routing reads the count without copying node states)."""
+        with self._lock:
+            self._node(url).in_flight += 1
+
+    def end(self, url: str) -> None:
+        with self._lock:
+            node = self._nodes.get(url)
+            if node is not None and node.in_flight > 0:
+                node.in_flight -= 1
+
+    def in_flight(self) -> dict[str, int]:
+        """Routed requests in flight per node (nodes with none left out)."""
+        with self._lock:
+            return {url: n.in_flight for url, n in self._nodes.items() if n.in_flight}
 
     def record(self, url: str, sample: Sample) -> None:
         """A request the node answered: kept in its ring; its cool-down, if any, ends."""

@@ -55,9 +55,10 @@ class Tier(IntEnum):
     NOT_INSTALLED = 7  # no node has it: the node answers Ollama's own 404
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False, slots=True)
 class Candidate:
-    """What routing knows about one node for one request."""
+    """What routing knows about one node for one request (built per request: plain slots, compared by
+    identity; treat it as read-only)."""
 
     url: str
     online: bool | None  # None: not checked yet
@@ -103,28 +104,53 @@ def check_strategy(name: str) -> str:
     return value
 
 
-def candidate(state: Any, model: str | None, cooling_s: float = 0.0) -> Candidate:
-    """A Candidate from a NodeState snapshot (url, online, gpu, models, installed, in_flight, latency)."""
-    key = model_key(model) if model else None
-    row = None
-    if key is not None:
-        row = next(
-            (m for m in state.models if not m.get("stopping") and model_key(str(m.get("name", ""))) == key),
-            None,
-        )
-    installed: bool | None = None
-    if key is not None and getattr(state, "installed_known", bool(state.installed)):
-        installed = key in state.installed
-    return Candidate(
+@dataclass(frozen=True, eq=False)
+class NodeView:
+    """What routing reads of a node, taken from a NodeState snapshot once (`view`) and reused for many
+    requests: model placements by model key, the installed keys, the GPU verdict, latency."""
+
+    url: str
+    online: bool | None
+    gpu: str
+    estimates: bool
+    latency_ms: float | None
+    placements: dict[str, tuple[str, float]]  # model key -> (location, gpu_percent); stopping ones left out
+    installed: frozenset[str] | None  # None: the node's model list was never read
+
+
+def view(state: Any) -> NodeView:
+    """A NodeView of a NodeState snapshot (url, online, gpu, models, installed, latency)."""
+    placements = {
+        model_key(str(m.get("name", ""))): (str(m.get("location") or ""), float(m.get("gpu_percent") or 0))
+        for m in state.models
+        if not m.get("stopping")
+    }
+    known = getattr(state, "installed_known", bool(state.installed))
+    return NodeView(
         url=state.url,
         online=state.online,
         gpu=state.gpu,
         estimates=bool(getattr(state, "reports_estimates", False)),
-        placement=None if row is None else str(row.get("location") or ""),
-        gpu_percent=float((row or {}).get("gpu_percent") or 0),
-        installed=installed,
-        in_flight=int(state.in_flight),
         latency_ms=state.latency_ms,
+        placements=placements,
+        installed=frozenset(state.installed) if known else None,
+    )
+
+
+def candidate(node: NodeView, key: str | None, in_flight: int = 0, cooling_s: float = 0.0) -> Candidate:
+    """The Candidate of one node for a request for the model whose `model_key` is `key` (None: no model)."""
+    placed = node.placements.get(key) if key is not None else None
+    installed = None if key is None or node.installed is None else key in node.installed
+    return Candidate(
+        url=node.url,
+        online=node.online,
+        gpu=node.gpu,
+        estimates=node.estimates,
+        placement=None if placed is None else placed[0],
+        gpu_percent=0.0 if placed is None else placed[1],
+        installed=installed,
+        in_flight=in_flight,
+        latency_ms=node.latency_ms,
         cooling_s=cooling_s,
     )
 
@@ -170,28 +196,14 @@ def _tier_reason(node: Candidate, level: Tier, model: str) -> str:
 def rank(
     nodes: Iterable[Candidate], model: str | None, strategy: str = DEFAULT_STRATEGY, turn: int = 0
 ) -> list[Ranked]:
-    """Every node: the usable ones in the strategy's order, then the skipped ones (offline, not installed)."""
+    """Every node: the usable ones in the strategy's order, then the skipped ones (offline, not installed,
+    cooling down while another node can serve) with why."""
     strategy = check_strategy(strategy)
-    nodes = list(nodes)
     name = canonical_name(model) if model else None
-    skipped: list[Ranked] = []
-    usable: list[Candidate] = []
-    for node in nodes:
-        if node.online is False:
-            skipped.append(_skip(node, "offline"))
-        else:
-            usable.append(node)
-    if name is not None and any(n.installed is not False or n.placement is not None for n in usable):
-        keep = [n for n in usable if n.installed is not False or n.placement is not None]
-        skipped += [_skip(n, f"{name} is not installed there") for n in usable if n not in keep]
-        usable = keep
-    fresh = [n for n in usable if n.cooling_s <= 0]
-    cooling = [n for n in usable if n.cooling_s > 0]
-    if fresh:
-        skipped += [_skip(n, f"cooling down {n.cooling_s:.0f}s after errors") for n in cooling]
-        cooling = []
-    ordered = _order(fresh, name, strategy, turn) + _order(cooling, name, strategy, turn)
-    return [_ranked(n, name, strategy, n in cooling) for n in ordered] + sorted(skipped, key=lambda r: r.url)
+    usable, last_resort, skipped = _sort_out(list(nodes), name)
+    ordered = [(n, False) for n in _order(usable, name, strategy, turn)]
+    ordered += [(n, True) for n in _order(last_resort, name, strategy, turn)]
+    return [_ranked(n, name, strategy, flag) for n, flag in ordered] + sorted(skipped, key=lambda r: r.url)
 
 
 def choose(
@@ -201,10 +213,42 @@ def choose(
     turn: int = 0,
     exclude: Iterable[str] = (),
 ) -> str | None:
-    """The node to send the request to (None: no usable node); `exclude` = nodes already tried."""
+    """The node to send the request to (None: no usable node); `exclude` = nodes already tried.
+    The same choice as `rank`'s first, in one pass over the nodes (no reasons are phrased)."""
+    strategy = check_strategy(strategy)
     excluded = set(exclude)
-    order = rank([n for n in nodes if n.url not in excluded], model, strategy, turn)
-    return next((r.url for r in order if not r.skipped), None)
+    usable, last_resort, _ = _sort_out([n for n in nodes if n.url not in excluded], model, explain=False)
+    group = usable or last_resort
+    if not group:
+        return None
+    if strategy == ROUND_ROBIN:
+        return _order(group, model, strategy, turn)[0].url
+    return min(group, key=_sort_key(model, strategy)).url
+
+
+# --------------------------------------------------------------------------------------------- internals
+def _sort_out(
+    nodes: list[Candidate], name: str | None, explain: bool = True
+) -> tuple[list[Candidate], list[Candidate], list[Ranked]]:
+    """(usable, cooling down but the last resort, skipped with why)."""
+    skipped: list[Ranked] = []
+    alive = [n for n in nodes if n.online is not False]
+    if explain:
+        skipped += [_skip(n, "offline") for n in nodes if n.online is False]
+    if name is not None:
+        holders = [n for n in alive if n.installed is not False or n.placement is not None]
+        if holders:  # else no node has it: any node answers Ollama's own 404
+            if explain:
+                lacking = [n for n in alive if n.installed is False and n.placement is None]
+                skipped += [_skip(n, f"{name} is not installed there") for n in lacking]
+            alive = holders
+    fresh = [n for n in alive if n.cooling_s <= 0]
+    cooling = [n for n in alive if n.cooling_s > 0]
+    if fresh:
+        if explain:
+            skipped += [_skip(n, f"cooling down {n.cooling_s:.0f}s after errors") for n in cooling]
+        return fresh, [], skipped
+    return [], cooling, skipped
 
 
 # --------------------------------------------------------------------------------------------- internals
@@ -212,19 +256,24 @@ def _latency(node: Candidate) -> float:
     return node.latency_ms if node.latency_ms is not None else float("inf")
 
 
-def _order(nodes: list[Candidate], model: str | None, strategy: str, turn: int) -> list[Candidate]:
-    unchecked = lambda n: n.online is not True  # noqa: E731 - nodes not checked yet come after online ones
-    if strategy == ROUND_ROBIN:
-        by_url = sorted(nodes, key=lambda n: (unchecked(n), n.url))
-        online = [n for n in by_url if not unchecked(n)]
-        shift = turn % len(online) if online else 0
-        return online[shift:] + online[:shift] + [n for n in by_url if unchecked(n)]
+def _sort_key(model: str | None, strategy: str) -> Any:
+    """The order of a strategy other than round robin; nodes not checked yet after online ones."""
     if strategy == LEAST_LOADED:
-        return sorted(nodes, key=lambda n: (unchecked(n), n.in_flight, _latency(n), n.url))
+        return lambda n: (n.online is not True, n.in_flight, _latency(n), n.url)
     if strategy == LOWEST_LATENCY:
-        return sorted(nodes, key=lambda n: (unchecked(n), _latency(n), n.in_flight, n.url))
-    level = (lambda n: tier(n)) if model is not None else (lambda n: 0)
-    return sorted(nodes, key=lambda n: (unchecked(n), level(n), n.in_flight, _latency(n), n.url))
+        return lambda n: (n.online is not True, _latency(n), n.in_flight, n.url)
+    if model is None:
+        return lambda n: (n.online is not True, 0, n.in_flight, _latency(n), n.url)
+    return lambda n: (n.online is not True, tier(n), n.in_flight, _latency(n), n.url)
+
+
+def _order(nodes: list[Candidate], model: str | None, strategy: str, turn: int) -> list[Candidate]:
+    if strategy == ROUND_ROBIN:
+        by_url = sorted(nodes, key=lambda n: (n.online is not True, n.url))
+        online = [n for n in by_url if n.online is True]
+        shift = turn % len(online) if online else 0
+        return online[shift:] + online[:shift] + [n for n in by_url if n.online is not True]
+    return sorted(nodes, key=_sort_key(model, strategy))
 
 
 def _ranked(node: Candidate, model: str | None, strategy: str, last_resort: bool) -> Ranked:

@@ -6,10 +6,21 @@ import pytest
 
 from flockparse.agent import NodeState
 from flockparse.request_stats import COOL_MAX_S, RequestStats, Sample, eval_metrics, percentile
-from flockparse.routing import STRATEGIES, Candidate, Tier, candidate, check_strategy, choose, rank, tier
-from flockparse.rules import LOCATION_CPU, LOCATION_GPU
+from flockparse.routing import (
+    STRATEGIES,
+    Candidate,
+    Tier,
+    candidate,
+    check_strategy,
+    choose,
+    rank,
+    tier,
+    view,
+)
+from flockparse.rules import LOCATION_CPU, LOCATION_GPU, model_key
 
 MODEL = "llama3.1"
+LLAMA_KEY = "llama3.1:latest"
 
 
 def node(url: str, **facts) -> Candidate:
@@ -137,22 +148,32 @@ def test_candidate_from_a_node_state() -> None:
         installed=["llama3.1:latest"],
         installed_known=True,
     )
-    made = candidate(state, "LLaMA3.1")
-    assert (made.placement, made.gpu_percent, made.installed, made.in_flight) == (
-        "Split (40% GPU)",
-        40,
-        True,
-        2,
-    )
-    assert candidate(state, "codellama").installed is False
+    made = candidate(view(state), model_key("LLaMA3.1"), in_flight=2, cooling_s=1.5)
+    assert (made.placement, made.gpu_percent, made.installed) == ("Split (40% GPU)", 40, True)
+    assert (made.in_flight, made.cooling_s, made.latency_ms) == (2, 1.5, 3.0)
+    assert candidate(view(state), model_key("codellama")).installed is False
     stopping = NodeState(
         url="u", models=[{"name": "llama3.1:latest", "location": LOCATION_GPU, "stopping": True}]
     )
-    assert candidate(stopping, MODEL).placement is None  # a model on its way out is not loaded for routing
-    assert candidate(stopping, MODEL).installed is None  # its model list was never read
+    assert candidate(view(stopping), LLAMA_KEY).placement is None  # a model on its way out is not loaded
+    assert candidate(view(stopping), LLAMA_KEY).installed is None  # its model list was never read
 
 
-# --------------------------------------------------------------------------------------------- statistics
+def test_choose_is_ranks_first_for_every_strategy() -> None:
+    nodes = [
+        node("a", gpu="yes", placement=LOCATION_GPU, in_flight=4, latency_ms=9),
+        node("b", gpu="no", latency_ms=1),
+        node("c", gpu="yes", placement="Split (50% GPU)", gpu_percent=50, in_flight=1, latency_ms=5),
+        node("d", online=None, gpu="yes", placement=LOCATION_GPU),
+        node("e", online=False),
+        node("f", gpu="yes", placement=LOCATION_GPU, in_flight=4, latency_ms=2, cooling_s=3),
+    ]
+    for strategy in STRATEGIES:
+        for turn in range(3):
+            first = next(r.url for r in rank(nodes, MODEL, strategy, turn) if not r.skipped)
+            assert choose(nodes, MODEL, strategy, turn) == first, (strategy, turn)
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
