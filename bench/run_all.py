@@ -7,7 +7,9 @@
 3. a restarted node (nothing loaded, as real Ollama) until the warm-up has its priority models on GPU, at
    default settings (health every 5 s, pass every 300 s), from the node answering again; once with the
    downtime seen by a health check and once without (the restart noticed by its models vanishing);
-4. bytes on the wire per node per idle health check (goal: at most 1.5 KB).
+4. bytes on the wire per node per idle health check (goal: at most 1.5 KB);
+5. serve (bench/serve.py, about a minute more): latency added over going direct (goal: p50 at most 2 ms),
+   time to first chunk, requests per second with 64 clients, 256 concurrent streams held.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+
+import serve as serve_bench  # bench/serve.py (this script's directory is on sys.path)
 
 from flockparse.balancer import OllamaLoadBalancer
 from ollama_sim import GiB, SimNode
@@ -191,12 +195,15 @@ def main() -> int:
         "restart_seen_down": bench_restart_warm_up(downtime=6.0),
         "restart_unseen": bench_restart_warm_up(downtime=0.0),
         "idle_check_bytes": bench_idle_check_bytes(),
+        "serve": serve_bench.run(),
     }
     results["bench_duration_s"] = round(time.monotonic() - started, 1)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
-    return 0 if all(v.get("met", True) for v in results.values() if isinstance(v, dict)) else 1
+    serve_met = results["serve"]["latency"]["met"] and results["serve"]["streams_256"]["met"]
+    met = all(v.get("met", True) for v in results.values() if isinstance(v, dict)) and serve_met
+    return 0 if met else 1
 
 
 def print_table(r: dict) -> None:
@@ -218,6 +225,7 @@ def print_table(r: dict) -> None:
     print(f"{'figure':30} {'measured':34} {'ratio':30} {'goal':8} met")
     for name, measured, ratio, goal, met in rows:
         print(f"{name:30} {measured:34} {ratio:30} {goal:8} {'yes' if met else 'NO'}")
+    serve_bench.print_table(r["serve"])
     print(f"written to {RESULTS.relative_to(ROOT)}")
 
 
