@@ -179,6 +179,7 @@ def make_balancer(config: Config, optimize: bool) -> OllamaLoadBalancer:
         on_gpu_lost=config.on_gpu_lost,
         remedy_timeout=config.remedy_timeout,
         routing=config.routing,
+        request_timeout=config.load_timeout,  # a routed request may wait for a model load
     )
 
 
