@@ -108,7 +108,19 @@ class Proxy:
             await asyncio.wait_for(self._idle.wait(), CUT_WAIT_S)
         return self.cut
 
-    def _cut(self) -> bool:
+    def handling(self, task: asyncio.Task) -> None:
+        """A request's handler began (the in-flight middleware)."""
+        assert self._idle is not None
+        self._handlers.add(task)
+        self._idle.clear()
+
+    def handled(self, task: asyncio.Task) -> None:
+        assert self._idle is not None
+        self._handlers.discard(task)
+        if not self._handlers:
+            self._idle.set()
+
+    def cut_here(self) -> bool:
         """Inside a handler that got CancelledError: True (and the cancel is consumed) when it is the
         shutdown's cut, which the handler answers; False for any other cancel, which must propagate."""
         task = asyncio.current_task()
@@ -308,7 +320,7 @@ class Proxy:
         except asyncio.CancelledError:
             response.close()
             self.balancer.request_finished(node)
-            if not self._cut():
+            if not self.cut_here():
                 raise
             await _write_quietly(out, _error_line("flockparse serve is shutting down: stream cut"))
             with contextlib.suppress(ConnectionError, RuntimeError):
@@ -380,19 +392,16 @@ def _counting(proxy: Proxy) -> Any:
     @web.middleware
     async def count(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
         task = asyncio.current_task()
-        assert task is not None and proxy._idle is not None
-        proxy._handlers.add(task)
-        proxy._idle.clear()
+        assert task is not None
+        proxy.handling(task)
         try:
             return await handler(request)
         except asyncio.CancelledError:
-            if not proxy._cut():
+            if not proxy.cut_here():
                 raise
             return _json(503, {"error": "flockparse serve is shutting down"})
         finally:
-            proxy._handlers.discard(task)
-            if not proxy._handlers:
-                proxy._idle.set()
+            proxy.handled(task)
 
     return count
 
