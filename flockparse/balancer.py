@@ -813,7 +813,7 @@ class OllamaLoadBalancer:
             agent.request_finished(error)
         self.request_stats.end(node)
         if error is not None:
-            self.request_stats.failed(node)
+            self.request_stats.failed(node, error)
             if agent is not None:
                 self._check(agent)  # let the monitor confirm up/down now rather than in 5 s
         elif sample is not None:

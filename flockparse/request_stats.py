@@ -45,6 +45,7 @@ class _Node:
     failures_in_row: int = 0
     cool_until: float = 0.0
     in_flight: int = 0
+    last_error: str | None = None  # the last routed request's failure (a health check does not clear it)
 
 
 def eval_metrics(reply: Any) -> tuple[int | None, int | None]:
@@ -114,11 +115,12 @@ class RequestStats:
             if node is not None:
                 node.failures_in_row, node.cool_until = 0, 0.0
 
-    def failed(self, url: str) -> float:
+    def failed(self, url: str, error: str | None = None) -> float:
         """The node failed a request: it cools down (doubling per failure in a row); returns the seconds."""
         with self._lock:
             node = self._node(url)
             node.failures_in_row += 1
+            node.last_error = error if error is not None else node.last_error
             seconds = min(COOL_MAX_S, COOL_BASE_S * 2 ** (node.failures_in_row - 1))
             node.cool_until = self._clock() + seconds
             return seconds
@@ -140,6 +142,7 @@ class RequestStats:
             node = self._nodes.get(url)
             samples = list(node.samples) if node is not None else []
             cool_left = max(0.0, node.cool_until - now) if node is not None else 0.0
+            last_error = node.last_error if node is not None else None
         latencies = [s.latency_s * 1000 for s in samples]
         firsts = [s.first_byte_s * 1000 for s in samples if s.first_byte_s is not None]
         timed = [(s.eval_count, s.eval_duration_ns) for s in samples if s.eval_count and s.eval_duration_ns]
@@ -153,6 +156,7 @@ class RequestStats:
             "ttft_p95_ms": _rounded(percentile(firsts, 0.95)),
             "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
             "cooling_down_s": round(cool_left, 1),
+            "last_request_error": last_error,
         }
 
 

@@ -209,7 +209,8 @@ def test_cool_down_doubles_per_failure_in_a_row_and_a_success_ends_it() -> None:
         seconds = stats.failed("n")
     assert seconds == COOL_MAX_S
     stats.succeeded("n")
-    assert stats.cooling() == {} and stats.failed("n") == 1.0
+    assert stats.cooling() == {} and stats.failed("n", "n: /api/chat failed (connection reset)") == 1.0
+    assert stats.summary("n")["last_request_error"] == "n: /api/chat failed (connection reset)"
 
 
 def test_eval_metrics_need_two_positive_integers() -> None:
