@@ -184,3 +184,19 @@ def test_sigterm_cuts_a_stream_still_running_after_the_grace_period(sim_node, st
     assert serve.proc.wait(15) == 0
     serve.stop()
     assert serve.lines[-1].endswith("serve     stopped; 1 request(s) cut at the end of the grace period")
+
+
+def test_listen_addresses_and_the_loopback_rule() -> None:
+    from flockparse.serve.runner import ServeError, check_listen, is_loopback, parse_listen
+
+    assert parse_listen("127.0.0.1:11435") == ("127.0.0.1", 11435)
+    assert parse_listen("[::1]:0") == ("::1", 0) and parse_listen(":8080") == ("127.0.0.1", 8080)
+    for bad in ("11435", "host:99999", "a b:1", "host:port"):
+        with pytest.raises(ServeError):
+            parse_listen(bad)
+    assert all(is_loopback(host) for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
+    assert not any(is_loopback(host) for host in ("0.0.0.0", "::", "192.0.2.1"))
+    with pytest.raises(ServeError, match="refusing to listen on 0.0.0.0 without a token"):
+        check_listen("0.0.0.0", None)
+    check_listen("0.0.0.0", "s3cret")
+    check_listen("localhost", None)
