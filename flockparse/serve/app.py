@@ -289,7 +289,7 @@ class Proxy:
         node: str,
         path: str,
         sent: float,
-    ) -> web.StreamResponse | Failed:
+    ) -> web.StreamResponse:
         """A stream, chunk by chunk as the node sends it. Until its first bytes are in, a failure can still
         go to another node; afterwards it ends with an error line (Ollama's own mid-stream form)."""
         loop = asyncio.get_running_loop()
