@@ -25,8 +25,10 @@ def serve(make_balancer) -> Iterator[Callable[..., tuple[Any, ServeThread]]]:
     """`balancer, server = serve([node, ...], token=None, **build_app_options)`: started, nodes checked."""
     started: list[ServeThread] = []
 
-    def start(nodes: list[SimNode], token: str | None = None, **options: Any) -> tuple[Any, ServeThread]:
-        balancer = make_balancer([node.url for node in nodes])
+    def start(
+        nodes: list[SimNode], token: str | None = None, health_interval: float = 0.2, **options: Any
+    ) -> tuple[Any, ServeThread]:
+        balancer = make_balancer([node.url for node in nodes], health_interval=health_interval)
         wait_until(
             lambda: all(s.online and s.installed for s in balancer.node_states()), "every node checked"
         )
@@ -102,7 +104,8 @@ def test_a_request_goes_to_the_node_with_the_model_in_vram(sim_node, serve) -> N
 def test_a_node_failing_before_any_byte_is_retried_on_another(sim_node, serve, fault: str) -> None:
     broken = sim_node(preload=[("llama3.1", "gpu")])
     spare = sim_node(preload=[("llama3.1", "cpu")])
-    balancer, server = serve([spare, broken], request_timeout=1.0)
+    # health checks far apart: the request, not the monitor, is the first to meet the fault
+    balancer, server = serve([spare, broken], request_timeout=1.0, health_interval=60)
     broken.set_fault(fault, paths=None if fault == "down" else ("/api/generate", "/api/chat"))
     client = ollama.Client(host=server.url)
 
