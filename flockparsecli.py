@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=program_name(),
         description="Keep an Ollama cluster's models on GPU. Without COMMAND: the interactive console "
         "(or, with stdin not a terminal, one command per line read from stdin).",
-        epilog=f"commands: {', '.join(REGISTRY)}. Config dir: $FLOCKPARSE_CONFIG_DIR or {config_dir()}. "
+        epilog=f"commands: {', '.join(REGISTRY)}; `serve` (--listen, --token, --grace) puts the "
+        "cluster behind one Ollama-compatible address. "
+        f"Config dir: $FLOCKPARSE_CONFIG_DIR or {config_dir()}. "
         "Exit codes: 0 ok, 1 failed or a node unreachable, 2 usage or config error, 130 Ctrl-C.",
         allow_abbrev=False,  # `--node` must never silently mean `--nodes`
     )
