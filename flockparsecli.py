@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"commands: {', '.join(REGISTRY)}; `serve` (--listen, --token, --grace) puts the "
         "cluster behind one Ollama-compatible address. "
         f"Config dir: $FLOCKPARSE_CONFIG_DIR or {config_dir()}. "
-        "Exit codes: 0 ok, 1 failed or a node unreachable, 2 usage or config error, 130 Ctrl-C.",
+        "Exit codes: 0 ok, 1 failed or a node unreachable, 2 usage or config error, 130 Ctrl-C. "
+        "`gpu-exporter [--listen HOST:PORT]` serves this machine's GPU memory from NVML (its own program).",
         allow_abbrev=False,  # `--node` must never silently mean `--nodes`
     )
     parser.add_argument(
@@ -105,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--load-timeout",
         metavar="SECONDS",
         help="seconds a model load may take on a node (default 300, 5 .. 3600)",
+    )
+    parser.add_argument(
+        "--gpu-metrics",
+        action="append",
+        metavar="NODE_URL=EXPORTER_URL",
+        help="read NODE's real VRAM figures from its GPU exporter (dcgm-exporter, nvidia_gpu_exporter, "
+        "nvitop-exporter), e.g. gpu1=http://gpu1:9400/metrics (repeatable)",
     )
     parser.add_argument("--no-optimizer", action="store_true", help="do not start the background optimizer")
     parser.add_argument(
@@ -180,6 +188,7 @@ def make_balancer(config: Config, optimize: bool) -> OllamaLoadBalancer:
         start=False,
         on_gpu_lost=config.on_gpu_lost,
         remedy_timeout=config.remedy_timeout,
+        gpu_metrics={node: url for node, url in config.gpu_metrics.items() if node in config.nodes},
         routing=config.routing,
         request_timeout=config.load_timeout,  # a routed request may wait for a model load
     )
@@ -582,6 +591,11 @@ def _tty_modes() -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, build the config and the core, run the console, one command, or stdin's lines."""
     exit_on_termination()
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["gpu-exporter"]:  # a program of its own: no nodes, no config, its own flags
+        from flockparse.console.gpu_exporter import main as gpu_exporter
+
+        return gpu_exporter(words[1:])
     try:
         return _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before or between commands (e.g. during the first health round)
@@ -616,8 +630,8 @@ def _main(argv: Sequence[str] | None) -> int:
     problem = serve_usage_problem(args, words) if serving else unused_serve_flag(args)
     if problem:
         return reporter.error(problem, EXIT_USAGE)
-    if args.demo and (args.nodes or args.config):
-        flag = "--nodes" if args.nodes else "--config"
+    if args.demo and (args.nodes or args.config or args.gpu_metrics):
+        flag = "--nodes" if args.nodes else "--config" if args.config else "--gpu-metrics"
         return reporter.error(f"--demo starts its own nodes and saves nothing: drop {flag}", EXIT_USAGE)
     cluster, banner, files_dir, demo_script = None, None, None, None
     try:
@@ -641,7 +655,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 args.routing,
             )
             cluster = start_demo_cluster()
-            config = demo_config(cluster.urls, flags)
+            config = demo_config(cluster.urls, flags, cluster.gpu_metrics)
             banner = demo_banner(cluster.urls)
             files_dir = demo_files_dir()
             demo_script = DemoScript(cluster)
@@ -656,6 +670,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 args.timeout,
                 load_timeout_flag=args.load_timeout,
                 routing_flag=args.routing,
+                gpu_metrics_flag=args.gpu_metrics,
             )
     except ConfigError as exc:
         return reporter.error(str(exc), EXIT_USAGE)

@@ -18,10 +18,12 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from flockparse.poller import PollReply, StatusPoller
 from flockparse.results import MoveResult, Reason
 from flockparse.rules import (  # noqa: F401 - re-exported: the design card's names live here too
     LOCATION_CPU,
@@ -34,7 +36,7 @@ from flockparse.rules import (  # noqa: F401 - re-exported: the design card's na
     placement,
     same_model,
 )
-from flockparse.transport import NodeError, NodeTransport, Reply
+from flockparse.transport import NodeError, NodeTransport, Reply, clock_offset, parse_json
 from flockparse.transport import clock_offset as _clock_offset  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ MIB = 1024 * 1024
 MAX_VERSION_CHARS = 40  # "0.33.0-rc2" and the like; a node sending more is not shown more
 FOREVER_AFTER = timedelta(days=365 * 20)  # `ollama ps` shows "Forever" beyond 20 years
 ALL_LAYERS_FALLBACK = 999  # llama.cpp clamps an explicit layer count to the model's layers
+POLLER_GRACE_S = 1.0  # a read through the poller is waited for this long past its deadline, at most
 POLL_INTERVAL = 0.025  # seconds between /api/ps polls while verifying a placement
 MIN_KEEP_ALIVE_S = 30  # a model moved with seconds left must live long enough to be verified
 _MEMORY_ERROR = re.compile(r"memory|cudamalloc|\boom\b|vram|signal: killed", re.IGNORECASE)
@@ -60,6 +63,40 @@ def _node_key(node_url: str) -> str:
         return normalize_url(node_url)
     except ValueError:
         return str(node_url).strip()
+
+
+@dataclass(frozen=True)
+class RawStatus:
+    """One /api/ps read as received: the body's bytes tell an unchanged node without parsing them."""
+
+    node_url: str
+    started: float  # time.monotonic() the request was sent
+    http_status: int = 0
+    body: bytes = b""
+    date: str | None = None  # the node's Date header (its clock, for expiry times)
+    latency_ms: float | None = None
+    error: NodeError | None = None
+
+
+def _reply(raw: RawStatus, path: str) -> Reply:
+    """A raw GET reply as the transport's Reply (JSON parsed safely); its NodeError when it failed."""
+    if raw.error is not None:
+        raise raw.error
+    text = raw.body.decode("utf-8", "replace")
+    return Reply(
+        raw.http_status, parse_json(text, raw.node_url, path), text, clock_offset(raw.date), raw.date
+    )
+
+
+def _json_or_error(node_url: str, path: str, reply: Reply) -> Reply:
+    """A 200 with a JSON body, else a one-line NodeError (503 busy, other statuses, not JSON)."""
+    if reply.status == 503:
+        raise NodeError("error", f"{node_url} is busy (503)")
+    if reply.status != 200:
+        raise NodeError("error", f"{node_url} answered {path} with {reply.status}: {reply.error_text()}")
+    if reply.body is None:
+        raise NodeError("error", f"{node_url} returned a malformed {path} reply (not JSON)")
+    return reply
 
 
 @dataclass
@@ -255,6 +292,7 @@ class GPUController:
         self._pending_restores: dict[str, dict[str, _PendingRestore]] = {}  # node -> model key -> what
         self._last_change: dict[str, float] = {}  # node -> time.monotonic() a move or unload last ended
         self._closed = False  # after close() nothing is sent
+        self._poller: StatusPoller | None = None  # /api/ps reads without a thread each (made on first use)
         self._lock = threading.Lock()  # guards the registries above, never held during I/O
 
     # ----------------------------------------------------------------------------- transport
@@ -282,25 +320,79 @@ class GPUController:
 
     def _get_json(self, node_url: str, path: str) -> Reply:
         """GET a JSON document; any non-200 or non-JSON reply becomes a one-line NodeError."""
-        reply = self.call(node_url, "GET", path)  # 3xx, oversize, unsafe JSON: NodeError already
-        if reply.status == 503:
-            raise NodeError("error", f"{node_url} is busy (503)")
-        if reply.status != 200:
-            raise NodeError("error", f"{node_url} answered {path} with {reply.status}: {reply.error_text()}")
-        if reply.body is None:
-            raise NodeError("error", f"{node_url} returned a malformed {path} reply (not JSON)")
-        return reply
+        return _json_or_error(node_url, path, _reply(self._get_raw(node_url, path), path))
 
     def _ps(self, node_url: str) -> list[_Loaded]:
-        reply = self._get_json(node_url, "/api/ps")
+        return self._loaded(self.read_status_raw(node_url))
+
+    def _loaded(self, raw: RawStatus) -> list[_Loaded]:
+        """The models of an /api/ps read; NodeError when it failed or is malformed."""
+        reply = _json_or_error(raw.node_url, "/api/ps", _reply(raw, "/api/ps"))
         try:
             return _parse_ps(reply.body, reply.clock_offset)
         except ValueError as exc:
-            raise NodeError("error", f"{node_url} returned a malformed /api/ps reply ({exc})") from exc
+            raise NodeError("error", f"{raw.node_url} returned a malformed /api/ps reply ({exc})") from exc
+
+    # ----------------------------------------------------------------------------- /api/ps, the hot path
+
+    def poll_status(self, node_url: str, done: Callable[[RawStatus], None], path: str = "/api/ps") -> bool:
+        """Read /api/ps (or another GET) without a thread: `done(RawStatus)` is called once, on the status
+        poller's thread (flockparse/poller.py; keep it short). False when this node cannot be read that
+        way (https, or no descriptor for the poller): then use `read_status_raw` on a thread."""
+        node_url = _node_key(node_url)
+        poller = self._status_poller()
+        if poller is None:
+            return False
+        started = time.monotonic()
+
+        def deliver(reply: PollReply) -> None:
+            done(RawStatus(node_url, started, reply.status, reply.body, reply.date,
+                           round(reply.latency_s * 1000, 1), reply.error))  # fmt: skip
+
+        return poller.get(node_url, path, self.timeout, deliver, connect_timeout=self.timeout)
+
+    def read_status_raw(self, node_url: str) -> RawStatus:
+        """One /api/ps read on this thread (through the poller when it can): the body as received."""
+        return self._get_raw(_node_key(node_url), "/api/ps")
+
+    def _get_raw(self, node_url: str, path: str) -> RawStatus:
+        """A GET on this thread: through the poller (one connection per node for every GET) when it can,
+        else through the transport; the reply as received, or its NodeError."""
+        started = time.monotonic()
+        if self._closed:
+            return RawStatus(node_url, started, error=NodeError("cancelled", f"{node_url}: not sent, closed"))
+        box: list[RawStatus] = []
+        ready = threading.Event()
+        if self.poll_status(node_url, lambda raw: (box.append(raw), ready.set()), path):
+            if ready.wait(self.timeout + POLLER_GRACE_S):
+                return box[0]
+            error = NodeError("timeout", f"{node_url} did not answer {path} within {self.timeout:g}s")
+            return RawStatus(node_url, started, error=error)  # the poller is stuck: never seen, but bounded
+        try:
+            reply = self.call(node_url, "GET", path)
+        except NodeError as exc:
+            return RawStatus(node_url, started, error=exc)
+        latency_ms = round((time.monotonic() - started) * 1000, 1)
+        return RawStatus(node_url, started, reply.status, reply.text.encode(), reply.date, latency_ms)
+
+    def _status_poller(self) -> StatusPoller | None:
+        if self._closed:
+            return None
+        with self._lock:
+            if self._poller is None:
+                try:
+                    self._poller = StatusPoller(self._transport)
+                except OSError:  # no descriptor left for its selector: threads still work, retried later
+                    return None
+            return self._poller
 
     def forget_node(self, node_url: str) -> None:
         """Close one node's connections (it was removed from the cluster)."""
         self._transport.forget(_node_key(node_url))
+        with self._lock:
+            poller = self._poller
+        if poller is not None:
+            poller.forget(_node_key(node_url))
 
     def shutdown(self) -> None:
         """Close, and send nothing from now on (a call ends as `cancelled`): a move still running in another
@@ -310,6 +402,10 @@ class GPUController:
 
     def close(self) -> None:
         """Close every node's connections. The controller can still be used afterwards."""
+        with self._lock:
+            poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.close()
         self._transport.close()
 
     # ----------------------------------------------------------------------------- reading
@@ -317,23 +413,26 @@ class GPUController:
     def get_model_status(self, node_url: str) -> dict:
         """Where each loaded model sits on one node. Never raises: failures give 'error'."""
         node_url = _node_key(node_url)
+        return self.status_from_raw(self.read_status_raw(node_url))
+
+    def status_from_raw(self, raw: RawStatus) -> dict:
+        """The `get_model_status` dict of one /api/ps read (read_status_raw or poll_status)."""
         status: dict[str, Any] = {
-            "node_url": node_url,
+            "node_url": raw.node_url,
             "models": [],
             "gpu_count": 0,
             "cpu_count": 0,
             "split_count": 0,
             "latency_ms": None,
+            "requested_at": raw.started,  # time.monotonic(): lets a caller order replies
         }
-        started = time.monotonic()
-        status["requested_at"] = started  # time.monotonic(): lets a caller order replies
         try:
-            loaded = self._ps(node_url)
+            loaded = self._loaded(raw)
         except NodeError as exc:
             status["error"] = exc.message
             status["reason"] = exc.reason
             return status
-        status["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
+        status["latency_ms"] = raw.latency_ms
         status["models"] = [_model_row(entry) for entry in loaded]
         for row in status["models"]:
             if row["location"] == LOCATION_GPU:

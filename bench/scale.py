@@ -53,13 +53,13 @@ def bench_scale(nodes: int, procs: int, latency_ms: float, window: float) -> dic
         started = time.monotonic()
         with OllamaLoadBalancer(farm.urls, gpu_priority_models=["llama3.1"]) as balancer:
             checks: dict[str, list[float]] = defaultdict(list)
-            status = balancer.controller.get_model_status
+            poll = balancer.controller.poll_status  # every /api/ps read goes through it
 
-            def counted(url: str) -> dict:
+            def counted(url: str, done: Callable) -> bool:
                 checks[url].append(time.monotonic())  # list.append is atomic: no lock needed here
-                return status(url)
+                return poll(url, done)
 
-            balancer.controller.get_model_status = counted  # type: ignore[method-assign]
+            balancer.controller.poll_status = counted  # type: ignore[method-assign]
             wait_for(lambda: balancer.summary()["online"] == nodes, 120, "every node online")
             wait_for(lambda: balancer.optimizer_status()["last_pass"] is not None, 120, "the start-up pass")
             up_s = time.monotonic() - started

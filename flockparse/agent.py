@@ -32,6 +32,7 @@ from flockparse import gpu_state as gs
 from flockparse.events import Event
 from flockparse.results import MoveResult, Reason
 from flockparse.rules import LOCATION_GPU, is_off_gpu, matches_priority, model_key, parse_expires_at
+from gpu_controller import RawStatus
 
 RESTART_MARGIN_S = 10.0  # models gone this long before their expiry did not expire: the node restarted
 INSTALLED_REFRESH_SECONDS = 180.0  # how often the monitor re-reads /api/tags (for completion only)
@@ -116,6 +117,8 @@ class NodeAgent:
         self._recorded = 0  # ... and of the newest reply recorded
         self._models_sent_at = 0.0  # time.monotonic() the request behind `models` was sent
         self._checking = False  # a monitor check is in flight
+        self._last_body: bytes | None = None  # the /api/ps body behind the state (None: parse the next one)
+        self._last_status: dict = {}  # ... and its status dict, models left out (they are in the state)
         self._version_reading = False  # an /api/version read is in flight
         self._installed_at = -1e9  # time.monotonic() of the last /api/tags attempt
         self._installed_ok = False  # ... and whether it worked
@@ -147,43 +150,118 @@ class NodeAgent:
             return state.online, state.has_gpu, state.gpu, state.stale
 
     # ------------------------------------------------------------------ status reads
-    def read_status(self) -> tuple[int, float, dict]:
-        """One /api/ps read on the caller's thread: (sequence, time sent, status). Never raises."""
+    def _take_seq(self) -> tuple[int, float]:
         with self._lock:
             self._sent += 1
-            seq = self._sent
-        sent_at = time.monotonic()
-        return seq, sent_at, self.controller.get_model_status(self.url)
+            return self._sent, time.monotonic()
+
+    def read_raw(self) -> tuple[int, float, RawStatus]:
+        """One /api/ps read on the caller's thread: (sequence, time sent, the reply as received)."""
+        seq, sent_at = self._take_seq()
+        return seq, sent_at, self.controller.read_status_raw(self.url)
+
+    def read_status(self) -> tuple[int, float, dict]:
+        """One /api/ps read on the caller's thread: (sequence, time sent, status). Never raises."""
+        seq, sent_at, raw = self.read_raw()
+        return seq, sent_at, self.controller.status_from_raw(raw)
+
+    def fetch(self, done: Callable[[int, float, RawStatus], None]) -> None:
+        """Send an /api/ps read now, without a thread of its own (the status poller); `done(seq, sent_at,
+        raw)` runs on the poller's thread, or on a worker for a node the poller cannot read (https)."""
+        seq, sent_at = self._take_seq()
+        if not self.controller.poll_status(self.url, lambda raw: done(seq, sent_at, raw)):
+            self._run(lambda: done(seq, sent_at, self.controller.read_status_raw(self.url)))
+
+    def fold_if_unchanged(self, seq: int, sent_at: float, raw: RawStatus) -> dict | None:
+        """The steady state's whole cost: a reply byte for byte the same as the last one recorded, from a
+        node that is online, only says the node is still there. Returns its status (a copy of the last
+        one), or None when it must be parsed and recorded (`fold`)."""
+        with self._lock:
+            state = self._state
+            if (
+                raw.error is not None
+                or raw.http_status != 200
+                or self._last_body is None
+                or raw.body != self._last_body
+                or state.online is not True
+                or seq <= self._recorded
+                or self._closed.is_set()
+            ):
+                return None
+            self._recorded, self._models_sent_at = seq, sent_at
+            state.last_seen, state.latency_ms = time.time(), raw.latency_ms
+            status = dict(self._last_status)
+            status["models"] = [dict(m) for m in state.models]
+            status["latency_ms"], status["requested_at"] = raw.latency_ms, raw.started
+            return status
+
+    def fold(self, seq: int, sent_at: float, raw: RawStatus, patterns: list[str]) -> tuple[Folded, dict]:
+        """Record a read (the light path when unchanged): what it changed, and its status."""
+        status = self.fold_if_unchanged(seq, sent_at, raw)
+        if status is not None:
+            return Folded(), status
+        status = self.controller.status_from_raw(raw)
+        return self.record(seq, sent_at, status, patterns, raw.body), status
 
     def check(self, patterns: list[str]) -> Future[Folded] | None:
-        """A monitor check on a daemon thread (status, then /api/tags and /api/version when due); None
-        when one is already in flight: a hung node has one blocked thread, never a growing pile."""
+        """A monitor check: an /api/ps read through the status poller (no thread while it waits), parsed on
+        a worker only when the reply changed; /api/tags and /api/version first on a worker when due. None
+        when one is already in flight: a hung node has one check pending, never a growing pile."""
         with self._lock:
             if self._checking or self._closed.is_set():
                 return None
             self._checking = True
+        future: Future[Folded] = Future()
 
-        def run() -> Folded:
+        def settle(work: Callable[[], Folded]) -> None:
             try:
-                return self._check(patterns)
-            finally:
+                folded = work()
+            except BaseException as error:  # never leave the node unchecked for good
                 with self._lock:
                     self._checking = False
+                future.set_exception(error)
+                return
+            with self._lock:
+                self._checking = False
+            future.set_result(folded)
 
+        if self._extras_due():
+            self._run(lambda: settle(lambda: self._check(patterns)))
+            return future
+
+        def on_reply(seq: int, sent_at: float, raw: RawStatus) -> None:
+            if self.fold_if_unchanged(seq, sent_at, raw) is not None:
+                settle(Folded)
+            else:
+                self._run(lambda: settle(lambda: self.fold(seq, sent_at, raw, patterns)[0]))
+
+        self.fetch(on_reply)
+        return future
+
+    def _run(self, work: Callable[[], Any]) -> None:
         if self._submit is not None:
-            return self._submit(run)
-        return run_daemon(run, f"check-{self.url}")
+            self._submit(work)
+        else:
+            run_daemon(work, f"check-{self.url}")
+
+    def _extras_due(self) -> bool:
+        """A check that must do more than read /api/ps: the node is not known online, or /api/tags or
+        /api/version is due."""
+        with self._lock:
+            if self._state.online is not True or self._state.ollama_version is None:
+                return True
+        return self._installed_due()
 
     def _check(self, patterns: list[str]) -> Folded:
-        seq, sent_at, status = self.read_status()
-        up = "error" not in status
+        seq, sent_at, raw = self.read_raw()
+        up = raw.error is None and raw.http_status == 200
         installed = self.controller.list_installed(self.url) if up and self._installed_due() else None
         if up:
             self.ensure_version()
         # before the status is recorded: a node coming up gets a pass that needs the installed list
         if installed is not None:
             self.record_installed(installed)
-        return self.record(seq, sent_at, status, patterns)
+        return self.fold(seq, sent_at, raw, patterns)[0]
 
     def _installed_due(self) -> bool:
         with self._lock:
@@ -225,15 +303,21 @@ class NodeAgent:
         with self._lock:
             return set(self._state.installed)
 
-    def record(self, seq: int, sent_at: float, status: dict, patterns: list[str]) -> Folded:
-        """Fold a status reply into the state, unless a newer one was recorded already."""
+    def record(
+        self, seq: int, sent_at: float, status: dict, patterns: list[str], body: bytes | None = None
+    ) -> Folded:
+        """Fold a status reply into the state, unless a newer one was recorded already. `body`: the reply
+        as received, so that the next identical one takes the light path (`fold_if_unchanged`)."""
         with self._lock:
             if seq <= self._recorded or self._closed.is_set():
                 return Folded()
             self._recorded = seq
+            self._last_body = None
             if "error" in status:
                 return Folded(events=tuple(self._record_failure(str(status["error"]))))
-            return self._record_success(sent_at, status, patterns)
+            folded = self._record_success(sent_at, status, patterns)
+            self._last_body, self._last_status = body, {**status, "models": []}
+            return folded
 
     def _record_failure(self, error: str) -> list[Event]:
         """Lock held. The node keeps its last known models, now stale."""
@@ -267,6 +351,9 @@ class NodeAgent:
         if was_online is False or restarted:
             self._fresh_start(previous_models)
         events: list[Event] = []
+        placed = _placements(state.models)
+        if placed != _placements(previous_models):
+            events.append(_placements_event(self.url, placed, _placements(previous_models)))
         in_vram = {model_key(m["name"]) for m in state.models if _in_vram(m)}
         if state.gpu != gs.GPU_LOST and in_vram:
             events += _note_gpu_seen(state, gs.EVIDENCE_VRAM)
@@ -302,14 +389,16 @@ class NodeAgent:
             _reset_gpu_evidence(state, gs.EVIDENCE_RESTARTED)
 
     # ------------------------------------------------------------------ evidence from moves and probes
-    def record_move(self, model: str, result: MoveResult) -> list[Event]:
+    def record_move(self, model: str, result: MoveResult, exporter_gpus: int | None = None) -> list[Event]:
         """Moves are evidence: a load in VRAM proves a GPU; an all-layers load in RAM proves none, or that
-        the GPU was lost when one was seen before. Modelfile pins and MLX models are remembered."""
+        the GPU was lost when one was seen before (or the node's exporter lists one: `exporter_gpus`).
+        Modelfile pins and MLX models are remembered."""
         with self._lock:
+            self._last_body = None  # the verdict may have changed: fold the next reply in full
             state = self._state
             events: list[Event] = []
             if result.reason == Reason.NO_GPU:
-                events = _note_cpu_landing(state)
+                events = _note_cpu_landing(state, exporter_gpus)
             elif result.success and result.location == LOCATION_GPU and result.reason != Reason.ALREADY:
                 events = _note_gpu_seen(state, gs.EVIDENCE_LOAD_VRAM)
             key = model_key(model)
@@ -319,13 +408,19 @@ class NodeAgent:
                 state.unmovable.pop(key, None)
             return events
 
-    def record_probe(self, result: dict) -> list[Event]:
+    def record_probe(self, result: dict, exporter_gpus: int | None = None) -> list[Event]:
         with self._lock:
+            self._last_body = None
             if result["gpu"] is True:
                 return _note_gpu_seen(self._state, gs.EVIDENCE_LOAD_VRAM)
             if result["gpu"] is False:
-                return _note_cpu_landing(self._state)
+                return _note_cpu_landing(self._state, exporter_gpus)
             return []
+
+    def record_exporter(self, gpu_count: int) -> list[Event]:
+        """The GPUs a fresh scrape of the node's exporter lists are evidence too (exporter_verdict)."""
+        with self._lock:
+            return _note_exporter(self._state, gpu_count)
 
     # ------------------------------------------------------------------ routed requests
     def request_started(self) -> bool:
@@ -476,23 +571,48 @@ def _note_gpu_seen(state: NodeState, evidence: str) -> list[Event]:
     return events
 
 
-def _note_cpu_landing(state: NodeState) -> list[Event]:
+def _note_cpu_landing(state: NodeState, exporter_gpus: int | None = None) -> list[Event]:
     """An all-layers load landed in RAM: a CPU-only node, or a lost GPU (one `gpu_lost` event per loss,
-    however many loads land in RAM until the GPU is seen again)."""
+    however many loads land in RAM until the GPU is seen again); gpu_state.landing_verdict decides."""
     state.cpu_landings += 1
-    if state.reports_estimates and state.cpu_landings < 2:
+    verdict = gs.landing_verdict(state.gpu_seen, state.cpu_landings, state.reports_estimates, exporter_gpus)
+    if verdict is None:
         state.gpu_evidence = gs.EVIDENCE_ONE_LANDING
         return []
-    if not state.gpu_seen:
+    if verdict == gs.GPU_NO:
         _set_gpu(state, gs.GPU_NO, gs.EVIDENCE_RAM)
         return []
-    _set_gpu(state, gs.GPU_LOST, gs.EVIDENCE_LOST)
+    if exporter_gpus and not state.gpu_seen:
+        return _mark_lost(state, gs.EVIDENCE_LOST_EXPORTER)
+    return _mark_lost(state, gs.EVIDENCE_LOST)
+
+
+def _note_exporter(state: NodeState, gpu_count: int) -> list[Event]:
+    """The exporter's GPU list: `no` when it lists none, `lost` when it lists one Ollama does not use."""
+    change = gs.exporter_verdict(state.gpu, state.gpu_evidence, state.gpu_seen, gpu_count)
+    if change is None:
+        return []
+    gpu, evidence = change
+    if gpu == gs.GPU_LOST:
+        return _mark_lost(state, evidence)
+    _set_gpu(state, gpu, evidence)
+    return []
+
+
+def _mark_lost(state: NodeState, evidence: str) -> list[Event]:
+    """The node's GPU is lost: one `gpu_lost` event per loss (none while one is in force)."""
+    _set_gpu(state, gs.GPU_LOST, evidence)
     if state.gpu_lost_since is not None:
         return []
     state.gpu_lost_since = time.time()
     state.vram_when_lost = [model_key(m["name"]) for m in state.models if _in_vram(m)]
     remedy = gs.lost_remedy_text(state.url)
-    message = f"{state.url} lost its GPU: a load with every layer on the GPU landed in RAM. {remedy}"
+    what = (
+        "its GPU exporter lists a GPU, but a load with every layer on the GPU landed in RAM"
+        if evidence == gs.EVIDENCE_LOST_EXPORTER
+        else "a load with every layer on the GPU landed in RAM"
+    )
+    message = f"{state.url} lost its GPU: {what}. {remedy}"
     return [Event("gpu_lost", node=state.url, message=message, data={"remedy": remedy})]
 
 
@@ -520,6 +640,25 @@ def _priority_model_fell_off_gpu(previous: list[dict], models: list[dict], patte
         if name not in before or before[name] == LOCATION_GPU:
             return True
     return False
+
+
+PLACEMENT_FIELDS = ("location", "gpu_percent", "vram_mb", "size_mb", "context_length")
+
+
+def _placements(models: list[dict]) -> dict[str, dict]:
+    """What a history of placements needs of each loaded model (model key -> its placement fields)."""
+    return {model_key(m["name"]): {f: m.get(f) for f in PLACEMENT_FIELDS} for m in models}
+
+
+def _placements_event(url: str, now: dict[str, dict], before: dict[str, dict]) -> Event:
+    """Every observed change of what a node holds where (for history; the console does not print it)."""
+    changed = sorted(name for name in now.keys() | before.keys() if now.get(name) != before.get(name))
+    return Event(
+        "placements_changed",
+        node=url,
+        message=f"{url}: placement changed for {', '.join(changed)}",
+        data={"models": now, "previous": before, "changed": changed},
+    )
 
 
 def _in_vram(model: dict) -> bool:

@@ -11,11 +11,12 @@ Locking rule: `self._lock` guards the registry of agents and nothing else; no ne
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, wait
 from typing import Any
 
@@ -23,6 +24,14 @@ from flockparse import gpu_state as gs
 from flockparse import routing as routes
 from flockparse.agent import OPTIMIZER_PRIORITY, USER_PRIORITY, Folded, NodeAgent, NodeState, run_daemon
 from flockparse.events import Event, EventBus
+from flockparse.gpu_metrics import (
+    GpuMemory,
+    GpuMetricsScraper,
+    HeldOffTracker,
+    kept_off_by_others,
+    vram_fields,
+)
+from flockparse.gpu_metrics.scraper import SCRAPE_INTERVAL_S
 from flockparse.limits import FdBudget, fd_budget
 from flockparse.optimizer import GPUOptimizer
 from flockparse.request_stats import RequestStats, Sample, eval_metrics
@@ -81,6 +90,8 @@ class OllamaLoadBalancer:
         request_timeout: float = 300.0,
         on_gpu_lost: str | None = None,
         remedy_timeout: float = gs.REMEDY_TIMEOUT_S,
+        gpu_metrics: Mapping[str, str] | None = None,
+        gpu_metrics_interval: float = SCRAPE_INTERVAL_S,
         routing: str = routes.DEFAULT_STRATEGY,
     ) -> None:
         self.events = EventBus()
@@ -119,6 +130,16 @@ class OllamaLoadBalancer:
         declared = {normalize_url(url): gpu for url, gpu in (gpu_capability or {}).items()}
         for url in dict.fromkeys(normalize_url(u) for u in nodes):
             self.add_node(url, has_gpu=declared.get(url))
+        # each node's GPU exporter (optional), scraped on threads of its own (flockparse/gpu_metrics)
+        self.gpu_metrics = GpuMetricsScraper(
+            timeout=float(getattr(self.controller, "timeout", 5.0)),
+            interval=gpu_metrics_interval,
+            on_scrape=self._on_gpu_memory,
+            emit=self.events.emit,
+        )
+        self._held_off = HeldOffTracker()
+        for url, exporter in (gpu_metrics or {}).items():
+            self.set_gpu_exporter(url, exporter)
         if start:
             self.start()
 
@@ -134,6 +155,7 @@ class OllamaLoadBalancer:
         self._monitor_stop.clear()
         self._monitor_thread = threading.Thread(target=self._monitor_loop, name="lb-health", daemon=True)
         self._monitor_thread.start()
+        self.gpu_metrics.start()
 
     def close(self) -> None:
         """Stop everything within a second: no event is delivered and no request is sent afterwards.
@@ -152,6 +174,7 @@ class OllamaLoadBalancer:
         self._check_pool.close()
         self._read_pool.close()
         self._pass_pool.close()
+        self.gpu_metrics.close()
         with self._lock:
             agents = list(self._agents.values())
         for agent in agents:
@@ -286,6 +309,8 @@ class OllamaLoadBalancer:
         self.request_stats.forget(node)
         self._route_views = (float("-inf"), [])
         self._optimizer.forget_node(node, keep_pins=False)
+        self.gpu_metrics.set_exporter(node, None)
+        self._held_off.forget(node)
         self.events.emit(Event("node_removed", node=node, message=f"removed node {node}"))
         return True
 
@@ -397,11 +422,7 @@ class OllamaLoadBalancer:
         if agent.online is False and not self._closed.is_set():
             self._schedule(agent.url, time.monotonic() + OFFLINE_RECHECK_SECONDS)
         self._act_on(agent, folded, trigger=True)
-        if (
-            agent.snapshot().online
-            and self.controller.has_pending_restores(agent.url)
-            and not agent.lane.busy
-        ):
+        if agent.online and self.controller.has_pending_restores(agent.url) and not agent.lane.busy:
             agent.lane.submit(lambda stop: self._restore_pending(agent, stop), None, OPTIMIZER_PRIORITY)
 
     def _restore_pending(self, agent: NodeAgent, stop: threading.Event) -> dict:
@@ -436,14 +457,55 @@ class OllamaLoadBalancer:
         agent = self._agent(node)
         if agent is None:
             return {"node_url": node, "models": [], "error": f"{node} is not in the cluster"}
-        seq, sent_at, status = agent.read_status()
-        folded = agent.record(seq, sent_at, status, self._patterns())
+        seq, sent_at, raw = agent.read_raw()
+        folded, status = agent.fold(seq, sent_at, raw, self._patterns())
+        self._after_read(agent, folded, status, trigger)
+        return status
+
+    def _after_read(self, agent: NodeAgent, folded: Folded, status: dict, trigger: bool) -> None:
+        """What a read outside the monitor's checks leads to: a quick recheck of a node seen down, the
+        version of a node seen coming up, and the optimizer's attention when something changed."""
         if "error" in status and self._started and not self._closed.is_set():
-            self._schedule(node, time.monotonic() + OFFLINE_RECHECK_SECONDS)  # seen down here: recheck soon
+            self._schedule(agent.url, time.monotonic() + OFFLINE_RECHECK_SECONDS)  # seen down: recheck soon
         if folded.warm_up:  # it came up: the version says how far its /api/ps figures can be trusted
             agent.ensure_version()
         self._act_on(agent, folded, trigger=trigger)
-        return status
+
+    def read_statuses(self, nodes: Iterable[str]) -> dict[str, Future]:
+        """Read every given node's /api/ps now, all at once through the status poller: a Future of each
+        node's status dict (as `read_status`), done within the controller's timeout. An unchanged reply
+        costs no parsing and no thread; a changed one is parsed and recorded on a reader worker."""
+        patterns = self._patterns()
+        futures: dict[str, Future] = {}
+        for url in nodes:
+            agent = self._agent(url)
+            future: Future = Future()
+            futures[url] = future
+            if agent is None:
+                future.set_result({"node_url": url, "models": [], "error": f"{url} is not in the cluster"})
+                continue
+            agent.fetch(functools.partial(self._on_read, agent, future, patterns))
+        return futures
+
+    def _on_read(
+        self, agent: NodeAgent, future: Future, patterns: list[str], seq: int, sent_at: float, raw: Any
+    ) -> None:
+        status = agent.fold_if_unchanged(seq, sent_at, raw)
+        if status is not None:
+            future.set_result(status)
+            return
+
+        def fold() -> None:
+            try:
+                folded, full = agent.fold(seq, sent_at, raw, patterns)
+                self._after_read(agent, folded, full, trigger=False)
+            except BaseException as error:  # the controller promises not to raise; never hang a caller
+                future.set_exception(error)
+                return
+            future.set_result(full)
+
+        if self._read_pool.submit(fold).cancelled():  # closing: say so rather than never answering
+            future.set_result({"node_url": agent.url, "models": [], "error": f"{agent.url}: closing"})
 
     def installed_models(self, node: str) -> set[str]:
         """Canonical keys of the models installed on a node (read now if never read successfully)."""
@@ -490,27 +552,64 @@ class OllamaLoadBalancer:
         result = agent.lane.submit(probe, cancel, USER_PRIORITY).result()
         if isinstance(result, MoveResult):  # the lane was closed
             return {"gpu": None, "model": None, "message": result.message}
-        self._emit_all(agent.record_probe(result))
+        self._emit_all(agent.record_probe(result, self._exporter_gpus(node)))
         return result
+
+    # ------------------------------------------------------------------ GPU exporters
+    def set_gpu_exporter(self, node: str, exporter: str | None) -> None:
+        """Read `node`'s VRAM figures from its GPU exporter (`http://host:9400/metrics`), or stop (None).
+        ValueError (one line) for a node not in the cluster or an unusable exporter address."""
+        url = normalize_url(node)
+        if exporter is not None and self._agent(url) is None:
+            raise ValueError(f"not in the cluster: {url}")
+        self.gpu_metrics.set_exporter(url, exporter)
+
+    def gpu_memory(self, node: str) -> GpuMemory | None:
+        """The node's GPU memory as its exporter last showed it; None without an exporter. No network call."""
+        return self.gpu_metrics.memory(normalize_url(node))
+
+    def _exporter_gpus(self, node: str) -> int | None:
+        """How many GPUs the node's exporter lists (its last good figures), None when not known."""
+        memory = self.gpu_metrics.memory(node)
+        return None if memory is None else memory.gpu_count
+
+    def _vram_fields(self, state: NodeState) -> dict[str, Any]:
+        memory = self.gpu_metrics.memory(state.url)
+        return {} if memory is None else vram_fields(memory, state.models)
+
+    def _on_gpu_memory(self, node: str, memory: GpuMemory) -> None:
+        """After each scrape (on a scrape thread): the GPUs listed are verdict evidence, and VRAM held by
+        other programs that keeps a priority model off the GPU is an event, once per condition."""
+        agent = self._agent(node)
+        if agent is None or self._closed.is_set() or memory.error is not None:
+            return
+        self._emit_all(agent.record_exporter(len(memory.gpus)))
+        state = agent.snapshot()
+        if not state.online:
+            return  # its models are the last known ones: they say nothing about now
+        held = []
+        if state.gpu == gs.GPU_YES:
+            pinned = self._optimizer.is_pinned
+            held = kept_off_by_others(state.models, memory, self._patterns(), lambda m: pinned(node, m))
+        self._emit_all(self._held_off.update(node, held))
 
     # ------------------------------------------------------------------ reports
     def vram_report(self, nodes: Iterable[str] | None = None) -> list[dict]:
         """Fresh placement of every model on every node, nodes concurrently, bounded by the timeout.
 
-        Each node is read on a thread of its own (never queued behind the monitor or another node), so a
-        node that answers within its timeout is never reported stale. A node that does not answer keeps its
-        last known models, marked `stale`. `nodes`: only those (then no other node is waited for).
+        Every node is read at once through the status poller (never queued behind the monitor or another
+        node), so a node that answers within its timeout is never reported stale. A node that does not
+        answer keeps its last known models, marked `stale`. `nodes`: only those (no other node is waited
+        for).
         """
         wanted = None if nodes is None else set(self._targets(nodes))
         agents = [agent for agent in self._all_agents() if wanted is None or agent.url in wanted]
-        started: dict[str, float] = {}
-
-        def read(url: str) -> dict:
-            started[url] = time.monotonic()
-            return self.read_status(url)
-
-        futures = {agent.url: self._read_pool.submit(lambda u=agent.url: read(u)) for agent in agents}
+        sent = time.monotonic()
+        futures = self.read_statuses(agent.url for agent in agents)
+        started = dict.fromkeys(futures, sent)
         self._wait_for_reads(futures, started)
+        budget = float(getattr(self.controller, "timeout", 5.0)) + REPORT_SLACK_S
+        self.gpu_metrics.wait_first(list(futures), sent + budget - time.monotonic())  # right after start
         report = []
         for agent in agents:
             state = agent.snapshot()
@@ -524,6 +623,7 @@ class OllamaLoadBalancer:
                 **_gpu_fields(state),
                 "latency_ms": state.latency_ms,
                 "models": _report_models(state),
+                **self._vram_fields(state),
             })  # fmt: skip
         return report
 
@@ -561,6 +661,7 @@ class OllamaLoadBalancer:
                 "stale": s.stale,
                 "models_loaded": len(s.models),
                 "models_on_gpu": sum(m.get("location") == LOCATION_GPU for m in s.models),
+                **self._vram_fields(s),
                 **self.request_stats.summary(s.url),  # p50/p95 latency and TTFT, tokens/s, cool-down
             }
             for s in self.node_states()
@@ -712,6 +813,10 @@ class OllamaLoadBalancer:
                     Reason.NOT_LOADED, f"skipped {node}: {canonical_name(model)} is not loaded there"
                 )
             probe = self.probe_gpu(node, cancel=cancel)
+            if self.node_state(node).gpu == gs.GPU_LOST:  # its exporter lists a GPU Ollama does not use
+                return skipped(
+                    Reason.GPU_LOST, f"skipped {node}: its GPU is lost. {gs.lost_remedy_text(node)}"
+                )
             if probe["gpu"] is not True:
                 reason = Reason.NO_GPU if probe["gpu"] is False else Reason.GPU_UNKNOWN
                 return skipped(reason, f"skipped {node}: no GPU shown by a probe ({probe['message']})")
@@ -737,7 +842,7 @@ class OllamaLoadBalancer:
             except Exception as error:  # the controller promises not to raise; report it as a failed move
                 logger.exception("move of %s on %s failed", name, node)
                 result = MoveResult(False, str(error), Reason.ERROR)
-            self._emit_all(agent.record_move(name, result))
+            self._emit_all(agent.record_move(name, result, self._exporter_gpus(node)))
             data.update(location=result.location, reason=str(result.reason), vram_mb=result.vram_mb)
             kind = "move_finished" if result.success else "move_failed"
             self.events.emit(Event(kind, node=node, model=name, data=data, message=result.message))

@@ -34,6 +34,10 @@ EVENT_KINDS = (
     "pass_finished",
     "optimizer_started",
     "optimizer_stopped",
+    "gpu_metrics_failed",
+    "gpu_metrics_back",
+    "vram_held_by_others",
+    "vram_held_by_others_resolved",
 )
 
 

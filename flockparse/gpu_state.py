@@ -37,6 +37,9 @@ EVIDENCE_DECLARED = "declared in configuration"
 EVIDENCE_LOST = "seen with a GPU before, now an all-layers load lands in RAM"
 EVIDENCE_ONE_LANDING = "one all-layers load landed in RAM (Ollama < 0.30 reports estimates: not conclusive)"
 EVIDENCE_RESTARTED = "restarted since the last verdict: asking again"
+EVIDENCE_EXPORTER_NO_GPU = "its GPU exporter lists no GPU"
+EVIDENCE_EXPORTER_GPU = "its GPU exporter lists a GPU; whether Ollama uses it is not known yet"
+EVIDENCE_LOST_EXPORTER = "its GPU exporter lists a GPU, but an all-layers load landed in RAM"
 
 FIRST_EXACT_VERSION = (0, 30)  # era C: /api/ps figures are measured (llama-server logs), not estimated
 REMEDY_TIMEOUT_S = 120.0
@@ -74,6 +77,41 @@ def reports_estimates(version: str | None) -> bool:
     """Ollama before 0.30 shows *estimated* size/size_vram in /api/ps (ollama-api.md, eras A and B)."""
     parsed = version_tuple(version)
     return parsed is not None and parsed < FIRST_EXACT_VERSION
+
+
+def landing_verdict(gpu_seen: bool, landings: int, estimates: bool, exporter_gpus: int | None) -> str | None:
+    """What an all-layers load landing in RAM says: `lost`, `no`, or None (not conclusive yet).
+
+    `landings` counts such loads in a row (this one included). Where the node's GPU exporter lists a GPU
+    the landing is conclusive at once, even on Ollama < 0.30: the GPU is there and Ollama does not use it.
+    """
+    if exporter_gpus:
+        return GPU_LOST
+    if estimates and landings < 2:
+        return None
+    return GPU_LOST if gpu_seen else GPU_NO
+
+
+def exporter_verdict(
+    gpu: str, evidence: str, gpu_seen: bool, exporter_gpus: int | None
+) -> tuple[str, str] | None:
+    """What the GPU list of a node's exporter changes in its verdict: (state, evidence), or None.
+
+    - no GPU listed, on a node never seen with one and not declared: `no`;
+    - a GPU listed on a node judged `no` from a RAM landing (the load came before the first scrape): the
+      GPU is there and Ollama does not use it, `lost`;
+    - a GPU listed on a node the exporter itself had judged `no`: `unknown`, evidence is gathered again.
+    A node seen with a GPU is never made `no` by its exporter (a loss shows when a load lands in RAM).
+    """
+    if exporter_gpus is None:
+        return None
+    if exporter_gpus == 0:
+        return (GPU_NO, EVIDENCE_EXPORTER_NO_GPU) if gpu == GPU_UNKNOWN and not gpu_seen else None
+    if gpu == GPU_NO and evidence == EVIDENCE_EXPORTER_NO_GPU:
+        return GPU_UNKNOWN, EVIDENCE_EXPORTER_GPU
+    if gpu == GPU_NO and evidence == EVIDENCE_RAM:
+        return GPU_LOST, EVIDENCE_LOST_EXPORTER
+    return None
 
 
 @dataclass(frozen=True)

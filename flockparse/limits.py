@@ -13,7 +13,8 @@ import contextlib
 import resource
 from dataclasses import dataclass
 
-DESCRIPTORS_PER_NODE = 2  # the check's kept-alive connection, plus one for a report/pass/move overlapping it
+DESCRIPTORS_PER_NODE = 3  # the poller's kept connection (checks, reports, passes), one more when a report
+# overlaps a check, and the transport's kept one for /api/tags, /api/version and moves
 RESERVED_DESCRIPTORS = 64  # standard streams, logs, history, the console's terminal, a remedy's pipes ...
 UNLIMITED_TARGET = 1 << 20  # what an "unlimited" hard limit is raised to (the kernel's nr_open default)
 

@@ -11,10 +11,11 @@ Why it is shaped like this (see shared/spec/prior-art.md for what went wrong bef
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
 from typing import Any, Protocol
 
@@ -41,6 +42,7 @@ class Cluster(Protocol):
     def nodes(self) -> list[str]: ...
     def node_state(self, url: str) -> Any: ...
     def read_status(self, node: str, trigger: bool = False) -> dict: ...
+    def read_statuses(self, nodes: Iterable[str]) -> dict[str, Future]: ...
     def installed_models(self, node: str) -> set[str]: ...
     def run_node_task(self, work: Callable[[], Any]) -> Future: ...
     def probe_gpu(
@@ -345,14 +347,7 @@ class GPUOptimizer:
                 {"scope": scope, "nodes": len(urls), "node_urls": urls if scope == "nodes" else []},
                 node=only_node,
             )
-            run = self._cluster.run_node_task
-            tasks = [run(lambda u=url: self._optimize_node(u, cancel, kind, load_absent, actions))
-                     for url in urls]  # fmt: skip
-            wait(tasks)
-            checked = sum(1 for task in tasks if task.exception() is None and task.result())
-            for task in tasks:
-                if task.exception() is not None:
-                    logger.error("GPU optimizer node task failed", exc_info=task.exception())
+            checked = self._pass_over(urls, cancel, kind, load_absent, actions)
             with self._lock:
                 done = list(actions)
             summary = {
@@ -371,16 +366,100 @@ class GPUOptimizer:
         finally:
             self._pass_free.set()
 
+    def _pass_over(
+        self, urls: list[str], cancel: threading.Event, kind: str, load_absent: bool, actions: list[Action]
+    ) -> int:
+        """Gate every node (no I/O), read the others' status all at once, and give a node task only to the
+        nodes with something to do; returns how many nodes' status was read.
+
+        A steady node (every priority model already on GPU) costs its /api/ps read and nothing else: no
+        thread, no task. A read is acted on as soon as it is in, so a hung node delays only itself."""
+        cluster = self._cluster
+        lock = threading.Lock()  # guards tasks and checked; no I/O under it
+        tasks: list[Future] = []
+        checked = [0]
+
+        def add(action: Action) -> None:
+            with self._lock:
+                actions.append(action)
+
+        def node_task(work: Callable[[], bool]) -> Future:
+            task = cluster.run_node_task(work)
+            with lock:
+                tasks.append(task)
+            return task
+
+        to_read, probes = [], []
+        for url in urls:
+            state = cluster.node_state(url)
+            if state is None or cancel.is_set():
+                continue
+            entry = planner.gate(url, state.online, state.gpu, state.gpu_evidence, kind)
+            if entry.probe_lost_gpu:
+                probe = functools.partial(self._optimize_node, url, cancel, kind, load_absent, actions)
+                probes.append(node_task(probe))
+            elif entry.skip is not None:
+                add(entry.skip)
+            else:
+                to_read.append(url)
+
+        reads = cluster.read_statuses(to_read)
+        remaining = [len(reads)]
+        all_read = threading.Event()  # set once every read's callback has run (wait() returns before that)
+
+        def on_read(url: str, read: Future) -> None:
+            try:
+                status = _read_result(url, read)
+                if "error" in status:
+                    add(Action(url, None, "skipped", "offline", f"{url}: {status['error']}"))
+                    return
+                with lock:
+                    checked[0] += 1
+                if not cancel.is_set() and not self._steady(url, status, load_absent):
+                    node_task(lambda: self._act_on_status(url, status, cancel, kind, load_absent, add))
+            finally:
+                with lock:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        all_read.set()
+
+        if not reads:
+            all_read.set()
+        for url, read in reads.items():
+            read.add_done_callback(functools.partial(on_read, url))
+        all_read.wait()  # every read ends within the controller's timeout (the poller's deadlines)
+        with lock:
+            started = list(tasks)
+        wait(started)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("GPU optimizer node task failed", exc_info=task.exception())
+        ok = [task for task in probes if not task.cancelled() and task.exception() is None]
+        return checked[0] + sum(1 for task in ok if task.result())
+
+    def _steady(self, url: str, status: dict, load_absent: bool) -> bool:
+        """Nothing to do on this node (no I/O: it runs on the thread that delivered the read)."""
+        state = self._cluster.node_state(url)
+        if state is None or state.gpu in ("no", "lost"):
+            return True
+        if load_absent and not status["models"]:
+            return False  # a warm-up needs the installed list: in a node task
+        patterns = priority_patterns(self._cluster.gpu_priority_models)
+        wanted = planner.candidates(status["models"], patterns, (), state.previous_gpu_models, False)
+        for name in wanted.on_gpu_priority:
+            self._seen_on_gpu(url, name)
+        return not wanted.off_gpu
+
     def _optimize_node(
         self, url: str, cancel: threading.Event, kind: str, load_absent: bool, actions: list[Action]
     ) -> bool:
-        """Observe one node, ask the planner, have the node's owner move; True when its status was read."""
+        """A node whose GPU was lost: probe it first; when the probe finds the GPU, read and act as any node.
+        True when its status was read."""
         cluster = self._cluster
 
-        def add(action: Action) -> Action:
+        def add(action: Action) -> None:
             with self._lock:
                 actions.append(action)
-            return action
 
         state = cluster.node_state(url)
         if state is None or cancel.is_set():
@@ -399,6 +478,20 @@ class GPUOptimizer:
         if "error" in status:
             add(Action(url, None, "skipped", "offline", f"{url}: {status['error']}"))
             return False
+        self._act_on_status(url, status, cancel, kind, load_absent, add)
+        return True
+
+    def _act_on_status(
+        self,
+        url: str,
+        status: dict,
+        cancel: threading.Event,
+        kind: str,
+        load_absent: bool,
+        add: Callable[[Action], None],
+    ) -> bool:
+        """Ask the planner what the node's status calls for and have the node's owner move (a node task)."""
+        cluster = self._cluster
         state = cluster.node_state(url)
         if state is None or state.gpu in ("no", "lost"):
             return True
@@ -416,9 +509,10 @@ class GPUOptimizer:
         for name in [*wanted.off_gpu, *absent]:
             if cancel.is_set():
                 break
-            action = add(
-                self._consider_move(url, name, frozenset(on_gpu), state.unmovable.get(name), cancel, kind)
+            action = self._consider_move(
+                url, name, frozenset(on_gpu), state.unmovable.get(name), cancel, kind
             )
+            add(action)
             if action.reason == "no_gpu":
                 break  # the node just proved it has no GPU: reloading the others would land in RAM too
             if action.action == "moved":
@@ -470,6 +564,17 @@ class GPUOptimizer:
         self, kind: str, message: str, data: dict[str, Any] | None = None, node: str | None = None
     ) -> None:
         self._cluster.events.emit(Event(kind, node=node, message=message, data=data or {}))
+
+
+def _read_result(url: str, read: Future) -> dict:
+    """A read's status dict; a read that failed inside (never expected) is an error, not a lost node."""
+    if read.cancelled():
+        return {"node_url": url, "models": [], "error": "not read: closing"}
+    error = read.exception()
+    if error is not None:
+        logger.error("status read of %s failed", url, exc_info=error)
+        return {"node_url": url, "models": [], "error": f"status read failed ({type(error).__name__})"}
+    return read.result()
 
 
 def _summary_sentence(summary: dict) -> str:

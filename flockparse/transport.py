@@ -92,6 +92,7 @@ class Reply:
     body: Any  # parsed JSON, or None when the body was not JSON
     text: str
     clock_offset: timedelta = timedelta(0)  # node clock minus ours, from its Date header
+    date: str | None = None  # that Date header as sent
 
     def error_text(self) -> str:
         """Ollama's `{"error": ...}` text, or the start of the raw body."""
@@ -357,7 +358,7 @@ class NodeTransport:
                 conn.close()
                 cause, connected = exc, True
             assert cause is not None
-            raise _failure(
+            raise call_failure(
                 node_url, path, timeout if connected else wait, cause, connected, deadline
             ) from cause
 
@@ -383,9 +384,9 @@ class NodeTransport:
         target = pool.prefix + path
         node = pool.url
         if method == "GET" and body is None and conn.tls is None and _UNSAFE_IN_TARGET.isdisjoint(target):
-            request = _request_head(method, target, pool.host_header, headers)
+            request = request_head(method, target, pool.host_header, headers)
             status, fields, raw, reusable = _fast_get(conn.sock, request, deadline, limit, node, path)
-            _refuse_redirect_or_encoding(
+            refuse_redirect_or_encoding(
                 node, path, status, fields.get("location"), fields.get("content-encoding")
             )
             if reusable:
@@ -393,13 +394,14 @@ class NodeTransport:
             else:
                 conn.close()
             text = raw.decode("utf-8", "replace")
-            return Reply(status, _parse_json(text, node, path), text, clock_offset(fields.get("date")))
+            date = fields.get("date")
+            return Reply(status, parse_json(text, node, path), text, clock_offset(date), date)
         try:
             conn.request(method, target, body, headers)
             response = conn.getresponse()
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
             raise _Stale() from exc
-        _refuse_redirect_or_encoding(
+        refuse_redirect_or_encoding(
             node,
             path,
             response.status,
@@ -413,10 +415,10 @@ class NodeTransport:
         else:
             conn.close()
         text = raw.decode("utf-8", "replace")
-        return Reply(response.status, _parse_json(text, node, path), text, clock_offset(date))
+        return Reply(response.status, parse_json(text, node, path), text, clock_offset(date), date)
 
 
-def _refuse_redirect_or_encoding(
+def refuse_redirect_or_encoding(
     node: str, path: str, status: int, location: str | None, encoding: str | None
 ) -> None:
     """Never follow a redirect; never decode a compressed reply (see the module docstring)."""
@@ -436,7 +438,7 @@ def _refuse_redirect_or_encoding(
 # ------------------------------------------------------------------------------- the hot GET path
 
 
-def _request_head(method: str, target: str, host: str, headers: Any) -> bytes:
+def request_head(method: str, target: str, host: str, headers: Any) -> bytes:
     """The request as http.client would send it for a GET without body (Host, our headers, identity)."""
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", "Accept-Encoding: identity"]
     lines += [f"{name}: {value}" for name, value in headers.items()]
@@ -446,42 +448,184 @@ def _request_head(method: str, target: str, host: str, headers: Any) -> bytes:
     return text.encode("latin-1")
 
 
-class _Reader:
-    """Bytes from a socket under the call's deadline: every recv may only take the time left."""
+class ReplyParser:
+    """One HTTP/1.1 reply, parsed as its bytes arrive: status, lower-case headers and body.
 
-    __slots__ = ("buf", "deadline", "pos", "sock")
+    Fed by `_fast_get` (a blocking loop under a deadline) and by the status poller (flockparse/poller.py,
+    non-blocking sockets): one set of rules for both. `feed` returns True once the reply is complete;
+    `closed` says the node closed the connection (completes a body delimited by the close, else raises).
+    Raises http.client's exceptions for what is not HTTP (phrased by `describe`) and NodeError past the cap.
+    """
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock, self.deadline = sock, deadline
-        self.buf = b""
-        self.pos = 0
+    __slots__ = ("body", "fields", "keep_alive", "limit", "node", "path", "status", "_buf", "_chunks",
+                 "_mode", "_need", "_total")  # fmt: skip
 
-    def more(self) -> bool:
-        """Read what is there (up to READ_CHUNK); False when the node closed the connection."""
-        self.sock.settimeout(_time_left(self.deadline))
-        data = socket.socket.recv(self.sock, READ_CHUNK)
-        if not data:
+    def __init__(self, limit: int, node: str, path: str) -> None:
+        self.limit, self.node, self.path = limit, node, path
+        self.status = 0
+        self.fields: dict[str, str] = {}
+        self.body = b""
+        self.keep_alive = False
+        self._buf = b""
+        self._mode = "head"  # head, length, chunk-size, chunk-data, chunk-end, trailers, close, done
+        self._need = 0
+        self._chunks: list[bytes] = []
+        self._total = 0
+
+    @property
+    def done(self) -> bool:
+        return self._mode == "done"
+
+    @property
+    def started(self) -> bool:
+        """Some byte of the reply arrived (a connection closed before that may just have expired)."""
+        return bool(self._buf) or self._mode != "head"
+
+    @property
+    def reusable(self) -> bool:
+        """Complete, keep-alive, and nothing unasked-for after it."""
+        return self._mode == "done" and self.keep_alive and not self._buf
+
+    def feed(self, data: bytes) -> bool:
+        self._buf += data
+        while self._mode != "done":
+            if not getattr(self, "_step_" + self._mode.replace("-", "_"))():
+                break
+        return self._mode == "done"
+
+    def closed(self) -> None:
+        """The node closed the connection: the end of a close-delimited body, or a reply cut short."""
+        if self._mode == "close":
+            self.body, self._buf, self._mode = self._buf, b"", "done"
+        elif self._mode != "done":
+            raise http.client.IncompleteRead(self._buf)
+
+    # each step consumes what it can; False when it needs more bytes
+    def _step_head(self) -> bool:
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            if not b"HTTP/1.".startswith(self._buf[:7]):  # garbage is told at once, not at the deadline
+                raise http.client.BadStatusLine(self._buf[:80].decode("latin-1"))
+            if len(self._buf) > MAX_HEAD_BYTES:
+                raise http.client.LineTooLong("reply headers")
             return False
-        self.buf = self.buf[self.pos :] + data
-        self.pos = 0
+        if end > MAX_HEAD_BYTES:
+            raise http.client.LineTooLong("reply headers")
+        head, self._buf = self._buf[:end], self._buf[end + 4 :]
+        status_line, *lines = head.split(b"\r\n")
+        self._status_line(status_line)
+        if len(lines) > MAX_HEADERS:
+            raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name != name.strip():
+                raise http.client.HTTPException("a malformed header line")
+            key = name.decode("latin-1").lower()
+            text = value.strip().decode("latin-1")
+            if key == "content-length" and key in self.fields and self.fields[key] != text:
+                raise http.client.HTTPException("two different Content-Length headers")
+            self.fields[key] = text
+        self._body_mode()
         return True
 
-    def line(self, limit: int) -> bytes:
-        """Up to CRLF (not included); LineTooLong past `limit`, IncompleteRead when the node closes."""
-        while (end := self.buf.find(b"\r\n", self.pos)) < 0:
-            if len(self.buf) - self.pos > limit:
+    def _status_line(self, line: bytes) -> None:
+        version, _, rest = line.partition(b" ")
+        code = rest[:3]
+        if (
+            not version.startswith(b"HTTP/1.")
+            or len(code) != 3
+            or not code.isdigit()
+            or rest[3:4]
+            not in (
+                b"",
+                b" ",
+            )
+        ):
+            raise http.client.BadStatusLine(line[:80].decode("latin-1"))
+        self.status = int(code)
+        if self.status < 200:
+            raise http.client.BadStatusLine("an informational (1xx) reply to a GET")
+        self.keep_alive = version == b"HTTP/1.1"
+
+    def _body_mode(self) -> None:
+        fields = self.fields
+        self.keep_alive = self.keep_alive and "close" not in fields.get("connection", "").lower()
+        if "chunked" in fields.get("transfer-encoding", "").lower():
+            self._mode = "chunk-size"
+        elif "content-length" in fields:
+            if not fields["content-length"].isdigit():
+                raise http.client.HTTPException("a Content-Length that is not a number")
+            self._need = int(fields["content-length"])
+            if self._need > self.limit:
+                raise _too_large(self.node, self.path, self.limit)
+            self._mode = "length"
+        elif self.status in (204, 304):
+            self._mode = "done"
+        else:  # delimited by the close
+            self.keep_alive = False
+            self._mode = "close"
+
+    def _step_length(self) -> bool:
+        if len(self._buf) < self._need:
+            return False
+        self.body, self._buf = self._buf[: self._need], self._buf[self._need :]
+        self._mode = "done"
+        return True
+
+    def _step_close(self) -> bool:
+        if len(self._buf) > self.limit:
+            raise _too_large(self.node, self.path, self.limit)
+        return False
+
+    def _line(self, limit: int) -> bytes | None:
+        end = self._buf.find(b"\r\n")
+        if end < 0:
+            if len(self._buf) > limit:
                 raise http.client.LineTooLong("reply line")
-            if not self.more():
-                raise http.client.IncompleteRead(self.buf[self.pos :])
-        line, self.pos = self.buf[self.pos : end], end + 2
+            return None
+        line, self._buf = self._buf[:end], self._buf[end + 2 :]
         return line
 
-    def exactly(self, count: int) -> bytes:
-        while len(self.buf) - self.pos < count:
-            if not self.more():
-                raise http.client.IncompleteRead(self.buf[self.pos :], count - (len(self.buf) - self.pos))
-        data, self.pos = self.buf[self.pos : self.pos + count], self.pos + count
-        return data
+    def _step_chunk_size(self) -> bool:
+        line = self._line(1024)
+        if line is None:
+            return False
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise http.client.HTTPException("a malformed chunk size") from None
+        if size < 0:
+            raise http.client.HTTPException("a malformed chunk size")
+        if size == 0:
+            self._mode = "trailers"
+            return True
+        self._total += size
+        if self._total > self.limit:
+            raise _too_large(self.node, self.path, self.limit)
+        self._need, self._mode = size, "chunk-data"
+        return True
+
+    def _step_chunk_data(self) -> bool:
+        if len(self._buf) < self._need:
+            return False
+        self._chunks.append(self._buf[: self._need])
+        self._buf, self._mode = self._buf[self._need :], "chunk-end"
+        return True
+
+    def _step_chunk_end(self) -> bool:
+        if len(self._buf) < 2:
+            return False
+        if self._buf[:2] != b"\r\n":
+            raise http.client.HTTPException("a chunk not followed by CRLF")
+        self._buf, self._mode = self._buf[2:], "chunk-size"
+        return True
+
+    def _step_trailers(self) -> bool:
+        while (line := self._line(MAX_HEAD_BYTES)) is not None:
+            if not line:
+                self.body, self._chunks, self._mode = b"".join(self._chunks), [], "done"
+                return True
+        return False
 
 
 def _fast_get(
@@ -493,87 +637,22 @@ def _fast_get(
     http.client's exceptions for replies that are not HTTP (phrased by `describe`), TimeoutError at the
     deadline and NodeError past the cap.
     """
-    reader = _Reader(sock, deadline)
+    parser = ReplyParser(limit, node, path)
     try:
         sock.settimeout(_time_left(deadline))
         sock.sendall(request)
-        if not reader.more():
-            raise _Stale() from http.client.RemoteDisconnected("closed without a reply")
+        data = socket.socket.recv(sock, READ_CHUNK)
     except (ConnectionResetError, BrokenPipeError) as exc:
         raise _Stale() from exc
-    head_start = reader.pos
-    status_line = reader.line(MAX_HEAD_BYTES)
-    version, _, rest = status_line.partition(b" ")
-    code = rest[:3]
-    if (
-        not version.startswith(b"HTTP/1.")
-        or len(code) != 3
-        or not code.isdigit()
-        or rest[3:4] not in (b"", b" ")
-    ):
-        raise http.client.BadStatusLine(status_line[:80].decode("latin-1"))
-    status = int(code)
-    if status < 200:
-        raise http.client.BadStatusLine("an informational (1xx) reply to a GET")
-    fields: dict[str, str] = {}
-    while line := reader.line(MAX_HEAD_BYTES):
-        if len(fields) >= MAX_HEADERS:
-            raise http.client.HTTPException(f"got more than {MAX_HEADERS} headers")
-        if reader.pos - head_start > MAX_HEAD_BYTES:
-            raise http.client.LineTooLong("reply headers")
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            raise http.client.HTTPException("a malformed header line")
-        key = name.decode("latin-1").lower()
-        text = value.strip().decode("latin-1")
-        if key == "content-length" and key in fields and fields[key] != text:
-            raise http.client.HTTPException("two different Content-Length headers")
-        fields[key] = text
-    keep_alive = version == b"HTTP/1.1" and "close" not in fields.get("connection", "").lower()
-    if "chunked" in fields.get("transfer-encoding", "").lower():
-        body = _read_chunked(reader, limit, node, path)
-    elif "content-length" in fields:
-        length_text = fields["content-length"]
-        if not length_text.isdigit():
-            raise http.client.HTTPException("a Content-Length that is not a number")
-        length = int(length_text)
-        if length > limit:
-            raise _too_large(node, path, limit)
-        body = reader.exactly(length)
-    elif status in (204, 304):
-        body = b""
-    else:  # delimited by the close: read it all, capped
-        keep_alive = False
-        while reader.more():
-            if len(reader.buf) - reader.pos > limit:
-                raise _too_large(node, path, limit)
-        body = reader.buf[reader.pos :]
-        reader.pos = len(reader.buf)
-    reusable = keep_alive and reader.pos == len(reader.buf)  # nothing unasked-for after the reply
-    return status, fields, body, reusable
-
-
-def _read_chunked(reader: _Reader, limit: int, node: str, path: str) -> bytes:
-    parts: list[bytes] = []
-    total = 0
-    while True:
-        size_text = reader.line(1024).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise http.client.HTTPException("a malformed chunk size") from None
-        if size < 0:
-            raise http.client.HTTPException("a malformed chunk size")
-        if size == 0:
-            while reader.line(MAX_HEAD_BYTES):  # trailers, up to the empty line
-                pass
-            return b"".join(parts)
-        total += size
-        if total > limit:
-            raise _too_large(node, path, limit)
-        parts.append(reader.exactly(size))
-        if reader.exactly(2) != b"\r\n":
-            raise http.client.HTTPException("a chunk not followed by CRLF")
+    if not data:
+        raise _Stale() from http.client.RemoteDisconnected("closed without a reply")
+    while not parser.feed(data):
+        sock.settimeout(_time_left(deadline))
+        data = socket.socket.recv(sock, READ_CHUNK)
+        if not data:
+            parser.closed()
+            break
+    return parser.status, parser.fields, parser.body, parser.reusable
 
 
 class _Stale(Exception):
@@ -584,7 +663,7 @@ class _ConnectFailed(Exception):
     """Connecting failed (its cause is the OSError): phrased as such, e.g. `did not accept a connection`."""
 
 
-def _failure(
+def call_failure(
     node: str,
     path: str,
     timeout: float,
@@ -626,7 +705,7 @@ def _too_large(node: str, path: str, limit: int) -> NodeError:
     return NodeError("error", f"{node} sent a {path} reply too large to read (over {_size(limit)})")
 
 
-def _parse_json(text: str, node: str, path: str) -> Any:
+def parse_json(text: str, node: str, path: str) -> Any:
     """Parsed JSON; None for a body that is not JSON (Go's plain-text errors); NodeError when unsafe."""
     if not text or text[0] not in "{[":
         return None

@@ -250,6 +250,15 @@ class Scheduler:
         held = sum(r.held_vram for r in self._runners.values() if r.spec.name != exclude)
         return max(0, self.vram_bytes - int(self._external_vram_gb * GiB) - held)
 
+    def driver_memory(self) -> tuple[int, int]:
+        """(total, used) bytes of the GPU as the driver shows them to nvidia-smi, NVML and GPU exporters:
+        the physical GPU (there even when this Ollama process did not discover it; 0 once it is lost),
+        used by other programs and by every runner (size_vram plus its CUDA context)."""
+        with self._lock:
+            total = self.vram_bytes
+            held = int(self._external_vram_gb * GiB) + sum(r.held_vram for r in self._runners.values())
+        return total, min(total, held)
+
     def _scheduler_free_vram(self, exclude: str = "") -> int:
         """sched.go:1295-1336 updateFreeSpace + llama_server.go:2600-2634: the smaller of Ollama's own
         bookkeeping (total - Σ size_vram) and the driver's figure ("Take the minimum - never optimistic")."""

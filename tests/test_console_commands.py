@@ -395,6 +395,10 @@ def test_demo_cluster_one_shot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
         ("llama3.1:latest", "GPU (VRAM)"),
         ("mxbai-embed-large:latest", "GPU (VRAM)"),
     }
+    # a dcgm-exporter beside each GPU node: the training job's VRAM is "other", the CPU box has none
+    assert "vram_total_mb" not in cpu_only
+    assert (training["vram_total_mb"], healthy["vram_total_mb"]) == (24 * 1024, 24 * 1024)
+    assert training["vram_other_mb"] > 20 * 1024 > healthy["vram_other_mb"]
     code, out, _ = one_shot(["--demo", "add_node", "http://127.0.0.1:9"], capsys)
     assert code == 0 and "not saved" in out
     assert not (tmp_path / "config.toml").exists()

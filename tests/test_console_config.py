@@ -285,3 +285,60 @@ def test_a_bad_routing_flag_is_one_line_and_exit_2(
     code, out, err = run_main(["--routing", "fastest", "priority", "list"], capsys)
     assert code == 2 and out == "" and err.startswith("--routing: unknown routing `fastest`")
     assert err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ GPU exporters (issue 13)
+
+
+def test_gpu_metrics_table_and_flags_name_each_nodes_exporter(config_home: Path) -> None:
+    (config_home / "config.toml").write_text(
+        'nodes = ["gpu1", "gpu2"]\n[gpu_metrics]\n"gpu1" = "gpu1:9400"\n"http://gpu2:11434" = "http://gpu2:9835/m"\n'
+    )
+    config = load_config()
+    assert config.gpu_metrics == {
+        "http://gpu1:11434": "http://gpu1:9400/metrics",  # `host:port` means its /metrics
+        "http://gpu2:11434": "http://gpu2:9835/m",
+    }
+    flagged = load_config(gpu_metrics_flag=["gpu2=http://gpu2:5050/metrics"])  # a flag wins for its node
+    assert flagged.gpu_metrics["http://gpu2:11434"] == "http://gpu2:5050/metrics"
+    assert flagged.gpu_metrics["http://gpu1:11434"] == "http://gpu1:9400/metrics"
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ('gpu_metrics = "http://x:9400"', "[gpu_metrics] must map node URLs to exporter URLs"),
+        ('[gpu_metrics]\n"gpu1" = 9400', "[gpu_metrics] must map node URLs to exporter URLs"),
+        ('[gpu_metrics]\n"gpu1" = "ftp://gpu1/metrics"', "[gpu_metrics] gpu1: not a usable GPU exporter"),
+        ('[gpu_metrics]\n"gpu1" = "http://u:p@gpu1:9400"', "with credentials is not supported"),
+        ('[gpu_metrics]\n"http://a b" = "gpu1:9400"', "[gpu_metrics]"),
+    ],
+)
+def test_a_bad_gpu_metrics_entry_is_one_line_naming_the_file(
+    config_home: Path, table: str, words: str
+) -> None:
+    (config_home / "config.toml").write_text(table + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config()
+    assert words in str(caught.value) and "config.toml" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("flag", "words"),
+    [
+        ("gpu1", "expected NODE_URL=EXPORTER_URL"),
+        ("=http://gpu1:9400", "expected NODE_URL=EXPORTER_URL"),
+        ("gpu1=", "expected NODE_URL=EXPORTER_URL"),
+        ("gpu1=gopher://gpu1:9400", "--gpu-metrics gpu1: not a usable GPU exporter address"),
+    ],
+)
+def test_a_bad_gpu_metrics_flag_is_a_usage_error(
+    config_home: Path, capsys: pytest.CaptureFixture[str], flag: str, words: str
+) -> None:
+    code, _, err = run_main(["--nodes", "gpu1", "--gpu-metrics", flag, "help"], capsys)
+    assert code == 2 and words in err
+
+
+def test_demo_refuses_gpu_metrics_flags(config_home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(["--demo", "--gpu-metrics", "gpu1=gpu1:9400", "help"], capsys)
+    assert code == 2 and "drop --gpu-metrics" in err

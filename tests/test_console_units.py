@@ -258,6 +258,86 @@ def test_lb_stats_table_and_optimizer_line() -> None:
     assert "optimizer: on, every 5m 00s, next pass in 2m 10s, last pass 10s ago (1 moved)" in shown
 
 
+def vram_node(url: str, total: float | None, free: float = 0, ollama: float = 0, **extra: object) -> dict:
+    used = None if total is None else total - free
+    other = None if used is None else max(0.0, used - ollama)
+    return {
+        "node": url,
+        "online": True,
+        "models": [],
+        "vram_total_mb": total,
+        "vram_used_mb": used,
+        "vram_free_mb": None if total is None else free,
+        "vram_ollama_mb": ollama,
+        "vram_other_mb": other,
+        "vram_stale": total is None,
+        "vram_error": None,
+        "gpus": [],
+        **extra,
+    }
+
+
+def test_vram_bar_is_ollama_other_free_of_one_length() -> None:
+    bar = render.vram_bar(vram_node("http://n:1", 24576, free=2048, ollama=2458)).plain
+    assert bar.startswith("█" * 1 + "▓" * 10 + "░" * 1) and bar.endswith(" 22.0 GB/24.0 GB")
+    for free, ollama in ((0, 0), (24576, 0), (100, 24000), (12000, 6000)):
+        cells = render.vram_bar(vram_node("http://n:1", 24576, free=free, ollama=ollama)).plain.split(" ")[0]
+        assert len(cells) == render.VRAM_BAR_WIDTH
+    assert render.vram_bar({"node": "http://n:1"}).plain == "-"  # no exporter
+    stale = render.vram_bar(vram_node("http://n:1", 24576, free=2048, vram_stale=True)).plain
+    assert stale.endswith(" stale")
+
+
+def test_vram_report_shows_the_exporters_figures_under_each_node() -> None:
+    two_gpus = [
+        {
+            "index": "0",
+            "name": "NVIDIA L40S",
+            "instance": None,
+            "total_mb": 46068,
+            "used_mb": 20412,
+            "free_mb": 25047,
+        },
+        {
+            "index": "1",
+            "name": "NVIDIA L40S",
+            "instance": None,
+            "total_mb": 46068,
+            "used_mb": 1,
+            "free_mb": 45458,
+        },
+    ]
+    report = [
+        vram_node("http://127.0.0.1:5001", 92136, free=70505, ollama=9045, gpus=two_gpus),
+        vram_node(
+            "http://127.0.0.1:5002",
+            None,
+            vram_error="http://127.0.0.1:9400 is unreachable (connection refused)",
+        ),
+        vram_node("http://127.0.0.1:5003", 24576, free=2048, vram_stale=True, vram_error="HTTP 500"),
+        vram_node("http://127.0.0.1:5004", 0),
+        {"node": "http://127.0.0.1:5005", "online": True, "models": []},
+    ]
+    shown = text_of(render.vram_report(report, now=NOW))
+    assert "21.1 GB/90.0 GB  Ollama 8.8 GB, other 12.3 GB, free 68.9 GB" in shown
+    assert "GPU 0 NVIDIA L40S  19.9 GB/45.0 GB used, 24.5 GB free" in shown
+    assert "VRAM unknown: the GPU exporter gives no figures (127.0.0.1:9400 is unreachable" in shown
+    assert "stale  Ollama 0 MB, other 22.0 GB, free 2.0 GB  (last figures: HTTP 500)" in shown
+    assert "VRAM: its GPU exporter lists no GPU" in shown
+    assert shown.count("VRAM") == 4  # a node without an exporter shows no VRAM line
+
+
+def test_lb_stats_shows_a_vram_bar_and_its_legend_only_with_exporters() -> None:
+    plain = {"nodes": [{"url": "http://127.0.0.1:5001", "online": True}], "optimizer": {}}
+    assert "VRAM" not in text_of(render.lb_stats(plain)).replace("in VRAM", "")
+    stats = {"nodes": [vram_node("http://127.0.0.1:5001", 24576, free=2048, ollama=2458)], "optimizer": {}}
+    shown = text_of(render.lb_stats(stats))
+    assert "█▓▓▓▓▓▓▓▓▓▓░ 22.0 GB/24.0 GB" in shown
+    assert "VRAM: █ Ollama  ▓ other programs  ░ free" in shown
+    narrow = text_of(render.lb_stats(stats), width=50)
+    assert "VRAM █▓▓▓▓▓▓▓▓▓▓░ 22.0 GB/24.0 GB" in narrow
+
+
 def test_move_results_lines() -> None:
     results = [
         {"node": "http://127.0.0.1:1", "result": {"success": False, "skipped": True, "reason": "no_gpu"}},
@@ -279,6 +359,17 @@ def test_move_results_lines() -> None:
     assert lines[2].strip() == "127.0.0.1:2  done: GPU (VRAM)"
     assert lines[3].strip() == "127.0.0.1:3  already there: GPU (VRAM)"
     assert lines[4].strip() == "127.0.0.1:4  failed (out_of_memory): no room  (put back where it was)"
+
+
+def test_vram_held_by_others_is_a_vram_line() -> None:
+    words = "VRAM held by other programs keeps llama3.1:latest off the GPU on"
+    event = Event(
+        "vram_held_by_others", "http://127.0.0.1:5001", "llama3.1:latest", f"{words} http://127.0.0.1:5001"
+    )
+    shown = text_of(render.event_line(event)).rstrip("\n")
+    assert shown.endswith(
+        "VRAM      VRAM held by other programs keeps llama3.1:latest off the GPU on 127.0.0.1:5001"
+    )
 
 
 def test_event_line_is_one_short_stamped_line() -> None:

@@ -29,6 +29,43 @@ def test_versions_before_0_30_report_estimates() -> None:
     assert not gs.reports_estimates(None) and not gs.reports_estimates("garbage")
 
 
+def test_a_ram_landing_is_conclusive_at_once_where_the_exporter_lists_a_gpu() -> None:
+    verdict = gs.landing_verdict
+    # without an exporter (None) or with one listing no GPU (0): the evidence rules of Ollama's eras
+    for exporter in (None, 0):
+        assert verdict(gpu_seen=False, landings=1, estimates=False, exporter_gpus=exporter) == gs.GPU_NO
+        assert verdict(gpu_seen=True, landings=1, estimates=False, exporter_gpus=exporter) == gs.GPU_LOST
+        assert verdict(gpu_seen=True, landings=1, estimates=True, exporter_gpus=exporter) is None
+        assert verdict(gpu_seen=False, landings=2, estimates=True, exporter_gpus=exporter) == gs.GPU_NO
+    # the exporter lists a GPU: lost, never seen with one or not, estimates or not, first landing
+    for seen in (False, True):
+        for estimates in (False, True):
+            assert verdict(gpu_seen=seen, landings=1, estimates=estimates, exporter_gpus=2) == gs.GPU_LOST
+
+
+def test_what_an_exporters_gpu_list_changes_in_a_verdict() -> None:
+    verdict = gs.exporter_verdict
+    no_gpu = (gs.GPU_NO, gs.EVIDENCE_EXPORTER_NO_GPU)
+    assert verdict(gs.GPU_UNKNOWN, "", gpu_seen=False, exporter_gpus=0) == no_gpu
+    assert verdict(gs.GPU_UNKNOWN, gs.EVIDENCE_RESTARTED, gpu_seen=True, exporter_gpus=0) is None
+    assert verdict(gs.GPU_YES, gs.EVIDENCE_VRAM, gpu_seen=True, exporter_gpus=0) is None
+    assert verdict(gs.GPU_NO, gs.EVIDENCE_DECLARED, gpu_seen=False, exporter_gpus=1) is None  # the operator's
+    assert verdict(gs.GPU_NO, gs.EVIDENCE_RAM, gpu_seen=False, exporter_gpus=1) == (
+        gs.GPU_LOST,
+        gs.EVIDENCE_LOST_EXPORTER,
+    )
+    assert verdict(gs.GPU_NO, gs.EVIDENCE_EXPORTER_NO_GPU, gpu_seen=False, exporter_gpus=1) == (
+        gs.GPU_UNKNOWN,
+        gs.EVIDENCE_EXPORTER_GPU,
+    )
+    for state in gs.GPU_STATES:  # a GPU listed never makes a verdict `yes`: Ollama may not use it
+        assert verdict(state, "", gpu_seen=False, exporter_gpus=1) in (
+            None,
+            (gs.GPU_UNKNOWN, gs.EVIDENCE_EXPORTER_GPU),
+        )
+        assert verdict(state, "", gpu_seen=False, exporter_gpus=None) is None
+
+
 def test_remedy_runs_with_the_node_as_quoted_placeholders_and_environment(tmp_path) -> None:
     out = tmp_path / "out"
     template = f'echo "{{host}} {{url}} $FLOCKPARSE_NODE_HOST" > {shlex.quote(str(out))}; exit 3'

@@ -183,3 +183,22 @@ def test_a_model_a_failed_move_could_not_put_back_is_listed_and_restored_at_the_
     node.clear_fault()
     [restored] = events.wait("models_restored")
     assert restored.data["restored"] == [EMBED] and on_gpu(node, EMBED)
+
+
+def test_placement_changes_are_events_and_an_unchanged_reply_is_not(sim_node, make_balancer) -> None:
+    """History (issue 11) learns every change of what a node holds where, and nothing on quiet checks."""
+    node = sim_node(preload=[("llama3.1", "forced-cpu")])
+    balancer = make_balancer([node.url], health_interval=300, auto_optimize_gpu=False)
+    wait_until(lambda: balancer.node_state(node.url).online, "node up")
+    events = Recorder(balancer)
+
+    balancer.read_status(node.url)  # nothing changed since the node came up
+    assert [e for e in events.events if e.kind == "placements_changed"] == []
+
+    assert balancer.move(node.url, LLAMA, "GPU").success
+    balancer.read_status(node.url)
+
+    changes = [e for e in events.events if e.kind == "placements_changed"]
+    assert len(changes) == 1 and changes[0].data["changed"] == [LLAMA]
+    assert changes[0].data["previous"][LLAMA]["location"] == "CPU (RAM)"
+    assert changes[0].data["models"][LLAMA]["location"] == "GPU (VRAM)"

@@ -15,6 +15,9 @@ Precedence is flags > config file > $OLLAMA_HOST > http://localhost:11434. The f
     [gpu]                   # declared GPU capability per node; absent = detect
     "http://127.0.0.1:11434" = false
 
+    [gpu_metrics]           # the GPU exporter beside a node (dcgm-exporter, nvidia_gpu_exporter, nvitop)
+    "http://127.0.0.1:11434" = "http://127.0.0.1:9400/metrics"
+
 Node changes (`add_node`, `remove_node`) are applied to the file's own list under a lock, re-read from
 disk, so concurrent consoles never drop each other's nodes; tomlkit keeps the user's comments and layout,
 the file's mode is kept and a symlinked file is written through its link. A node list that came from
@@ -58,6 +61,7 @@ KNOWN_KEYS = (
     "remedy_timeout",
     "load_timeout",
     "routing",
+    "gpu_metrics",
 )
 DEFAULT_REMEDY_TIMEOUT = 120.0
 DEFAULT_LOAD_TIMEOUT = 300.0
@@ -91,6 +95,9 @@ NEW_FILE_HEADER = """\
 #
 # [gpu]                   # declare a node's GPU instead of detecting it
 # "http://cpu-box:11434" = false
+#
+# [gpu_metrics]           # real VRAM figures from the GPU exporter beside a node (scraped every 15 s)
+# "http://gpu1:11434" = "http://gpu1:9400/metrics"   # dcgm-exporter, nvidia_gpu_exporter, nvitop-exporter
 
 """
 
@@ -114,6 +121,7 @@ class Config:
     remedy_timeout: float = DEFAULT_REMEDY_TIMEOUT
     load_timeout: float = DEFAULT_LOAD_TIMEOUT
     routing: str = DEFAULT_STRATEGY  # flockparse/routing.py
+    gpu_metrics: dict[str, str] = field(default_factory=dict)  # node URL -> its GPU exporter's URL
     path: Path | None = None  # None: nothing is persisted (e.g. --demo)
     nodes_from: str = "default"  # "flag" | "file" | "env" | "default": where `nodes` came from
 
@@ -272,6 +280,36 @@ def apply_table(config: Config, table: dict[str, Any], source: str) -> None:
         if not isinstance(gpu, dict) or not all(isinstance(v, bool) for v in gpu.values()):
             raise ConfigError(f"{source}: [gpu] must map node URLs to true/false")
         config.gpu = {_urls([url], source, "[gpu]")[0]: flag for url, flag in gpu.items()}
+    if "gpu_metrics" in table:
+        exporters = table["gpu_metrics"]
+        if not isinstance(exporters, dict) or not all(isinstance(v, str) for v in exporters.values()):
+            raise ConfigError(f"{source}: [gpu_metrics] must map node URLs to exporter URLs (strings)")
+        config.gpu_metrics = {
+            _urls([node], source, "[gpu_metrics]")[0]: _exporter(url, f"{source}: [gpu_metrics] {node}")
+            for node, url in exporters.items()
+        }
+
+
+def _exporter(raw: str, where: str) -> str:
+    """A GPU exporter address (`host:9400` -> `http://host:9400/metrics`), or a ConfigError naming `where`."""
+    from flockparse.gpu_metrics import exporter_url
+
+    try:
+        return exporter_url(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def gpu_metrics_flags(values: list[str]) -> dict[str, str]:
+    """`--gpu-metrics NODE_URL=EXPORTER_URL` (repeatable) -> {node: exporter}; one-line ConfigError."""
+    exporters: dict[str, str] = {}
+    for value in values:
+        node, sep, exporter = value.partition("=")
+        if not sep or not node.strip() or not exporter.strip():
+            raise ConfigError(f"--gpu-metrics {value!r}: expected NODE_URL=EXPORTER_URL")
+        where = f"--gpu-metrics {node.strip()}"
+        exporters[_urls([node], "--gpu-metrics", "NODE_URL")[0]] = _exporter(exporter, where)
+    return exporters
 
 
 def load_config(
@@ -284,6 +322,7 @@ def load_config(
     env: dict[str, str] | None = None,
     load_timeout_flag: float | str | None = None,
     routing_flag: str | None = None,
+    gpu_metrics_flag: list[str] | None = None,
 ) -> Config:
     """Build the effective Config: flags > file > $OLLAMA_HOST > default. Every mistake is a ConfigError."""
     env = os.environ if env is None else env
@@ -305,6 +344,7 @@ def load_config(
         except ConfigError as exc:
             raise ConfigError(f"$OLLAMA_HOST: {exc} (or pass --nodes)") from None
         config.nodes_from = "env"
+    config.gpu_metrics.update(gpu_metrics_flags(gpu_metrics_flag or []))
     return apply_flags(
         config,
         priority_flag,

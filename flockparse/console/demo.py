@@ -7,9 +7,12 @@ What it shows are the two everyday ways real Ollama nodes lose their GPU placeme
   `optimizer now`) does.
 - node 3, a healthy GPU node whose Ollama restarts a little later: it comes back with nothing loaded, and
   the warm-up puts the priority models back onto its GPU before clients arrive.
-Node 1 is a CPU-only box. A `demo` line above the prompt says what is about to happen, a few seconds
-ahead, so `vram_report` can show the "before" state. Nothing is written to the user's config directory:
-history and console.log go to a temporary directory (flockparse-demo-*) that is removed at exit.
+Node 1 is a CPU-only box. Beside each GPU node runs a simulated dcgm-exporter, so `vram_report` and
+`lb_stats` show the real VRAM (Ollama / other programs / free) and the training job's VRAM is reported as
+keeping llama3.1 off the GPU (`vram_held_by_others`) until it ends. A `demo` line above the prompt says
+what is about to happen, a few seconds ahead, so `vram_report` can show the "before" state. Nothing is
+written to the user's config directory: history and console.log go to a temporary directory
+(flockparse-demo-*) that is removed at exit.
 """
 
 from __future__ import annotations
@@ -47,14 +50,44 @@ def demo_node_specs() -> list[dict[str, Any]]:
     ]
 
 
-def start_demo_cluster() -> Any:
+@dataclass
+class DemoCluster:
+    """The simulated nodes and the GPU exporter beside each GPU node (`gpu_metrics`: node -> its URL)."""
+
+    cluster: Any
+    exporters: dict[str, Any]
+
+    @property
+    def nodes(self) -> list[Any]:
+        return self.cluster.nodes
+
+    @property
+    def urls(self) -> list[str]:
+        return self.cluster.urls
+
+    @property
+    def gpu_metrics(self) -> dict[str, str]:
+        return {node: exporter.url for node, exporter in self.exporters.items()}
+
+    def stop(self) -> None:
+        for exporter in self.exporters.values():
+            exporter.stop()
+        self.cluster.stop()
+
+
+def start_demo_cluster() -> DemoCluster:
     """Start the simulated cluster on 127.0.0.1 ephemeral ports; the caller stops it on exit."""
     from ollama_sim import SimCluster  # imported here: only --demo needs the simulator
+    from ollama_sim.exporter import SimExporter
 
-    return SimCluster(demo_node_specs()).start()
+    cluster = SimCluster(demo_node_specs()).start()
+    gpu_nodes = [node for node in cluster.nodes if node.vram_gb > 0]
+    return DemoCluster(cluster, {node.url: SimExporter(node, format="dcgm").start() for node in gpu_nodes})
 
 
-def demo_config(urls: list[str], flags: Config | None = None) -> Config:
+def demo_config(
+    urls: list[str], flags: Config | None = None, gpu_metrics: dict[str, str] | None = None
+) -> Config:
     """A short interval so the loop is visible (unless a flag says otherwise); path=None: nothing saved."""
     config = Config(
         nodes=list(urls),
@@ -63,6 +96,7 @@ def demo_config(urls: list[str], flags: Config | None = None) -> Config:
         gpu={urls[0]: False, urls[1]: True, urls[2]: True},
         path=None,
         nodes_from="demo",
+        gpu_metrics=dict(gpu_metrics or {}),
     )
     if flags is not None:
         config.priority_models = flags.priority_models
@@ -88,6 +122,7 @@ def demo_banner(urls: list[str]) -> str:
         f"demo: 3 simulated Ollama nodes on 127.0.0.1 ({ports}): a CPU-only node; a GPU node where a "
         f"training job holds {TRAINING_JOB_GB:.0f} of 24 GB of VRAM, so llama3.1 loaded split between GPU "
         "and RAM; and a healthy GPU node whose Ollama will restart in a moment.\n"
+        "A dcgm-exporter runs beside each GPU node: `vram_report` and `lb_stats` show their real VRAM.\n"
         "Try `vram_report` now and again later, `lb_stats`, `optimizer now`, `force_cpu llama3.1`, `help`."
     )
 

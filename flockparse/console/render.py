@@ -41,6 +41,10 @@ EVENT_STYLE = {
     "remedy_started": ("remedy", "yellow"),
     "remedy_finished": ("remedy", "yellow"),
     "demo": ("demo", "bold magenta"),
+    "gpu_metrics_failed": ("GPU stats", "yellow"),
+    "gpu_metrics_back": ("GPU stats", "green"),
+    "vram_held_by_others": ("VRAM", "bold yellow"),
+    "vram_held_by_others_resolved": ("VRAM", "green"),
     "fd_limit": ("limit", "bold red"),
     "serve": ("serve", "cyan"),
 }
@@ -276,8 +280,74 @@ def vram_report(report: Iterable[Mapping[str, Any]], now: float | None = None) -
             body: RenderableType = Fit(_vram_table(entry, now), lambda e=entry: _vram_stacked(e, now))
         else:
             body = Text("  no model loaded" if not is_offline(entry) else "  no models known", style="dim")
-        parts += [node_title(entry), body, Text("")]
+        parts += [node_title(entry), *vram_lines(entry), body, Text("")]
     return Group(*parts[:-1]) if parts else Text("no nodes configured (add one with `add_node URL`)")
+
+
+VRAM_BAR_WIDTH = 12
+VRAM_PARTS = (("█", "green", "Ollama"), ("▓", "yellow", "other programs"), ("░", "dim", "free"))
+
+
+def _bar_cells(parts: list[float], total: float, width: int) -> list[int]:
+    """Cells per part, summing to `width` (largest remainder), so every bar has the same length."""
+    exact = [max(0.0, part) / total * width for part in parts]
+    cells = [int(x) for x in exact]
+    for i in sorted(range(len(parts)), key=lambda i: exact[i] - cells[i], reverse=True)[: width - sum(cells)]:
+        cells[i] += 1
+    return cells
+
+
+def vram_bar(node: Mapping[str, Any], width: int = VRAM_BAR_WIDTH) -> Text:
+    """The node's VRAM as a bar of Ollama / other programs / free (and the reserved rest with other), then
+    `used/total`; `-` without exporter figures. Stale figures are dim and say so."""
+    total = node.get("vram_total_mb")
+    if not total:
+        return Text("-" if total is None else "no GPU", style="dim")
+    free = float(node.get("vram_free_mb") or 0)
+    ollama = min(float(node.get("vram_ollama_mb") or 0), max(0.0, total - free))
+    cells = _bar_cells([ollama, total - free - ollama, free], float(total), width)
+    stale = bool(node.get("vram_stale"))
+    bar = Text()
+    for count, (char, style, _) in zip(cells, VRAM_PARTS, strict=True):
+        bar.append(char * count, style="dim" if stale else style)
+    bar.append(f" {human_mb(total - free)}/{human_mb(total)}", style="dim" if stale else "")
+    if stale:
+        bar.append(" stale", style="red")
+    return bar
+
+
+def vram_legend() -> Text:
+    return Text("VRAM: " + "  ".join(f"{char} {what}" for char, _, what in VRAM_PARTS), style="dim")
+
+
+def vram_lines(entry: Mapping[str, Any]) -> list[Text]:
+    """Under a node's title in vram_report: its exporter's figures (and one line per GPU when several)."""
+    if "vram_total_mb" not in entry:
+        return []
+    if entry.get("vram_total_mb") is None:
+        why = clean(entry.get("vram_error") or "no figures yet").replace("http://", "")
+        return [Text(f"  VRAM unknown: the GPU exporter gives no figures ({why})", style="dim red")]
+    if not entry.get("vram_total_mb"):
+        return [Text("  VRAM: its GPU exporter lists no GPU", style="dim")]
+    line = Text("  VRAM ")
+    line.append_text(vram_bar(entry))
+    parts = [("Ollama", entry.get("vram_ollama_mb")), ("other", entry.get("vram_other_mb"))]
+    parts.append(("free", entry.get("vram_free_mb")))
+    line.append("  " + ", ".join(f"{what} {human_mb(value)}" for what, value in parts), style="dim")
+    if entry.get("vram_stale"):
+        why = clean(entry.get("vram_error") or "").replace("http://", "")
+        line.append(f"  (last figures: {why})", style="dim red")
+    lines = [line]
+    gpus = entry.get("gpus") or []
+    if len(gpus) > 1:
+        for gpu in gpus:
+            name = clean(gpu.get("name") or "")
+            where = f"GPU {clean(gpu.get('index'))}" + (
+                f"/{clean(gpu['instance'])}" if gpu.get("instance") else ""
+            )
+            used, total, free = (human_mb(gpu.get(key)) for key in ("used_mb", "total_mb", "free_mb"))
+            lines.append(Text(f"    {where} {name}  {used}/{total} used, {free} free", style="dim"))
+    return lines
 
 
 def state_word(online: bool | None) -> Text:
@@ -379,8 +449,11 @@ def lb_stats(stats: Mapping[str, Any], now: float | None = None) -> RenderableTy
     for column in ("state", "GPU", "latency", "requests", "errors", "in flight", "p50/p95", "TTFT", "tok/s"):
         numeric = column not in ("state", "GPU")
         table.add_column(column, justify="right" if numeric else "left", no_wrap=True)
-    table.add_column("in VRAM")
     nodes = list(stats.get("nodes", []))
+    with_figures = any("vram_total_mb" in node for node in nodes)  # some node has a GPU exporter
+    if with_figures:
+        table.add_column("VRAM", no_wrap=True)
+    table.add_column("in VRAM")
     for node in nodes:
         state = state_word(node.get("online"))
         if node.get("stale"):
@@ -396,6 +469,7 @@ def lb_stats(stats: Mapping[str, Any], now: float | None = None) -> RenderableTy
             _pair(node, "latency"),
             _pair(node, "ttft"),
             _rate(node),
+            *([vram_bar(node)] if with_figures else []),
             _vram_names(node),
         )
 
@@ -418,12 +492,16 @@ def lb_stats(stats: Mapping[str, Any], now: float | None = None) -> RenderableTy
                     Text(
                         f"p50/p95 {_pair(node, 'latency')}  TTFT {_pair(node, 'ttft')}  tok/s {_rate(node)}"
                     ),
+                    *([Text.assemble("VRAM ", vram_bar(node))] if with_figures else []),
                     Text(f"in VRAM: {_vram_names(node)}"),
                 ],
             )
         return Group(*lines)
 
-    return Group(Fit(table, stacked, flex_last=True), optimizer_line(stats.get("optimizer") or {}, now))
+    legend = [vram_legend()] if with_figures else []
+    return Group(
+        Fit(table, stacked, flex_last=True), *legend, optimizer_line(stats.get("optimizer") or {}, now)
+    )
 
 
 def route_lines(explained: Mapping[str, Any]) -> RenderableType:
@@ -630,7 +708,7 @@ def error_line(message: str) -> Text:
 def worth_showing(event: Any) -> bool:
     """Quiet passes stay quiet (the toolbar shows the countdown); anything that changed gets a line."""
     kind, data = getattr(event, "kind", ""), getattr(event, "data", None) or {}
-    if kind == "pass_started":
+    if kind in ("pass_started", "placements_changed"):  # placements: for history, not a line each
         return False
     if kind == "pass_finished":
         return bool(data.get("moved") or data.get("failed"))
