@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 
 import pytest
 import requests
 from helpers import LLAMA, wait_until
-from hostile import HostileNode, reply
+from hostile import HostileNode, Request, reply
 from serve_support import ServeThread
-from test_transport import by_path
 
 MIB = 1024 * 1024
 IN_VRAM = {"name": LLAMA, "model": LLAMA, "size": 10, "size_vram": 10, "digest": "0" * 64, "details": {}}
@@ -22,6 +22,15 @@ STATUS = {
     "/api/version": reply("200 OK", b'{"version":"0.33.0"}'),
 }
 DONE = b'{"model":"llama3.1","response":"hi","done":true}'
+
+
+def by_path(replies: dict[str, bytes]) -> object:
+    """Each path answered with its own prepared reply (404 otherwise), keep-alive."""
+
+    def behave(conn: socket.socket, request: Request, node: HostileNode) -> bool:
+        return node.send(conn, replies.get(request.path, reply("404 Not Found", b"404 page not found")))
+
+    return behave
 
 
 @pytest.mark.parametrize(
