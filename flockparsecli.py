@@ -4,6 +4,7 @@
     python3 flockparsecli.py [--nodes URL,...] [--config FILE]        # interactive console
     python3 flockparsecli.py [flags] COMMAND [ARGS] [--json]          # one command, for scripts and cron
     python3 flockparsecli.py --demo                                   # a simulated three-node cluster
+    python3 flockparsecli.py --connect http://HOST:11435 [COMMAND]    # the console of a running serve
 
 The console is a client of the core (balancer.OllamaLoadBalancer): it renders what the core returns and
 the Events it emits, and never reaches into private state.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -45,7 +47,9 @@ from flockparse.console.commands import (
 from flockparse.console.config import Config, ConfigError, apply_flags, config_dir, load_config
 from flockparse.console.names import is_glob, same_name
 from flockparse.console.tty import unbuffered_keys
+from flockparse.remote import TOKEN_ENV, RemoteCluster, RemoteError
 from flockparse.routing import STRATEGIES
+from flockparse.serve.registry import DEFAULT_SERVE_URL, ServeInfo, serves_managing
 from gpu_controller import GPUController
 
 __all__ = ["OllamaLoadBalancer", "GPUController", "main"]
@@ -116,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-optimizer", action="store_true", help="do not start the background optimizer")
     parser.add_argument(
+        "--connect",
+        metavar="URL",
+        help="attach to a running serve (e.g. http://127.0.0.1:11435): its nodes, its optimizer, its events",
+    )
+    parser.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help=f"the serve's token (default: ${TOKEN_ENV}): with --connect, sent to it; with `serve`, what "
+        "clients must send as `Authorization: Bearer TOKEN` (required to listen beyond loopback)",
+    )
+    parser.add_argument(
+        "--own-optimizer",
+        action="store_true",
+        help="start this console's optimizer even when a serve already manages these nodes",
+    )
+    parser.add_argument(
         "--node",
         action="append",
         metavar="URL",
@@ -125,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="force_*/unload/optimizer now: say what would be done, change nothing",
+    )
+    parser.add_argument(
+        "--since", metavar="DURATION", help="history: the window, e.g. 30m, 24h (default), 7d"
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="the interactive console serves Prometheus metrics at http://HOST:PORT/metrics (host 127.0.0.1)",
     )
     parser.add_argument(
         "--config", metavar="FILE", help="TOML config file (default: <config dir>/config.toml)"
@@ -149,12 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--listen", metavar="HOST:PORT", help="serve: the address to listen on (default 127.0.0.1:11435)"
-    )
-    parser.add_argument(
-        "--token",
-        metavar="TOKEN",
-        help="serve: clients must send `Authorization: Bearer TOKEN` (default: $FLOCKPARSE_TOKEN); "
-        "required to listen on an address that is not loopback",
     )
     parser.add_argument(
         "--grace",
@@ -420,21 +442,28 @@ def interactive(
     pt_output: Any = None,
     files_dir: Path | None = None,
     verbose: bool = False,
+    optimizer_guard: Any = None,
+    metrics_address: tuple[str, int] | None = None,
 ) -> int:
     """The prompt_toolkit loop; background lines appear above the prompt, the typed line stays intact.
 
     `files_dir` holds the history and console.log (None: the config dir; --demo passes a temp dir).
     `console`, `pt_input` and `pt_output` let tests drive the real loop through a pipe.
+    `balancer` may be a RemoteCluster (`--connect`): the serve's events, and no optimizer of our own.
+    `optimizer_guard()` says why this console must not start an optimizer (a serve manages its nodes).
+    `metrics_address`: serve Prometheus metrics there (`--metrics`).
     """
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
 
     from flockparse.console.completion import ConsoleCompleter, ModelNameRefresher
     from flockparse.console.history import open_history, open_log
+    from flockparse.console.services import start_services
     from flockparse.console.toolbar import TOOLBAR_STYLE, toolbar_fragments, toolbar_state
 
     console = console or make_interactive_console()
     printer = EventPrinter(console, verbose=verbose)
+    attached = attached_to(balancer)
     ctx = Context(
         balancer=balancer,
         console=console,
@@ -442,6 +471,8 @@ def interactive(
         verbose=verbose,
         quiet_events=printer.quiet,
         flush_events=lambda: printer.drain(EVENT_DRAIN_S),
+        attached=attached,
+        optimizer_guard=optimizer_guard,
     )
     unsubscribe = balancer.subscribe(printer)
     refresher = ModelNameRefresher(balancer.known_models).start()
@@ -454,6 +485,19 @@ def interactive(
 
     # tracebacks (a failing command, a failing event subscriber) go to a file, never into the prompt
     log_path = open_log(files_dir, LOG_FORMAT, tell)
+    try:  # history, alerts and metrics, before the first health check so that it is recorded
+        services = start_services(balancer, config, files_dir, metrics_address)
+    except OSError as exc:
+        host, port = metrics_address or ("?", 0)
+        console.print(render.error_line(f"--metrics: cannot listen on {host}:{port} ({exc.strerror or exc})"))
+        unsubscribe()
+        printer.close()
+        refresher.stop()
+        return 1
+    ctx.history, ctx.alerter = services.history, services.alerter
+    if services.metrics is not None:
+        host, port = services.metrics.address
+        console.print(Text(f"Prometheus metrics at http://{host}:{port}/metrics", style="dim"))
     session: PromptSession[str] = PromptSession(
         history=open_history(files_dir, tell),
         completer=ConsoleCompleter(
@@ -476,12 +520,17 @@ def interactive(
         with patch_stdout(raw=True):
             if banner:
                 console.print(Text(banner, style="cyan"))
+            refusal = optimizer_guard() if optimizer_guard and balancer.auto_optimize_gpu else None
+            if refusal:  # a serve runs these nodes' optimizer: a second one would undo its pins
+                balancer.auto_optimize_gpu = False
+                console.print(render.safe_text(refusal, style="yellow"))
             balancer.start()  # after subscribing, so the "enabled" line and node_down lines are shown
             if demo_script is not None:
                 demo_script.start(printer, ready=lambda: balancer.optimizer_status()["last_pass"] is not None)
-            threading.Thread(
-                target=warn_at_start, args=(balancer, config, console), name="first-health", daemon=True
-            ).start()  # the prompt comes up at once; the hint appears above it if nothing answers
+            if attached is None:  # a serve has checked its nodes already
+                threading.Thread(
+                    target=warn_at_start, args=(balancer, config, console), name="first-health", daemon=True
+                ).start()  # the prompt comes up at once; the hint appears above it if nothing answers
             while True:
                 try:
                     line = session.prompt(PROMPT)
@@ -492,9 +541,11 @@ def interactive(
                 with keep_typeahead(None if pt_input is None else pt_input):
                     if run_line(ctx, line, log_path).exit:
                         break
-            balancer.stop_gpu_optimization()
+            if attached is None:  # a serve's optimizer is the cluster's: it runs on for the others
+                balancer.stop_gpu_optimization()
             printer.drain(SHUTDOWN_DRAIN_S)
     finally:
+        services.close()
         unsubscribe()
         printer.close()
         refresher.stop()
@@ -502,12 +553,17 @@ def interactive(
 
 
 def run_script(
-    balancer: OllamaLoadBalancer, config: Config, reporter: Reporter, verbose: bool, lines: Any = None
+    balancer: OllamaLoadBalancer,
+    config: Config,
+    reporter: Reporter,
+    verbose: bool,
+    lines: Any = None,
+    files_dir: Path | None = None,
 ) -> int:
     """stdin is not a terminal: run each line as a command (like `sqlite3 < file`), no prompt, no
     optimizer thread, no escape codes into a pipe. Blank lines and `#` comments are skipped. Exit code:
     the highest of the lines' (0 all ok, 1 a command failed, 2 a usage error); 130 at once on Ctrl-C."""
-    ctx = batch_context(balancer, config, reporter, verbose)
+    ctx = batch_context(balancer, config, reporter, verbose, files_dir)
     started = False
     worst = 0
     for raw in sys.stdin if lines is None else lines:
@@ -537,11 +593,36 @@ def run_script(
 
 
 def start_and_check(balancer: OllamaLoadBalancer, config: Config, reporter: Reporter) -> None:
-    """Start the health monitor and wait (at most one timeout and a second) for its first round."""
+    """Start the health monitor and wait (at most one timeout and a second) for its first round.
+    Attached to a serve there is nothing to start: the serve checks its nodes."""
+    if isinstance(balancer, RemoteCluster):
+        return
     balancer.start()
     hint = unreachable_hint(first_health_round(balancer, first_round_timeout(config)), config)
     if hint:
         reporter.errors.print(render.error_line(hint))
+
+
+def attached_to(balancer: Any) -> str | None:
+    """The serve's URL when the console is attached to one (--connect), else None."""
+    return balancer.url if isinstance(balancer, RemoteCluster) else None
+
+
+def optimizer_refusal(
+    nodes: list[str], token: str | None, probe_url: str | None = DEFAULT_SERVE_URL
+) -> str | None:
+    """One line when a serve this machine can see manages any of `nodes` (its registry file in the config
+    directory, or the default address asked with a short deadline): how to attach instead."""
+    found = serves_managing(nodes, config_dir(), probe_url, token)
+    return refusal_line(*found[0]) if found else None
+
+
+def refusal_line(info: ServeInfo, shared: list[str]) -> str:
+    who = f" (pid {info.pid})" if info.pid else ""
+    return (
+        f"the serve at {info.url}{who} runs the optimizer of {len(shared)} of these nodes, so this console "
+        f"starts none: attach with `{program_name()} --connect {info.url}` (or pass --own-optimizer)"
+    )
 
 
 def program_name() -> str:
@@ -614,12 +695,27 @@ def _main(argv: Sequence[str] | None) -> int:
     words = list(args.command)
     script = not words and not sys.stdin.isatty()
     reporter = Reporter(args.json, json_lines=script)
-    if (args.node or args.dry_run) and not words:
+    if (args.node or args.dry_run or args.since) and not words:
         return reporter.error(
-            "--node and --dry-run go with a command (e.g. `force_gpu MODEL --dry-run`)", EXIT_USAGE
+            "--node, --dry-run and --since go with a command (e.g. `force_gpu MODEL --dry-run`, "
+            "`history --since 7d`)",
+            EXIT_USAGE,
         )
+    if args.metrics and (words or script):
+        return reporter.error(
+            "--metrics goes with the interactive console (no COMMAND, no stdin)", EXIT_USAGE
+        )
+    metrics_address = None
+    if args.metrics:
+        from flockparse.metrics import parse_address
+
+        try:
+            metrics_address = parse_address(args.metrics)
+        except ValueError as exc:
+            return reporter.error(str(exc), EXIT_USAGE)
     words += [word for node in args.node or () for word in ("--node", node)]
     words += ["--dry-run"] if args.dry_run else []
+    words += ["--since", args.since] if args.since else []
     if args.watch is not None:
         if words[:1] != ["vram_report"]:
             return reporter.error("--watch goes with vram_report (or use the `watch` command)", EXIT_USAGE)
@@ -633,6 +729,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.demo and (args.nodes or args.config or args.gpu_metrics):
         flag = "--nodes" if args.nodes else "--config" if args.config else "--gpu-metrics"
         return reporter.error(f"--demo starts its own nodes and saves nothing: drop {flag}", EXIT_USAGE)
+    if args.connect:
+        return run_attached(args, words, script, reporter)
     cluster, banner, files_dir, demo_script = None, None, None, None
     try:
         if args.demo:
@@ -678,13 +776,24 @@ def _main(argv: Sequence[str] | None) -> int:
         return serve(args, config, reporter)
     interactive_mode = not words and not script
     balancer = make_balancer(config, optimize=interactive_mode and not args.no_optimizer)
+    guard = None
+    if not (args.demo or args.own_optimizer):  # --demo's nodes are its own
+        token = args.token or os.environ.get(TOKEN_ENV) or None
+        guard = functools.partial(optimizer_refusal, list(config.nodes), token)
     try:
         if words:
-            return run_one_shot(balancer, config, words, reporter, args.verbose)
+            return run_one_shot(balancer, config, words, reporter, args.verbose, files_dir)
         if script:
-            return run_script(balancer, config, reporter, args.verbose)
+            return run_script(balancer, config, reporter, args.verbose, files_dir=files_dir)
         return interactive(
-            balancer, config, banner, files_dir=files_dir, verbose=args.verbose, demo_script=demo_script
+            balancer,
+            config,
+            banner,
+            files_dir=files_dir,
+            verbose=args.verbose,
+            demo_script=demo_script,
+            optimizer_guard=guard,
+            metrics_address=metrics_address,
         )
     finally:
         if demo_script is not None:
@@ -698,11 +807,11 @@ def _main(argv: Sequence[str] | None) -> int:
             remove_demo_files(files_dir)
 
 
-SERVE_ONLY_FLAGS = ("listen", "token", "grace")
+SERVE_ONLY_FLAGS = ("listen", "grace")
 
 
 def unused_serve_flag(args: argparse.Namespace) -> str | None:
-    """--listen, --token and --grace belong to `serve`: elsewhere they would be silently ignored."""
+    """--listen and --grace belong to `serve`: elsewhere they would be silently ignored."""
     given = [f"--{name}" for name in SERVE_ONLY_FLAGS if getattr(args, name) is not None]
     if not given:
         return None
@@ -718,7 +827,14 @@ def serve_usage_problem(args: argparse.Namespace, words: list[str]) -> str | Non
         )
     if args.json or args.watch is not None or args.node or args.dry_run:
         return "serve takes no --json, --watch, --node or --dry-run"
+    if args.connect:
+        return "serve runs a cluster; --connect attaches a console to one: use one or the other"
     return None
+
+
+def serve_state_dir(config: Config) -> Path:
+    """Where serve registers itself and keeps its state: the config file's directory (the config dir)."""
+    return config.path.parent if config.path is not None else config_dir()
 
 
 def serve(args: argparse.Namespace, config: Config, reporter: Reporter) -> int:
@@ -734,7 +850,7 @@ def serve(args: argparse.Namespace, config: Config, reporter: Reporter) -> int:
         run_serve,
     )
 
-    token = args.token or os.environ.get("FLOCKPARSE_TOKEN") or None
+    token = args.token or os.environ.get(TOKEN_ENV) or None
     try:
         host, port = parse_listen(args.listen or DEFAULT_LISTEN)
         grace = DEFAULT_GRACE_S if args.grace is None else check_grace(args.grace)
@@ -744,26 +860,92 @@ def serve(args: argparse.Namespace, config: Config, reporter: Reporter) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format=LOG_FORMAT)  # the core's warnings
     balancer = make_balancer(config, optimize=not args.no_optimizer)
     try:
-        return run_serve(balancer, host=host, port=port, token=token, grace=grace)
+        return run_serve(
+            balancer, host=host, port=port, token=token, grace=grace, state_dir=serve_state_dir(config)
+        )
     except ServeError as exc:
         return reporter.error(str(exc), 1)
     finally:
         balancer.close()
 
 
-def batch_context(balancer: OllamaLoadBalancer, config: Config, reporter: Reporter, verbose: bool) -> Context:
-    """The context of one-shot and stdin modes: plain output, progress on stderr."""
+def batch_context(
+    balancer: OllamaLoadBalancer,
+    config: Config,
+    reporter: Reporter,
+    verbose: bool,
+    files_dir: Path | None = None,
+) -> Context:
+    """The context of one-shot and stdin modes: plain output, progress on stderr; history is read from
+    `files_dir` (the config directory unless --demo), never recorded."""
+    from flockparse.console.services import history_reader
+
     return Context(
         balancer=balancer,
         console=make_one_shot_console(),
         config=config,
         progress=reporter.errors,
         verbose=verbose,
+        history=history_reader(config, files_dir or config_dir()),
+        attached=attached_to(balancer),
+    )
+
+
+SERVE_FLAGS = ("nodes", "config", "demo", "priority", "interval", "health_interval", "load_timeout")
+
+
+def run_attached(args: argparse.Namespace, words: list[str], script: bool, reporter: Reporter) -> int:
+    """`--connect URL`: the same console on a running serve. Every command goes through its control API,
+    its events appear above the prompt; no health monitor and no optimizer run here."""
+    given = [f"--{name.replace('_', '-')}" for name in (*SERVE_FLAGS, "own_optimizer") if getattr(args, name)]
+    if given:
+        return reporter.error(
+            f"{', '.join(given)}: the serve's settings, not an attached console's (set them on the serve)",
+            EXIT_USAGE,
+        )
+    try:
+        timeout = apply_flags(Config(), timeout_flag=args.timeout).timeout
+        remote = RemoteCluster(
+            args.connect, token=args.token or os.environ.get(TOKEN_ENV) or None, timeout=timeout
+        )
+    except ValueError as exc:  # ConfigError too: a bad --timeout or address
+        return reporter.error(str(exc), EXIT_USAGE)
+    try:
+        remote.connect()
+        config = Config(
+            nodes=remote.nodes,
+            priority_models=remote.gpu_priority_models,
+            interval=remote.check_interval or Config().interval,
+            timeout=remote.node_timeout,
+            path=None,  # nothing of the serve's is saved by a console
+            nodes_from="serve",
+        )
+        if words:
+            return run_one_shot(remote, config, words, reporter, args.verbose)
+        if script:
+            return run_script(remote, config, reporter, args.verbose)
+        return interactive(remote, config, attached_banner(remote), verbose=args.verbose)
+    except RemoteError as exc:  # the serve could not be read at start
+        return reporter.error(str(exc), 1)
+    finally:
+        remote.close()
+
+
+def attached_banner(remote: RemoteCluster) -> str:
+    state = "on" if remote.optimization_running else "off"
+    return (
+        f"attached to the serve at {remote.url} (flockparse {remote.version}, {len(remote.nodes)} node(s), "
+        f"optimizer {state}): commands run there, its events show here; this console runs no optimizer"
     )
 
 
 def run_one_shot(
-    balancer: OllamaLoadBalancer, config: Config, words: list[str], reporter: Reporter, verbose: bool = False
+    balancer: OllamaLoadBalancer,
+    config: Config,
+    words: list[str],
+    reporter: Reporter,
+    verbose: bool = False,
+    files_dir: Path | None = None,
 ) -> int:
     """No optimizer thread; the health monitor and its first round (bounded) only if the command needs it."""
     try:  # a mistyped command is told at once, before any node is contacted
@@ -771,7 +953,7 @@ def run_one_shot(
         check_arity(cmd, words[1:])
     except CommandError as exc:
         return reporter.error(str(exc), exc.exit_code)
-    ctx = batch_context(balancer, config, reporter, verbose)
+    ctx = batch_context(balancer, config, reporter, verbose, files_dir)
     if cmd.wants_nodes(words[1:]):
         start_and_check(balancer, config, reporter)
     return one_shot(ctx, words, reporter)

@@ -320,7 +320,7 @@ class GPUController:
 
     def _get_json(self, node_url: str, path: str) -> Reply:
         """GET a JSON document; any non-200 or non-JSON reply becomes a one-line NodeError."""
-        return _json_or_error(node_url, path, _reply(self._get_raw(node_url, path), path))
+        return _json_or_error(node_url, path, _reply(self.get_raw(node_url, path), path))
 
     def _ps(self, node_url: str) -> list[_Loaded]:
         return self._loaded(self.read_status_raw(node_url))
@@ -353,11 +353,12 @@ class GPUController:
 
     def read_status_raw(self, node_url: str) -> RawStatus:
         """One /api/ps read on this thread (through the poller when it can): the body as received."""
-        return self._get_raw(_node_key(node_url), "/api/ps")
+        return self.get_raw(_node_key(node_url), "/api/ps")
 
-    def _get_raw(self, node_url: str, path: str) -> RawStatus:
+    def get_raw(self, node_url: str, path: str) -> RawStatus:
         """A GET on this thread: through the poller (one connection per node for every GET) when it can,
         else through the transport; the reply as received, or its NodeError."""
+        node_url = _node_key(node_url)
         started = time.monotonic()
         if self._closed:
             return RawStatus(node_url, started, error=NodeError("cancelled", f"{node_url}: not sent, closed"))
@@ -445,9 +446,13 @@ class GPUController:
 
     def list_installed(self, node_url: str) -> dict:
         """Canonical names of the models on the node's disk (/api/tags). Never raises."""
-        node_url = _node_key(node_url)
+        return self.installed_from_raw(self.get_raw(_node_key(node_url), "/api/tags"))
+
+    def installed_from_raw(self, raw: RawStatus) -> dict:
+        """`list_installed`'s dict from one /api/tags read (get_raw or poll_status)."""
+        node_url = raw.node_url
         try:
-            body = self._get_json(node_url, "/api/tags").body
+            body = _json_or_error(node_url, "/api/tags", _reply(raw, "/api/tags")).body
         except NodeError as exc:
             return {"models": [], "error": exc.message}
         entries = body.get("models") if isinstance(body, dict) else None
@@ -485,8 +490,12 @@ class GPUController:
 
     def version(self, node_url: str) -> str | None:
         """The node's Ollama version (/api/version), None when it does not say."""
+        return self.version_from_raw(self.get_raw(_node_key(node_url), "/api/version"))
+
+    def version_from_raw(self, raw: RawStatus) -> str | None:
+        """`version` from one /api/version read, shown at most MAX_VERSION_CHARS long."""
         try:
-            body = self._get_json(_node_key(node_url), "/api/version").body
+            body = _json_or_error(raw.node_url, "/api/version", _reply(raw, "/api/version")).body
         except NodeError:
             return None
         version = body.get("version") if isinstance(body, dict) else None

@@ -8,7 +8,9 @@
    default settings (health every 5 s, pass every 300 s), from the node answering again; once with the
    downtime seen by a health check and once without (the restart noticed by its models vanishing);
 4. bytes on the wire per node per idle health check (goal: at most 1.5 KB);
-5. serve (bench/serve.py, about a minute more): latency added over going direct (goal: p50 at most 2 ms),
+5. history.sqlite growth (bench/history_size.py): rows per idle health check of 200 nodes (goal: none),
+   and bytes per day for a scripted week of 200 nodes.
+6. serve (bench/serve.py, about a minute more): latency added over going direct (goal: p50 at most 2 ms),
    time to first chunk, requests per second with 64 clients, 256 concurrent streams held.
 """
 
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import history_size
 import serve as serve_bench  # bench/serve.py (this script's directory is on sys.path)
 
 from flockparse.balancer import OllamaLoadBalancer
@@ -195,6 +198,7 @@ def main() -> int:
         "restart_seen_down": bench_restart_warm_up(downtime=6.0),
         "restart_unseen": bench_restart_warm_up(downtime=0.0),
         "idle_check_bytes": bench_idle_check_bytes(),
+        "history_size": history_size.bench(),
         "serve": serve_bench.run(),
     }
     results["bench_duration_s"] = round(time.monotonic() - started, 1)
@@ -208,7 +212,7 @@ def main() -> int:
 
 def print_table(r: dict) -> None:
     p, f, b = r["pass_200_nodes"], r["force_gpu_overhead"], r["idle_check_bytes"]
-    s, u = r["restart_seen_down"], r["restart_unseen"]
+    s, u, h = r["restart_seen_down"], r["restart_unseen"], r["history_size"]
     rows = [
         ("pass over 200 nodes x 50 ms", f"{p['pass_s_median']:.2f} s (worst {p['pass_s_worst']:.2f} s)",
          f"{p['speedup_worst']:.0f}x faster than 10 s serial", ">= 10x", p["met"]),
@@ -220,6 +224,9 @@ def print_table(r: dict) -> None:
          f"{u['simulated_load_s']:.1f} s load", "<= 15 s", u["met"]),
         ("bytes per idle check", f"{b['bytes_per_check']} B", f"{b['bytes_per_check'] / 1536:.2f} of 1.5 KB",
          "<= 1.5 KB", b["met"]),
+        ("history rows per idle check", f"{h['live_idle_checks']['rows_written_in_window']} in "
+         f"{h['live_idle_checks']['checks']} checks",
+         f"busy week {h['scripted_busy_week']['bytes_per_day'] // 1024} KB/day", "0", h["met"]),
     ]  # fmt: skip
     print(f"{r['date']}  {r['machine']}  (bench took {r['bench_duration_s']} s)")
     print(f"{'figure':30} {'measured':34} {'ratio':30} {'goal':8} met")

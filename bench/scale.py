@@ -55,9 +55,10 @@ def bench_scale(nodes: int, procs: int, latency_ms: float, window: float) -> dic
             checks: dict[str, list[float]] = defaultdict(list)
             poll = balancer.controller.poll_status  # every /api/ps read goes through it
 
-            def counted(url: str, done: Callable) -> bool:
-                checks[url].append(time.monotonic())  # list.append is atomic: no lock needed here
-                return poll(url, done)
+            def counted(url: str, done: Callable, path: str = "/api/ps") -> bool:
+                if path == "/api/ps":
+                    checks[url].append(time.monotonic())  # list.append is atomic: no lock needed here
+                return poll(url, done, path)
 
             balancer.controller.poll_status = counted  # type: ignore[method-assign]
             wait_for(lambda: balancer.summary()["online"] == nodes, 120, "every node online")

@@ -204,9 +204,10 @@ class NodeAgent:
         return self.record(seq, sent_at, status, patterns, raw.body), status
 
     def check(self, patterns: list[str]) -> Future[Folded] | None:
-        """A monitor check: an /api/ps read through the status poller (no thread while it waits), parsed on
-        a worker only when the reply changed; /api/tags and /api/version first on a worker when due. None
-        when one is already in flight: a hung node has one check pending, never a growing pile."""
+        """A monitor check: an /api/ps read through the status poller, then /api/tags and /api/version when
+        due, the same way (no thread waits on a node); the replies are parsed and recorded on a worker only
+        when the status changed. None when one is already in flight: a hung node has one check pending,
+        never a growing pile."""
         with self._lock:
             if self._checking or self._closed.is_set():
                 return None
@@ -225,15 +226,16 @@ class NodeAgent:
                 self._checking = False
             future.set_result(folded)
 
-        if self._extras_due():
-            self._run(lambda: settle(lambda: self._check(patterns)))
-            return future
-
         def on_reply(seq: int, sent_at: float, raw: RawStatus) -> None:
-            if self.fold_if_unchanged(seq, sent_at, raw) is not None:
+            extras = self._extras_due() if raw.error is None and raw.http_status == 200 else []
+            if not extras and self.fold_if_unchanged(seq, sent_at, raw) is not None:
                 settle(Folded)
-            else:
-                self._run(lambda: settle(lambda: self.fold(seq, sent_at, raw, patterns)[0]))
+                return
+
+            def fold(got: dict[str, RawStatus]) -> None:
+                self._run(lambda: settle(lambda: self._fold_check(seq, sent_at, raw, got, patterns)))
+
+            self._get_all(extras, fold)
 
         self.fetch(on_reply)
         return future
@@ -244,23 +246,47 @@ class NodeAgent:
         else:
             run_daemon(work, f"check-{self.url}")
 
-    def _extras_due(self) -> bool:
-        """A check that must do more than read /api/ps: the node is not known online, or /api/tags or
-        /api/version is due."""
+    def _extras_due(self) -> list[str]:
+        """What a check reads besides /api/ps: /api/tags when due, /api/version for a node not known
+        online or whose version is unknown."""
         with self._lock:
-            if self._state.online is not True or self._state.ollama_version is None:
-                return True
-        return self._installed_due()
+            version = self._state.online is not True or self._state.ollama_version is None
+            version = version and not self._version_reading  # one read at a time (see ensure_version)
+            self._version_reading = self._version_reading or version
+        return ["/api/tags"] * self._installed_due() + ["/api/version"] * version
 
-    def _check(self, patterns: list[str]) -> Folded:
-        seq, sent_at, raw = self.read_raw()
-        up = raw.error is None and raw.http_status == 200
-        installed = self.controller.list_installed(self.url) if up and self._installed_due() else None
-        if up:
-            self.ensure_version()
-        # before the status is recorded: a node coming up gets a pass that needs the installed list
-        if installed is not None:
-            self.record_installed(installed)
+    def _get_all(self, paths: list[str], done: Callable[[dict[str, RawStatus]], None]) -> None:
+        """GET `paths` one after the other through the poller (no thread waits), then `done(replies)`."""
+        got: dict[str, RawStatus] = {}
+
+        def step(index: int) -> None:
+            if index == len(paths):
+                done(got)
+                return
+            path = paths[index]
+
+            def keep(raw: RawStatus) -> None:
+                got[path] = raw
+                step(index + 1)
+
+            if not self.controller.poll_status(self.url, keep, path):
+                self._run(lambda: keep(self.controller.get_raw(self.url, path)))
+
+        step(0)
+
+    def _fold_check(
+        self, seq: int, sent_at: float, raw: RawStatus, extras: dict[str, RawStatus], patterns: list[str]
+    ) -> Folded:
+        """A check's replies recorded: the installed list first (a node coming up gets a pass that needs
+        it), the version, then the status."""
+        if "/api/tags" in extras:
+            self.record_installed(self.controller.installed_from_raw(extras["/api/tags"]))
+        if "/api/version" in extras:
+            version = self.controller.version_from_raw(extras["/api/version"])
+            with self._lock:
+                self._version_reading = False
+                if version is not None:
+                    self._state.ollama_version = version
         return self.fold(seq, sent_at, raw, patterns)[0]
 
     def _installed_due(self) -> bool:

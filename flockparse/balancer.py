@@ -37,6 +37,7 @@ from flockparse.optimizer import GPUOptimizer
 from flockparse.request_stats import RequestStats, Sample, eval_metrics
 from flockparse.results import MoveResult, Reason, skipped
 from flockparse.rules import LOCATION_CPU, LOCATION_GPU, canonical_name, model_key, normalize_url, same_model
+from flockparse.stats import ClusterStats
 from flockparse.workers import ElasticPool
 from gpu_controller import GPUController, NodeError
 
@@ -95,6 +96,8 @@ class OllamaLoadBalancer:
         routing: str = routes.DEFAULT_STRATEGY,
     ) -> None:
         self.events = EventBus()
+        self.stats = ClusterStats()  # passes, moves, request latencies: for metrics (flockparse/metrics.py)
+        self.events.subscribe(self.stats.on_event)
         self._routing = routes.check_strategy(routing)  # how pick_node chooses (flockparse/routing.py)
         self._turn = 0  # round robin's position; guarded by _turn_lock
         self._turn_lock = threading.Lock()
@@ -909,10 +912,21 @@ class OllamaLoadBalancer:
         self.request_stats.begin(node)
         return True
 
-    def request_finished(self, node: str, error: str | None = None, sample: Sample | None = None) -> None:
+    def request_finished(
+        self,
+        node: str,
+        error: str | None = None,
+        sample: Sample | None = None,
+        *,
+        endpoint: str | None = None,
+        seconds: float | None = None,
+    ) -> None:
         """End a routed request. `error`: the node failed it (counted, the node cools down and its health is
         checked now rather than in `health_interval`); `sample`: what the answer took (lb_stats); neither:
-        the node answered without a sample (e.g. rejected the caller's request with a 4xx)."""
+        the node answered without a sample (e.g. rejected the caller's request with a 4xx). `endpoint` and
+        `seconds`: the attempt for the metrics' per-endpoint histogram (`self.stats`)."""
+        if endpoint is not None and seconds is not None:
+            self.stats.observe_request(endpoint, seconds, failed=error is not None)
         agent = self._agent(node)
         if agent is not None:
             agent.request_finished(error)
@@ -962,17 +976,19 @@ class OllamaLoadBalancer:
             node_error = exc.message
         else:
             if 400 <= answer.status < 500 and answer.status != 404:
-                self.request_finished(node)
+                self.request_finished(node, endpoint=path, seconds=time.monotonic() - sent)
                 raise RequestRejectedError(node, answer.status, answer.error_text())
             if answer.status != 200:
                 node_error = f"HTTP {answer.status}: {answer.error_text()}"
             elif not isinstance(answer.body, dict):
                 node_error = "reply is not a JSON object"
+        seconds = time.monotonic() - sent
         if node_error is not None:
-            self.request_finished(node, node_error)
+            self.request_finished(node, node_error, endpoint=path, seconds=seconds)
             return {}, node_error
         count, duration = eval_metrics(answer.body)
-        self.request_finished(node, sample=Sample(time.monotonic() - sent, None, count, duration))
+        sample = Sample(seconds, None, count, duration)
+        self.request_finished(node, sample=sample, endpoint=path, seconds=seconds)
         return answer.body, None
 
 

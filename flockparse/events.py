@@ -38,6 +38,12 @@ EVENT_KINDS = (
     "gpu_metrics_back",
     "vram_held_by_others",
     "vram_held_by_others_resolved",
+    "state_not_saved",  # a serve could not write its state file (flockparse/serve/state.py)
+    # an attached console's own, from its RemoteCluster (flockparse/remote.py), never on a serve's bus:
+    "serve_lost",
+    "serve_back",
+    "history_warning",  # flockparse/history.py: the history file cannot be written; history is off
+    "alert_failed",  # flockparse/alerts.py: a channel gave up on a message after its retries
 )
 
 

@@ -202,6 +202,46 @@ class GPUOptimizer:
             self._pins = {key for key in self._pins if key[1] != name}
             self._backoff = {key: b for key, b in self._backoff.items() if key[1] != name}
 
+    def export_state(self) -> dict:
+        """The pins and back-offs as plain data, for a serve's state file (`import_state` reads it back):
+        {'pinned_cpu': [{'node', 'model'}],
+         'backed_off': [{'node', 'model', 'failures', 'passes_to_skip', 'reason'}]}.
+        """
+        with self._lock:
+            return {
+                "pinned_cpu": [{"node": n, "model": m} for n, m in sorted(self._pins)],
+                "backed_off": [
+                    {
+                        "node": n,
+                        "model": m,
+                        "failures": b.failures,
+                        "passes_to_skip": b.passes_to_skip,
+                        "reason": b.reason,
+                    }
+                    for (n, m), b in sorted(self._backoff.items())
+                ],
+            }
+
+    def import_state(self, state: dict, nodes: list[str] | None = None) -> int:
+        """Add the pins and back-offs `export_state` wrote (on `nodes` only, when given: a node no longer in
+        the cluster is dropped); malformed entries are skipped. Returns how many entries were taken."""
+        pins: set[tuple[str, str]] = set()
+        backoffs: dict[tuple[str, str], Backoff] = {}
+        for entry in _entries(state.get("pinned_cpu")):
+            pin = _node_model(entry, nodes)
+            if pin is not None:
+                pins.add(pin)
+        for entry in _entries(state.get("backed_off")):
+            key = _node_model(entry, nodes)
+            failures, skip, reason = entry.get("failures"), entry.get("passes_to_skip"), entry.get("reason")
+            if key is None or not isinstance(reason, str) or not _counts(failures, skip):
+                continue
+            backoffs[key] = Backoff(failures, min(skip, planner.BACKOFF_MAX_PASSES), reason)
+        with self._lock:
+            self._pins |= pins
+            self._backoff.update(backoffs)
+        return len(pins) + len(backoffs)
+
     def forget_node(self, node: str, keep_pins: bool = True) -> None:
         """A node restarted (memory is fresh: back-offs no longer apply) or was removed (drop pins too)."""
         with self._lock:
@@ -583,6 +623,25 @@ def _summary_sentence(summary: dict) -> str:
         f"{summary['failed']} failed, {summary['skipped']} skipped, "
         f"{summary['checked_nodes']} node(s) checked"
     )
+
+
+def _entries(value: Any) -> list[dict]:
+    return [entry for entry in value if isinstance(entry, dict)] if isinstance(value, list) else []
+
+
+def _node_model(entry: dict, nodes: list[str] | None) -> tuple[str, str] | None:
+    """(node, model key) of a saved entry, or None when it is malformed or its node is gone."""
+    node, model = entry.get("node"), entry.get("model")
+    if not isinstance(node, str) or not isinstance(model, str) or not model.strip():
+        return None
+    if nodes is not None and node not in nodes:
+        return None
+    return node, model_key(model)
+
+
+def _counts(failures: Any, skip: Any) -> bool:
+    """Whole non-negative numbers (bool is an int in Python, and no count)."""
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (failures, skip))
 
 
 def _positive(seconds: float) -> float:

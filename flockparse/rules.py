@@ -11,6 +11,8 @@ Pure functions, no I/O: the controller, the balancer, the optimizer and the cons
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Any
@@ -20,6 +22,15 @@ LOCATION_GPU = "GPU (VRAM)"
 LOCATION_CPU = "CPU (RAM)"
 LOCATION_UNKNOWN = "Unknown"
 GLOB_CHARS = frozenset("*?[")
+# Ollama's names: [host[:port]/][namespace/]model[:tag], letters, digits, `_ . -`; globs add `* ? [ ]`
+_NAME_PART = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"
+_NAME = re.compile(rf"{_NAME_PART}(:\d+)?(/{_NAME_PART})*(:{_NAME_PART})?")
+_GLOB = re.compile(r"[A-Za-z0-9_.\-/:*?\[\]!]+")
+MAX_NAME = 350
+
+
+class ModelNameError(ValueError):
+    """A model name that breaks the rule; the message is one line."""
 
 
 # --------------------------------------------------------------------------------------------- model names
@@ -46,6 +57,44 @@ def model_key(name: str) -> str:
 
 def same_model(a: str, b: str) -> bool:
     """True when two spellings name the same model (`LLaMA3.1` == `llama3.1:latest`)."""
+    return model_key(a) == model_key(b)
+
+
+def check_model_name(name: str, allow_glob: bool = False) -> str:
+    """The name, stripped, if it is a model name (or, with `allow_glob`, a glob); else ModelNameError.
+
+    One rule for every place a name comes in: the console's commands and flags, the control API.
+    """
+    text = name.strip()
+    if not text:
+        raise ModelNameError("empty model name")
+    shown = text.encode("unicode_escape").decode("ascii")
+    if len(text) > MAX_NAME:
+        raise ModelNameError(f"model name too long ({len(text)} characters)")
+    if allow_glob and is_glob(text):
+        if not _GLOB.fullmatch(text):
+            raise ModelNameError(f"`{shown}` is not a model name or glob (letters, digits, `_.-:/*?[]`)")
+        return text
+    if not _NAME.fullmatch(text):
+        raise ModelNameError(f"`{shown}` is not a model name (e.g. `llama3.1`, `llama3.1:8b`, `org/m:tag`)")
+    return text
+
+
+def unique_names(names: Iterable[str], allow_glob: bool = False) -> list[str]:
+    """Checked names, blanks skipped, the first spelling of each model kept (`a` and `a:latest` are one)."""
+    seen: dict[str, str] = {}
+    for raw in names:
+        if not raw.strip():
+            continue
+        name = check_model_name(raw, allow_glob)
+        seen.setdefault(name.casefold() if is_glob(name) else model_key(name), name)
+    return list(seen.values())
+
+
+def same_name(a: str, b: str) -> bool:
+    """One rule for equality: globs compare as text (case-folded), names by model key."""
+    if is_glob(a) or is_glob(b):
+        return a.strip().casefold() == b.strip().casefold()
     return model_key(a) == model_key(b)
 
 

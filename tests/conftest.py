@@ -86,3 +86,22 @@ def make_balancer() -> Iterator[Callable[..., OllamaLoadBalancer]]:
 def wait_until_fixture() -> Callable[..., Any]:
     """helpers.wait_until as a fixture, for tests that prefer not to import it."""
     return wait_until
+
+
+@pytest.fixture
+def served() -> Iterator[Callable[..., str]]:
+    """Factory: `url = served(balancer, token=None, **options)` serves the control API for `balancer` on
+    127.0.0.1 (tests/serving.py) and returns its URL; stopped at teardown. `served.apps` lists them."""
+    from serving import ServedApp, control_app
+
+    apps: list[ServedApp] = []
+
+    def serve(balancer: OllamaLoadBalancer, token: str | None = None, **options: object) -> str:
+        app = ServedApp(control_app(balancer, token, **options))
+        apps.append(app)
+        return app.start()
+
+    serve.apps = apps  # type: ignore[attr-defined]
+    yield serve
+    for app in apps:
+        app.stop()

@@ -336,3 +336,18 @@ def test_a_request_not_answered_by_the_end_of_the_grace_period_gets_a_503(sim_no
         {"error": "flockparse serve is shutting down"},
     )
     assert balancer.get_stats()["nodes"][0]["in_flight"] == 0
+
+
+def test_the_control_api_is_on_the_same_address_and_checks_the_token(sim_node, serve) -> None:
+    node = sim_node()
+    _, server = serve([node], token="s3cret")
+    status = requests.get(server.url + "/flockparse/v1/status", timeout=5)  # reads open on loopback
+    assert status.status_code == 200 and status.json()["nodes"] == [node.url]
+    refused = requests.post(server.url + "/flockparse/v1/optimizer/on", timeout=5)
+    assert refused.status_code == 401
+    _, guarded = serve([node], token="s3cret", control_reads_need_token=True)  # beyond loopback
+    assert requests.get(guarded.url + "/flockparse/v1/status", timeout=5).status_code == 401
+    allowed = requests.get(
+        guarded.url + "/flockparse/v1/status", headers={"Authorization": "Bearer s3cret"}, timeout=5
+    )
+    assert allowed.status_code == 200

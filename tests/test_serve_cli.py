@@ -105,7 +105,8 @@ def test_an_address_that_is_not_loopback_needs_a_token(sim_node, env: dict[str, 
     ("args", "needle"),
     [
         (["--listen", "127.0.0.1:1", "nodes"], "--listen: only with `serve`"),
-        (["--token", "t", "priority", "list"], "--token: only with `serve`"),
+        (["--grace", "5", "priority", "list"], "--grace: only with `serve`"),
+        (["--connect", "http://127.0.0.1:9", "serve"], "serve runs a cluster; --connect attaches"),
         (["serve", "now"], "serve takes no argument, got `now`"),
         (["serve", "--listen", "nonsense"], "--listen nonsense: expected HOST:PORT"),
         (["serve", "--grace", "-1"], "--grace must be between 0 and 3600 seconds"),
@@ -200,3 +201,26 @@ def test_listen_addresses_and_the_loopback_rule() -> None:
         check_listen("0.0.0.0", None)
     check_listen("0.0.0.0", "s3cret")
     check_listen("localhost", None)
+
+
+def test_serve_answers_the_control_api_registers_itself_and_keeps_its_state(
+    sim_node, start_serve, env: dict[str, str]
+) -> None:
+    node = sim_node(preload=[(SMALL, "gpu")])
+    serve = start_serve(node)
+    url = serve.url
+    serve.line("is online")
+    status = requests.get(url + "/flockparse/v1/status", timeout=5).json()
+    assert status["service"] == "flockparse" and status["nodes"] == [node.url]
+    config_dir = Path(env["FLOCKPARSE_CONFIG_DIR"])
+    [registered] = (config_dir / "serves").glob("*.json")
+    assert json.loads(registered.read_text())["url"] == url  # a local console sees who runs the optimizer
+    attached = run(["--connect", url, "lb_stats", "--json"], env)  # a console through the control API
+    assert attached.returncode == 0 and json.loads(attached.stdout)["routing"] == "adaptive"
+    added = requests.post(url + "/flockparse/v1/priorities", json={"add": ["codellama"]}, timeout=10)
+    assert added.status_code == 200
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.proc.wait(15) == 0
+    assert not registered.exists()
+    state = json.loads((config_dir / "serve-127.0.0.1-0.state.json").read_text())
+    assert "codellama" in state["priority_models"]

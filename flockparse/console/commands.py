@@ -26,9 +26,17 @@ from rich.console import Console, Group, RenderableType
 from rich.text import Text
 
 from flockparse.console import render
-from flockparse.console.config import Config, ConfigError, check_seconds, normalize_url, update_nodes
+from flockparse.console.config import (
+    Config,
+    ConfigError,
+    check_seconds,
+    normalize_url,
+    parse_duration,
+    update_nodes,
+)
 from flockparse.console.names import ModelNameError, check_name, is_glob, same_name, suggestions, unique_names
 from flockparse.console.tty import unbuffered_keys
+from flockparse.remote import RemoteError, RemoteRejected
 from flockparse.routing import STRATEGY_WORDS
 
 CANCEL_GRACE_S = 0.5  # after Ctrl-C, how long we give the core to notice the cancel Event
@@ -78,6 +86,10 @@ class Context:
     quiet_events: Callable[[str], Any] | None = None  # mutes event lines a command reports itself
     flush_events: Callable[[], None] | None = None  # prints queued event lines before a command's output
     options: dict[str, Any] = field(default_factory=dict)  # this call's --node / --dry-run
+    attached: str | None = None  # the serve's URL when the console is attached to one (--connect)
+    optimizer_guard: Callable[[], str | None] | None = None  # why this console must not start an optimizer
+    history: Any = None  # flockparse.history.History (None: history is off)
+    alerter: Any = None  # the running flockparse.alerts.Alerter (interactive console only)
 
     def note(self, message: str) -> None:
         (self.progress or self.console).print(render.safe_text(message, style="dim"))
@@ -145,6 +157,7 @@ class Command:
     needs_nodes: bool | Callable[[list[str]], bool] = True  # False: answered without any node (no wait)
     complete_as: Mapping[str, str] | None = None  # subcommand -> completion source for its argument
     options: tuple[str, ...] = ()  # e.g. ("--node URL", "--dry-run"): anywhere after the command name
+    local_only: str | None = None  # why it is refused when attached to a serve (None: it works there too)
 
     def wants_nodes(self, args: list[str]) -> bool:
         """Whether this call needs the first health round (one-shot mode waits for it, bounded)."""
@@ -172,6 +185,7 @@ def command(
     needs_nodes: bool | Callable[[list[str]], bool] = True,
     complete_as: Mapping[str, str] | None = None,
     options: tuple[str, ...] = (),
+    local_only: str | None = None,
 ) -> Callable[[Callable[[Context, list[str]], Outcome]], Callable[[Context, list[str]], Outcome]]:
     """Register a handler (litecli's special-command pattern)."""
 
@@ -187,6 +201,7 @@ def command(
             needs_nodes,
             complete_as,
             options,
+            local_only,
         )
         return handler
 
@@ -263,8 +278,16 @@ def dispatch(ctx: Context, words: list[str]) -> Outcome:
         return Outcome()
     cmd = resolve(words[0])
     check_arity(cmd, words[1:])
+    if cmd.local_only and ctx.attached:
+        where = f"the serve at {ctx.attached}"
+        raise CommandError(f"{cmd.name} is not available when attached to {where}: {cmd.local_only}")
     args, ctx.options = split_options(cmd, words[1:])
-    return cmd.handler(ctx, args)
+    try:
+        return cmd.handler(ctx, args)
+    except RemoteError as exc:  # attached: the serve could not be reached or refused; one line
+        if isinstance(exc, RemoteRejected) and exc.status in (400, 404, 413, 422):  # a bad name, node...
+            raise UsageError(str(exc)) from None
+        raise CommandError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- helpers
@@ -380,6 +403,9 @@ def cmd_help(ctx: Context, args: list[str]) -> Outcome:
     )
 
 
+SERVE_NODES = "the serve's nodes come from its --nodes or config file (change them there and restart it)"
+
+
 @command("nodes", "list the nodes: online, GPU, latency, last error (the full text of the last failure)")
 def cmd_nodes(ctx: Context, args: list[str]) -> Outcome:
     states = [as_dict(state) for state in ctx.balancer.node_states()]
@@ -394,6 +420,7 @@ def cmd_nodes(ctx: Context, args: list[str]) -> Outcome:
     args=("URL",),
     optional=("gpu|cpu",),
     needs_nodes=False,
+    local_only=SERVE_NODES,
 )
 def cmd_add_node(ctx: Context, args: list[str]) -> Outcome:
     flags = {"gpu": True, "cpu": False}
@@ -420,6 +447,7 @@ def cmd_add_node(ctx: Context, args: list[str]) -> Outcome:
     args=("NODE",),
     aliases=("rm_node",),
     needs_nodes=False,
+    local_only=SERVE_NODES,
 )
 def cmd_remove_node(ctx: Context, args: list[str]) -> Outcome:
     try:
@@ -720,6 +748,9 @@ OPTIMIZER_SUBCOMMANDS = {"on": (), "off": (), "status": (), "now": (), "interval
 def cmd_optimizer(ctx: Context, args: list[str]) -> Outcome:
     balancer, sub = ctx.balancer, args[0]
     if sub == "on":
+        refusal = ctx.optimizer_guard() if ctx.optimizer_guard else None
+        if refusal:
+            raise CommandError(refusal)
         balancer._start_gpu_optimization()  # public in the product spec despite the underscore; starts once
     elif sub == "off":
         balancer.stop_gpu_optimization()
@@ -779,12 +810,112 @@ def cmd_priority(ctx: Context, args: list[str]) -> Outcome:
     return Outcome(data=models, renderable=Group(shown, note) if note else shown)
 
 
+HISTORY_BUCKETS = 24  # sparkline marks over the window
+HISTORY_DEFAULT_S = 86400.0
+HISTORY_MAX_S = 3650 * 86400.0
+
+
+def _history_window(ctx: Context) -> float:
+    """`--since 24h` (default): the window, in seconds."""
+    given = ctx.options.get("since")
+    if not given:
+        return HISTORY_DEFAULT_S
+    try:
+        seconds = parse_duration(given[-1], "history --since")
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    if not 60 <= seconds <= HISTORY_MAX_S:
+        raise UsageError("history --since must be between 1m and 3650d")
+    return seconds
+
+
+def _history_filter(ctx: Context, what: str | None) -> tuple[str | None, str | None]:
+    """(node, model pattern): a node of the cluster or an address with a scheme is a node, else a model."""
+    if not what:
+        return None, None
+    if not what.strip():
+        raise UsageError("history: the filter is empty: usage: history [MODEL|NODE] [--since DURATION]")
+    with contextlib.suppress(ConfigError):
+        url = normalize_url(what)
+        if url in ctx.balancer.nodes or "://" in what:
+            return url, None
+    return None, model_name(what, allow_glob=True)
+
+
+@command(
+    "history",
+    "per model and node over --since (default 24h): share of time on GPU, split, CPU, not loaded; "
+    "falls off the GPU, moves, and the placement over time",
+    optional=("MODEL|NODE",),
+    options=("--since DURATION",),
+    needs_nodes=False,
+)
+def cmd_history(ctx: Context, args: list[str]) -> Outcome:
+    from flockparse.history import HistoryError
+
+    seconds = _history_window(ctx)
+    what = args[0] if args else None
+    node, model = _history_filter(ctx, what)
+    if ctx.history is None:
+        raise CommandError("placement history is not recorded: history_days = 0 in the config")
+    try:
+        summary = ctx.history.summary(since_s=seconds, node=node, model=model, buckets=HISTORY_BUCKETS)
+    except HistoryError as exc:
+        raise CommandError(str(exc)) from None
+    if what and not summary.pairs and not summary.nodes:
+        everything = ctx.history.summary(since_s=seconds, buckets=1)
+        known = sorted({pair.model for pair in everything.pairs})
+        hint = f" ({unknown_model_hint(model, known)})" if model and known else ""
+        raise UsageError(f"no history of {what} in the last {render.human_seconds(seconds)}{hint}")
+    data = summary.as_dict()
+    return Outcome(data=data, renderable=render.history_report(data))
+
+
+ALERTS_SUBCOMMANDS = {"test": (), "status": ()}
+
+
+@command(
+    "alerts",
+    "send a test message to each alert channel (test), or show the channels and what fires (status)",
+    subcommands=ALERTS_SUBCOMMANDS,
+    needs_nodes=False,
+)
+def cmd_alerts(ctx: Context, args: list[str]) -> Outcome:
+    from flockparse.alerts import send_test
+
+    settings = ctx.config.alerts
+    where = ctx.config.path or "the config file"
+    if not settings.configured:
+        raise UsageError(
+            f"no alert channel configured: set [alerts] webhook_url or [alerts.email] in {where}"
+        )
+    if args[0] == "status" and ctx.alerter is not None:
+        status = ctx.alerter.status()
+        return Outcome(data=status, renderable=render.alert_status(status))
+    channels = settings.channels()
+    try:
+        if args[0] == "status":  # one-shot and stdin modes send nothing: the configured channels only
+            shown = [{"channel": channel.describe()} for channel in channels]
+            status = {"cooldown_s": settings.cooldown_s, "channels": shown, "running": False}
+            return Outcome(data=status, renderable=render.alert_status(status))
+        ctx.note(f"sending a test message to {len(channels)} channel(s)... (Ctrl-C cancels)")
+        results = ctx.run_cancellable(lambda cancel: send_test(channels))
+    finally:
+        for channel in channels:
+            close = getattr(channel, "close", None)
+            if close is not None:
+                close()
+    return Outcome(data=results, renderable=render.alert_test(results), ok=all(r["ok"] for r in results))
+
+
 @command("clear", "clear the screen", needs_nodes=False, aliases=("cls",))
 def cmd_clear(ctx: Context, args: list[str]) -> Outcome:
     ctx.console.clear()
     return Outcome()
 
 
-@command("exit", "stop the optimizer and leave (Ctrl-D too)", aliases=("quit",), needs_nodes=False)
+@command(
+    "exit", "leave (Ctrl-D too); a local console stops its optimizer", aliases=("quit",), needs_nodes=False
+)
 def cmd_exit(ctx: Context, args: list[str]) -> Outcome:
     return Outcome(exit=True)

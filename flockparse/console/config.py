@@ -11,12 +11,27 @@ Precedence is flags > config file > $OLLAMA_HOST > http://localhost:11434. The f
     on_gpu_lost = "ssh {host} sudo systemctl restart ollama"   # remedy when a node loses its GPU (off)
     remedy_timeout = 120    # seconds the remedy may run
     routing = "adaptive"    # how requests are routed (adaptive, round_robin, least_loaded, lowest_latency)
+    history_days = 30       # placement history kept in history.sqlite (0 = none recorded)
 
     [gpu]                   # declared GPU capability per node; absent = detect
     "http://127.0.0.1:11434" = false
 
     [gpu_metrics]           # the GPU exporter beside a node (dcgm-exporter, nvidia_gpu_exporter, nvitop)
     "http://127.0.0.1:11434" = "http://127.0.0.1:9400/metrics"
+
+    [alerts]                # off unless a webhook or [alerts.email] is set
+    webhook_url = "https://hooks.slack.com/services/..."
+    webhook_format = "slack"  # json | slack | discord
+    cooldown = "10m"        # one message per (node, model, kind) per cool-down
+
+    [alerts.email]
+    host = "smtp.example.com"
+    port = 587              # default: 587 starttls, 465 tls, 25 none
+    tls = "starttls"        # starttls | tls | none
+    user = "alerts@example.com"
+    password_env = "FLOCKPARSE_SMTP_PASSWORD"   # or password_file = "~/.config/flockparse/smtp-password"
+    from = "alerts@example.com"
+    to = ["ops@example.com"]
 
 Node changes (`add_node`, `remove_node`) are applied to the file's own list under a lock, re-read from
 disk, so concurrent consoles never drop each other's nodes; tomlkit keeps the user's comments and layout,
@@ -42,6 +57,9 @@ from typing import Any
 import tomlkit
 from tomlkit.items import Array, Table
 
+from flockparse.alerts import DEFAULT_COOLDOWN_S, AlertSettings
+from flockparse.history import DEFAULT_RETENTION_DAYS
+from flockparse.notify import TLS_MODES, WEBHOOK_FORMATS, EmailSettings, check_webhook_url
 from flockparse.routing import DEFAULT_STRATEGY, check_strategy
 from flockparse.rules import normalize_url as core_normalize_url
 
@@ -62,7 +80,15 @@ KNOWN_KEYS = (
     "load_timeout",
     "routing",
     "gpu_metrics",
+    "history_days",
+    "alerts",
 )
+ALERT_KEYS = ("webhook_url", "webhook_format", "cooldown", "email")
+EMAIL_KEYS = ("host", "port", "tls", "user", "password_env", "password_file", "from", "to")
+HISTORY_DAYS_MAX = 3650.0
+COOLDOWN_MAX_S = 7 * 86400.0
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(w|d|h|m|s)")
+_DURATION_UNITS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
 DEFAULT_REMEDY_TIMEOUT = 120.0
 DEFAULT_LOAD_TIMEOUT = 300.0
 
@@ -92,12 +118,27 @@ NEW_FILE_HEADER = """\
 # on_gpu_lost = "ssh {host} sudo systemctl restart ollama"  # run once when a node loses its GPU (off)
 # remedy_timeout = 120    # seconds the remedy may run (1 .. 3600)
 # routing = "adaptive"    # how requests are routed: adaptive, round_robin, least_loaded, lowest_latency
+# history_days = 30       # days of placement history kept in history.sqlite (0 = none recorded)
 #
 # [gpu]                   # declare a node's GPU instead of detecting it
 # "http://cpu-box:11434" = false
 #
 # [gpu_metrics]           # real VRAM figures from the GPU exporter beside a node (scraped every 15 s)
 # "http://gpu1:11434" = "http://gpu1:9400/metrics"   # dcgm-exporter, nvidia_gpu_exporter, nvitop-exporter
+#
+# [alerts]                # a message when a priority model leaves the GPU, a GPU is lost, a node goes down
+# webhook_url = "https://hooks.slack.com/services/..."
+# webhook_format = "slack"  # json | slack | discord
+# cooldown = "10m"        # at most one message per node, model and kind per cool-down
+#
+# [alerts.email]
+# host = "smtp.example.com"
+# port = 587              # default 587 (starttls), 465 (tls), 25 (none)
+# tls = "starttls"        # starttls | tls | none
+# user = "alerts@example.com"
+# password_env = "FLOCKPARSE_SMTP_PASSWORD"  # or password_file = "/path/to/file" (mode 0600)
+# from = "alerts@example.com"
+# to = ["ops@example.com"]
 
 """
 
@@ -122,6 +163,8 @@ class Config:
     load_timeout: float = DEFAULT_LOAD_TIMEOUT
     routing: str = DEFAULT_STRATEGY  # flockparse/routing.py
     gpu_metrics: dict[str, str] = field(default_factory=dict)  # node URL -> its GPU exporter's URL
+    history_days: float = DEFAULT_RETENTION_DAYS  # 0: no history recorded
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     path: Path | None = None  # None: nothing is persisted (e.g. --demo)
     nodes_from: str = "default"  # "flag" | "file" | "env" | "default": where `nodes` came from
 
@@ -205,6 +248,113 @@ def check_seconds(value: Any, key: str, source: str, named: bool = False) -> flo
     return float(value)
 
 
+def parse_duration(value: Any, where: str) -> float:
+    """Seconds from a number of seconds or a duration such as "90s", "10m", "24h", "7d", "2w", "1h30m"."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(f'{where}: expected a duration such as "10m", "24h" or "7d"')
+    if isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            value = float(text)
+        except ValueError:
+            parts = _DURATION.findall(text)
+            if not parts or "".join(number + unit for number, unit in parts) != text:
+                raise ConfigError(f'{where}: `{value}` is not a duration (e.g. "10m", "24h", "7d")') from None
+            value = sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{where}: a duration must be a finite number of seconds >= 0")
+    return float(value)
+
+
+def check_history_days(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a number of days (0 = no history)")
+    if not 0 <= value <= HISTORY_DAYS_MAX:
+        raise ConfigError(f"{where} must be between 0 and {HISTORY_DAYS_MAX:g} days, got {value:g}")
+    return float(value)
+
+
+def _table_keys(table: Any, known: tuple[str, ...], where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    for key in table:
+        if key == "password" and where.endswith("email]"):
+            raise ConfigError(
+                f"{where}: a password is never kept in the config: set password_env (an environment "
+                "variable) or password_file (a file only you can read)"
+            )
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else f" (known: {', '.join(known)})"
+            raise ConfigError(f"{where}: unknown key `{key}`{hint}")
+    return table
+
+
+def _string(table: dict[str, Any], key: str, where: str) -> str | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: {key} must be a non-empty string")
+    return value.strip()
+
+
+def alert_settings(table: Any, source: str) -> AlertSettings:
+    """`[alerts]` and `[alerts.email]`, every key checked (a typo is an error, not a silent no-alert)."""
+    where = f"{source}: [alerts]"
+    table = _table_keys(table, ALERT_KEYS, where)
+    url = _string(table, "webhook_url", where)
+    if url is not None:
+        try:
+            url = check_webhook_url(url)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    fmt = _string(table, "webhook_format", where) or "json"
+    if fmt not in WEBHOOK_FORMATS:
+        raise ConfigError(f"{where}: webhook_format must be one of {', '.join(WEBHOOK_FORMATS)}, got `{fmt}`")
+    cooldown = parse_duration(table.get("cooldown", DEFAULT_COOLDOWN_S), f"{where}: cooldown")
+    if cooldown > COOLDOWN_MAX_S:
+        raise ConfigError(f"{where}: cooldown must be at most 7 days")
+    email = _email_settings(table["email"], f"{source}: [alerts.email]") if "email" in table else None
+    return AlertSettings(url, fmt, cooldown, email)
+
+
+def _email_settings(table: Any, where: str) -> EmailSettings:
+    table = _table_keys(table, EMAIL_KEYS, where)
+    host, sender = _string(table, "host", where), _string(table, "from", where)
+    if host is None or sender is None:
+        raise ConfigError(f"{where}: host, from and to are needed")
+    to = table.get("to")
+    recipients = [to] if isinstance(to, str) else to
+    if (
+        not isinstance(recipients, list)
+        or not recipients
+        or not all(isinstance(r, str) and "@" in r for r in recipients)
+    ):
+        raise ConfigError(f"{where}: to must be an address or a list of addresses")
+    tls = _string(table, "tls", where) or "starttls"
+    if tls not in TLS_MODES:
+        raise ConfigError(f"{where}: tls must be one of {', '.join(TLS_MODES)}, got `{tls}`")
+    port = table.get("port")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535):
+        raise ConfigError(f"{where}: port must be a number from 1 to 65535")
+    user = _string(table, "user", where)
+    password_env, password_file = (
+        _string(table, "password_env", where),
+        _string(table, "password_file", where),
+    )
+    if password_env and password_file:
+        raise ConfigError(f"{where}: set password_env or password_file, not both")
+    if user and not (password_env or password_file):
+        raise ConfigError(f"{where}: user is set: give password_env or password_file for its password")
+    if (password_env or password_file) and not user:
+        raise ConfigError(f"{where}: a password without user: set user too")
+    return EmailSettings(
+        host=host, to=tuple(recipients), sender=sender, port=port, tls=tls, user=user,
+        password_env=password_env, password_file=password_file,
+    )  # fmt: skip
+
+
 def check_keep_alive(value: Any, source: str) -> str | int | float:
     """A Go duration string or a finite number of seconds: what Ollama accepts (else every move is a 400)."""
     if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -275,6 +425,10 @@ def apply_table(config: Config, table: dict[str, Any], source: str) -> None:
         config.on_gpu_lost = table["on_gpu_lost"]
     if "routing" in table:
         config.routing = check_routing(table["routing"], f"{source}: routing")
+    if "history_days" in table:
+        config.history_days = check_history_days(table["history_days"], f"{source}: history_days")
+    if "alerts" in table:
+        config.alerts = alert_settings(table["alerts"], source)
     if "gpu" in table:
         gpu = table["gpu"]
         if not isinstance(gpu, dict) or not all(isinstance(v, bool) for v in gpu.values()):

@@ -46,6 +46,11 @@ EVENT_STYLE = {
     "vram_held_by_others": ("VRAM", "bold yellow"),
     "vram_held_by_others_resolved": ("VRAM", "green"),
     "fd_limit": ("limit", "bold red"),
+    "serve_lost": ("serve", "bold red"),  # an attached console lost its serve (flockparse/remote.py)
+    "serve_back": ("serve", "green"),
+    "state_not_saved": ("serve", "bold red"),
+    "history_warning": ("history", "yellow"),
+    "alert_failed": ("alert", "yellow"),
     "serve": ("serve", "cyan"),
 }
 REMEDY_OUTPUT_LINES = 5
@@ -764,3 +769,189 @@ def event_line(
         for output_line in str(data["output"]).rstrip().splitlines()[-REMEDY_OUTPUT_LINES:]:
             line.append(f"\n    {clean(output_line)}", style="dim")  # the remedy may relay a node's text
     return line
+
+
+# ------------------------------------------------------------------------------------------ history
+SPARK = {  # placement -> (mark, style): the taller the mark, the more of the model is in VRAM
+    "gpu": ("█", "green"),
+    "split": ("▄", "yellow"),
+    "cpu": ("▁", "red"),
+    "not_loaded": ("·", "dim"),
+    "offline": ("×", "bold red"),
+    "unknown": (" ", ""),
+}
+NODE_SPARK = {
+    "up": ("█", "green"),
+    "gpu_lost": ("▄", "bold red"),
+    "down": ("×", "bold red"),
+    "unknown": (" ", ""),
+}
+SHARE_COLUMNS = (("gpu", "GPU"), ("split", "split"), ("cpu", "CPU"), ("not_loaded", "not loaded"),
+                 ("offline", "offline"))  # fmt: skip
+
+
+def duration_text(seconds: float) -> str:
+    """A window as typed: 24h, 7d, 30m, 2m 30s (human_seconds says 1d 0h)."""
+    whole = int(round(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if whole >= size and whole % size == 0 and (unit != "d" or whole >= 2 * 86400):
+            return f"{whole // size}{unit}"
+    return human_seconds(seconds)
+
+
+def sparkline(timeline: Iterable[str], marks: Mapping[str, tuple[str, str]] = SPARK) -> Text:
+    """One coloured mark per bucket, oldest first (`█` GPU, `▄` split, `▁` CPU, `·` not loaded)."""
+    line = Text()
+    for category in timeline:
+        mark, style = marks.get(category, ("?", ""))
+        line.append(mark, style=style)
+    return line
+
+
+def _share(value: float) -> str:
+    return "-" if value <= 0 else "<1%" if value < 0.005 else f"{value * 100:.0f}%"
+
+
+def _moves_text(pair: Mapping[str, Any]) -> Text:
+    text = Text(str(pair.get("moves", 0)))
+    if pair.get("failed_moves"):
+        text.append(f" +{pair['failed_moves']} failed", style="red")
+    return text
+
+
+def history_report(data: Mapping[str, Any]) -> RenderableType:
+    """`history`: per model and node, shares of the window by placement, fallbacks, moves, a sparkline;
+    then per node, up / GPU lost / down, with theirs."""
+    since, until = float(data["since"]), float(data["until"])
+    window = until - since
+    models, nodes = list(data.get("models") or []), list(data.get("nodes") or [])
+    buckets = int(data.get("buckets") or 0) or max((len(n.get("timeline") or []) for n in nodes), default=0)
+    start = datetime.fromtimestamp(since).strftime("%Y-%m-%d %H:%M")
+    title = Text(f"placement history, last {duration_text(window)} (since {start})", style="bold")
+    if buckets:
+        title.append(f", one mark per {duration_text(window / buckets)}", style="dim")
+    recorded = float(data.get("recorded_s") or 0.0)
+    if window > 0 and recorded < window * 0.995:
+        title.append(f"; recorded for {duration_text(recorded)} of it", style="yellow")
+    legend = Text("  ")
+    for category, word in (("gpu", "GPU"), ("split", "split"), ("cpu", "CPU"), ("not_loaded", "not loaded"),
+                           ("offline", "node down"), ("unknown", "not recorded")):  # fmt: skip
+        mark, style = SPARK[category]
+        legend.append(mark if mark != " " else "␣", style=style)
+        legend.append(f" {word}  ", style="dim")
+    if not models and not nodes:
+        return Group(title, Text("  nothing recorded in this window", style="dim"))
+    parts: list[RenderableType] = [title, legend]
+    if models:
+        parts.append(_history_models(models))
+    if nodes:
+        parts.append(_history_nodes(nodes))
+    return Group(*parts)
+
+
+def _history_models(models: list[Mapping[str, Any]]) -> RenderableType:
+    table = Table(show_edge=False)
+    table.add_column("node", no_wrap=True)
+    table.add_column("model", no_wrap=True)
+    for _, header in SHARE_COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("falls", justify="right", no_wrap=True)
+    table.add_column("moves", justify="right", no_wrap=True)
+    table.add_column("over time", no_wrap=True)
+    for pair in models:
+        shares = pair.get("shares") or {}
+        fell = int(pair.get("fallbacks") or 0)
+        table.add_row(
+            short_url(pair.get("node")), safe_text(pair.get("model")),
+            *(_share(float(shares.get(key, 0.0))) for key, _ in SHARE_COLUMNS),
+            Text(str(fell), style="red" if fell else ""), _moves_text(pair),
+            sparkline(pair.get("timeline") or []),
+        )  # fmt: skip
+
+    def stacked() -> RenderableType:
+        lines: list[Text] = []
+        for pair in models:
+            shares = pair.get("shares") or {}
+            figures = ", ".join(
+                f"{header} {_share(float(shares.get(key, 0.0)))}" for key, header in SHARE_COLUMNS
+                if shares.get(key)
+            )  # fmt: skip
+            rows = [
+                Text(figures or "nothing known", style=""),
+                Text.assemble(f"falls {pair.get('fallbacks', 0)}, moves ", _moves_text(pair)),
+                sparkline(pair.get("timeline") or []),
+            ]
+            lines += _stacked(f"{clean(pair.get('model'))} on {short_url(pair.get('node'))}", rows)
+        return Group(*lines)
+
+    return Fit(table, stacked)
+
+
+def _history_nodes(nodes: list[Mapping[str, Any]]) -> RenderableType:
+    table = Table(show_edge=False)
+    table.add_column("node", no_wrap=True)
+    for header in ("up", "GPU lost", "down", "downs", "restarts", "GPU losses"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("over time", no_wrap=True)
+    for node in nodes:
+        shares = node.get("shares") or {}
+        table.add_row(
+            short_url(node.get("node")),
+            *(_share(float(shares.get(key, 0.0))) for key in ("up", "gpu_lost", "down")),
+            str(node.get("downs", 0)), str(node.get("restarts", 0)), str(node.get("gpu_losses", 0)),
+            sparkline(node.get("timeline") or [], NODE_SPARK),
+        )  # fmt: skip
+
+    def stacked() -> RenderableType:
+        lines: list[Text] = []
+        for node in nodes:
+            shares = node.get("shares") or {}
+            up, lost, down = (_share(float(shares.get(key, 0.0))) for key in ("up", "gpu_lost", "down"))
+            rows = [
+                Text(
+                    f"up {up}, GPU lost {lost}, down {down}; {node.get('downs', 0)} down(s), "
+                    f"{node.get('restarts', 0)} restart(s), {node.get('gpu_losses', 0)} GPU loss(es)"
+                ),
+                sparkline(node.get("timeline") or [], NODE_SPARK),
+            ]
+            lines += _stacked(short_url(node.get("node")), rows)
+        return Group(*lines)
+
+    return Fit(table, stacked)
+
+
+# ------------------------------------------------------------------------------------------ alerts
+def alert_test(results: Iterable[Mapping[str, Any]]) -> RenderableType:
+    """`alerts test`: one line per channel, ok or the error."""
+    lines = []
+    for result in results:
+        line = Text(f"{clean(result.get('channel'))}: ", overflow="fold")
+        if result.get("ok"):
+            line.append("ok", style="green")
+        else:
+            line.append(f"error: {clean(result.get('error') or 'failed')}", style="red")
+        lines.append(line)
+    return Group(*lines)
+
+
+def alert_status(status: Mapping[str, Any], now: float | None = None) -> RenderableType:
+    """`alerts status`: the channels (sent, failed), the cool-down, what is firing now."""
+    now = time.time() if now is None else now
+    lines: list[RenderableType] = [
+        Text(f"alerts: cool-down {human_seconds(float(status.get('cooldown_s') or 0))}"
+             + ("" if status.get("running", True) else " (not sending in this mode: only the console sends)"))
+    ]  # fmt: skip
+    for channel in status.get("channels") or []:
+        line = Text(f"  {clean(channel.get('channel'))}", overflow="fold")
+        if "sent" in channel:
+            line.append(f"  sent {channel['sent']}, failed {channel['failed']}", style="dim")
+        if channel.get("last_error"):
+            line.append(f"  last error: {clean(channel['last_error'])}", style="red")
+        lines.append(line)
+    for active in status.get("active") or []:
+        since = _timestamp(active.get("since"))
+        ago = f" ({human_seconds(now - since)} ago)" if since else ""
+        lines.append(safe_text(f"  firing: {active.get('message')}{ago}", style="yellow"))
+    if status.get("suppressed"):
+        lines.append(Text(f"  {status['suppressed']} change(s) held back by the cool-down", style="dim"))
+    return Group(*lines)

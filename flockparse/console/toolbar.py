@@ -10,7 +10,7 @@ from typing import Any
 
 from prompt_toolkit.styles import Style
 
-from flockparse.console.render import human_seconds
+from flockparse.console.render import human_seconds, short_url
 
 TOOLBAR_STYLE = Style.from_dict(
     {
@@ -29,16 +29,18 @@ def toolbar_state(balancer: Any) -> dict[str, Any]:
     counts = balancer.summary()
     status = balancer.optimizer_status()
     return {
-        "nodes_total": counts["total"],
-        "nodes_online": counts["online"],
-        "nodes_gpu": counts["gpu"],
+        "nodes_total": counts.get("total", 0),
+        "nodes_online": counts.get("online", 0),
+        "nodes_gpu": counts.get("gpu", 0),
         "optimizer_running": bool(status.get("running")),
         "next_pass_in": status.get("next_pass_in"),
+        "serve": counts.get("serve"),  # attached (--connect): {'url', 'online'}
     }
 
 
 def toolbar_fragments(state: dict[str, Any]) -> list[tuple[str, str]]:
-    """` 2/3 nodes online  1 with GPU  optimizer on, next pass in 12s  [F1/help] `."""
+    """` 2/3 nodes online  1 with GPU  optimizer on, next pass in 12s  [F1/help] `, and when attached
+    `  serve 127.0.0.1:11435` (or `... unreachable`)."""
     total, online = state.get("nodes_total", 0), state.get("nodes_online", 0)
     health = "ok" if total and online == total else "warn" if online else "bad"
     fragments = [
@@ -58,5 +60,12 @@ def toolbar_fragments(state: dict[str, Any]) -> list[tuple[str, str]]:
             fragments.append(("class:bottom-toolbar", f", next pass in {human_seconds(float(next_in))}"))
     else:
         fragments.append(("class:bottom-toolbar.warn", "off"))
+    serve = state.get("serve")
+    if serve:
+        fragments.append(("class:bottom-toolbar", "  serve "))
+        if serve.get("online") is False:
+            fragments.append(("class:bottom-toolbar.bad", f"{short_url(serve.get('url'))} unreachable"))
+        else:
+            fragments.append(("class:bottom-toolbar.ok", short_url(serve.get("url"))))
     fragments.append(("class:bottom-toolbar.dim", "  [Tab] complete  [help]  [Ctrl-D] exit "))
     return fragments

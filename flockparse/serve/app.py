@@ -15,7 +15,9 @@ What each path does (README "serve" says the same for users):
   them against that node). Unknown paths: Ollama's `404 page not found`; a wrong method: `405 method not
   allowed`.
 - With a token, every request must carry `Authorization: Bearer TOKEN` (401 otherwise); the token is never
-  sent on to a node. Paths under CONTROL_PREFIX are left to the control API, which checks them itself.
+  sent on to a node. Paths under CONTROL_PREFIX are the control API's (serve/control.py, added by
+  `build_app`), which checks its token itself and ends its event streams at shutdown; they are not counted
+  among the requests the shutdown's grace period waits for.
 
 The balancer's core is synchronous and thread-based; handlers call only its lock-only methods (pick_node,
 request_started/finished, node_states) directly; every node call is asynchronous (serve/upstream.py).
@@ -37,6 +39,7 @@ from aiohttp import web
 from flockparse.request_stats import Sample, eval_metrics
 from flockparse.rules import canonical_name
 from flockparse.serve import cluster, upstream
+from flockparse.serve.control import add_control_routes
 from flockparse.transport import MIB, NodeError, reply_limit
 
 CONTROL_PREFIX = "/flockparse/"  # the control API's paths (issue 10 item 5): guarded by its own routes
@@ -242,14 +245,14 @@ class Proxy:
                 connect_timeout=self.connect_timeout, timeout=self.request_timeout,
             )  # fmt: skip
         except NodeError as exc:
-            self.balancer.request_finished(node, exc.message)
+            self._finished(node, path, sent, exc.message)
             return Failed(exc.message)
         except asyncio.CancelledError:  # cut at shutdown: neither an answer nor the node's failure
             self.balancer.request_finished(node)
             raise
         try:
             if response.status != 200:
-                return await self._not_ok(response, node, path)
+                return await self._not_ok(response, node, path, sent)
             if response.content_type == "application/x-ndjson":
                 return await self._relay(request, response, node, path, sent)
             left = max(0.0, sent + self.request_timeout - loop.time())
@@ -258,7 +261,7 @@ class Proxy:
             if not isinstance(reply, dict):  # Ollama's replies are JSON objects: this node is broken
                 raise NodeError("error", f"{node}: {path} failed (the reply is not a JSON object)")
         except NodeError as exc:
-            self.balancer.request_finished(node, exc.message)
+            self._finished(node, path, sent, exc.message)
             return Failed(exc.message)
         except asyncio.CancelledError:
             response.close()
@@ -267,19 +270,28 @@ class Proxy:
         finally:
             response.release()
         count, duration = eval_metrics(reply)
-        self.balancer.request_finished(node, sample=Sample(loop.time() - sent, None, count, duration))
+        self._finished(node, path, sent, sample=Sample(loop.time() - sent, None, count, duration))
         return web.Response(status=200, body=raw, headers={"Content-Type": _content_type(response)})
 
-    async def _not_ok(self, response: aiohttp.ClientResponse, node: str, path: str) -> web.Response | Failed:
+    def _finished(
+        self, node: str, path: str, sent: float, error: str | None = None, sample: Sample | None = None
+    ) -> None:
+        """The node answered or failed: counted for lb_stats and the metrics' per-endpoint histogram."""
+        seconds = asyncio.get_running_loop().time() - sent
+        self.balancer.request_finished(node, error, sample, endpoint=path, seconds=seconds)
+
+    async def _not_ok(
+        self, response: aiohttp.ClientResponse, node: str, path: str, sent: float
+    ) -> web.Response | Failed:
         """A node's error reply: 404 (not there) and 5xx (its own failure) go to the next node; any other
         4xx is the caller's mistake, handed back as the node said it."""
         raw = await upstream.read_whole(response, node, path, self.read_timeout, upstream.ERROR_BODY_MAX)
         status = response.status
         if status == 404 or status >= 500:
             error = None if status == 404 else f"HTTP {status}: {upstream.as_text(raw)}"
-            self.balancer.request_finished(node, error)
+            self._finished(node, path, sent, error)
             return Failed(f"{node}: HTTP {status}: {upstream.as_text(raw)}", status, raw)
-        self.balancer.request_finished(node)
+        self._finished(node, path, sent)
         return web.Response(status=status, body=raw, headers={"Content-Type": _content_type(response)})
 
     async def _relay(
@@ -328,12 +340,10 @@ class Proxy:
             return out
         if error is not None:
             response.close()
-            self.balancer.request_finished(node, error)
+            self._finished(node, path, sent, error)
         else:
             count, duration = eval_metrics(final)
-            self.balancer.request_finished(
-                node, sample=Sample(loop.time() - sent, first_byte, count, duration)
-            )
+            self._finished(node, path, sent, sample=Sample(loop.time() - sent, first_byte, count, duration))
         with contextlib.suppress(ConnectionError):
             await out.write_eof()
         return out
@@ -348,12 +358,14 @@ def build_app(
     chunk_timeout: float = upstream.CHUNK_TIMEOUT_S,
     connect_timeout: float | None = None,
     read_timeout: float | None = None,
+    control_reads_need_token: bool = False,
 ) -> web.Application:
-    """The serve application over a running `OllamaLoadBalancer`.
+    """The serve application over an `OllamaLoadBalancer`: Ollama's API and the control API.
 
     `request_timeout`: a reply's headers, or a whole reply (default: the balancer's, 300 s: a model load);
     `chunk_timeout`: between two chunks of a stream; `connect_timeout` and `read_timeout` (the /api/tags
-    and /api/ps reads): the controller's timeout (the console's `--timeout`).
+    and /api/ps reads): the controller's timeout (the console's `--timeout`). `control_reads_need_token`:
+    the control API's GETs need the token too (its POSTs always do when there is one).
     """
     node_timeout = float(getattr(balancer.controller, "timeout", 5.0))
     proxy = Proxy(
@@ -380,8 +392,8 @@ def build_app(
     for path, methods in NOT_BALANCED.items():
         for method in methods:
             add(method, path, proxy.not_balanced)
-    # The control API (issue 10 item 5) goes here, on the same app, under CONTROL_PREFIX:
-    #     add_control_routes(app, balancer, token)   # flockparse/serve/control.py
+    # the control API (issue 10 items 5-6) on the same app, under CONTROL_PREFIX; it checks its own token
+    add_control_routes(app, balancer, token, require_token_for_reads=control_reads_need_token)
     return app
 
 
@@ -391,6 +403,8 @@ def _counting(proxy: Proxy) -> Any:
 
     @web.middleware
     async def count(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
+        if request.path.startswith(CONTROL_PREFIX):  # its event streams end at shutdown by themselves
+            return await handler(request)
         task = asyncio.current_task()
         assert task is not None
         proxy.handling(task)

@@ -9,7 +9,10 @@ headless process, until SIGTERM or SIGINT.
   (a stream ends with an error line, a request not answered yet gets a 503: serve/app.py `Proxy.drain`),
   and `run_serve` returns 0 (the caller closes the balancer).
 - It refuses to listen on an address that is not loopback without a token: the cluster would be open to
-  the network (`check_listen`).
+  the network (`check_listen`); beyond loopback the control API's reads need the token too.
+- With a state directory (the config directory) it loads its saved state before the first optimizer pass
+  and keeps it (serve/state.py), and registers itself while it listens (serve/registry.py: a local console
+  on these nodes then starts no optimizer of its own and says how to attach).
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 from aiohttp import web
 
 from flockparse.console import render
 from flockparse.serve.app import PROXY_KEY, build_app
+from flockparse.serve.registry import register_serve, unregister_serve
+from flockparse.serve.state import StateError, StateKeeper, state_path
 
 DEFAULT_LISTEN = "127.0.0.1:11435"
 DEFAULT_GRACE_S = 10.0
@@ -132,24 +138,53 @@ def run_serve(
     token: str | None,
     grace: float = DEFAULT_GRACE_S,
     stream: TextIO | None = None,
+    state_dir: Path | None = None,
 ) -> int:
     """Start the balancer's monitor (and optimizer, if enabled), serve until SIGTERM/SIGINT, then stop
-    within the grace period. Returns 0; raises ServeError when it cannot listen. The caller closes the
-    balancer. Main thread only (signal handlers)."""
+    within the grace period. Returns 0; raises ServeError when it cannot listen or its state file is
+    unusable. The balancer must not be started yet (its first pass must see the saved pins); the caller
+    closes it. Main thread only (signal handlers).
+
+    `state_dir` (the config directory): the serve's state file (pins, priorities, back-offs: they survive a
+    restart, serve/state.py) and its registry file (a local console then starts no second optimizer on
+    these nodes, serve/registry.py). None: neither."""
     check_listen(host, token)
     log = EventLog(stream or sys.stderr)
     unsubscribe = balancer.subscribe(log.event)
+    keeper: StateKeeper | None = None
     try:
+        if state_dir is not None:
+            candidate = StateKeeper(balancer, state_path(state_dir, f"{_url_host(host)}:{port}"))
+            try:
+                notes = candidate.load()  # before the optimizer's first pass
+            except StateError as exc:  # never overwritten: the operator decides what it should hold
+                raise ServeError(f"{exc}; move it away to start without it") from None
+            keeper = candidate
+            for note in notes:
+                log.line(note)
         balancer.start()  # after subscribing: the optimizer's and the first checks' lines are logged
-        asyncio.run(_serve(balancer, host, port, token, grace, log))
+        if keeper is not None:
+            keeper.start()
+        asyncio.run(_serve(balancer, host, port, token, grace, log, state_dir))
     finally:
+        if keeper is not None:
+            keeper.stop()  # the last write
         unsubscribe()
         log.close()
     return 0
 
 
-async def _serve(balancer: Any, host: str, port: int, token: str | None, grace: float, log: EventLog) -> None:
-    app = build_app(balancer, token=token)
+async def _serve(
+    balancer: Any,
+    host: str,
+    port: int,
+    token: str | None,
+    grace: float,
+    log: EventLog,
+    state_dir: Path | None,
+) -> None:
+    # beyond loopback the control API's reads need the token too (the cluster's state is not the network's)
+    app = build_app(balancer, token=token, control_reads_need_token=not is_loopback(host))
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
     await runner.setup()
     try:
@@ -159,24 +194,39 @@ async def _serve(balancer: Any, host: str, port: int, token: str | None, grace: 
         await runner.cleanup()
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     address = runner.addresses[0]
-    where = f"[{address[0]}]" if ":" in str(address[0]) else str(address[0])
+    url = f"http://{_url_host(str(address[0]))}:{address[1]}"
     nodes = len(balancer.nodes)
     guard = "token required" if token else "no token (loopback only)"
     log.line(
-        f"listening on http://{where}:{address[1]} for {nodes} node(s); routing {balancer.routing}; "
+        f"listening on {url} for {nodes} node(s); routing {balancer.routing}; "
         f"optimizer {'on' if balancer.auto_optimize_gpu else 'off'}; {guard}"
     )
+    registered = None
+    if state_dir is not None:
+        try:
+            registered = register_serve(state_dir, url, balancer.nodes)
+        except OSError as exc:  # consoles on this machine may then start an optimizer of their own
+            log.line(f"not registered in {state_dir} ({exc.strerror or exc}): local consoles cannot see it")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    proxy = app[PROXY_KEY]
-    log.line(
-        f"stopping: no new connections; {proxy.in_flight} request(s) in flight get up to {grace:g}s to finish"
-    )
-    cut = await stop_gracefully(runner, grace)
+    try:
+        await stop.wait()
+        proxy = app[PROXY_KEY]
+        log.line(
+            f"stopping: no new connections; {proxy.in_flight} request(s) in flight get up to {grace:g}s "
+            "to finish"
+        )
+        cut = await stop_gracefully(runner, grace)
+    finally:
+        unregister_serve(registered)
     log.line(f"stopped; {cut} request(s) cut at the end of the grace period" if cut else "stopped")
+
+
+def _url_host(host: str) -> str:
+    """A host as it goes in a URL (`[::1]` for an IPv6 address)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 async def stop_gracefully(runner: web.AppRunner, grace: float) -> int:
