@@ -39,6 +39,7 @@ INSTALLED_REFRESH_SECONDS = 180.0  # how often the monitor re-reads /api/tags (f
 UNMOVABLE_REASONS = frozenset({"pinned_by_modelfile", "not_controllable"})
 USER_PRIORITY, OPTIMIZER_PRIORITY = 0, 1  # lane order: a user's move goes before queued optimizer moves
 INTERNAL_FIELDS = ("vram_when_lost", "installed_known", "cpu_landings")  # bookkeeping, not for users
+_RECORDED: dict = {}  # fold_if_unchanged(status=False): recorded, no status built
 
 
 @dataclass
@@ -172,7 +173,7 @@ class NodeAgent:
         if not self.controller.poll_status(self.url, lambda raw: done(seq, sent_at, raw)):
             self._run(lambda: done(seq, sent_at, self.controller.read_status_raw(self.url)))
 
-    def fold_if_unchanged(self, seq: int, sent_at: float, raw: RawStatus) -> dict | None:
+    def fold_if_unchanged(self, seq: int, sent_at: float, raw: RawStatus, status: bool = True) -> dict | None:
         """The steady state's whole cost: a reply byte for byte the same as the last one recorded, from a
         node that is online, only says the node is still there. Returns its status (a copy of the last
         one), or None when it must be parsed and recorded (`fold`)."""
@@ -190,10 +191,12 @@ class NodeAgent:
                 return None
             self._recorded, self._models_sent_at = seq, sent_at
             state.last_seen, state.latency_ms = time.time(), raw.latency_ms
-            status = dict(self._last_status)
-            status["models"] = [dict(m) for m in state.models]
-            status["latency_ms"], status["requested_at"] = raw.latency_ms, raw.started
-            return status
+            if not status:  # the monitor's check only needs to know it was recorded
+                return _RECORDED
+            copy = dict(self._last_status)
+            copy["models"] = [dict(m) for m in state.models]
+            copy["latency_ms"], copy["requested_at"] = raw.latency_ms, raw.started
+            return copy
 
     def fold(self, seq: int, sent_at: float, raw: RawStatus, patterns: list[str]) -> tuple[Folded, dict]:
         """Record a read (the light path when unchanged): what it changed, and its status."""
@@ -228,7 +231,7 @@ class NodeAgent:
 
         def on_reply(seq: int, sent_at: float, raw: RawStatus) -> None:
             extras = self._extras_due() if raw.error is None and raw.http_status == 200 else []
-            if not extras and self.fold_if_unchanged(seq, sent_at, raw) is not None:
+            if not extras and self.fold_if_unchanged(seq, sent_at, raw, status=False) is not None:
                 settle(Folded)
                 return
 

@@ -609,8 +609,7 @@ class OllamaLoadBalancer:
         agents = [agent for agent in self._all_agents() if wanted is None or agent.url in wanted]
         sent = time.monotonic()
         futures = self.read_statuses(agent.url for agent in agents)
-        started = dict.fromkeys(futures, sent)
-        self._wait_for_reads(futures, started)
+        self._wait_for_reads(futures)
         budget = float(getattr(self.controller, "timeout", 5.0)) + REPORT_SLACK_S
         self.gpu_metrics.wait_first(list(futures), sent + budget - time.monotonic())  # right after start
         report = []
@@ -630,23 +629,13 @@ class OllamaLoadBalancer:
             })  # fmt: skip
         return report
 
-    def _wait_for_reads(self, futures: dict[str, Future], started: dict[str, float]) -> None:
-        """Wait for a report's reads: each node gets its own timeout from when its read was sent, so a read
-        that queued behind thousands of others is not judged stale for the queue's time; the whole wait is
-        capped at REPORT_QUEUE_CAP timeouts."""
+    def _wait_for_reads(self, futures: dict[str, Future]) -> None:
+        """Wait for a report's reads. Each ends within the node's timeout from when the poller sent it
+        (reads beyond its MAX_IN_FLIGHT wait their turn with their clock stopped), so a node that answered
+        in time is never judged stale for the queue's time; the whole wait is capped at REPORT_QUEUE_CAP
+        timeouts."""
         budget = float(getattr(self.controller, "timeout", 5.0)) + REPORT_SLACK_S
-        begun = time.monotonic()
-        cap = begun + REPORT_QUEUE_CAP * budget
-        while True:
-            pending = [url for url, future in futures.items() if not future.done()]
-            if not pending:
-                return
-            now = time.monotonic()
-            deadlines = [started.get(url, now) + budget for url in pending]
-            deadline = min(max(max(deadlines), begun + budget), cap)
-            if now >= deadline:
-                return
-            wait([futures[url] for url in pending], timeout=min(deadline - now, budget))
+        wait(list(futures.values()), timeout=REPORT_QUEUE_CAP * budget)
 
     def get_stats(self) -> dict:
         """Per-node counters and evidence plus the optimizer's status (no network call)."""

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 RESOLVED_TTL_S = 60.0  # a resolved name is reused this long
 MAX_IDLE_PER_NODE = 2  # idle keep-alive connections kept per node (a check and a report at once)
-MAX_CONNECTING = 256  # connections being set up at once; more wait their turn, their clock not yet running
+MAX_IN_FLIGHT = 128  # requests on the wire at once; more wait their turn, their clock not yet running
 _WAKE = object()
 
 
@@ -76,14 +76,14 @@ class _Request:
     deadline: float = 0.0
     finished: bool = False
     retried: bool = False  # sent again on a new connection once (the reused one had expired)
+    flying: bool = False  # counted in the poller's requests in flight
     connect_deadline: float = 0.0
 
 
 class _Channel:
     """One connection to one node; carries at most one request at a time."""
 
-    __slots__ = ("addresses", "connected", "node", "out", "parser", "queued", "request", "reused", "sock",
-                 "watching")  # fmt: skip
+    __slots__ = ("addresses", "connected", "node", "out", "parser", "request", "reused", "sock", "watching")
 
     def __init__(self, node: str) -> None:
         self.node = node
@@ -95,7 +95,6 @@ class _Channel:
         self.reused = False  # taken from the idle ones: closed before any reply byte = it had expired
         self.addresses: list[tuple] = []
         self.watching = 0  # the selector events registered for its socket
-        self.queued = False  # waiting for its turn to connect (MAX_CONNECTING)
 
 
 class StatusPoller:
@@ -119,8 +118,9 @@ class StatusPoller:
         self._order = itertools.count()
         self._resolved: dict[tuple[str, int], tuple[float, list[tuple]]] = {}
         self._requests: dict[tuple[str, str], bytes] = {}  # (node, path) -> the request's bytes
-        self._connecting: set[_Channel] = set()  # connects in progress
-        self._connect_queue: deque[_Channel] = deque()  # ... and those waiting for their turn
+        self._accepted: dict[tuple[str, str], bool] = {}  # (node, path) -> whether `accepts` said yes
+        self._in_flight = 0  # requests started and not yet answered
+        self._waiting: deque[_Request] = deque()  # ... and those waiting for their turn (MAX_IN_FLIGHT)
         self._resolver = ElasticPool("poller-dns", min_workers=1, max_wait=0.05, idle_seconds=10.0)
 
     # ------------------------------------------------------------------ public, any thread
@@ -139,11 +139,14 @@ class StatusPoller:
         connect_timeout: float | None = None,
     ) -> bool:
         """Queue a GET; False when this node cannot be read here (https, unsafe target, bad address)."""
-        try:
-            pool = self._transport.pool(node_url)
-        except NodeError:
-            return False
-        if not self.accepts(pool, path):
+        accepted = self._accepted.get((node_url, path))
+        if accepted is None:
+            try:
+                accepted = self.accepts(self._transport.pool(node_url), path)
+            except NodeError:
+                accepted = False
+            self._accepted[(node_url, path)] = accepted
+        if not accepted:
             return False
         request = _Request(node_url, path, timeout, min(connect_timeout or timeout, timeout), done)
         request.started = time.monotonic()
@@ -151,11 +154,13 @@ class StatusPoller:
         with self._lock:
             if self._closed:
                 return False
+            wake = not self._inbox  # a poller draining the inbox takes this one too: no wake-up needed
             self._inbox.append(("get", request))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="status-poller", daemon=True)
                 self._thread.start()
-        self._wake()
+        if wake:
+            self._wake()
         return True
 
     def forget(self, node_url: str) -> None:
@@ -198,7 +203,7 @@ class StatusPoller:
                     self._ready(key.data, mask)
             self._take_inbox()
             self._expire(time.monotonic())
-            self._connect_turns()
+            self._start_waiting()
 
     def _drain_wake(self) -> None:
         try:
@@ -235,10 +240,10 @@ class StatusPoller:
         heap = self._deadlines
         while heap and heap[0][0] <= now:
             _, _, request, channel = heapq.heappop(heap)
-            if request.finished or channel.request is not request or channel.queued:
+            if request.finished or channel.request is not request:
                 continue
             if now < request.deadline and (channel.connected or now < request.connect_deadline):
-                continue  # an entry from before its clock was restarted, or a connect that succeeded
+                continue  # an entry of a connect that succeeded
             connected = channel.connected
             timeout = request.timeout if connected else min(request.connect_timeout, request.timeout)
             error = call_failure(request.node_url, request.path, timeout, TimeoutError(), connected)
@@ -253,6 +258,11 @@ class StatusPoller:
         if self._closed:
             _deliver(request, PollReply(request.node_url, error=_closing(request.node_url)))
             return
+        if self._in_flight >= MAX_IN_FLIGHT:  # thousands at once would only queue in the nodes' kernels
+            self._waiting.append(request)
+            return
+        self._in_flight += 1
+        request.flying = True
         idle = self._idle.get(request.node_url)
         channel = idle.pop() if idle else _Channel(request.node_url)
         self._attach(channel, request)
@@ -262,18 +272,27 @@ class StatusPoller:
         channel.request = request
         channel.parser = ReplyParser(reply_limit(request.path), request.node_url, request.path)
         channel.out = self._request_bytes(pool, request.path)
-        self._clock(channel, request, restart=False)
+        self._clock(channel, request)
         if channel.sock is not None:  # a kept connection, registered for reading: write at once
             self._send(channel, channel.sock)
             return
         self._resolve(channel, pool)
 
-    def _clock(self, channel: _Channel, request: _Request, restart: bool) -> None:
-        """Deadlines: the call's, and the connect's when it must connect; `restart` when a queued connect
-        finally starts (waiting for a turn is not the node's time)."""
+    def _landed(self, request: _Request) -> None:
+        if request.flying:
+            request.flying = False
+            self._in_flight -= 1
+
+    def _start_waiting(self) -> None:
+        """Start waiting requests while there is room; their clock starts now (the wait was ours)."""
+        while self._waiting and self._in_flight < MAX_IN_FLIGHT:
+            request = self._waiting.popleft()
+            request.deadline = time.monotonic() + request.timeout
+            self._start(request)
+
+    def _clock(self, channel: _Channel, request: _Request) -> None:
+        """Deadlines: the call's, and the connect's when it must connect."""
         now = time.monotonic()
-        if restart:
-            request.deadline = now + request.timeout
         request.connect_deadline = min(request.deadline, now + request.connect_timeout)
         heapq.heappush(self._deadlines, (request.deadline, next(self._order), request, channel))
         if not channel.connected:
@@ -327,24 +346,7 @@ class StatusPoller:
             self._fail(channel, error, connected=False)
             return
         channel.addresses = list(addresses)
-        if len(self._connecting) >= MAX_CONNECTING:
-            channel.queued = True
-            self._connect_queue.append(channel)
-            return
-        self._connecting.add(channel)
         self._connect_next(channel)
-
-    def _connect_turns(self) -> None:
-        """Start queued connects while there is room (a connect ended, or its request did)."""
-        while self._connect_queue and len(self._connecting) < MAX_CONNECTING:
-            channel = self._connect_queue.popleft()
-            channel.queued = False
-            request = channel.request
-            if request is None or request.finished:
-                continue
-            self._clock(channel, request, restart=True)
-            self._connecting.add(channel)
-            self._connect_next(channel)
 
     def _connect_next(self, channel: _Channel) -> None:
         """Connect to the next address; an address that refuses at once gives way to the next one."""
@@ -388,7 +390,6 @@ class StatusPoller:
                     self._fail(channel, OSError(code, errno.errorcode.get(code, "connect failed")), False)
                 return
             channel.connected = True
-            self._connecting.discard(channel)
         if mask & selectors.EVENT_WRITE and channel.out:
             self._send(channel, sock)
         elif mask & selectors.EVENT_READ:
@@ -472,6 +473,7 @@ class StatusPoller:
         if request is None or request.finished:
             return
         request.finished = True
+        self._landed(request)
         latency = time.monotonic() - request.started
         if error is None and parser is not None:
             reply = PollReply(
@@ -511,7 +513,6 @@ class StatusPoller:
 
     def _close_channel(self, channel: _Channel) -> None:
         sock, channel.sock, channel.connected, channel.watching = channel.sock, None, False, 0
-        self._connecting.discard(channel)
         if sock is not None:
             try:
                 self._selector.unregister(sock)
@@ -536,11 +537,13 @@ class StatusPoller:
             if request is not None and not request.finished:
                 request.finished = True
                 _deliver(request, PollReply(request.node_url, error=_closing(request.node_url)))
-        for _, _, request, _ in self._deadlines:  # resolving names, or queued for a connect
+        for request in self._waiting:
+            _deliver(request, PollReply(request.node_url, error=_closing(request.node_url)))
+        for _, _, request, _ in self._deadlines:  # resolving names
             if not request.finished:
                 _deliver(request, PollReply(request.node_url, error=_closing(request.node_url)))
         self._deadlines.clear()
-        self._connect_queue.clear()
+        self._waiting.clear()
         self._idle.clear()
         self._selector.close()
         self._wake_r.close()

@@ -168,9 +168,9 @@ def test_an_unchanged_reply_is_not_parsed_and_a_changed_one_is(sim_node, make_ba
     assert parsed and balancer.node_state(node.url).models[0]["name"] == LLAMA
 
 
-def test_connects_beyond_the_limit_wait_their_turn_and_all_complete(poller, monkeypatch) -> None:
-    """A cluster starting up does not open thousands of connections at once (a SYN flood of our own)."""
-    monkeypatch.setattr("flockparse.poller.MAX_CONNECTING", 1)
+def test_requests_beyond_the_limit_wait_their_turn_and_all_complete(poller, monkeypatch) -> None:
+    """A cluster starting up does not send thousands of requests at once (they would only queue)."""
+    monkeypatch.setattr("flockparse.poller.MAX_IN_FLIGHT", 1)
     with (
         HostileNode(answer("200 OK", PS_EMPTY)) as first,
         HostileNode(answer("200 OK", PS_EMPTY)) as second,
