@@ -48,6 +48,7 @@ from flockparse.console.config import Config, ConfigError, apply_flags, config_d
 from flockparse.console.names import is_glob, same_name
 from flockparse.console.tty import unbuffered_keys
 from flockparse.remote import TOKEN_ENV, RemoteCluster, RemoteError
+from flockparse.routing import STRATEGIES
 from flockparse.serve.registry import DEFAULT_SERVE_URL, ServeInfo, serves_managing
 from gpu_controller import GPUController
 
@@ -79,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=program_name(),
         description="Keep an Ollama cluster's models on GPU. Without COMMAND: the interactive console "
         "(or, with stdin not a terminal, one command per line read from stdin).",
-        epilog=f"commands: {', '.join(REGISTRY)}. Config dir: $FLOCKPARSE_CONFIG_DIR or {config_dir()}. "
+        epilog=f"commands: {', '.join(REGISTRY)}; `serve` (--listen, --token, --grace) puts the "
+        "cluster behind one Ollama-compatible address. "
+        f"Config dir: $FLOCKPARSE_CONFIG_DIR or {config_dir()}. "
         "Exit codes: 0 ok, 1 failed or a node unreachable, 2 usage or config error, 130 Ctrl-C. "
         "`gpu-exporter [--listen HOST:PORT]` serves this machine's GPU memory from NVML (its own program).",
         allow_abbrev=False,  # `--node` must never silently mean `--nodes`
@@ -122,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="attach to a running serve (e.g. http://127.0.0.1:11435): its nodes, its optimizer, its events",
     )
     parser.add_argument(
-        "--token", metavar="TOKEN", help=f"the serve's token, with --connect (default: ${TOKEN_ENV})"
+        "--token",
+        metavar="TOKEN",
+        help=f"the serve's token (default: ${TOKEN_ENV}): with --connect, sent to it; with `serve`, what "
+        "clients must send as `Authorization: Bearer TOKEN` (required to listen beyond loopback)",
     )
     parser.add_argument(
         "--own-optimizer",
@@ -164,9 +170,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="with vram_report: redraw it every SECONDS (default 2) until q or Ctrl-C",
     )
+    parser.add_argument(
+        "--routing",
+        metavar="NAME",
+        help="how requests are routed: adaptive (default), round_robin, least_loaded, lowest_latency",
+    )
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", help="serve: the address to listen on (default 127.0.0.1:11435)"
+    )
+    parser.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        help="serve: at SIGTERM/SIGINT, how long requests in flight may take to finish (default 10)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
-        "command", nargs="*", metavar="COMMAND", help="run one command and exit (e.g. vram_report --json)"
+        "command",
+        nargs="*",
+        metavar="COMMAND",
+        help="run one command and exit (e.g. vram_report --json); `serve` runs the cluster behind one "
+        "Ollama-compatible address until SIGTERM",
     )
     return parser
 
@@ -188,6 +211,8 @@ def make_balancer(config: Config, optimize: bool) -> OllamaLoadBalancer:
         on_gpu_lost=config.on_gpu_lost,
         remedy_timeout=config.remedy_timeout,
         gpu_metrics={node: url for node, url in config.gpu_metrics.items() if node in config.nodes},
+        routing=config.routing,
+        request_timeout=config.load_timeout,  # a routed request may wait for a model load
     )
 
 
@@ -481,6 +506,7 @@ def interactive(
                 "NODE": lambda: balancer.nodes,
                 "PRIORITY": lambda: list(balancer.gpu_priority_models),
                 "MODEL|NODE": lambda: [*refresher.names, *balancer.nodes],
+                "STRATEGY": lambda: list(STRATEGIES),
             }
         ),
         complete_while_typing=True,
@@ -696,6 +722,10 @@ def _main(argv: Sequence[str] | None) -> int:
         words = ["watch", args.watch, *words[1:]]
     if args.json and not words and not script:
         return reporter.error("--json needs a COMMAND (e.g. `vram_report --json`)", EXIT_USAGE)
+    serving = words[:1] == ["serve"]
+    problem = serve_usage_problem(args, words) if serving else unused_serve_flag(args)
+    if problem:
+        return reporter.error(problem, EXIT_USAGE)
     if args.demo and (args.nodes or args.config or args.gpu_metrics):
         flag = "--nodes" if args.nodes else "--config" if args.config else "--gpu-metrics"
         return reporter.error(f"--demo starts its own nodes and saves nothing: drop {flag}", EXIT_USAGE)
@@ -714,7 +744,13 @@ def _main(argv: Sequence[str] | None) -> int:
             )
 
             flags = apply_flags(
-                Config(), args.priority, args.interval, args.health_interval, args.timeout, args.load_timeout
+                Config(),
+                args.priority,
+                args.interval,
+                args.health_interval,
+                args.timeout,
+                args.load_timeout,
+                args.routing,
             )
             cluster = start_demo_cluster()
             config = demo_config(cluster.urls, flags, cluster.gpu_metrics)
@@ -731,10 +767,13 @@ def _main(argv: Sequence[str] | None) -> int:
                 args.health_interval,
                 args.timeout,
                 load_timeout_flag=args.load_timeout,
+                routing_flag=args.routing,
                 gpu_metrics_flag=args.gpu_metrics,
             )
     except ConfigError as exc:
         return reporter.error(str(exc), EXIT_USAGE)
+    if serving:
+        return serve(args, config, reporter)
     interactive_mode = not words and not script
     balancer = make_balancer(config, optimize=interactive_mode and not args.no_optimizer)
     guard = None
@@ -766,6 +805,68 @@ def _main(argv: Sequence[str] | None) -> int:
             from flockparse.console.demo import remove_demo_files
 
             remove_demo_files(files_dir)
+
+
+SERVE_ONLY_FLAGS = ("listen", "grace")
+
+
+def unused_serve_flag(args: argparse.Namespace) -> str | None:
+    """--listen and --grace belong to `serve`: elsewhere they would be silently ignored."""
+    given = [f"--{name}" for name in SERVE_ONLY_FLAGS if getattr(args, name) is not None]
+    if not given:
+        return None
+    return f"{', '.join(given)}: only with `serve` (e.g. `serve --listen 127.0.0.1:11435`)"
+
+
+def serve_usage_problem(args: argparse.Namespace, words: list[str]) -> str | None:
+    if len(words) > 1:
+        return f"serve takes no argument, got `{words[1]}` (flags: --listen HOST:PORT, --token, --grace S)"
+    if args.demo:
+        return (
+            "serve runs in front of real nodes: drop --demo (`python3 -m ollama_sim` starts a simulated node)"
+        )
+    if args.json or args.watch is not None or args.node or args.dry_run:
+        return "serve takes no --json, --watch, --node or --dry-run"
+    if args.connect:
+        return "serve runs a cluster; --connect attaches a console to one: use one or the other"
+    return None
+
+
+def serve_state_dir(config: Config) -> Path:
+    """Where serve registers itself and keeps its state: the config file's directory (the config dir)."""
+    return config.path.parent if config.path is not None else config_dir()
+
+
+def serve(args: argparse.Namespace, config: Config, reporter: Reporter) -> int:
+    """`serve`: the health monitor, the optimizer (unless --no-optimizer) and the HTTP server, headless,
+    until SIGTERM/SIGINT (flockparse/serve). Usage problems exit 2 before any node is contacted."""
+    from flockparse.serve.runner import (
+        DEFAULT_GRACE_S,
+        DEFAULT_LISTEN,
+        ServeError,
+        check_grace,
+        check_listen,
+        parse_listen,
+        run_serve,
+    )
+
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    try:
+        host, port = parse_listen(args.listen or DEFAULT_LISTEN)
+        grace = DEFAULT_GRACE_S if args.grace is None else check_grace(args.grace)
+        check_listen(host, token)
+    except ServeError as exc:
+        return reporter.error(str(exc), EXIT_USAGE)
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format=LOG_FORMAT)  # the core's warnings
+    balancer = make_balancer(config, optimize=not args.no_optimizer)
+    try:
+        return run_serve(
+            balancer, host=host, port=port, token=token, grace=grace, state_dir=serve_state_dir(config)
+        )
+    except ServeError as exc:
+        return reporter.error(str(exc), 1)
+    finally:
+        balancer.close()
 
 
 def batch_context(

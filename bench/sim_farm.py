@@ -42,6 +42,9 @@ def main() -> int:
     parser.add_argument("--load-seconds-per-gb", type=float, default=0.0)
     parser.add_argument("--keep-alive", default="5m", help="OLLAMA_KEEP_ALIVE of every node (e.g. 24h)")
     parser.add_argument("--preload", action="append", default=[], help="model@placement, e.g. llama3.1@gpu")
+    parser.add_argument(
+        "--inference-time-scale", type=float, default=0.0, help="1 = generations take their simulated time"
+    )
     args = parser.parse_args()
     raise_fd_limit()
     threading.stack_size(256 * 1024)  # thousands of accept/reaper/handler threads: small stacks suffice
@@ -51,6 +54,7 @@ def main() -> int:
         "preload": preload,
         "load_seconds_per_gb": args.load_seconds_per_gb,
         "keep_alive_default": args.keep_alive,
+        "inference_time_scale": args.inference_time_scale,
     }
     with SimCluster([dict(config) for _ in range(args.nodes)]) as cluster:
         print(json.dumps({"urls": cluster.urls}), flush=True)
@@ -78,6 +82,8 @@ class Farm:
                 command += ["--load-seconds-per-gb", str(self.options["load_seconds_per_gb"])]
             if "keep_alive" in self.options:
                 command += ["--keep-alive", str(self.options["keep_alive"])]
+            if "inference_time_scale" in self.options:
+                command += ["--inference-time-scale", str(self.options["inference_time_scale"])]
             child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             self.children.append(child)
         try:

@@ -21,6 +21,7 @@ from concurrent.futures import Future, wait
 from typing import Any
 
 from flockparse import gpu_state as gs
+from flockparse import routing as routes
 from flockparse.agent import OPTIMIZER_PRIORITY, USER_PRIORITY, Folded, NodeAgent, NodeState, run_daemon
 from flockparse.events import Event, EventBus
 from flockparse.gpu_metrics import (
@@ -33,6 +34,7 @@ from flockparse.gpu_metrics import (
 from flockparse.gpu_metrics.scraper import SCRAPE_INTERVAL_S
 from flockparse.limits import FdBudget, fd_budget
 from flockparse.optimizer import GPUOptimizer
+from flockparse.request_stats import RequestStats, Sample, eval_metrics
 from flockparse.results import MoveResult, Reason, skipped
 from flockparse.rules import LOCATION_CPU, LOCATION_GPU, canonical_name, model_key, normalize_url, same_model
 from flockparse.stats import ClusterStats
@@ -50,6 +52,7 @@ REPORT_QUEUE_CAP = 3  # ... and never more than this many timeouts in all (reads
 GOLDEN_RATIO_FRACTION = 0.6180339887498949  # spreads the nodes' check phases evenly, whatever their count
 CHECK_MAX_WAIT_S = 0.25  # a due health check waits at most about this for a checker before one is added
 READ_MAX_WAIT_S = 0.05  # ... and a report's read (it has the node's timeout plus REPORT_SLACK_S in all)
+ROUTE_VIEW_TTL_S = 0.25  # routing reuses the nodes' snapshots this long (requests in flight are live)
 
 
 class AllNodesFailedError(RuntimeError):
@@ -90,10 +93,16 @@ class OllamaLoadBalancer:
         remedy_timeout: float = gs.REMEDY_TIMEOUT_S,
         gpu_metrics: Mapping[str, str] | None = None,
         gpu_metrics_interval: float = SCRAPE_INTERVAL_S,
+        routing: str = routes.DEFAULT_STRATEGY,
     ) -> None:
         self.events = EventBus()
         self.stats = ClusterStats()  # passes, moves, request latencies: for metrics (flockparse/metrics.py)
         self.events.subscribe(self.stats.on_event)
+        self._routing = routes.check_strategy(routing)  # how pick_node chooses (flockparse/routing.py)
+        self._turn = 0  # round robin's position; guarded by _turn_lock
+        self._turn_lock = threading.Lock()
+        self.request_stats = RequestStats()  # latency/TTFT/token-rate rings and cool-downs, per node
+        self._route_views: tuple[float, list[routes.NodeView]] = (float("-inf"), [])  # (when, views)
         self.controller = controller if controller is not None else GPUController(keep_alive=keep_alive)
         self.gpu_priority_models: list[str] = list(
             DEFAULT_PRIORITY_MODELS if gpu_priority_models is None else gpu_priority_models
@@ -277,6 +286,7 @@ class OllamaLoadBalancer:
             )
             self._agents[node] = agent
             count = len(self._agents)
+        self._route_views = (float("-inf"), [])  # routing sees the new node at once
         self.events.emit(Event("node_added", node=node, message=f"added node {node}"))
         if self._started:
             self._schedule(node, time.monotonic())
@@ -299,6 +309,8 @@ class OllamaLoadBalancer:
             self._phased.discard(node)
         agent.close()
         self.controller.forget_node(node)
+        self.request_stats.forget(node)
+        self._route_views = (float("-inf"), [])
         self._optimizer.forget_node(node, keep_pins=False)
         self.gpu_metrics.set_exporter(node, None)
         self._held_off.forget(node)
@@ -642,10 +654,11 @@ class OllamaLoadBalancer:
                 "models_loaded": len(s.models),
                 "models_on_gpu": sum(m.get("location") == LOCATION_GPU for m in s.models),
                 **self._vram_fields(s),
+                **self.request_stats.summary(s.url),  # p50/p95 latency and TTFT, tokens/s, cool-down
             }
             for s in self.node_states()
         ]
-        return {"nodes": nodes, "optimizer": self.optimizer_status()}
+        return {"nodes": nodes, "optimizer": self.optimizer_status(), "routing": self._routing}
 
     def known_models(self) -> list[str]:
         """Canonical names installed or loaded on any node (for completion); no network call."""
@@ -832,18 +845,89 @@ class OllamaLoadBalancer:
         return agent.lane.submit(run, cancel, priority).result()
 
     # ------------------------------------------------------------------ routing
-    def pick_node(self, model: str | None = None, exclude: Iterable[str] = ()) -> str | None:
-        """Best node for `model`: where it is in VRAM, then loaded anywhere, then GPU, unknown, CPU-only.
+    @property
+    def routing(self) -> str:
+        """How requests are routed (flockparse/routing.py): adaptive, round_robin, least_loaded or
+        lowest_latency; setting an unknown name is a ValueError."""
+        return self._routing
 
-        Ties go to the fewest requests in flight, then the lowest latency. Nodes not checked yet come
-        after every online node; offline nodes are never chosen.
+    @routing.setter
+    def routing(self, name: str) -> None:
+        self._routing = routes.check_strategy(name)  # ValueError naming the four for anything else
+
+    def route_candidates(self, model: str | None, fresh: bool = False) -> list[routes.Candidate]:
+        """What routing knows about every node for `model` (no network call). The nodes' placements come
+        from snapshots taken at most ROUTE_VIEW_TTL_S ago (`fresh`: now), so a request costs no copy of
+        every node's state; requests in flight and cool-downs are counted live."""
+        taken, views = self._route_views
+        if fresh or time.monotonic() - taken > ROUTE_VIEW_TTL_S:
+            views = [routes.view(state) for state in self.node_states()]
+            self._route_views = (time.monotonic(), views)
+        key = model_key(model) if model else None
+        in_flight, cooling = self.request_stats.in_flight(), self.request_stats.cooling()
+        return [
+            routes.candidate(node, key, in_flight.get(node.url, 0), cooling.get(node.url, 0.0))
+            for node in views
+        ]
+
+    def pick_node(self, model: str | None = None, exclude: Iterable[str] = ()) -> str | None:
+        """The node for a request for `model` under the routing strategy; None when no node is usable.
+
+        Offline nodes are never chosen; nodes cooling down after errors only when nothing else is left;
+        nodes not checked yet come after every online node. `exclude`: nodes already tried.
         """
-        excluded = set(exclude)
-        name = model_key(model) if model else None
-        candidates = [s for s in self.node_states() if s.online is not False and s.url not in excluded]
-        if not candidates:
-            return None
-        return min(candidates, key=lambda s: _route_rank(s, name)).url
+        with self._turn_lock:
+            turn, self._turn = self._turn, self._turn + 1
+        return routes.choose(self.route_candidates(model), model, self._routing, turn, exclude)
+
+    def explain_route(self, model: str | None) -> dict[str, Any]:
+        """`route MODEL`: every node in the order the next request would try them, each with why (one
+        phrase), then the nodes skipped and why. Changes nothing (round robin's turn is not used up)."""
+        with self._turn_lock:
+            turn = self._turn
+        order = routes.rank(self.route_candidates(model, fresh=True), model, self._routing, turn)
+        return {
+            "model": canonical_name(model) if model else None,
+            "routing": self._routing,
+            "nodes": [ranked.as_dict() for ranked in order],
+        }
+
+    def request_started(self, node: str) -> bool:
+        """Count a routed request on `node` (requests, in flight); False if the node is not in the cluster."""
+        agent = self._agent(node)
+        if agent is None:
+            return False
+        agent.request_started()
+        self.request_stats.begin(node)
+        return True
+
+    def request_finished(
+        self,
+        node: str,
+        error: str | None = None,
+        sample: Sample | None = None,
+        *,
+        endpoint: str | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        """End a routed request. `error`: the node failed it (counted, the node cools down and its health is
+        checked now rather than in `health_interval`); `sample`: what the answer took (lb_stats); neither:
+        the node answered without a sample (e.g. rejected the caller's request with a 4xx). `endpoint` and
+        `seconds`: the attempt for the metrics' per-endpoint histogram (`self.stats`)."""
+        if endpoint is not None and seconds is not None:
+            self.stats.observe_request(endpoint, seconds, failed=error is not None)
+        agent = self._agent(node)
+        if agent is not None:
+            agent.request_finished(error)
+        self.request_stats.end(node)
+        if error is not None:
+            self.request_stats.failed(node, error)
+            if agent is not None:
+                self._check(agent)  # let the monitor confirm up/down now rather than in 5 s
+        elif sample is not None:
+            self.request_stats.record(node, sample)
+        else:
+            self.request_stats.succeeded(node)
 
     def generate(self, model: str, prompt: str, **options: Any) -> dict:
         """POST /api/generate (stream false) on the best node, failing over to other nodes.
@@ -871,30 +955,29 @@ class OllamaLoadBalancer:
     def _post_once(self, node: str, path: str, body: dict) -> tuple[dict, str | None]:
         """One attempt; returns (reply, None) or ({}, reason to fail over). 4xx other than 404 raises and
         is not counted against the node: another node would say the same about the caller's request."""
-        agent = self._agent(node)
-        if agent is None:
+        if not self.request_started(node):
             return {}, "removed from the cluster"
-        agent.request_started()
         node_error: str | None = None
-        started = time.monotonic()
+        sent = time.monotonic()
         try:
             answer = self.controller.call(node, "POST", path, body, read_timeout=self.request_timeout)
         except NodeError as exc:  # refused, reset, timed out: fail over
             node_error = exc.message
         else:
             if 400 <= answer.status < 500 and answer.status != 404:
-                agent.request_finished(None)
-                self.stats.observe_request(path, time.monotonic() - started, failed=False)
+                self.request_finished(node, endpoint=path, seconds=time.monotonic() - sent)
                 raise RequestRejectedError(node, answer.status, answer.error_text())
             if answer.status != 200:
                 node_error = f"HTTP {answer.status}: {answer.error_text()}"
             elif not isinstance(answer.body, dict):
                 node_error = "reply is not a JSON object"
-        agent.request_finished(node_error)
-        self.stats.observe_request(path, time.monotonic() - started, failed=node_error is not None)
+        seconds = time.monotonic() - sent
         if node_error is not None:
-            self._check(agent)  # let the monitor confirm up/down now rather than in 5 s
+            self.request_finished(node, node_error, endpoint=path, seconds=seconds)
             return {}, node_error
+        count, duration = eval_metrics(answer.body)
+        sample = Sample(seconds, None, count, duration)
+        self.request_finished(node, sample=sample, endpoint=path, seconds=seconds)
         return answer.body, None
 
 
@@ -940,17 +1023,3 @@ def _report_models(state: NodeState) -> list[dict]:
             row["unmovable_message"] = "a safetensors (MLX) model: Ollama ignores num_gpu for it"
         rows.append(row)
     return rows
-
-
-def _route_rank(state: NodeState, model: str | None) -> tuple:
-    location = None
-    if model is not None:
-        location = next((m.get("location") for m in state.models if model_key(m["name"]) == model), None)
-    if location == LOCATION_GPU:
-        tier = 0
-    elif location is not None:
-        tier = 1
-    else:
-        tier = {gs.GPU_YES: 2, gs.GPU_UNKNOWN: 3}.get(state.gpu, 4)
-    latency = state.latency_ms if state.latency_ms is not None else float("inf")
-    return (state.online is not True, tier, state.in_flight, latency)

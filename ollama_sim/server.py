@@ -435,13 +435,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def _send_error(self, err: ApiError) -> None:
         self._send_json(err.status, {"error": err.message})
 
-    def _stream(self, objects: Iterator[dict]) -> None:
-        """NDJSON with chunked transfer encoding, like Go's streamed replies."""
+    def _stream(self, objects: Iterator[dict], pause: float = 0.0) -> None:
+        """NDJSON with chunked transfer encoding, like Go's streamed replies: each object is flushed as its
+        own chunk (routes.go:2097 streamResponse: gin's c.Stream flushes after every step), the headers go
+        out with the first one. `pause`: the time to produce each object after the first (a token). A node
+        that stops meanwhile drops the connection mid-stream, as a killed Ollama does."""
         self.send_response(200)
         self.send_header("Content-Type", "application/x-ndjson")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        for obj in objects:
+        for index, obj in enumerate(objects):
+            if index and pause > 0:
+                self._pause(pause)
+                if self.node._stopping.is_set() or self.node._server is None:
+                    self.close_connection = True
+                    return
             line = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
             self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
         self.wfile.write(b"0\r\n\r\n")
@@ -654,9 +662,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         reason: str,
         metrics: dict,
     ) -> None:
-        """Streamed NDJSON (default) or one object (stream:false), fields in Go's order; with
-        inference_time_scale > 0 the reply first takes its simulated eval time."""
-        self._compute(runner, metrics["total_duration"])
+        """Streamed NDJSON (default) or one object (stream:false), fields in Go's order. With
+        inference_time_scale > 0 a reply takes its simulated time: a whole one before it is sent; a stream
+        its prompt evaluation before the first chunk, then each token's share of eval_duration before that
+        token's chunk, as Ollama sends each token when the runner produces it (see `_stream`)."""
 
         def chunk(text: str, done: bool) -> dict:
             body = {"model": model, "created_at": created_at(), **content(text), "done": done}
@@ -666,10 +675,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             yield from (chunk(piece, False) for piece in pieces)
             yield chunk("", True)
 
-        if req.get("stream", True):
-            self._stream(stream())
-        else:
+        if not req.get("stream", True):
+            self._compute(runner, metrics["total_duration"])
             self._send_json(200, chunk("".join(pieces), True))
+            return
+        scale = self.node.inference_time_scale
+        if scale <= 0:
+            self._stream(stream())
+            return
+        per_token = scale * metrics["eval_duration"] / 1e9 / max(1, len(pieces))
+        with self.node.scheduler.computing(runner):
+            self._pause(scale * (metrics["total_duration"] - metrics["eval_duration"]) / 1e9)
+            if self.node._stopping.is_set():
+                raise ApiError(500, SHUTTING_DOWN)
+            self._stream(stream(), pause=per_token)
 
     @staticmethod
     def _embed_inputs(req: dict) -> list[str]:

@@ -178,20 +178,25 @@ def test_two_threads_forcing_the_same_model_send_one_load(sim_node, make_balance
 
 
 # --------------------------------------------------------------------------------------------- routing
-def test_routing_prefers_vram_then_loaded_then_gpu_then_unknown(sim_node, make_balancer) -> None:
+def test_routing_prefers_vram_then_a_gpu_node_then_ram_then_unknown(sim_node, make_balancer) -> None:
+    """The adaptive order of issue 10 (flockparse/routing.py Tier): 100% in VRAM, a GPU node where it is
+    installed (Ollama loads it onto the GPU), loaded in RAM, then a node whose GPU is not known yet."""
     in_vram = sim_node(preload=[("llama3.1", "gpu")])
     on_ram = sim_node(preload=[("llama3.1", "cpu")])
     gpu_no_model = sim_node(preload=[("all-minilm", "gpu")])
     unknown = sim_node()
     urls = [unknown.url, gpu_no_model.url, on_ram.url, in_vram.url]
     balancer = make_balancer(urls)
-    wait_until(lambda: all(s.online for s in balancer.node_states()), "all online")
+    wait_until(lambda: all(s.online and s.installed for s in balancer.node_states()), "all online")
 
     assert balancer.pick_node("llama3.1") == in_vram.url
-    assert balancer.pick_node("llama3.1", exclude=[in_vram.url]) == on_ram.url
-    assert balancer.pick_node("llama3.1", exclude=[in_vram.url, on_ram.url]) == gpu_no_model.url
+    assert balancer.pick_node("llama3.1", exclude=[in_vram.url]) == gpu_no_model.url
+    assert balancer.pick_node("llama3.1", exclude=[in_vram.url, gpu_no_model.url]) == on_ram.url
     assert balancer.pick_node("llama3.1", exclude=urls[1:]) == unknown.url
     assert balancer.pick_node("llama3.1", exclude=urls) is None
+    explained = balancer.explain_route("llama3.1")
+    assert [n["node"] for n in explained["nodes"]] == [in_vram.url, gpu_no_model.url, on_ram.url, unknown.url]
+    assert explained["nodes"][0]["reason"] == "llama3.1:latest is 100% in VRAM"
 
 
 def test_generate_fails_over_to_a_different_node_and_counts(sim_node, make_balancer) -> None:

@@ -124,6 +124,39 @@ def test_nodes_lb_stats_help(harness: Harness) -> None:
     assert ok and shown.startswith("force_cpu MODEL")
 
 
+def test_route_explains_which_node_serves_a_model_and_why(harness: Harness) -> None:
+    cpu_node, gpu_node = (url.removeprefix("http://") for url in harness.cluster.urls)
+    ok, shown = harness.run("route llama3.1")
+    lines = shown.splitlines()
+    assert ok and lines[0] == f"llama3.1:latest, routing adaptive: the next request goes to {cpu_node}"
+    assert lines[1].startswith(f"  1. {cpu_node}  llama3.1:latest is loaded 100% in RAM  (0 in flight, ")
+    assert lines[2].startswith(f"  2. {gpu_node}  llama3.1:latest is installed; the node's GPU is not known")
+    harness.cluster.nodes[0].set_fault("down")
+    harness.ctx.balancer.vram_report()  # the console sees it down now rather than at the next check
+    ok, shown = harness.run("route llama3.1")
+    assert (
+        ok and f"the next request goes to {gpu_node}" in shown and f"-  {cpu_node}  skipped: offline" in shown
+    )
+    ok, shown = harness.run("route lama3.1")
+    assert not ok and shown.strip() == "unknown model lama3.1 (did you mean `llama3.1:latest`?)"
+
+
+def test_routing_shows_and_sets_the_strategy(harness: Harness) -> None:
+    balancer = harness.ctx.balancer
+    ok, shown = harness.run("routing")
+    assert ok and shown.startswith("routing: adaptive (the model's placement first")
+    ok, shown = harness.run("routing least_loaded")
+    assert ok and balancer.routing == "least_loaded" and harness.ctx.config.routing == "least_loaded"
+    assert "for this session" in shown
+    ok, shown = harness.run("route llama3.1")
+    assert "routing least_loaded" in shown and "fewest requests in flight, then lowest latency" in shown
+    ok, shown = harness.run("routing fastest")
+    assert not ok and shown.strip() == (
+        "routing: unknown routing `fastest` (one of: adaptive, round_robin, least_loaded, lowest_latency)"
+    )
+    assert balancer.routing == "least_loaded"
+
+
 def test_optimizer_subcommands(harness: Harness) -> None:
     balancer = harness.ctx.balancer
     ok, shown = harness.run("optimizer on")

@@ -259,6 +259,34 @@ def test_load_timeout_from_flag_and_file_reaches_the_controller(tmp_path) -> Non
         load_config(str(path), env={}, load_timeout_flag="1e9")
 
 
+def test_routing_from_file_and_flag_reaches_the_balancer(tmp_path: Path) -> None:
+    from flockparsecli import make_balancer
+
+    path = tmp_path / "config.toml"
+    path.write_text('nodes = ["http://127.0.0.1:9"]\nrouting = "least_loaded"\n')
+    assert load_config(str(path), env={}).routing == "least_loaded"
+    config = load_config(str(path), env={}, routing_flag="round-robin")
+    balancer = make_balancer(config, optimize=False)
+    try:
+        assert balancer.routing == "round_robin"
+    finally:
+        balancer.close()
+    path.write_text('routing = "fastest"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), env={})
+    assert str(info.value) == f"{path}: routing: unknown routing `fastest` (one of: " + (
+        "adaptive, round_robin, least_loaded, lowest_latency)"
+    )
+
+
+def test_a_bad_routing_flag_is_one_line_and_exit_2(
+    config_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_main(["--routing", "fastest", "priority", "list"], capsys)
+    assert code == 2 and out == "" and err.startswith("--routing: unknown routing `fastest`")
+    assert err.count("\n") == 1
+
+
 # ------------------------------------------------------------------ GPU exporters (issue 13)
 
 

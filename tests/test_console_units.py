@@ -224,6 +224,11 @@ def test_lb_stats_table_and_optimizer_line() -> None:
                 "requests": 7,
                 "errors": 1,
                 "in_flight": 2,
+                "latency_p50_ms": 41.2,
+                "latency_p95_ms": 95.0,
+                "ttft_p50_ms": 12.0,
+                "ttft_p95_ms": 30.4,
+                "tokens_per_s": 98.25,
                 "models": [
                     model_row("llama3.1:8b", "GPU (VRAM)", 100, 5000, 0),
                     model_row("m:1", "CPU (RAM)", 0, 0, 9),
@@ -237,10 +242,17 @@ def test_lb_stats_table_and_optimizer_line() -> None:
             "next_pass_in": 130,
             "last_pass": {"moved": 1, "started_at": NOW - 10},
         },
+        "routing": "adaptive",
     }
     shown = text_of(render.lb_stats(stats, now=NOW))
+    assert "load balancer (routing adaptive)" in shown
     row = next(line for line in shown.splitlines() if "5001" in line)
-    assert row.replace("│", " ").split()[1:9] == ["online", "GPU", "2", "ms", "7", "1", "2", "llama3.1:8b"]
+    assert row.replace("│", " ").split()[1:14] == [
+        *("online", "GPU", "2", "ms", "7", "1", "2"),
+        *("41/95", "ms", "12/30", "ms", "98.2", "llama3.1:8b"),  # p50/p95 latency and TTFT, tok/s
+    ]
+    other = next(line for line in shown.splitlines() if "5002" in line)
+    assert other.replace("│", " ").split()[-4:] == ["-", "-", "-", "-"]  # no samples yet; nothing in VRAM
     assert "m:1" not in row  # models in VRAM only
     assert "offline" in next(line for line in shown.splitlines() if "5002" in line)
     assert "optimizer: on, every 5m 00s, next pass in 2m 10s, last pass 10s ago (1 moved)" in shown

@@ -6,6 +6,7 @@ Each test names the Ollama source it follows (ollama/ollama at fb307609 = v0.33.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -329,6 +330,39 @@ def test_two_automatic_cpu_fallbacks_cannot_coexist_on_a_gpu_node():
         assert len(node.loaded()) == 2  # no GPU: no pre-flight, nothing evicted
     finally:
         node.stop()
+
+
+# ----------------------------------------------------------------------------------- streaming
+
+
+def test_a_stream_sends_each_token_as_the_runner_produces_it(sim_node):
+    """routes.go:727 (`ch <- res` in the runner's completion callback, once per token) and routes.go:2097
+    streamResponse (gin's c.Stream flushes after every chunk): a client reads the first tokens while the
+    runner is still generating the rest, and the last chunk carries done and the metrics."""
+    node = sim_node(inference_time_scale=20.0, preload=[("llama3.2:3b", "gpu")])
+    body = {"model": "llama3.2:3b", "prompt": "why is the sky blue"}
+    with requests.post(node.url + "/api/generate", json=body, stream=True, timeout=30) as reply:
+        assert reply.headers["Content-Type"] == "application/x-ndjson"
+        lines = reply.iter_lines()
+        first, second = json.loads(next(lines)), json.loads(next(lines))
+        assert not first["done"] and not second["done"] and first["response"]
+        assert node.loaded()[0]["computing"] == 1  # the rest is still being generated
+        rest = [json.loads(line) for line in lines]
+    assert rest[-1]["done"] is True and rest[-1]["eval_count"] == len(rest) + 1
+
+
+def test_a_node_stopped_mid_stream_drops_the_connection(sim_node):
+    """A killed Ollama (routes.go:2023-2028 on SIGTERM) ends its streams without a final chunk: the client
+    sees the connection end mid-body, never a done chunk."""
+    node = sim_node(inference_time_scale=20.0, preload=[("llama3.2:3b", "gpu")])
+    body = {"model": "llama3.2:3b", "prompt": "why is the sky blue"}
+    with requests.post(node.url + "/api/generate", json=body, stream=True, timeout=30) as reply:
+        lines = reply.iter_lines()
+        assert json.loads(next(lines))["done"] is False
+        node.stop()
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            for line in lines:
+                assert json.loads(line)["done"] is False
 
 
 # ----------------------------------------------------------------------------------- CLI

@@ -37,6 +37,7 @@ from flockparse.console.config import (
 from flockparse.console.names import ModelNameError, check_name, is_glob, same_name, suggestions, unique_names
 from flockparse.console.tty import unbuffered_keys
 from flockparse.remote import RemoteError, RemoteRejected
+from flockparse.routing import STRATEGY_WORDS
 
 CANCEL_GRACE_S = 0.5  # after Ctrl-C, how long we give the core to notice the cancel Event
 SLOW_NOTE_S = 0.5  # a command that waits on nodes longer than this says what it waits for
@@ -611,7 +612,10 @@ def key_pressed(key: str, event: threading.Event) -> Iterator[None]:
             thread.join(1.0)
 
 
-@command("lb_stats", "per node: online, GPU, latency, requests, errors, in flight; optimizer state")
+@command(
+    "lb_stats",
+    "per node: online, GPU, latency, requests, errors, in flight, p50/p95 latency and TTFT, tokens/s",
+)
 def cmd_lb_stats(ctx: Context, args: list[str]) -> Outcome:
     stats = ctx.balancer.get_stats()
     models = {state.url: state.models for state in ctx.balancer.node_states()}
@@ -699,6 +703,36 @@ def cmd_force_cpu(ctx: Context, args: list[str]) -> Outcome:
 )
 def cmd_unload(ctx: Context, args: list[str]) -> Outcome:
     return _act_on_model(ctx, args[0], "unload")
+
+
+@command(
+    "routing",
+    "how requests are routed: adaptive, round_robin, least_loaded, lowest_latency (STRATEGY sets it)",
+    optional=("STRATEGY",),
+    needs_nodes=False,
+)
+def cmd_routing(ctx: Context, args: list[str]) -> Outcome:
+    balancer = ctx.balancer
+    if args:
+        try:
+            balancer.routing = args[0]
+        except ValueError as exc:
+            raise UsageError(f"routing: {exc}") from None
+        ctx.config.routing = balancer.routing
+    name = balancer.routing
+    shown = Text(f"routing: {name} ({STRATEGY_WORDS[name]})")
+    if args:
+        shown.append("; for this session (put `routing` in the config to keep it)", style="dim")
+    return Outcome(data={"routing": name, "strategies": list(STRATEGY_WORDS)}, renderable=shown)
+
+
+@command("route", "which node would serve MODEL next, and why (one line per node)", args=("MODEL",))
+def cmd_route(ctx: Context, args: list[str]) -> Outcome:
+    model = model_name(args[0])
+    check_known_model(ctx, model)
+    explained = ctx.balancer.explain_route(model)
+    usable = any(not node["skipped"] for node in explained["nodes"])
+    return Outcome(data=explained, renderable=render.route_lines(explained), ok=usable)
 
 
 OPTIMIZER_SUBCOMMANDS = {"on": (), "off": (), "status": (), "now": (), "interval": ("SECONDS",)}

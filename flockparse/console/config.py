@@ -10,6 +10,7 @@ Precedence is flags > config file > $OLLAMA_HOST > http://localhost:11434. The f
     timeout = 5             # seconds: per request to a node (status, tags); a dead node never costs more
     on_gpu_lost = "ssh {host} sudo systemctl restart ollama"   # remedy when a node loses its GPU (off)
     remedy_timeout = 120    # seconds the remedy may run
+    routing = "adaptive"    # how requests are routed (adaptive, round_robin, least_loaded, lowest_latency)
     history_days = 30       # placement history kept in history.sqlite (0 = none recorded)
 
     [gpu]                   # declared GPU capability per node; absent = detect
@@ -59,6 +60,7 @@ from tomlkit.items import Array, Table
 from flockparse.alerts import DEFAULT_COOLDOWN_S, AlertSettings
 from flockparse.history import DEFAULT_RETENTION_DAYS
 from flockparse.notify import TLS_MODES, WEBHOOK_FORMATS, EmailSettings, check_webhook_url
+from flockparse.routing import DEFAULT_STRATEGY, check_strategy
 from flockparse.rules import normalize_url as core_normalize_url
 
 DEFAULT_NODE = "http://localhost:11434"
@@ -76,6 +78,7 @@ KNOWN_KEYS = (
     "on_gpu_lost",
     "remedy_timeout",
     "load_timeout",
+    "routing",
     "gpu_metrics",
     "history_days",
     "alerts",
@@ -114,6 +117,7 @@ NEW_FILE_HEADER = """\
 # keep_alive = "30m"      # how long Ollama keeps a moved model: a duration ("30m", "2h") or seconds
 # on_gpu_lost = "ssh {host} sudo systemctl restart ollama"  # run once when a node loses its GPU (off)
 # remedy_timeout = 120    # seconds the remedy may run (1 .. 3600)
+# routing = "adaptive"    # how requests are routed: adaptive, round_robin, least_loaded, lowest_latency
 # history_days = 30       # days of placement history kept in history.sqlite (0 = none recorded)
 #
 # [gpu]                   # declare a node's GPU instead of detecting it
@@ -157,6 +161,7 @@ class Config:
     on_gpu_lost: str | None = None  # the operator's remedy command ({url}, {host}); None = off
     remedy_timeout: float = DEFAULT_REMEDY_TIMEOUT
     load_timeout: float = DEFAULT_LOAD_TIMEOUT
+    routing: str = DEFAULT_STRATEGY  # flockparse/routing.py
     gpu_metrics: dict[str, str] = field(default_factory=dict)  # node URL -> its GPU exporter's URL
     history_days: float = DEFAULT_RETENTION_DAYS  # 0: no history recorded
     alerts: AlertSettings = field(default_factory=AlertSettings)
@@ -363,6 +368,16 @@ def check_keep_alive(value: Any, source: str) -> str | int | float:
     return value
 
 
+def check_routing(value: Any, source: str) -> str:
+    """One of the routing strategies (flockparse/routing.py), else a one-line ConfigError."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{source} must be a name (adaptive, round_robin, least_loaded, lowest_latency)")
+    try:
+        return check_strategy(value)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
 def _string_list(value: Any, key: str, source: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ConfigError(f"{source}: {key} must be a list of strings")
@@ -408,6 +423,8 @@ def apply_table(config: Config, table: dict[str, Any], source: str) -> None:
         if not isinstance(table["on_gpu_lost"], str) or not table["on_gpu_lost"].strip():
             raise ConfigError(f"{source}: on_gpu_lost must be a command line (a non-empty string)")
         config.on_gpu_lost = table["on_gpu_lost"]
+    if "routing" in table:
+        config.routing = check_routing(table["routing"], f"{source}: routing")
     if "history_days" in table:
         config.history_days = check_history_days(table["history_days"], f"{source}: history_days")
     if "alerts" in table:
@@ -458,6 +475,7 @@ def load_config(
     timeout_flag: float | str | None = None,
     env: dict[str, str] | None = None,
     load_timeout_flag: float | str | None = None,
+    routing_flag: str | None = None,
     gpu_metrics_flag: list[str] | None = None,
 ) -> Config:
     """Build the effective Config: flags > file > $OLLAMA_HOST > default. Every mistake is a ConfigError."""
@@ -482,7 +500,13 @@ def load_config(
         config.nodes_from = "env"
     config.gpu_metrics.update(gpu_metrics_flags(gpu_metrics_flag or []))
     return apply_flags(
-        config, priority_flag, interval_flag, health_interval_flag, timeout_flag, load_timeout_flag
+        config,
+        priority_flag,
+        interval_flag,
+        health_interval_flag,
+        timeout_flag,
+        load_timeout_flag,
+        routing_flag,
     )
 
 
@@ -493,8 +517,11 @@ def apply_flags(
     health_interval_flag: float | str | None = None,
     timeout_flag: float | str | None = None,
     load_timeout_flag: float | str | None = None,
+    routing_flag: str | None = None,
 ) -> Config:
     """The flags other than --nodes and --config, checked the same way as the file's keys."""
+    if routing_flag is not None:
+        config.routing = check_routing(routing_flag, "--routing")
     if priority_flag is not None:
         config.priority_models = priority_list(priority_flag.split(","), "--priority")
     for key, flag in (

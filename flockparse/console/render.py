@@ -51,6 +51,7 @@ EVENT_STYLE = {
     "state_not_saved": ("serve", "bold red"),
     "history_warning": ("history", "yellow"),
     "alert_failed": ("alert", "yellow"),
+    "serve": ("serve", "cyan"),
 }
 REMEDY_OUTPUT_LINES = 5
 UNMOVABLE_WORDS = {
@@ -431,12 +432,27 @@ def _stacked(title: str, rows: Iterable[Text]) -> list[Text]:
     return lines
 
 
+def _pair(node: Mapping[str, Any], key: str) -> str:
+    """`41/95 ms`: a p50/p95 pair from get_stats (`latency_p50_ms`, `latency_p95_ms`), `-` without samples."""
+    low, high = node.get(f"{key}_p50_ms"), node.get(f"{key}_p95_ms")
+    if not isinstance(low, int | float) or not isinstance(high, int | float):
+        return "-"
+    return f"{low:.0f}/{high:.0f} ms"
+
+
+def _rate(node: Mapping[str, Any]) -> str:
+    value = node.get("tokens_per_s")
+    return f"{value:.1f}" if isinstance(value, int | float) else "-"
+
+
 def lb_stats(stats: Mapping[str, Any], now: float | None = None) -> RenderableType:
-    """Per node: online, GPU capability, latency, requests, errors, in flight, models in VRAM."""
-    table = Table(title="load balancer", title_justify="left", show_edge=False)
+    """Per node: online, GPU capability, latency, requests, errors, in flight, p50/p95 of the requests'
+    latency and time to first token, tokens per second, models in VRAM; the routing and optimizer lines."""
+    title = "load balancer" + (f" (routing {clean(stats['routing'])})" if stats.get("routing") else "")
+    table = Table(title=title, title_justify="left", show_edge=False)
     table.add_column("node", no_wrap=True)
-    for column in ("state", "GPU", "latency", "requests", "errors", "in flight"):
-        numeric = column in ("latency", "requests", "errors", "in flight")
+    for column in ("state", "GPU", "latency", "requests", "errors", "in flight", "p50/p95", "TTFT", "tok/s"):
+        numeric = column not in ("state", "GPU")
         table.add_column(column, justify="right" if numeric else "left", no_wrap=True)
     nodes = list(stats.get("nodes", []))
     with_figures = any("vram_total_mb" in node for node in nodes)  # some node has a GPU exporter
@@ -455,12 +471,15 @@ def lb_stats(stats: Mapping[str, Any], now: float | None = None) -> RenderableTy
             str(node.get("requests", 0)),
             str(node.get("errors", 0)),
             str(node.get("in_flight", 0)),
+            _pair(node, "latency"),
+            _pair(node, "ttft"),
+            _rate(node),
             *([vram_bar(node)] if with_figures else []),
             _vram_names(node),
         )
 
     def stacked() -> RenderableType:
-        lines: list[Text] = [Text("load balancer")]
+        lines: list[Text] = [Text(title)]
         for node in nodes:
             lines += _stacked(
                 short_url(node_of(node)),
@@ -475,6 +494,9 @@ def lb_stats(stats: Mapping[str, Any], now: float | None = None) -> RenderableTy
                         f"requests {node.get('requests', 0)}  errors {node.get('errors', 0)}  "
                         f"in flight {node.get('in_flight', 0)}"
                     ),
+                    Text(
+                        f"p50/p95 {_pair(node, 'latency')}  TTFT {_pair(node, 'ttft')}  tok/s {_rate(node)}"
+                    ),
                     *([Text.assemble("VRAM ", vram_bar(node))] if with_figures else []),
                     Text(f"in VRAM: {_vram_names(node)}"),
                 ],
@@ -485,6 +507,32 @@ def lb_stats(stats: Mapping[str, Any], now: float | None = None) -> RenderableTy
     return Group(
         Fit(table, stacked, flex_last=True), *legend, optimizer_line(stats.get("optimizer") or {}, now)
     )
+
+
+def route_lines(explained: Mapping[str, Any]) -> RenderableType:
+    """`route MODEL`: the nodes in the order the next request would try them, each with why; then the
+    nodes skipped and why."""
+    nodes = list(explained.get("nodes") or [])
+    usable = [n for n in nodes if not n.get("skipped")]
+    model = clean(explained.get("model") or "any model")
+    head = Text(f"{model}, routing {clean(explained.get('routing', '?'))}: ", style="bold")
+    if usable:
+        head.append(f"the next request goes to {short_url(node_of(usable[0]))}")
+    else:
+        head.append("no node can serve it now", style="red")
+    lines: list[RenderableType] = [head]
+    for index, node in enumerate(nodes, start=1):
+        line = Text("  ", overflow="fold")
+        if node.get("skipped"):
+            where, why = short_url(node_of(node)), clean(node.get("reason", ""))
+            line.append(f"-  {where}  skipped: {why}", style="dim")
+        else:
+            line.append(f"{index}. {short_url(node_of(node))}  ", style="green" if index == 1 else "")
+            line.append(clean(node.get("reason", "")))
+            latency = _latency(node.get("latency_ms"))
+            line.append(f"  ({node.get('in_flight', 0)} in flight, {latency})", style="dim")
+        lines.append(line)
+    return Group(*lines)
 
 
 def nodes_table(states: Iterable[Mapping[str, Any]], now: float | None = None) -> RenderableType:
@@ -696,18 +744,22 @@ def _event_message(event: Any, nodes_total: int | None = None, verbose: bool = F
 
 
 def event_line(
-    event: Any, duration_s: float | None = None, nodes_total: int | None = None, verbose: bool = False
+    event: Any,
+    duration_s: float | None = None,
+    nodes_total: int | None = None,
+    verbose: bool = False,
+    stamp_format: str = "%H:%M:%S",
 ) -> Text:
     """`03:41:07 optimizer mxbai-embed-large:latest now on GPU on 127.0.0.1:5001 (1.2 s)`: one line.
 
     Print it word-wrapped (not soft-wrapped): a narrow terminal then breaks it between words, never
-    inside an address.
+    inside an address. `serve` logs its `.plain` text with the date in `stamp_format`.
     """
     kind, data = getattr(event, "kind", "event"), getattr(event, "data", None) or {}
     tag, style = EVENT_STYLE.get(kind, ("event", ""))
     if tag == "move" and data.get("source") == "optimizer":
         tag = "optimizer"
-    stamp = time.strftime("%H:%M:%S", time.localtime(getattr(event, "time", time.time())))
+    stamp = time.strftime(stamp_format, time.localtime(getattr(event, "time", time.time())))
     line = Text(f"{stamp} ", style="dim")
     line.append(f"{tag:<9} ", style=f"bold {style}".strip())
     line.append(_event_message(event, nodes_total, verbose), style=style)
