@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sim_farm import Farm
@@ -53,10 +53,12 @@ class CountingController(GPUController):
         self.reads = 0
         self._lock = threading.Lock()
 
-    def get_model_status(self, node_url: str) -> dict:
-        with self._lock:
-            self.reads += 1
-        return super().get_model_status(node_url)
+    def poll_status(self, node_url: str, done: Callable, path: str = "/api/ps") -> bool:
+        """Every /api/ps read goes through here (the health checks' included)."""
+        if path == "/api/ps":
+            with self._lock:
+                self.reads += 1
+        return super().poll_status(node_url, done, path)
 
 
 def file_bytes(path: Path) -> int:
