@@ -14,7 +14,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import math
 import socket
 import ssl
 import time
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from flockparse.transport import describe
+from flockparse.transport import DeadlineSocket, DeadlineSSLSocket, describe, time_left
 
 logger = logging.getLogger(__name__)
 
@@ -86,31 +85,6 @@ def serve_url(raw: str) -> str:
 # ------------------------------------------------------------------------------------ deadline sockets
 
 
-def _time_left(deadline: float) -> float:
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("deadline passed")
-    return left
-
-
-class _DeadlineSocket(socket.socket):
-    """Every read may only take the time left before `deadline` (the call's, or the stream's idle one)."""
-
-    __slots__ = ("deadline",)
-
-    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        self.settimeout(_time_left(self.deadline))
-        return super().recv_into(buffer, nbytes, flags)
-
-
-class _DeadlineSSLSocket(ssl.SSLSocket):
-    deadline = math.inf
-
-    def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
-        self.settimeout(_time_left(self.deadline))
-        return super().recv_into(buffer, nbytes, flags)
-
-
 class Connection(http.client.HTTPConnection):
     """One connection per call (the control API is called rarely); its socket obeys `deadline`."""
 
@@ -121,10 +95,10 @@ class Connection(http.client.HTTPConnection):
         self.stream_socket: socket.socket | None = None
 
     def connect(self) -> None:
-        raw = socket.create_connection((self.host, self.port), timeout=_time_left(self.deadline))
-        sock: socket.socket = _DeadlineSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+        raw = socket.create_connection((self.host, self.port), timeout=time_left(self.deadline))
+        sock: socket.socket = DeadlineSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
         sock.deadline = self.deadline  # type: ignore[attr-defined]
-        sock.settimeout(_time_left(self.deadline))  # sending is bounded by the deadline too
+        sock.settimeout(time_left(self.deadline))  # sending is bounded by the deadline too
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:
             try:
@@ -283,6 +257,6 @@ def _tls_context() -> ssl.SSLContext:
     global _TLS
     if _TLS is None:
         context = ssl.create_default_context()
-        context.sslsocket_class = _DeadlineSSLSocket
+        context.sslsocket_class = DeadlineSSLSocket
         _TLS = context
     return _TLS

@@ -109,7 +109,7 @@ def reply_limit(path: str) -> int:
 # ----------------------------------------------------------------------------------- deadline sockets
 
 
-def _time_left(deadline: float) -> float:
+def time_left(deadline: float) -> float:
     """Seconds before `deadline`; raises TimeoutError once it has passed (ends a trickled read)."""
     left = deadline - time.monotonic()
     if left <= 0:
@@ -117,7 +117,7 @@ def _time_left(deadline: float) -> float:
     return left
 
 
-class _DeadlineSocket(socket.socket):
+class DeadlineSocket(socket.socket):
     """A socket whose every read may only take the time left before the call's deadline.
 
     http.client reads through `socket.makefile`, whose `readinto` calls `recv_into`: bounding that one
@@ -127,28 +127,28 @@ class _DeadlineSocket(socket.socket):
     __slots__ = ("deadline",)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        self.settimeout(_time_left(self.deadline))
+        self.settimeout(time_left(self.deadline))
         return super().recv_into(buffer, nbytes, flags)
 
 
-class _DeadlineSSLSocket(ssl.SSLSocket):
+class DeadlineSSLSocket(ssl.SSLSocket):
     """The same bound for https nodes (an SSLContext builds its sockets from `sslsocket_class`)."""
 
     deadline = float("inf")
 
     def recv_into(self, buffer: Any, nbytes: int | None = None, flags: int = 0) -> int:
-        self.settimeout(_time_left(self.deadline))
+        self.settimeout(time_left(self.deadline))
         return super().recv_into(buffer, nbytes, flags)
 
 
-def _open_socket(host: str, port: int, deadline: float, connect_timeout: float) -> _DeadlineSocket:
+def _open_socket(host: str, port: int, deadline: float, connect_timeout: float) -> DeadlineSocket:
     """Connect to the first address of `host` that accepts, within the connect timeout and the deadline."""
     last: OSError | None = None
     for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
-        sock = _DeadlineSocket(family, kind, proto)
+        sock = DeadlineSocket(family, kind, proto)
         sock.deadline = deadline
         try:
-            sock.settimeout(min(connect_timeout, _time_left(deadline)))
+            sock.settimeout(min(connect_timeout, time_left(deadline)))
             sock.connect(address)
         except OSError as exc:
             sock.close()
@@ -186,7 +186,7 @@ class _Connection(http.client.HTTPConnection):
         self.deadline, self.connect_timeout = deadline, connect_timeout
         if self.sock is not None:
             self.sock.deadline = deadline
-            self.sock.settimeout(_time_left(deadline))
+            self.sock.settimeout(time_left(deadline))
 
 
 def _dropped(sock: socket.socket) -> bool:
@@ -292,7 +292,7 @@ class NodeTransport:
         """Verified like requests (its CA bundle); built once: loading CAs costs milliseconds."""
         if self._tls is None:
             context = ssl.create_default_context(cafile=DEFAULT_CA_BUNDLE_PATH)
-            context.sslsocket_class = _DeadlineSSLSocket
+            context.sslsocket_class = DeadlineSSLSocket
             self._tls = context
         return self._tls
 
@@ -639,7 +639,7 @@ def _fast_get(
     """
     parser = ReplyParser(limit, node, path)
     try:
-        sock.settimeout(_time_left(deadline))
+        sock.settimeout(time_left(deadline))
         sock.sendall(request)
         data = socket.socket.recv(sock, READ_CHUNK)
     except (ConnectionResetError, BrokenPipeError) as exc:
@@ -647,7 +647,7 @@ def _fast_get(
     if not data:
         raise _Stale() from http.client.RemoteDisconnected("closed without a reply")
     while not parser.feed(data):
-        sock.settimeout(_time_left(deadline))
+        sock.settimeout(time_left(deadline))
         data = socket.socket.recv(sock, READ_CHUNK)
         if not data:
             parser.closed()
