@@ -861,7 +861,13 @@ def serve(args: argparse.Namespace, config: Config, reporter: Reporter) -> int:
     balancer = make_balancer(config, optimize=not args.no_optimizer)
     try:
         return run_serve(
-            balancer, host=host, port=port, token=token, grace=grace, state_dir=serve_state_dir(config)
+            balancer,
+            host=host,
+            port=port,
+            token=token,
+            grace=grace,
+            state_dir=serve_state_dir(config),
+            config=config,
         )
     except ServeError as exc:
         return reporter.error(str(exc), 1)

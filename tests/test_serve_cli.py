@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import requests
-from helpers import wait_until
+from helpers import LLAMA, wait_until
 
 from ollama_sim import SimNode
 
@@ -224,3 +224,38 @@ def test_serve_answers_the_control_api_registers_itself_and_keeps_its_state(
     assert not registered.exists()
     state = json.loads((config_dir / "serve-127.0.0.1-0.state.json").read_text())
     assert "codellama" in state["priority_models"]
+
+
+def test_serve_serves_metrics_and_records_a_move_in_its_history(
+    sim_node, start_serve, env: dict[str, str]
+) -> None:
+    """run_serve starts the history recorder as a console does: a force_gpu through the control API is in
+    the history file after SIGTERM, and in /flockparse/v1/history before; /metrics parses as Prometheus."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from flockparse.history import FILE_NAME, History
+
+    node = sim_node(preload=[("llama3.1", "cpu")])
+    serve = start_serve(node)
+    url = serve.url
+    serve.line("is online")
+    moved = requests.post(url + "/flockparse/v1/force_gpu", json={"model": "llama3.1"}, timeout=30)
+    assert moved.status_code == 200
+    assert [(r["node"], r["result"]["success"]) for r in moved.json()] == [(node.url, True)]
+
+    scraped = requests.get(url + "/metrics", timeout=10)
+    assert scraped.status_code == 200 and scraped.headers["Content-Type"].startswith("text/plain")
+    families = {family.name: family for family in text_string_to_metric_families(scraped.text)}
+    up = {sample.labels["node"]: sample.value for sample in families["flockparse_node_up"].samples}
+    assert up == {node.url: 1.0}
+
+    read = requests.get(url + "/flockparse/v1/history", params={"target": "llama3.1"}, timeout=10)
+    assert read.status_code == 200
+    [pair] = read.json()["models"]
+    assert (pair["node"], pair["model"], pair["moves"], pair["now"]) == (node.url, LLAMA, 1, "gpu")
+
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.proc.wait(15) == 0
+    history = History(Path(env["FLOCKPARSE_CONFIG_DIR"]) / FILE_NAME)
+    [kept] = history.summary(model="llama3.1").pairs
+    assert kept.moves == 1 and kept.failed_moves == 0

@@ -17,7 +17,8 @@ What each path does (README "serve" says the same for users):
 - With a token, every request must carry `Authorization: Bearer TOKEN` (401 otherwise); the token is never
   sent on to a node. Paths under CONTROL_PREFIX are the control API's (serve/control.py, added by
   `build_app`), which checks its token itself and ends its event streams at shutdown; they are not counted
-  among the requests the shutdown's grace period waits for.
+  among the requests the shutdown's grace period waits for. `/metrics` (serve/observe.py) follows the
+  control API's read rule: it needs the token only beyond loopback.
 
 The balancer's core is synchronous and thread-based; handlers call only its lock-only methods (pick_node,
 request_started/finished, node_states) directly; every node call is asynchronous (serve/upstream.py).
@@ -40,6 +41,7 @@ from flockparse.request_stats import Sample, eval_metrics
 from flockparse.rules import canonical_name
 from flockparse.serve import cluster, upstream
 from flockparse.serve.control import add_control_routes
+from flockparse.serve.observe import METRICS_PATH, add_observe_routes
 from flockparse.transport import MIB, NodeError, reply_limit
 
 CONTROL_PREFIX = "/flockparse/"  # the control API's paths (issue 10 item 5): guarded by its own routes
@@ -359,13 +361,16 @@ def build_app(
     connect_timeout: float | None = None,
     read_timeout: float | None = None,
     control_reads_need_token: bool = False,
+    services: Any = None,
 ) -> web.Application:
     """The serve application over an `OllamaLoadBalancer`: Ollama's API and the control API.
 
     `request_timeout`: a reply's headers, or a whole reply (default: the balancer's, 300 s: a model load);
     `chunk_timeout`: between two chunks of a stream; `connect_timeout` and `read_timeout` (the /api/tags
     and /api/ps reads): the controller's timeout (the console's `--timeout`). `control_reads_need_token`:
-    the control API's GETs need the token too (its POSTs always do when there is one).
+    the control API's GETs need the token too (its POSTs always do when there is one), and so does
+    `/metrics`. `services`: the history recorder and alerter serve runs (console/services.py `Services`),
+    reported by `/metrics` and read by the control API's `/history` (serve/observe.py).
     """
     node_timeout = float(getattr(balancer.controller, "timeout", 5.0))
     proxy = Proxy(
@@ -394,6 +399,7 @@ def build_app(
             add(method, path, proxy.not_balanced)
     # the control API (issue 10 items 5-6) on the same app, under CONTROL_PREFIX; it checks its own token
     add_control_routes(app, balancer, token, require_token_for_reads=control_reads_need_token)
+    add_observe_routes(app, services)  # /metrics and /flockparse/v1/history, the control API's token rule
     return app
 
 
@@ -426,7 +432,7 @@ def _auth(token: str | None) -> Any:
 
     @web.middleware
     async def auth(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> Any:
-        if expected is None or request.path.startswith(CONTROL_PREFIX):
+        if expected is None or request.path.startswith(CONTROL_PREFIX) or request.path == METRICS_PATH:
             return await handler(request)
         given = request.headers.get("Authorization", "").encode("utf-8", "replace")
         if not hmac.compare_digest(given, expected):

@@ -327,6 +327,10 @@ class Control:
 
         return run
 
+    def refuse_read(self, request: web.Request) -> web.Response | None:
+        """The reads' token rule, for routes outside the control API's prefix (`/metrics`)."""
+        return self._refuse(request, mutating=False)
+
     def _refuse(self, request: web.Request, mutating: bool) -> web.Response | None:
         """401 when a token is set and this call needs it but does not carry it."""
         if self.token is None or not (mutating or self.require_token_for_reads):

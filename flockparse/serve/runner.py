@@ -13,6 +13,8 @@ headless process, until SIGTERM or SIGINT.
 - With a state directory (the config directory) it loads its saved state before the first optimizer pass
   and keeps it (serve/state.py), and registers itself while it listens (serve/registry.py: a local console
   on these nodes then starts no optimizer of its own and says how to attach).
+- With the config it records placement history and sends alerts as a local console does
+  (console/services.py), and serves Prometheus metrics at `/metrics` (serve/observe.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any, TextIO
 from aiohttp import web
 
 from flockparse.console import render
+from flockparse.console.config import Config
+from flockparse.console.services import Services, start_services
 from flockparse.serve.app import PROXY_KEY, build_app
 from flockparse.serve.registry import register_serve, unregister_serve
 from flockparse.serve.state import StateError, StateKeeper, state_path
@@ -139,19 +143,24 @@ def run_serve(
     grace: float = DEFAULT_GRACE_S,
     stream: TextIO | None = None,
     state_dir: Path | None = None,
+    config: Config | None = None,
 ) -> int:
     """Start the balancer's monitor (and optimizer, if enabled), serve until SIGTERM/SIGINT, then stop
     within the grace period. Returns 0; raises ServeError when it cannot listen or its state file is
-    unusable. The balancer must not be started yet (its first pass must see the saved pins); the caller
-    closes it. Main thread only (signal handlers).
+    unusable. The balancer must not be started yet (its first pass must see the saved pins); it is closed
+    here before the history recorder and alerter (so they get its last events); the caller may close it
+    again. Main thread only (signal handlers).
 
     `state_dir` (the config directory): the serve's state file (pins, priorities, back-offs: they survive a
     restart, serve/state.py) and its registry file (a local console then starts no second optimizer on
-    these nodes, serve/registry.py). None: neither."""
+    these nodes, serve/registry.py). None: neither.
+    `config`: the history recorder (in `state_dir`) and the alerter it asks for, started as a local
+    console starts them (console/services.py), served at `/metrics` and `/flockparse/v1/history`."""
     check_listen(host, token)
     log = EventLog(stream or sys.stderr)
     unsubscribe = balancer.subscribe(log.event)
     keeper: StateKeeper | None = None
+    services = Services()
     try:
         if state_dir is not None:
             candidate = StateKeeper(balancer, state_path(state_dir, f"{_url_host(host)}:{port}"))
@@ -162,13 +171,17 @@ def run_serve(
             keeper = candidate
             for note in notes:
                 log.line(note)
+        if config is not None:  # before the first health check, so that its node_up are recorded
+            services = start_services(balancer, config, state_dir, None)
         balancer.start()  # after subscribing: the optimizer's and the first checks' lines are logged
         if keeper is not None:
             keeper.start()
-        asyncio.run(_serve(balancer, host, port, token, grace, log, state_dir))
+        asyncio.run(_serve(balancer, host, port, token, grace, log, state_dir, services))
     finally:
         if keeper is not None:
             keeper.stop()  # the last write
+        balancer.close()  # no event after this: the recorder and the alerter have seen them all
+        services.close()
         unsubscribe()
         log.close()
     return 0
@@ -182,9 +195,10 @@ async def _serve(
     grace: float,
     log: EventLog,
     state_dir: Path | None,
+    services: Services,
 ) -> None:
     # beyond loopback the control API's reads need the token too (the cluster's state is not the network's)
-    app = build_app(balancer, token=token, control_reads_need_token=not is_loopback(host))
+    app = build_app(balancer, token=token, control_reads_need_token=not is_loopback(host), services=services)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
     await runner.setup()
     try:
