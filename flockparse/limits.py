@@ -44,9 +44,10 @@ class FdBudget:
         """One line when the cluster needs more descriptors than the process can have; None when it fits."""
         if self.enough:
             return None
+        checkable = f"{self.checkable_nodes} node{'' if self.checkable_nodes == 1 else 's'}"
         return (
             f"{self.nodes} nodes need about {self.needed} open files but this process may have only "
-            f"{self.soft} (hard limit {self.hard}): about {self.checkable_nodes} nodes can be checked, the "
+            f"{self.soft} (hard limit {self.hard}): about {checkable} can be checked, the "
             f"others will show `too many open files`; raise `ulimit -n` to at least {self.needed} "
             "(or the hard limit in /etc/security/limits.conf) and start again"
         )

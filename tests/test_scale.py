@@ -148,7 +148,7 @@ def test_a_cluster_past_the_hard_limit_gets_one_clear_line(monkeypatch, make_bal
     [event] = events.of("fd_limit")
     needed = limits.descriptors_needed(3)  # 64 reserved + 3 per node
     assert f"3 nodes need about {needed} open files" in event.message
-    assert "about 1 nodes can be checked" in event.message and "ulimit -n" in event.message
+    assert "about 1 node can be checked" in event.message and "ulimit -n" in event.message
     line = event_line(event).plain
     assert "limit" in line and "\n" not in line and "ulimit -n" in line
 
