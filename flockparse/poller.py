@@ -199,8 +199,13 @@ class StatusPoller:
             for key, mask in self._selector.select(timeout):
                 if key.data is _WAKE:
                     self._drain_wake()
-                else:
+                    continue
+                try:
                     self._ready(key.data, mask)
+                except Exception as exc:  # a bug on one connection must not stop every node's reads
+                    logger.exception("status poller: %s failed", key.data.node)
+                    reason = f"{key.data.node}: the read failed inside the client ({type(exc).__name__})"
+                    self._finish(key.data, error=NodeError("error", reason))
             self._take_inbox()
             self._expire(time.monotonic())
             self._start_waiting()

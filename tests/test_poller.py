@@ -184,3 +184,24 @@ def test_requests_beyond_the_limit_wait_their_turn_and_all_complete(poller, monk
 
     assert sorted(r.node_url for r in got) == sorted([first.url, second.url, third.url])
     assert all(r.error is None and r.status == 200 for r in got)
+
+
+def test_a_failure_inside_the_poller_ends_that_read_and_not_the_others(poller, monkeypatch) -> None:
+    """A bug met on one connection answers its read with an error; the poller goes on serving."""
+    with HostileNode(answer("200 OK", PS_EMPTY)) as broken, HostileNode(answer("200 OK", PS_EMPTY)) as fine:
+        receive = StatusPoller._receive
+
+        def failing(self, channel, sock):  # type: ignore[no-untyped-def]
+            if channel.node == broken.url:
+                raise RuntimeError("a bug")
+            return receive(self, channel, sock)
+
+        monkeypatch.setattr(StatusPoller, "_receive", failing)
+        replies = Replies()
+        poller.get(broken.url, "/api/ps", FAST, replies)
+        (first,) = replies.wait(1)
+        poller.get(fine.url, "/api/ps", FAST, replies)
+        _, second = replies.wait(2)
+
+    assert first.error is not None and "failed inside the client (RuntimeError)" in first.error.message
+    assert (second.node_url, second.error, second.status) == (fine.url, None, 200)
