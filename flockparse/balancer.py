@@ -51,6 +51,7 @@ REPORT_SLACK_S = 1.0  # a report waits a node's timeout plus this from when its 
 REPORT_QUEUE_CAP = 3  # ... and never more than this many timeouts in all (reads queued behind thousands)
 GOLDEN_RATIO_FRACTION = 0.6180339887498949  # spreads the nodes' check phases evenly, whatever their count
 CHECK_MAX_WAIT_S = 0.25  # a due health check waits at most about this for a checker before one is added
+CHECK_BATCH_S = 0.05  # checks due this soon go with those due now: one wake-up for a batch, not one each
 READ_MAX_WAIT_S = 0.05  # ... and a report's read (it has the node's timeout plus REPORT_SLACK_S in all)
 ROUTE_VIEW_TTL_S = 0.25  # routing reuses the nodes' snapshots this long (requests in flight are live)
 
@@ -360,7 +361,7 @@ class OllamaLoadBalancer:
             self._schedule(url, now)
         while not self._monitor_stop.is_set():
             patterns = self._patterns()
-            for agent in self._take_due(time.monotonic()):
+            for agent in self._take_due(time.monotonic() + CHECK_BATCH_S):
                 self._check(agent, patterns)
             self._monitor_wake.wait(self._seconds_to_next_due())
             self._monitor_wake.clear()
@@ -696,11 +697,15 @@ class OllamaLoadBalancer:
         optimizer leaves it alone); nodes where it is not loaded are skipped: nothing is loaded just to sit
         in RAM."""
         targets = self._targets(nodes)
-        if not dry_run:
+        if not dry_run:  # pinned before the move, so that no pass moves it back meanwhile
             self._optimizer.release_model(model)
             for node in targets:
                 self._optimizer.pin_cpu(node, model)
-        return self._force_all_nodes(model, "CPU", cancel, targets, dry_run)
+        results = self._force_all_nodes(model, "CPU", cancel, targets, dry_run)
+        for entry in results if not dry_run else []:
+            if entry["result"].get("reason") == Reason.NOT_LOADED:
+                self._optimizer.unpin_cpu(entry["node"], model)
+        return results
 
     def unload_all_nodes(
         self,

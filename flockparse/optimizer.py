@@ -191,6 +191,11 @@ class GPUOptimizer:
         with self._lock:
             self._pins.add((node, model_key(model)))
 
+    def unpin_cpu(self, node: str, model: str) -> None:
+        """A force to CPU that did nothing on `node` (the model was not loaded there) pins nothing."""
+        with self._lock:
+            self._pins.discard((node, model_key(model)))
+
     def is_pinned(self, node: str, model: str) -> bool:
         with self._lock:
             return (node, model_key(model)) in self._pins

@@ -219,19 +219,23 @@ class StatusPoller:
 
     def _take_inbox(self) -> None:
         while True:
-            with self._lock:
+            with self._lock:  # everything queued so far at once; what arrives meanwhile on the next round
                 if not self._inbox:
                     return
-                kind, item = self._inbox.popleft()
-            if kind == "get":
-                self._start(item)  # type: ignore[arg-type]
-            elif kind == "forget":
-                for channel in self._idle.pop(item, []):  # type: ignore[call-overload]
-                    self._close_channel(channel)
-                self._requests = {key: value for key, value in self._requests.items() if key[0] != item}
-            elif kind == "resolved":
-                channel, addresses, error = item  # type: ignore[misc]
-                self._resolved_for(channel, addresses, error)
+                batch, self._inbox = self._inbox, deque()
+            for kind, item in batch:
+                self._take(kind, item)
+
+    def _take(self, kind: str, item: object) -> None:
+        if kind == "get":
+            self._start(item)  # type: ignore[arg-type]
+        elif kind == "forget":
+            for channel in self._idle.pop(item, []):  # type: ignore[call-overload]
+                self._close_channel(channel)
+            self._requests = {key: value for key, value in self._requests.items() if key[0] != item}
+        elif kind == "resolved":
+            channel, addresses, error = item  # type: ignore[misc]
+            self._resolved_for(channel, addresses, error)
 
     def _seconds_to_next_deadline(self) -> float:
         heap = self._deadlines

@@ -207,6 +207,20 @@ class RemoteCluster:
         self._update_status(priority_models=answer.data.get("priority_models", []))
 
     @property
+    def routing(self) -> str:
+        """The serve's routing strategy (a call: the console asks only when a command needs it)."""
+        return str(self.client.request("GET", "/routing").data.get("routing"))
+
+    @routing.setter
+    def routing(self, name: str) -> None:
+        """Set on the serve; an unknown name is a ValueError (RemoteRejected), as on a local balancer."""
+        self.client.request("PUT", "/routing", {"routing": name})
+
+    def explain_route(self, model: str | None) -> dict[str, Any]:
+        """`route MODEL` as the serve would route it."""
+        return self.client.request("GET", "/route", query=[("model", model)] if model else []).data
+
+    @property
     def check_interval(self) -> float:
         return float(self.optimizer_status().get("interval") or 0.0)
 

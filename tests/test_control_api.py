@@ -284,3 +284,20 @@ def test_the_client_bounds_every_call(reply: Callable[[socket.socket], None], wo
     finally:
         hostile.close()
     assert words in str(failed.value) and "\n" not in str(failed.value)
+
+
+def test_routing_and_route_go_to_the_serve(node: SimNode, lb, served) -> None:
+    """An attached console's `routing` and `route` are the serve's, not a local copy (a new user found
+    `route` raising AttributeError and `routing NAME` changing nothing on the serve)."""
+    remote = RemoteCluster(served(lb))
+    remote.connect()
+    assert remote.routing == lb.routing == "adaptive"
+
+    remote.routing = "round_robin"
+
+    assert lb.routing == "round_robin" and remote.routing == "round_robin"
+    explained = remote.explain_route("llama3.1")
+    assert explained["routing"] == "round_robin" and [n["node"] for n in explained["nodes"]] == [node.url]
+    with pytest.raises(ValueError, match="routing"):
+        remote.routing = "fastest"
+    assert lb.routing == "round_robin"

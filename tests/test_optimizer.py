@@ -121,6 +121,18 @@ def test_forced_cpu_stays_pinned_until_forced_back(sim_node, make_balancer) -> N
     assert balancer.optimizer_status()["pinned_cpu"] == []
 
 
+def test_force_cpu_pins_only_where_it_moved_the_model(sim_node, make_balancer) -> None:
+    """A node where the model was not loaded was skipped: nothing to pin there (a new user saw a pin on
+    a node where `force_cpu` had done nothing)."""
+    holding, empty = sim_node(preload=[("llama3.1", "gpu")]), sim_node()
+    balancer = make_balancer([holding.url, empty.url], gpu_priority_models=["llama3.1"])
+
+    results = {r["node"]: r["result"] for r in balancer.force_cpu_all_nodes("llama3.1")}
+
+    assert results[holding.url]["success"] and results[empty.url]["reason"] == "not_loaded"
+    assert balancer.optimizer_status()["pinned_cpu"] == [{"node": holding.url, "model": LLAMA}]
+
+
 def test_out_of_memory_is_backed_off_instead_of_retried_every_pass(sim_node, make_balancer) -> None:
     node = sim_node(vram_gb=8, ram_gb=64, preload=[("llama3.1:70b", "cpu")])
     balancer = make_balancer([node.url], gpu_priority_models=["llama3.1:70b"])

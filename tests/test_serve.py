@@ -235,6 +235,17 @@ def test_tags_and_ps_are_the_union_over_the_nodes(sim_node, serve) -> None:
     assert running.model == LLAMA and running.size_vram == running.size > 0  # the copy in VRAM
 
 
+def test_tags_with_every_node_down_is_an_error_not_an_empty_list(sim_node, serve) -> None:
+    """An empty list would tell a client the cluster holds no model (a new user got 200 and [])."""
+    only = sim_node()
+    balancer, server = serve([only])
+    only.set_fault("down")
+    balancer.vram_report()  # the node is now known down
+    for path in ("/api/tags", "/api/ps"):
+        reply = requests.get(server.url + path, timeout=10)
+        assert reply.status_code == 502 and "no node is online" in reply.json()["error"]
+
+
 def test_ollamas_own_answers(sim_node, serve) -> None:
     old, new = sim_node(version="0.12.10"), sim_node()
     balancer, server = serve([old, new])

@@ -721,7 +721,9 @@ def cmd_routing(ctx: Context, args: list[str]) -> Outcome:
         ctx.config.routing = balancer.routing
     name = balancer.routing
     shown = Text(f"routing: {name} ({STRATEGY_WORDS[name]})")
-    if args:
+    if args and ctx.attached:
+        shown.append("; on the serve, until it restarts (its config's `routing` is the default)", style="dim")
+    elif args:
         shown.append("; for this session (put `routing` in the config to keep it)", style="dim")
     return Outcome(data={"routing": name, "strategies": list(STRATEGY_WORDS)}, renderable=shown)
 

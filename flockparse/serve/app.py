@@ -177,6 +177,8 @@ class Proxy:
         nodes = [state.url for state in self.balancer.node_states() if state.online is not False]
         replies = await asyncio.gather(*(self._read_json(node, path) for node in nodes))
         answered = [reply for reply in replies if isinstance(reply, dict)]
+        if not nodes and self.balancer.nodes:  # every node known down: still not "the cluster holds none"
+            return _json(502, {"error": f"no node is online to answer {path}"})
         if nodes and not answered:
             return _json(502, {"error": f"no node answered {path} within {self.read_timeout:g}s"})
         return _json(200, merge(answered))

@@ -90,6 +90,8 @@ def add_control_routes(
         ("/known_models", control.known_models),
         ("/optimizer", control.optimizer),
         ("/priorities", control.priorities),
+        ("/routing", control.routing),
+        ("/route", control.route),
     ]
     for path, handler in reads:
         app.router.add_get(API_PREFIX + path, control.endpoint(handler, mutating=False))
@@ -104,6 +106,7 @@ def add_control_routes(
         ("PUT", "/priorities", control.set_priorities),
         ("POST", "/priorities", control.change_priorities),
         ("POST", "/cancel", control.cancel),
+        ("PUT", "/routing", control.set_routing),
     ]
     for method, path, handler in writes:
         app.router.add_route(method, API_PREFIX + path, control.endpoint(handler, mutating=True))
@@ -459,6 +462,25 @@ class Control:
             return {"changed": True, "optimizer": self.balancer.optimizer_status()}
 
         return await self.call(change)
+
+    async def routing(self, request: web.Request) -> dict:
+        return {"routing": self.balancer.routing}
+
+    async def route(self, request: web.Request) -> dict:
+        """?model=NAME: `route MODEL`, which node would serve it next and why."""
+        model = request.query.get("model") or None
+        return await self.call(lambda: self.balancer.explain_route(model))
+
+    async def set_routing(self, request: web.Request) -> dict:
+        """PUT {"routing": STRATEGY}: until the serve restarts (its config's `routing` is the default)."""
+        body = await _body(request, {"routing": str})
+        if "routing" not in body:
+            raise BadRequest("missing field `routing`")
+        try:
+            self.balancer.routing = body["routing"]
+        except ValueError as exc:
+            raise BadRequest(f"routing: {exc}") from None
+        return {"routing": self.balancer.routing}
 
     async def set_priorities(self, request: web.Request) -> dict:
         """PUT {"models": [...]}: the whole list (names, globs, `*`)."""
