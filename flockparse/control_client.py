@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from flockparse.transport import DeadlineSocket, DeadlineSSLSocket, describe, time_left
+from flockparse.transport import DeadlineSocket, DeadlineSSLSocket, describe, time_left, wrap_tls
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +100,7 @@ class Connection(http.client.HTTPConnection):
         sock.deadline = self.deadline  # type: ignore[attr-defined]
         sock.settimeout(time_left(self.deadline))  # sending is bounded by the deadline too
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls is not None:
-            try:
-                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
-            except BaseException:
-                sock.close()
-                raise
-            sock.deadline = self.deadline  # type: ignore[attr-defined]
-        self.sock = self.stream_socket = sock
+        self.sock = self.stream_socket = wrap_tls(sock, self.tls, self.host, self.deadline)
 
     def push_deadline(self, deadline: float) -> None:
         """The event stream: each line read gets a fresh idle deadline."""

@@ -172,14 +172,7 @@ class _Connection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         sock: socket.socket = _open_socket(self.host, self.port, self.deadline, self.connect_timeout)
-        if self.tls is not None:
-            try:
-                sock = self.tls.wrap_socket(sock, server_hostname=self.host)
-            except BaseException:
-                sock.close()
-                raise
-            sock.deadline = self.deadline  # type: ignore[attr-defined]
-        self.sock = sock
+        self.sock = wrap_tls(sock, self.tls, self.host, self.deadline)
 
     def arm(self, deadline: float, connect_timeout: float) -> None:
         """Give this call's deadline to the connection and its socket (sending is bounded by it too)."""
@@ -187,6 +180,19 @@ class _Connection(http.client.HTTPConnection):
         if self.sock is not None:
             self.sock.deadline = deadline
             self.sock.settimeout(time_left(deadline))
+
+
+def wrap_tls(sock: socket.socket, tls: ssl.SSLContext | None, host: str, deadline: float) -> socket.socket:
+    """The socket itself for plain http; else wrapped (closed when the handshake fails), the deadline kept."""
+    if tls is None:
+        return sock
+    try:
+        wrapped = tls.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+    wrapped.deadline = deadline  # type: ignore[attr-defined]
+    return wrapped
 
 
 def _dropped(sock: socket.socket) -> bool:
