@@ -27,16 +27,43 @@ import decimal
 import http.server
 import math
 import socket
+import sys
 import threading
 from typing import Any
 
 from ollama_sim.catalogue import MiB
-from ollama_sim.server import SimNode, _Server
+from ollama_sim.server import SimNode
 
 FORMATS = ("dcgm", "nvidia_smi", "nvitop")
 FAULTS = ("down", "hang", "garbage", "error500", "huge")
 GPU_NAME = "NVIDIA RTX A5000"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # stop() must never wait on a hung handler
+    allow_reuse_address = True
+
+    def accept_loop(self) -> None:
+        """Block in accept() instead of serve_forever's polling: no idle CPU, and close_listener() wakes it
+        at once (shutdown() on a listening socket makes a blocked accept() fail on Linux)."""
+        while True:
+            try:
+                request, client_address = self.socket.accept()
+            except OSError:
+                return
+            self.process_request(request, client_address)  # ThreadingMixIn: one daemon thread each
+
+    def close_listener(self) -> None:
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_RDWR)
+        self.server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet for sockets closed under a handler (stop, down, client gone); loud for real bugs."""
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class SimExporter:

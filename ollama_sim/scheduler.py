@@ -322,6 +322,16 @@ class Scheduler:
             runners = sorted(self._runners.values(), key=lambda r: r.expires_at_ns // 10**9, reverse=True)
             return [dataclasses.replace(r) for r in runners]
 
+    def ps_key(self) -> tuple | None:
+        """Everything /api/ps shows, in order, as a value that changes whenever the reply would (the
+        node caches the serialized reply under it); None while the reply would wait (see ps_runners)."""
+        with self._lock:
+            if self.ps_stall_seconds > 0 and self._unloading_locked():
+                return None
+            return tuple(
+                (r.spec.name, r.size, r.size_vram, r.expires_at_ns, r.num_ctx) for r in self._runners.values()
+            )
+
     def _unloading_locked(self) -> bool:
         return any(r.stop_at is not None and r.ref_count == 0 for r in self._runners.values())
 

@@ -5,25 +5,29 @@ faults and scenarios such as restart, the request log and byte counts), the requ
 Go's status codes and texts, NDJSON streaming, keep-alive with TCP_NODELAY) and SimCluster.
 All memory and scheduling decisions are the Scheduler's (scheduler.py); this module only talks HTTP.
 
-Reading order: SimNode (lifecycle, faults, restart) -> _Handler._dispatch() -> _apply_fault() -> _route()
--> one method per endpoint -> SimCluster.
+Reading order: SimNode (lifecycle, faults, restart) -> _Handler: begin(), dispatch() = admit() + latency +
+answer() -> _apply_fault() -> _route() -> one method per endpoint -> SimCluster. The sockets are served by
+the process's event loop (engine.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import hashlib
 import http.server
+import io
 import json
 import socket
 import struct
-import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ollama_sim import replies
 from ollama_sim.catalogue import ModelSpec, canonical_name
+from ollama_sim.engine import engine
 from ollama_sim.replies import fake_embedding, fake_tokens, show_body, tokens_per_second
 from ollama_sim.scheduler import SHUTTING_DOWN, Runner, Scheduler
 from ollama_sim.wire import (
@@ -135,10 +139,10 @@ class SimNode:
         self._fault_seconds = 0.0
         self._fault_paths: tuple[str, ...] | None = None
         self._fault_released = threading.Event()
-        self._server: _Server | None = None
-        self._serve_thread: threading.Thread | None = None
+        self._server: Any = None  # the engine's listener while bound (None: stopped or down)
         self._connections: set[socket.socket] = set()
         self._conn_lock = threading.Lock()
+        self._ps_cache: tuple[tuple, bytes] | None = None  # (what /api/ps showed, its serialized reply)
         self._started = False
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -182,25 +186,14 @@ class SimNode:
         return self.scheduler.stopping
 
     def _bind(self) -> None:
-        server = _Server((self.host, self.port), _Handler)
-        server.node = self
-        self.port = server.server_address[1]
-        self._server = server
-        self._serve_thread = threading.Thread(target=server.accept_loop, name=f"sim-{self.port}", daemon=True)
-        self._serve_thread.start()
+        """Listen on 127.0.0.1:port; the process's event loop (engine.py) serves it."""
+        self._server, self.port = engine().bind(self.host, self.port, self, _Handler)
 
     def _unbind(self) -> None:
         """Close the listener (connections are refused) and drop every open connection."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.close_listener()
-            if self._serve_thread is not None:
-                self._serve_thread.join(timeout=2)
-        with self._conn_lock:
-            connections = list(self._connections)
-        for conn in connections:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+        listener, self._server = self._server, None
+        if listener is not None:
+            engine().unbind(listener)
 
     # ----------------------------------------------------------------------------- faults and scenarios
 
@@ -277,6 +270,18 @@ class SimNode:
         """/api/ps (it may wait while a runner unloads: see Scheduler.ps_runners)."""
         return replies.ps_body(self.scheduler.ps_runners(), fallback=self._fault == "size_fallback")
 
+    def ps_reply(self) -> bytes:
+        """/api/ps serialized; the bytes are reused while nothing the reply shows has changed (the key is
+        read before the body: a change in between only leaves an entry no later request matches)."""
+        key = (self.scheduler.ps_key(), self._fault == "size_fallback")
+        cached = self._ps_cache
+        if key[0] is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        body = json.dumps(self.ps_body(), separators=(",", ":")).encode()
+        if key[0] is not None:
+            self._ps_cache = (key, body)
+        return body
+
     def tags_body(self) -> dict:
         return replies.tags_body(self.scheduler.installed.values())
 
@@ -298,65 +303,6 @@ class SimNode:
 # --------------------------------------------------------------------------------------------- HTTP
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False  # stop() must never wait on a hung handler
-    allow_reuse_address = True
-    node: SimNode
-
-    def accept_loop(self) -> None:
-        """Block in accept() instead of serve_forever's polling: no idle CPU, and close_listener() wakes it
-        at once (shutdown() on a listening socket makes a blocked accept() fail on Linux)."""
-        while True:
-            try:
-                request, client_address = self.socket.accept()
-            except OSError:
-                return
-            self.process_request(request, client_address)  # ThreadingMixIn: one daemon thread each
-
-    def close_listener(self) -> None:
-        with contextlib.suppress(OSError):
-            self.socket.shutdown(socket.SHUT_RDWR)
-        self.server_close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """Quiet for sockets closed under a handler (stop, down, client gone); loud for real bugs."""
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handle_error(request, client_address)
-
-
-class _CountingReader:
-    """Counts request bytes (request line, headers, body) as the handler reads them."""
-
-    def __init__(self, raw: Any, node: SimNode) -> None:
-        self._raw, self._node = raw, node
-
-    def readline(self, *args: Any) -> bytes:
-        data = self._raw.readline(*args)
-        self._node._add_bytes(inbound=len(data))
-        return data
-
-    def read(self, *args: Any) -> bytes:
-        data = self._raw.read(*args)
-        self._node._add_bytes(inbound=len(data))
-        return data
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._raw, name)
-
-
-class _CountingWriter:
-    def __init__(self, raw: Any, node: SimNode) -> None:
-        self._raw, self._node = raw, node
-
-    def write(self, data: bytes) -> int:
-        self._node._add_bytes(outbound=len(data))
-        return self._raw.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._raw, name)
-
-
 _ROUTES: dict[str, tuple[str, ...]] = {
     "/": ("GET", "HEAD"),
     "/api/version": ("GET", "HEAD"),
@@ -371,29 +317,127 @@ _ROUTES: dict[str, tuple[str, ...]] = {
 }
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # Go sets TCP_NODELAY; without it kept-alive replies stall ~40 ms
-    server: _Server
+_WAITING_ROUTES = frozenset({"/api/generate", "/api/chat", "/api/embed", "/api/embeddings"})  # may wait
+_BLOCKING_FAULTS = ("hang", "slow")
+_JSON = "application/json; charset=utf-8"
+_date_cache: tuple[int, str] = (0, "")
+_PARSED_MAX = 8192  # heads remembered (a farm process sees about two per node: the poller's and a report's)
+_parsed_heads: dict[bytes, tuple] = {}
 
-    # ------------------------------------------------------------------ plumbing
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """One connection's requests. Heads are parsed and replies written with http.server's own methods (so
+    the bytes on the wire are http.server's); the process's event loop (engine.py) frames each request and
+    calls `begin`, then `dispatch` on a worker when the request may wait, else `admit`, the node's latency
+    as a timer, and `answer` on the loop. `dispatch` is `admit` + latency + `answer` on one thread."""
+
+    protocol_version = "HTTP/1.1"
+
+    def __init__(self, connection: socket.socket, client_address: Any, server: Any) -> None:
+        # not BaseRequestHandler.__init__: that would serve the connection on this thread
+        self.request = self.connection = connection
+        self.client_address = client_address
+        self.server = server  # the engine's listener: .node is the SimNode served
+        self.close_connection = True
+        self.rfile: io.BytesIO = io.BytesIO()
+        self._body = b""
+
+    # ------------------------------------------------------------------ plumbing (called by engine.py)
 
     @property
     def node(self) -> SimNode:
         return self.server.node
 
-    def setup(self) -> None:
-        super().setup()
-        self.rfile = _CountingReader(self.rfile, self.node)
-        self.wfile = _CountingWriter(self.wfile, self.node)
-        with self.node._conn_lock:
-            self.node._connections.add(self.connection)
+    def begin(self, head: bytes) -> bool:
+        """handle_one_request's reading half on a complete head: False when answered (an error, written
+        here) or empty; then the connection closes."""
+        self.rfile = io.BytesIO(head)
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline = self.request_version = self.command = ""
+            self.send_error(http.HTTPStatus.REQUEST_URI_TOO_LONG)
+            return False
+        if not self.raw_requestline:
+            self.close_connection = True
+            return False
+        if not self._parse_request_once(head):
+            return False
+        if not hasattr(self, "do_" + self.command):
+            self.send_error(http.HTTPStatus.NOT_IMPLEMENTED, f"Unsupported method ({self.command!r})")
+            return False
+        return True
 
-    def finish(self) -> None:
-        with self.node._conn_lock:
-            self.node._connections.discard(self.connection)
-        with contextlib.suppress(OSError):
-            super().finish()
+    def _parse_request_once(self, head: bytes) -> bool:
+        """parse_request, remembered per head: a check sends the same bytes every few seconds and the
+        result is a function of them (heads that wrote something, an error or 100 Continue, are not kept).
+        The headers object is shared between requests: handlers only read it."""
+        seen = _parsed_heads.get(head)
+        if seen is not None:
+            (self.command, self.path, self.request_version, self.requestline, self.headers) = seen[:5]
+            self.close_connection = seen[5]
+            return True
+        if not self.parse_request():
+            return False
+        if not self.headers.get("Expect") and len(head) <= 4096:
+            if len(_parsed_heads) >= _PARSED_MAX:
+                _parsed_heads.clear()
+            parsed = (self.command, self.path, self.request_version, self.requestline, self.headers)
+            _parsed_heads[head] = (*parsed, self.close_connection)
+        return True
+
+    def body_length(self, buffer: bytearray, eof: bool) -> int | None:
+        """How many bytes at the start of `buffer` `_read_body` takes (its rules, step by step); None while
+        they have not all arrived. At EOF what arrived is the body, as a short read gives it."""
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                return 0  # _read_body raises the same ValueError before reading anything
+            if length <= 0 or len(buffer) >= length:
+                return max(0, length)
+            return len(buffer) if eof else None
+        pos, trailer = 0, False
+        while True:
+            end = buffer.find(b"\n", pos)
+            if end < 0:
+                return len(buffer) if eof else None
+            line, pos = bytes(buffer[pos : end + 1]), end + 1
+            if trailer:
+                return pos
+            try:
+                size = int(line.strip().split(b";")[0] or b"0", 16)
+            except ValueError:
+                return pos  # _read_body raises on this line, as it did reading the socket
+            if size == 0:
+                trailer = True
+                continue
+            if len(buffer) < pos + size:
+                return len(buffer) if eof else None
+            pos += size
+            end = buffer.find(b"\n", pos)  # the CRLF after the chunk's data
+            if end < 0:
+                return len(buffer) if eof else None
+            pos = end + 1
+
+    def prepare(self, body: bytes) -> None:
+        self.rfile = io.BytesIO(body)
+
+    def fault_state(self) -> tuple[str | None, tuple[str, ...] | None, float]:
+        """The node's fault as this request sees it, read once: the loop's choice and the reply agree."""
+        node = self.node
+        return node._fault, node._fault_paths, node._fault_seconds
+
+    def may_block(self, fault: tuple[str | None, tuple[str, ...] | None, float]) -> bool:
+        """Can this request wait (a hang or slow fault, a load, a stream, /api/ps during a stalled unload)?
+        Those run on a worker thread; the rest on the event loop."""
+        kind, paths, _ = fault
+        path = self.path.split("?", 1)[0]
+        if kind in _BLOCKING_FAULTS and (paths is None or path in paths):
+            return True
+        return path in _WAITING_ROUTES or (path == "/api/ps" and self.node.ps_stall_seconds > 0)
+
+    def latency_s(self) -> float:
+        return self.node.latency_ms / 1000
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet, like a daemon
         pass
@@ -403,10 +447,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response_only(code, message)
         self.send_header("Date", self.date_time_string())
 
-    def do_GET(self) -> None:
-        self._dispatch()
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """http.server's Date text, formatted once a second (the text has a resolution of one second)."""
+        global _date_cache
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        now = int(time.time())
+        second, text = _date_cache
+        if second != now:
+            text = email.utils.formatdate(now, usegmt=True)
+            _date_cache = (now, text)
+        return text
 
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+    def do_GET(self) -> None:
+        self.dispatch(self.fault_state())
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET  # the methods answered at all
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -430,7 +486,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _send_json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj, separators=(",", ":")).encode(), "application/json; charset=utf-8")
+        self._send(status, json.dumps(obj, separators=(",", ":")).encode(), _JSON)
 
     def _send_error(self, err: ApiError) -> None:
         self._send_json(err.status, {"error": err.message})
@@ -470,7 +526,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ dispatch
 
-    def _dispatch(self) -> None:
+    def dispatch(self, fault: tuple[str | None, tuple[str, ...] | None, float]) -> None:
+        """One request start to end on the calling thread (a worker: it may wait)."""
+        path = self.admit(fault)
+        if path is not None:
+            self._pause(self.latency_s())
+            self.answer(path)
+
+    def admit(self, fault: tuple[str | None, tuple[str, ...] | None, float]) -> str | None:
+        """Read the body, log the request, drop it when down, apply the fault: the path still to answer
+        (after the node's latency), or None when nothing more is to be sent."""
         node = self.node
         path = self.path.split("?", 1)[0]
         body = self._read_body()
@@ -481,10 +546,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         node._record(self.command, path, logged)
         if node._server is None or node._stopping.is_set():  # down: drop what is still connected
             self.close_connection = True
-            return
-        if self._apply_fault(path):
-            return
-        self._pause(node.latency_ms / 1000)
+            return None
+        if self._apply_fault(path, fault):
+            return None
+        self._body = body
+        return path
+
+    def answer(self, path: str) -> None:
         allowed = _ROUTES.get(path)
         if allowed is None:
             self._send(404, b"404 page not found", "text/plain")
@@ -494,16 +562,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         try:
             try:
-                self._route(path, body)
+                self._route(path, self._body)
             except ApiError as err:
                 self._send_error(err)
         except OSError:  # the client went away, or stop()/down closed the socket under us
             self.close_connection = True
 
-    def _apply_fault(self, path: str) -> bool:
-        """Apply the current fault; True when the request was answered (or dropped) by it."""
+    def _apply_fault(self, path: str, fault: tuple[str | None, tuple[str, ...] | None, float]) -> bool:
+        """Apply the fault; True when the request was answered (or dropped) by it."""
         node = self.node
-        kind, paths = node._fault, node._fault_paths
+        kind, paths, seconds = fault
         if kind is None or kind == "size_fallback" or (paths is not None and path not in paths):
             return False
         if kind in ("down", "drop"):
@@ -518,7 +586,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return True
             return False
         if kind == "slow":
-            self._pause(node._fault_seconds)
+            self._pause(seconds)
             return False
         if kind == "error500":
             self._send_json(500, {"error": "llama-server process has terminated: exit status 2 (simulated)"})
@@ -539,7 +607,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif path == "/api/tags":
             self._send_json(200, node.tags_body())
         elif path == "/api/ps":
-            self._send_json(200, node.ps_body())
+            self._send(200, node.ps_reply(), _JSON)
         elif path == "/api/show":
             self._show(decode_request(body, "ShowRequest"))
         elif path == "/api/generate":
