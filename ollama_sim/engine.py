@@ -98,6 +98,7 @@ class _Conn:
         "mask",
         "out",
         "out_bytes",
+        "sending",
         "sock",
     )
 
@@ -106,6 +107,7 @@ class _Conn:
         self.inbuf = bytearray()
         self.out: deque[bytes] = deque()  # written by the handler (loop or worker), sent by the loop
         self.out_bytes = 0
+        self.sending: memoryview | None = None  # what the loop is sending now (the rest of a partial send)
         self.lock = threading.Lock()  # guards out/out_bytes between a worker and the loop; never I/O
         self.drained = threading.Condition(self.lock)
         self.mask = 0
@@ -300,7 +302,7 @@ class Engine:
 
     def _want(self, conn: _Conn) -> int:
         reading = not conn.eof and not conn.closing and len(conn.inbuf) < INBUF_HIGH
-        return (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if conn.out else 0)
+        return (selectors.EVENT_READ if reading else 0) | (selectors.EVENT_WRITE if self._queued(conn) else 0)
 
     def _accept(self, listener: _Listener) -> None:
         for _ in range(ACCEPTS_PER_WAKE):
@@ -356,7 +358,7 @@ class Engine:
                 del conn.inbuf[:size]
                 handler.server.node._add_bytes(inbound=size)
                 ok = _guarded(functools.partial(handler.begin, head), on_error=False)
-                if conn.out:  # an error, or 100 Continue
+                if self._queued(conn):  # an error, or 100 Continue
                     self.flush(conn)
                 if not ok:  # answered (an error) or nothing to answer: http.server closes
                     self._close_when_sent(conn)
@@ -421,28 +423,33 @@ class Engine:
         """Send what is queued (loop thread); close a closing connection once all is out."""
         if conn.closed:
             return
-        with conn.lock:
-            data = b"".join(conn.out) if len(conn.out) != 1 else conn.out[0]
-            conn.out.clear()
+        if conn.sending is None or not len(conn.sending):
+            with conn.lock:
+                data = b"".join(conn.out) if len(conn.out) != 1 else conn.out[0]
+                conn.out.clear()
+            conn.sending = memoryview(data)  # sent from an offset: a slow reader costs no copies
         sent = 0
-        if data:
+        if len(conn.sending):
             try:
-                sent = conn.sock.send(data)
+                sent = conn.sock.send(conn.sending)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:  # the peer is gone: what the handler wrote is lost, as with sendall
                 self.close(conn)
                 return
-        with conn.lock:
-            if sent < len(data):
-                conn.out.appendleft(data[sent:])
-            conn.out_bytes -= sent
-            if conn.out_bytes <= OUT_HIGH:
-                conn.drained.notify_all()
-        if conn.closing and not conn.out:
+            conn.sending = conn.sending[sent:]
+            with conn.lock:
+                conn.out_bytes -= sent
+                if conn.out_bytes <= OUT_HIGH:
+                    conn.drained.notify_all()
+        if conn.closing and not self._queued(conn):
             self.close(conn)
             return
         self._watch(conn, self._want(conn))
+
+    @staticmethod
+    def _queued(conn: _Conn) -> bool:
+        return bool(conn.out) or (conn.sending is not None and len(conn.sending) > 0)
 
     def _close_when_sent(self, conn: _Conn) -> None:
         conn.closing = True
