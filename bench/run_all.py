@@ -12,6 +12,8 @@
    and bytes per day for a scripted week of 200 nodes.
 6. serve (bench/serve.py, about a minute more): latency added over going direct (goal: p50 at most 2 ms),
    time to first chunk, requests per second with 64 clients, 256 concurrent streams held.
+7. the simulator farm's CPU per kept-alive /api/ps reply (bench/farm_cost.py: 1,250 nodes in one process,
+   128 connections, 20 ms latency), what the scale bench (bench/scale.py) costs on the farm's side.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import farm_cost
 import history_size
 import serve as serve_bench  # bench/serve.py (this script's directory is on sys.path)
 
@@ -200,6 +203,7 @@ def main() -> int:
         "idle_check_bytes": bench_idle_check_bytes(),
         "history_size": history_size.bench(),
         "serve": serve_bench.run(),
+        "farm_cost": farm_cost.bench_farm_cost(nodes=1250, connections=128, latency_ms=20.0, seconds=8.0),
     }
     results["bench_duration_s"] = round(time.monotonic() - started, 1)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +237,9 @@ def print_table(r: dict) -> None:
     for name, measured, ratio, goal, met in rows:
         print(f"{name:30} {measured:34} {ratio:30} {goal:8} {'yes' if met else 'NO'}")
     serve_bench.print_table(r["serve"])
+    c = r["farm_cost"]
+    per_reply, rate = c["farm_cpu_us_per_reply"], c["replies_per_s"]
+    print(f"simulator farm: {per_reply} us of CPU per /api/ps reply at {rate} replies/s")
     print(f"written to {RESULTS.relative_to(ROOT)}")
 
 

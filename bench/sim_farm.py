@@ -26,7 +26,7 @@ FARM = Path(__file__).resolve()
 
 
 def raise_fd_limit() -> int:
-    """Soft RLIMIT_NOFILE up to the hard one: each node holds a listener, a connection and its thread."""
+    """Soft RLIMIT_NOFILE up to the hard one: each node holds a listener and its connections."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
@@ -47,7 +47,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     raise_fd_limit()
-    threading.stack_size(256 * 1024)  # thousands of accept/reaper/handler threads: small stacks suffice
+    threading.stack_size(256 * 1024)  # a scheduler expiry thread per node (the sockets share one loop)
     preload = [tuple(item.split("@", 1)) for item in args.preload]
     config = {
         "latency_ms": args.latency_ms,
