@@ -212,6 +212,7 @@ def make_balancer(config: Config, optimize: bool) -> OllamaLoadBalancer:
         remedy_timeout=config.remedy_timeout,
         gpu_metrics={node: url for node, url in config.gpu_metrics.items() if node in config.nodes},
         routing=config.routing,
+        evict_to=config.evict_to,
         request_timeout=config.load_timeout,  # a routed request may wait for a model load
     )
 

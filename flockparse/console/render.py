@@ -29,6 +29,8 @@ EVENT_STYLE = {
     "node_restarted": ("node", "yellow"),
     "models_restored": ("move", "green"),
     "model_unloaded": ("move", "cyan"),
+    "model_evicted": ("room", "yellow"),
+    "no_room": ("room", "yellow"),
     "move_started": ("move", "yellow"),
     "move_finished": ("move", "green"),
     "move_failed": ("move", "red"),
@@ -648,11 +650,36 @@ def move_results(
 
 ACTION_STYLE = {
     "moved": "green",
+    "evicted": "yellow",
     "failed": "red",
     "skipped": "dim",
     "would_move": "cyan",
     "would_probe": "cyan",
+    "would_evict": "cyan",
 }
+
+
+def cleanup_results(results: Iterable[Mapping[str, Any]], verbose: bool = False) -> RenderableType:
+    """`cleanup`: one line per model taken out of VRAM (or left: serving requests, node offline)."""
+    lines = [Text("cleanup: models that are not a priority, out of VRAM", style="bold")]
+    for item in results:
+        result = item.get("result") or {}
+        node, reason = item.get("node"), clean(result.get("reason", ""))
+        message = str(result.get("message", ""))
+        shown = clean(message).replace("http://", "") if verbose else short_message(message, node)
+        line = Text(f"  {short_url(node)}  {clean(item.get('model') or '')}  ".replace("    ", "  "))
+        if result.get("dry_run"):
+            line.append(shown, style="cyan")
+        elif result.get("success"):
+            line.append("unloaded", style="green")
+        elif reason in ("busy", "offline"):
+            line.append(f"left ({reason}): {shown}", style="dim")
+        else:
+            line.append(f"failed ({reason or 'error'}): {shown}", style="red")
+        lines.append(line)
+    if len(lines) == 1:
+        lines.append(Text("  nothing to unload: every model in VRAM is a priority model", style="dim"))
+    return Group(*lines)
 
 
 def pass_actions(
