@@ -630,11 +630,12 @@ class GPUOptimizer:
             return self._undo_move(url, name, higher, cancel, was_loaded)
         if result.evicted and self._cluster.evict_to == "cpu":
             self._to_cpu(url, name, result.evicted, cancel)
-        if displaced:
+        peers = self._same_rank(name, displaced)
+        if peers:  # a model of its own rank: neither may count on the other's place, so no ping-pong
             skipped = self._record_outcome(url, name, planner.DISPLACED)
-            message = (
-                f"{message}; it displaced {', '.join(sorted(displaced))} (backed off for {skipped} pass(es))"
-            )
+            message = f"{message}; it displaced {', '.join(peers)} (backed off for {skipped} pass(es))"
+        elif displaced:
+            message = f"{message}; it displaced {', '.join(sorted(displaced))} (lower priority)"
         return Action(url, name, "moved", reason, message)
 
     # ------------------------------------------------------------------ room on the GPU (room.py)
@@ -724,6 +725,11 @@ class GPUOptimizer:
         patterns = priority_patterns(self._cluster.gpu_priority_models)
         rank = priority_rank(name, patterns)
         return sorted(d for d in displaced if outranks(priority_rank(d, patterns), rank))
+
+    def _same_rank(self, name: str, displaced: Iterable[str]) -> list[str]:
+        patterns = priority_patterns(self._cluster.gpu_priority_models)
+        rank = priority_rank(name, patterns)
+        return sorted(d for d in displaced if priority_rank(d, patterns) == rank)
 
     def _undo_move(
         self, url: str, name: str, higher: list[str], cancel: threading.Event, was_loaded: bool

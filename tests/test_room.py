@@ -182,7 +182,8 @@ def test_a_higher_priority_takes_the_gpu_from_a_lower_one_once(sim_node, make_ba
     first = balancer.optimizer.run_pass()
 
     assert [(a["model"], a["action"]) for a in first] == [(CODE, "moved")]
-    assert on_gpu(node, CODE)
+    assert first[0]["message"].endswith("it displaced llama3.1:latest (lower priority)")
+    assert on_gpu(node, CODE) and balancer.optimizer_status()["backed_off"] == []
     if evict_to == "cpu":  # what Ollama unloaded for it goes to RAM instead of away
         assert on_cpu(node, LLAMA)
     else:
