@@ -760,9 +760,10 @@ def _event_message(event: Any, nodes_total: int | None = None, verbose: bool = F
         over = f" over {nodes_total} node(s)" if nodes_total else ""
         duration = data.get("duration_s")
         took = f" in {duration:.2f} s" if isinstance(duration, int | float) else ""
+        evicted = f", {data['evicted']} evicted to make room" if data.get("evicted") else ""
         return (
             f"GPU pass finished{took}{over}: {data.get('moved', 0)} moved, {data.get('failed', 0)} failed, "
-            f"{data.get('skipped', 0)} skipped"
+            f"{data.get('skipped', 0)} skipped{evicted}"
         )
     if kind == "move_failed" and not verbose:  # the node's raw error text only with --verbose
         return f"{clean(model)} on {node}: {short_message(getattr(event, 'message', ''), event.node)}"
