@@ -16,7 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from flockparse.dashboard import add_dashboard_routes, dashboard_url
+from flockparse.dashboard import dashboard_url
+from flockparse.dashboard.routes import add_dashboard_routes
 from flockparse.serve.control import add_control_routes
 from flockparse.serve.observe import add_observe_routes
 from flockparse.serve.runner import check_listen, is_loopback

@@ -38,7 +38,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from flockparse.dashboard import add_dashboard_routes
+from flockparse.dashboard.routes import add_dashboard_routes
 from flockparse.request_stats import Sample, eval_metrics
 from flockparse.rules import canonical_name
 from flockparse.serve import cluster, upstream
