@@ -2,7 +2,7 @@
 //
 // Live without a polling storm: an event refetches only what it concerns (a node's event: that node's
 // vram_report, at most one per node per 250 ms; optimizer events: the optimizer; moves: the history, at
-// most every 10 s; the balancer's statistics at most every 2 s), and a full refresh every 30 s is the
+// most every 5 s; the balancer's statistics at most every 2 s), and a full refresh every 30 s is the
 // safety net. A stream that resumes on the same serve without a gap needs no refresh at all.
 
 import { ApiError, AuthNeeded, EventStream, api, setToken, token } from "./api.js";
@@ -13,7 +13,7 @@ const FULL_REFRESH_MS = 30000;
 const NODE_GAP_MS = 250;
 const STATS_GAP_MS = 2000;
 const OPTIMIZER_GAP_MS = 250;
-const HISTORY_GAP_MS = 10000;
+const HISTORY_GAP_MS = 5000;
 const HISTORY_QUERY = "history?since=24h&buckets=96";
 const EVENTS_KEPT = 60;
 const RENDER_DELAY_MS = 40;
@@ -335,8 +335,11 @@ function renderNodes(only = null) {
   }
   const urls = only === null ? state.order : state.order.filter((url) => only.has(url));
   for (const url of urls) {
-    const card = nodeCard(url);
     const old = cards.get(url);
+    const signature = cardSignature(url);
+    if (old && old.dataset.signature === signature) continue; // unchanged: a button under the pointer stays
+    const card = nodeCard(url);
+    card.dataset.signature = signature;
     if (old) old.replaceWith(card);
     cards.set(url, card);
   }
@@ -345,6 +348,13 @@ function renderNodes(only = null) {
     container.replaceChildren(...(error ? [error] : []), ...state.order.map((url) => cards.get(url)));
     if (!state.order.length && state.status) container.append(h("p", { class: "dim" }, "No nodes."));
   }
+}
+
+/** What a node's card shows, as one string: the card is rebuilt only when it changes. */
+function cardSignature(url) {
+  const { last_seen: _seen, vram_scraped_at: _scraped, ...shown } = state.report.get(url) || {};
+  const actions = [...state.actions].filter(([key]) => key.startsWith(`${url}\n`));
+  return JSON.stringify([shown, actions, state.status?.priority_models || []]);
 }
 
 function gpuBadge(entry) {
@@ -401,7 +411,7 @@ function vramBar(entry) {
       entry.vram_error ? h("p", { class: "node-error" }, `GPU exporter: ${entry.vram_error}`) : null,
     );
   }
-  if (entry.has_gpu === false) return null;
+  if (entry.has_gpu !== true && held <= 0) return null; // no GPU, or none known and none in use
   return h(
     "div",
     { class: "vram" },
