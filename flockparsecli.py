@@ -985,23 +985,27 @@ def run_attached(args: argparse.Namespace, words: list[str], script: bool, repor
             return run_one_shot(remote, config, words, reporter, args.verbose)
         if script:
             return run_script(remote, config, reporter, args.verbose)
-        banner = attached_banner(remote)
-        if args.dashboard:  # one dashboard per cluster: the serve's
-            page = dashboard_url(remote.url)
-            banner += f"\n--dashboard: the serve already serves the dashboard at {page} (no second one here)"
-        return interactive(remote, config, banner, verbose=args.verbose)
+        return interactive(
+            remote, config, attached_banner(remote, bool(args.dashboard)), verbose=args.verbose
+        )
     except RemoteError as exc:  # the serve could not be read at start
         return reporter.error(str(exc), 1)
     finally:
         remote.close()
 
 
-def attached_banner(remote: RemoteCluster) -> str:
+def attached_banner(remote: RemoteCluster, dashboard: bool = False) -> str:
+    """What an attached console says first; with --dashboard, where the serve's dashboard is (one per
+    cluster: the serve's, not a second one here)."""
     state = "on" if remote.optimization_running else "off"
-    return (
+    banner = (
         f"attached to the serve at {remote.url} (flockparse {remote.version}, {len(remote.nodes)} node(s), "
         f"optimizer {state}): commands run there, its events show here; this console runs no optimizer"
     )
+    if dashboard:
+        page = dashboard_url(remote.url)
+        banner += f"\n--dashboard: the serve already serves the dashboard at {page} (no second one here)"
+    return banner
 
 
 def run_one_shot(
