@@ -1,9 +1,10 @@
 // The dashboard: what the control API says, kept current by its event stream.
 //
-// Live without a polling storm: an event refetches only what it concerns (a node's event: that node's
-// vram_report, at most one per node per 250 ms; optimizer events: the optimizer; moves: the history, at
-// most every 5 s; the balancer's statistics at most every 2 s), and a full refresh every 30 s is the
-// safety net. A stream that resumes on the same serve without a gap needs no refresh at all.
+// Live without a polling storm: an event refetches only what it concerns. A node's events: that node's
+// vram_report, the nodes of 250 ms of events together in one read (a whole report past 40 nodes);
+// optimizer events: the optimizer; moves: the history, at most every 5 s; the balancer's statistics at
+// most every 2 s. A full refresh every 30 s is the safety net; a stream that resumes on the same serve
+// without a gap needs no refresh at all.
 
 import { ApiError, AuthNeeded, EventStream, api, setToken, token } from "./api.js";
 import { byModel, legend, modelChart, modelFacts } from "./chart.js";
@@ -11,6 +12,7 @@ import { clock, duration, fill, h, mb, ms, shortUrl } from "./dom.js";
 
 const FULL_REFRESH_MS = 30000;
 const NODE_GAP_MS = 250;
+const NODES_PER_READ = 40; // more nodes waiting than this: one whole vram_report instead
 const STATS_GAP_MS = 2000;
 const OPTIMIZER_GAP_MS = 250;
 const HISTORY_GAP_MS = 5000;
@@ -157,9 +159,19 @@ async function refreshHistory() {
   dirty("history");
 }
 
-const nodeReads = new Throttle(NODE_GAP_MS, (url) =>
-  read("nodes", `vram_report?node=${encodeURIComponent(url)}`, useReport),
-);
+const waitingNodes = new Set(); // nodes whose events came since their last read
+const nodeReads = new Throttle(NODE_GAP_MS, () => {
+  const nodes = [...waitingNodes].filter((url) => state.order.includes(url));
+  waitingNodes.clear();
+  if (!nodes.length) return null;
+  const query = nodes.map((url) => `node=${encodeURIComponent(url)}`).join("&");
+  return read("nodes", nodes.length > NODES_PER_READ ? "vram_report" : `vram_report?${query}`, useReport);
+});
+
+function refreshNode(url) {
+  waitingNodes.add(url);
+  nodeReads.request();
+}
 const statsReads = new Throttle(STATS_GAP_MS, () => read("stats", "lb_stats", useStats));
 const optimizerReads = new Throttle(OPTIMIZER_GAP_MS, () => read("optimizer", "optimizer", useOptimizer));
 const historyReads = new Throttle(HISTORY_GAP_MS, refreshHistory);
@@ -177,7 +189,7 @@ function onEvent(event) {
   }
   if (typeof event.seq === "number" && event.seq <= state.refreshedSeq) return; // read already
   const kind = String(event.kind || "");
-  if (event.node && state.order.includes(event.node)) nodeReads.request(event.node);
+  if (event.node && state.order.includes(event.node)) refreshNode(event.node);
   if (kind === "node_added" || kind === "node_removed") statusReads.request();
   if (kind.startsWith("pass_") || kind.startsWith("optimizer_") || MOVE_KINDS.has(kind)) optimizerReads.request();
   if (MOVE_KINDS.has(kind) || kind === "placements_changed") historyReads.request();
@@ -223,7 +235,7 @@ async function act(node, model, action) {
     state.actions.set(key, { message: error.message, ok: false });
   }
   dirtyNode(node);
-  nodeReads.request(node);
+  refreshNode(node);
 }
 
 // -------------------------------------------------------------------------------------- token
@@ -639,10 +651,17 @@ function renderFoot() {
 async function start() {
   dirty("connection", "events", "history");
   await fullRefresh();
+  let retry = 2000;
+  let tried = performance.now();
   while (!state.status) {
-    // no token yet, or the serve is not answering: try again (the form's submit also asks)
-    await new Promise((resolve) => setTimeout(resolve, 2000));
-    if (form.hidden) await fullRefresh();
+    // waiting for the token form (its submit reads at once), or the serve is not answering: try again,
+    // 2 s doubling to 30 s
+    await new Promise((resolve) => setTimeout(resolve, 250));
+    if (form.hidden && !state.status && performance.now() - tried >= retry) {
+      await fullRefresh();
+      tried = performance.now();
+      retry = Math.min(retry * 2, FULL_REFRESH_MS);
+    }
   }
   state.instance = state.status.instance;
   const first = Math.max(0, (state.status.event_seq || 0) - EVENTS_KEPT);
