@@ -16,7 +16,8 @@ const NODES_PER_READ = 40; // more nodes waiting than this: one whole vram_repor
 const STATS_GAP_MS = 2000;
 const OPTIMIZER_GAP_MS = 250;
 const HISTORY_GAP_MS = 5000;
-const HISTORY_QUERY = "history?since=24h&buckets=96";
+const HISTORY_WINDOWS = ["15m", "1h", "6h", "24h"]; // the last day by default
+const HISTORY_BUCKETS = 96;
 const EVENTS_KEPT = 60;
 const RENDER_DELAY_MS = 40;
 const ACTIONS = [
@@ -39,6 +40,7 @@ const state = {
   optimizerAt: 0, // performance.now() when `optimizer` was read (next_pass_in counts down from there)
   history: null,
   historyNote: "",
+  historyWindow: "24h",
   events: [],
   actions: new Map(), // "node\nmodel" -> {running?, message, ok}
   errors: {}, // section -> one line
@@ -149,7 +151,7 @@ async function fullRefresh() {
 
 async function refreshHistory() {
   try {
-    state.history = await api(HISTORY_QUERY);
+    state.history = await api(`history?since=${state.historyWindow}&buckets=${HISTORY_BUCKETS}`);
     state.historyNote = "";
   } catch (error) {
     if (error instanceof AuthNeeded) askToken(error.message);
@@ -619,6 +621,26 @@ function renderHistory() {
     fill(document.getElementById("history-legend"), legend());
     legendDrawn = true;
   }
+  fill(
+    document.getElementById("history-window"),
+    HISTORY_WINDOWS.map((name) =>
+      h(
+        "button",
+        {
+          type: "button",
+          class: "win",
+          data: { window: name },
+          "aria-pressed": String(name === state.historyWindow),
+          onclick: () => {
+            state.historyWindow = name;
+            dirty("history");
+            refreshHistory();
+          },
+        },
+        name,
+      ),
+    ),
+  );
   if (!state.history) return fill(el, h("p", { class: "dim" }, state.historyNote || "…"));
   const groups = byModel(state.history, state.order);
   if (!groups.length) return fill(el, h("p", { class: "dim" }, "No placement recorded yet."));
