@@ -120,7 +120,9 @@ export function modelFacts(pairs) {
   const total = Object.values(seconds).reduce((a, b) => a + b, 0);
   const parts = [];
   for (const [key, label] of CATEGORIES) {
-    if (total > 0 && seconds[key] > 0) parts.push(`${label} ${Math.round((100 * seconds[key]) / total)}%`);
+    if (!(total > 0 && seconds[key] > 0)) continue;
+    const share = (100 * seconds[key]) / total;
+    parts.push(`${label} ${share < 1 ? "<1" : Math.round(share)}%`);
   }
   parts.push(`${moves} move${moves === 1 ? "" : "s"}`);
   if (failed) parts.push(`${failed} failed`);

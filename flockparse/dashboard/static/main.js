@@ -347,6 +347,9 @@ function renderNodes(only = null) {
       }
     }
   }
+  if (only !== null && [...only].some((url) => state.order.includes(url) && !cards.has(url))) {
+    return renderNodes(null); // a node without a card yet: the list itself changes
+  }
   const urls = only === null ? state.order : state.order.filter((url) => only.has(url));
   for (const url of urls) {
     const old = cards.get(url);
