@@ -20,11 +20,13 @@ from typing import Any
 
 import pytest
 import requests
+from aiohttp import web
 from helpers import LLAMA, wait_until
 from serve_support import ServeThread
 
 from flockparse.console.services import Services
 from flockparse.dashboard import DASHBOARD_PATH
+from flockparse.events import Event
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -269,3 +271,35 @@ def test_services_without_history_leave_the_chart_a_line(sim_node, make_balancer
     stop_at_end.insert(0, server)
     open_page(page, server)
     wait_until(lambda: "history_days = 0" in (text_of(page, "#history") or ""), "the history section's line")
+
+
+def test_a_burst_of_events_is_read_in_a_few_coalesced_reads(
+    sim_node, make_balancer, stop_at_end, page
+) -> None:
+    """100 events of one node within milliseconds: the page reads that node's report a few times, not 100
+    times (events of 250 ms share one read), and the other node's only when it has an event."""
+    quiet, busy = sim_node(vram_gb=0), sim_node(vram_gb=24, preload=[("llama3.1", "gpu")])
+    balancer = make_balancer([quiet.url, busy.url])
+    wait_until(lambda: all(s.online for s in balancer.node_states()), "first checks")
+    server = ServeThread(balancer)
+    reads: list[list[str]] = []
+
+    @web.middleware
+    async def count(request: web.Request, handler: Any) -> Any:
+        if request.path.endswith("/vram_report"):
+            reads.append(request.query.getall("node", []))
+        return await handler(request)
+
+    server.app.middlewares.append(count)
+    stop_at_end.insert(0, server.start())
+    open_page(page, server)
+    wait_until(lambda: live(page) and row_class(page, busy.url, LLAMA), "the page live")
+    reads.clear()
+    for n in range(100):
+        balancer.events.emit(Event("gpu_metrics_back", node=busy.url, message=f"burst {n}"))
+    wait_until(lambda: "burst 99" in (text_of(page, "#events") or ""), "the burst's last event shown")
+    # one event of the other node after the burst: its read comes after every read the burst asked for
+    balancer.events.emit(Event("gpu_metrics_back", node=quiet.url, message="after the burst"))
+    wait_until(lambda: any(quiet.url in nodes for nodes in reads), "the other node's read")
+    assert 2 <= len(reads) <= 6, reads  # 101 events
+    assert all(nodes == [busy.url] for nodes in reads[:-1]) and quiet.url in reads[-1], reads
