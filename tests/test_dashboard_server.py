@@ -22,6 +22,7 @@ from rich.console import Console
 import flockparsecli
 from flockparse.console.config import Config
 from flockparse.dashboard import DASHBOARD_PATH
+from flockparse.dashboard.routes import load_assets
 from flockparse.remote import RemoteCluster
 from flockparsecli import interactive, make_balancer
 
@@ -200,3 +201,17 @@ def test_an_attached_console_points_at_the_serves_dashboard(sim_node, serve_over
         == f"--dashboard: the serve already serves the dashboard at {page} (no second one here)"
     )
     assert "--dashboard" not in flockparsecli.attached_banner(remote)
+
+
+def test_every_file_the_page_loads_is_shipped_with_the_package() -> None:
+    """The page's references (index.html's script and stylesheet, each module's imports) are all package
+    data of flockparse.dashboard (pyproject's package-data), served with the right content type."""
+    assets = load_assets()
+    html = assets["index.html"][0].decode()
+    wanted = set(re.findall(r'(?:src|href)="([\w.-]+\.(?:js|css))"', html))
+    for name, (body, content_type) in assets.items():
+        if name.endswith(".js"):
+            assert content_type == "text/javascript"
+            wanted |= set(re.findall(r'from "\./([\w.-]+\.js)"', body.decode()))
+    assert wanted == {"main.js", "style.css", "api.js", "chart.js", "dom.js"}
+    assert wanted | {"index.html"} == set(assets)
