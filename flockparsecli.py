@@ -47,6 +47,7 @@ from flockparse.console.commands import (
 from flockparse.console.config import Config, ConfigError, apply_flags, config_dir, load_config
 from flockparse.console.names import is_glob, same_name
 from flockparse.console.tty import unbuffered_keys
+from flockparse.dashboard import dashboard_url
 from flockparse.remote import TOKEN_ENV, RemoteCluster, RemoteError
 from flockparse.routing import STRATEGIES
 from flockparse.serve.registry import DEFAULT_SERVE_URL, ServeInfo, serves_managing
@@ -127,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         metavar="TOKEN",
-        help=f"the serve's token (default: ${TOKEN_ENV}): with --connect, sent to it; with `serve`, what "
-        "clients must send as `Authorization: Bearer TOKEN` (required to listen beyond loopback)",
+        help=f"the serve's token (default: ${TOKEN_ENV}): with --connect, sent to it; with `serve` and "
+        "--dashboard, what clients must send as `Authorization: Bearer TOKEN` (required beyond loopback)",
     )
     parser.add_argument(
         "--own-optimizer",
@@ -153,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics",
         metavar="[HOST:]PORT",
         help="the interactive console serves Prometheus metrics at http://HOST:PORT/metrics (host 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--dashboard",
+        metavar="[HOST:]PORT",
+        help="the interactive console serves the live dashboard at http://HOST:PORT/flockparse/dashboard/ "
+        "(host 127.0.0.1; beyond loopback only with --token)",
     )
     parser.add_argument(
         "--config", metavar="FILE", help="TOML config file (default: <config dir>/config.toml)"
@@ -445,6 +452,8 @@ def interactive(
     verbose: bool = False,
     optimizer_guard: Any = None,
     metrics_address: tuple[str, int] | None = None,
+    dashboard_address: tuple[str, int] | None = None,
+    dashboard_token: str | None = None,
 ) -> int:
     """The prompt_toolkit loop; background lines appear above the prompt, the typed line stays intact.
 
@@ -453,6 +462,8 @@ def interactive(
     `balancer` may be a RemoteCluster (`--connect`): the serve's events, and no optimizer of our own.
     `optimizer_guard()` says why this console must not start an optimizer (a serve manages its nodes).
     `metrics_address`: serve Prometheus metrics there (`--metrics`).
+    `dashboard_address`: serve the dashboard and the control API there (`--dashboard`), `dashboard_token`
+    required by its control API (and for its reads beyond loopback); a failure to listen is one line.
     """
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
@@ -499,6 +510,8 @@ def interactive(
     if services.metrics is not None:
         host, port = services.metrics.address
         console.print(Text(f"Prometheus metrics at http://{host}:{port}/metrics", style="dim"))
+    if dashboard_address is not None:
+        start_dashboard(console, balancer, services, dashboard_address, dashboard_token)
     session: PromptSession[str] = PromptSession(
         history=open_history(files_dir, tell),
         completer=ConsoleCompleter(
@@ -551,6 +564,24 @@ def interactive(
         printer.close()
         refresher.stop()
     return 0
+
+
+def start_dashboard(
+    console: Console, balancer: Any, services: Any, address: tuple[str, int], token: str | None
+) -> None:
+    """`--dashboard`: the page and the control API over this console's balancer, from a thread of their
+    own (flockparse/dashboard/server.py). A port in use is one line; the console carries on without it."""
+    from flockparse.dashboard.server import start_dashboard as serve_dashboard
+
+    host, port = address
+    try:
+        services.dashboard = serve_dashboard(balancer, address, token, services)
+    except (OSError, ValueError) as exc:  # ValueError: beyond loopback without a token (checked at start)
+        why = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
+        console.print(render.error_line(f"--dashboard: cannot listen on {host}:{port} ({why}); no dashboard"))
+        return
+    guard = "the token is required" if token else "no token: loopback only"
+    console.print(Text(f"dashboard at {services.dashboard.url}; {guard}", style="dim"))
 
 
 def run_script(
@@ -706,6 +737,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return reporter.error(
             "--metrics goes with the interactive console (no COMMAND, no stdin)", EXIT_USAGE
         )
+    if args.dashboard and (words or script):
+        return reporter.error(
+            "--dashboard goes with the interactive console (no COMMAND, no stdin)", EXIT_USAGE
+        )
     metrics_address = None
     if args.metrics:
         from flockparse.metrics import parse_address
@@ -714,6 +749,11 @@ def _main(argv: Sequence[str] | None) -> int:
             metrics_address = parse_address(args.metrics)
         except ValueError as exc:
             return reporter.error(str(exc), EXIT_USAGE)
+    dashboard_address = None
+    if args.dashboard and not args.connect:  # attached: the serve serves it already
+        problem, dashboard_address = dashboard_usage(args.dashboard, args.token or os.environ.get(TOKEN_ENV))
+        if problem:
+            return reporter.error(problem, EXIT_USAGE)
     words += [word for node in args.node or () for word in ("--node", node)]
     words += ["--dry-run"] if args.dry_run else []
     words += ["--since", args.since] if args.since else []
@@ -795,6 +835,8 @@ def _main(argv: Sequence[str] | None) -> int:
             demo_script=demo_script,
             optimizer_guard=guard,
             metrics_address=metrics_address,
+            dashboard_address=dashboard_address,
+            dashboard_token=args.token or os.environ.get(TOKEN_ENV) or None,
         )
     finally:
         if demo_script is not None:
@@ -806,6 +848,19 @@ def _main(argv: Sequence[str] | None) -> int:
             from flockparse.console.demo import remove_demo_files
 
             remove_demo_files(files_dir)
+
+
+def dashboard_usage(text: str, token: str | None) -> tuple[str | None, tuple[str, int] | None]:
+    """(problem, None) or (None, (host, port)): the address, and a token when it is beyond loopback."""
+    from flockparse.dashboard.server import parse_dashboard_address
+    from flockparse.serve.runner import check_listen
+
+    try:
+        host, port = parse_dashboard_address(text)
+        check_listen(host, token)
+    except ValueError as exc:
+        return f"--dashboard: {exc}" if not str(exc).startswith("--dashboard") else str(exc), None
+    return None, (host, port)
 
 
 SERVE_ONLY_FLAGS = ("listen", "grace")
@@ -931,19 +986,27 @@ def run_attached(args: argparse.Namespace, words: list[str], script: bool, repor
             return run_one_shot(remote, config, words, reporter, args.verbose)
         if script:
             return run_script(remote, config, reporter, args.verbose)
-        return interactive(remote, config, attached_banner(remote), verbose=args.verbose)
+        return interactive(
+            remote, config, attached_banner(remote, bool(args.dashboard)), verbose=args.verbose
+        )
     except RemoteError as exc:  # the serve could not be read at start
         return reporter.error(str(exc), 1)
     finally:
         remote.close()
 
 
-def attached_banner(remote: RemoteCluster) -> str:
+def attached_banner(remote: RemoteCluster, dashboard: bool = False) -> str:
+    """What an attached console says first; with --dashboard, where the serve's dashboard is (one per
+    cluster: the serve's, not a second one here)."""
     state = "on" if remote.optimization_running else "off"
-    return (
+    banner = (
         f"attached to the serve at {remote.url} (flockparse {remote.version}, {len(remote.nodes)} node(s), "
         f"optimizer {state}): commands run there, its events show here; this console runs no optimizer"
     )
+    if dashboard:
+        page = dashboard_url(remote.url)
+        banner += f"\n--dashboard: the serve already serves the dashboard at {page} (no second one here)"
+    return banner
 
 
 def run_one_shot(

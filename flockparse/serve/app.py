@@ -18,7 +18,8 @@ What each path does (README "serve" says the same for users):
   sent on to a node. Paths under CONTROL_PREFIX are the control API's (serve/control.py, added by
   `build_app`), which checks its token itself and ends its event streams at shutdown; they are not counted
   among the requests the shutdown's grace period waits for. `/metrics` (serve/observe.py) follows the
-  control API's read rule: it needs the token only beyond loopback.
+  control API's read rule: it needs the token only beyond loopback. The dashboard's page and assets
+  (`/flockparse/dashboard/`, flockparse/dashboard/) hold no data and need no token.
 
 The balancer's core is synchronous and thread-based; handlers call only its lock-only methods (pick_node,
 request_started/finished, node_states) directly; every node call is asynchronous (serve/upstream.py).
@@ -37,6 +38,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from flockparse.dashboard.routes import add_dashboard_routes
 from flockparse.request_stats import Sample, eval_metrics
 from flockparse.rules import canonical_name
 from flockparse.serve import cluster, upstream
@@ -410,6 +412,7 @@ def build_app(
     # the control API (issue 10 items 5-6) on the same app, under CONTROL_PREFIX; it checks its own token
     add_control_routes(app, balancer, token, require_token_for_reads=control_reads_need_token)
     add_observe_routes(app, services)  # /metrics and /flockparse/v1/history, the control API's token rule
+    add_dashboard_routes(app)  # the page at /flockparse/dashboard/, a client of the control API (issue 12)
     return app
 
 
