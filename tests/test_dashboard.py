@@ -226,6 +226,36 @@ def test_a_button_moves_a_model_and_shows_the_reply(sim_node, serve_over, page) 
     assert "unloaded" in text_of(page, row(node.url, LLAMA) + " .result")
 
 
+def test_free_vram_unloads_what_is_not_a_priority_on_that_node(sim_node, serve_over, page) -> None:
+    """The node's `Free VRAM` button is `cleanup` on that node: llama3.1 (the priority) stays."""
+    small = "llama3.2:3b"
+    node = sim_node(vram_gb=24, preload=[("llama3.1", "gpu"), (small, "gpu")])
+    server = serve_over([node])
+    open_page(page, server)
+    wait_until(lambda: row_class(page, node.url, small) is not None, "llama3.2:3b shown")
+
+    click(page, f'article[data-node="{node.url}"] button.cleanup')
+
+    result = f'article[data-node="{node.url}"] .node-actions .result'
+    wait_until(
+        lambda: (
+            "ok"
+            in (
+                js(
+                    page,
+                    "const r = document.querySelector(arguments[0]); return r ? r.className : '';",
+                    result,
+                )
+                or ""
+            )
+        ),
+        "the cleanup's result",
+    )
+    assert text_of(page, result) == f"unloaded {small}"
+    assert [m["name"] for m in node.loaded()] == [LLAMA]
+    wait_until(lambda: row_class(page, node.url, small) is None, "the row of the unloaded model gone")
+
+
 def test_the_token_form_on_a_serve_that_wants_a_token(sim_node, serve_over, page) -> None:
     node = sim_node(vram_gb=24, preload=[("llama3.1", "gpu")])
     server = serve_over([node], token=TOKEN, reads_need_token=True)

@@ -43,6 +43,7 @@ const state = {
   historyWindow: "24h",
   events: [],
   actions: new Map(), // "node\nmodel" -> {running?, message, ok}
+  cleanups: new Map(), // node -> {running?, message, ok}: its "free VRAM" button
   errors: {}, // section -> one line
   instance: null,
   lastSeq: 0, // the newest event seen (the stream's numbering)
@@ -240,6 +241,26 @@ async function act(node, model, action) {
   refreshNode(node);
 }
 
+async function cleanup(node) {
+  if (state.cleanups.get(node)?.running) return;
+  state.cleanups.set(node, { running: true, message: "unloading what is not a priority…", ok: null });
+  dirtyNode(node);
+  const seconds = Number(state.status?.operation_timeout_s) || 1800;
+  try {
+    const reply = await api("cleanup", { method: "POST", body: { nodes: [node] }, timeoutMs: seconds * 1000 + 5000 });
+    const rows = Array.isArray(reply) ? reply : [];
+    const done = rows.filter((r) => r.result?.success).map((r) => r.model);
+    const left = rows.filter((r) => !r.result?.success).map((r) => String(r.result?.message ?? r.model));
+    const said = done.length ? `unloaded ${done.join(", ")}` : left.length ? "" : "nothing to unload: every model in VRAM is a priority";
+    state.cleanups.set(node, { message: [said, ...left].filter(Boolean).join("; "), ok: left.length === 0 });
+  } catch (error) {
+    if (error instanceof AuthNeeded) askToken(error.message);
+    state.cleanups.set(node, { message: error.message, ok: false });
+  }
+  dirtyNode(node);
+  refreshNode(node);
+}
+
 // -------------------------------------------------------------------------------------- token
 const form = document.getElementById("token-form");
 const tokenInput = document.getElementById("token-input");
@@ -371,7 +392,7 @@ function renderNodes(only = null) {
 function cardSignature(url) {
   const { last_seen: _seen, vram_scraped_at: _scraped, ...shown } = state.report.get(url) || {};
   const actions = [...state.actions].filter(([key]) => key.startsWith(`${url}\n`));
-  return JSON.stringify([shown, actions, state.status?.priority_models || []]);
+  return JSON.stringify([shown, actions, state.cleanups.get(url) || null, state.status?.priority_models || []]);
 }
 
 function gpuBadge(entry) {
@@ -400,6 +421,28 @@ function nodeCard(url) {
     entry.gpu_evidence ? h("p", { class: "evidence dim" }, entry.gpu_evidence) : null,
     vramBar(entry),
     modelList(url, entry),
+    cleanupRow(url, entry),
+  );
+}
+
+function cleanupRow(url, entry) {
+  const done = state.cleanups.get(url);
+  if (entry.online !== true && !done) return null;
+  return h(
+    "div",
+    { class: "node-actions" },
+    h(
+      "button",
+      {
+        type: "button",
+        class: ["act", "cleanup", done?.running ? "running" : ""],
+        disabled: Boolean(done?.running),
+        title: `unload every model that is not a priority from the VRAM of ${shortUrl(url)}`,
+        onclick: () => cleanup(url),
+      },
+      "Free VRAM",
+    ),
+    done ? h("span", { class: ["result", done.running ? "running" : done.ok ? "ok" : "failed"], role: "status" }, done.message) : null,
   );
 }
 
