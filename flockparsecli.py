@@ -140,12 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--node",
         action="append",
         metavar="URL",
-        help="force_gpu/force_cpu/unload: only this node (repeatable)",
+        help="force_gpu/force_cpu/unload/cleanup: only this node (repeatable)",
     )
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="force_*/unload/optimizer now: say what would be done, change nothing",
+        help="force_*/unload/cleanup/optimizer now: say what would be done, change nothing",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="force_gpu: load even where the model does not fit (see README: Room on the GPU)",
     )
     parser.add_argument(
         "--since", metavar="DURATION", help="history: the window, e.g. 30m, 24h (default), 7d"
@@ -727,9 +732,9 @@ def _main(argv: Sequence[str] | None) -> int:
     words = list(args.command)
     script = not words and not sys.stdin.isatty()
     reporter = Reporter(args.json, json_lines=script)
-    if (args.node or args.dry_run or args.since) and not words:
+    if (args.node or args.dry_run or args.since or args.force) and not words:
         return reporter.error(
-            "--node, --dry-run and --since go with a command (e.g. `force_gpu MODEL --dry-run`, "
+            "--node, --dry-run, --force and --since go with a command (e.g. `force_gpu MODEL --dry-run`, "
             "`history --since 7d`)",
             EXIT_USAGE,
         )
@@ -756,6 +761,7 @@ def _main(argv: Sequence[str] | None) -> int:
             return reporter.error(problem, EXIT_USAGE)
     words += [word for node in args.node or () for word in ("--node", node)]
     words += ["--dry-run"] if args.dry_run else []
+    words += ["--force"] if args.force else []
     words += ["--since", args.since] if args.since else []
     if args.watch is not None:
         if words[:1] != ["vram_report"]:
@@ -881,8 +887,8 @@ def serve_usage_problem(args: argparse.Namespace, words: list[str]) -> str | Non
         return (
             "serve runs in front of real nodes: drop --demo (`python3 -m ollama_sim` starts a simulated node)"
         )
-    if args.json or args.watch is not None or args.node or args.dry_run:
-        return "serve takes no --json, --watch, --node or --dry-run"
+    if args.json or args.watch is not None or args.node or args.dry_run or args.force:
+        return "serve takes no --json, --watch, --node, --dry-run or --force"
     if args.connect:
         return "serve runs a cluster; --connect attaches a console to one: use one or the other"
     return None

@@ -478,19 +478,23 @@ class NodeAgent:
                 self._state.in_flight_models[key] = self._state.in_flight_models.get(key, 0) + 1
             return True
 
-    def request_finished(self, node_error: str | None, model: str | None = None) -> None:
-        """A node's own failure counts as an error; a caller's rejected request (4xx) does not."""
+    def request_finished(self, node_error: str | None, model: str | None = None) -> bool:
+        """A node's own failure counts as an error; a caller's rejected request (4xx) does not. True when
+        that was the last request running on `model` (it may be evicted again)."""
+        idle = False
         with self._lock:
             self._state.in_flight -= 1
             if model:
                 key, busy = model_key(model), self._state.in_flight_models
-                if busy.get(key, 0) <= 1:
+                idle = busy.get(key, 0) <= 1
+                if idle:
                     busy.pop(key, None)
                 else:
                     busy[key] -= 1
             if node_error is not None:
                 self._state.errors += 1
                 self._state.last_error = node_error
+        return idle
 
     def close(self) -> None:
         self.lane.close()

@@ -16,6 +16,7 @@ import heapq
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, wait
 from typing import Any
@@ -48,9 +49,11 @@ from flockparse.rules import (
 )
 from flockparse.stats import ClusterStats
 from flockparse.workers import ElasticPool
-from gpu_controller import GPUController, NodeError
+from gpu_controller import DEFAULT_ESTIMATE_CTX, GPUController, NodeError
 
 __all__ = ["AllNodesFailedError", "NodeState", "OllamaLoadBalancer", "RequestRejectedError"]
+
+MIN_USUAL_CONTEXT = 2048  # contexts below this are embedding models' own: not what a chat model gets
 
 logger = logging.getLogger(__name__)
 
@@ -834,33 +837,41 @@ class OllamaLoadBalancer:
         return state.vram_bounds
 
     def model_need_mb(self, node: str, model: str, estimate: bool = True) -> float | None:
-        """The VRAM `model` needs fully on the GPU: its size when this node (else any node) last held it;
-        else, with `estimate`, the controller's estimate from /api/tags and /api/show (I/O); else None."""
+        """The VRAM `model` needs fully on the GPU: its size when this node last held it; else, with
+        `estimate`, the controller's estimate from /api/tags and /api/show (I/O) for the context this node
+        gives its models (another node's figure would not do: Ollama's default context follows each node's
+        VRAM); else None."""
         key = model_key(model)
         state = self.node_state(node)
-        if state is not None and state.model_sizes_mb.get(key):
+        if state is None:
+            return None
+        if state.model_sizes_mb.get(key):
             return state.model_sizes_mb[key]
-        seen = [s.model_sizes_mb[key] for s in self.node_states() if s.model_sizes_mb.get(key)]
-        if seen:
-            return max(seen)
-        return self.controller.estimate_vram_mb(node, model) if estimate else None
+        if not estimate:
+            return None
+        return self.controller.estimate_vram_mb(node, model, _usual_context(state.models))
 
-    def fit_check(self, node: str, model: str, status: dict | None = None) -> Fit:
-        """Whether `model` fits fully on `node`'s GPU next to the other models loaded there (room.fit)."""
+    def fit_check(self, node: str, model: str, status: dict | None = None, alone: bool = False) -> Fit:
+        """Whether `model` fits fully on `node`'s GPU next to the other models loaded there (room.fit), or
+        with every other model unloaded (`alone`). ValueError for a node not in the cluster."""
+        [node] = self._targets([node])
         status = status if status is not None else self.read_status(node)
         others = [
             m
             for m in status.get("models", [])
-            if not same_model(m["name"], model) and not m.get("stopping") and m.get("vram_mb")
+            if not alone and not same_model(m["name"], model) and not m.get("stopping") and m.get("vram_mb")
         ]
         bounds = self.vram_bounds(node, status.get("models"))
         names = [model_key(m["name"]) for m in others]
         return fit(self.model_need_mb(node, model), _held_mb(others), bounds, model_key(model), names)
 
     def _targets(self, nodes: Iterable[str] | None) -> list[str]:
-        """All nodes, or the ones asked for (normalised; a node not in the cluster is a ValueError)."""
+        """All nodes, or the ones asked for (normalised; a node not in the cluster is a ValueError); one
+        address alone is one node."""
         if nodes is None:
             return self.nodes
+        if isinstance(nodes, str):
+            nodes = [nodes]
         known, wanted = self.nodes, [normalize_url(node) for node in nodes]
         missing = [node for node in wanted if node not in known]
         if missing:
@@ -914,12 +925,11 @@ class OllamaLoadBalancer:
             return skipped(Reason.OFFLINE, f"skipped {node}: {status['error']}")
         row = next((m for m in status["models"] if same_model(m["name"], model)), None)
         if target == "GPU" and not force and (row is None or row.get("location") != LOCATION_GPU):
-            verdict = self.fit_check(node, model, status)
+            # Ollama unloads other models for a forced load by itself: refused only what cannot fit even
+            # alone, where the load would unload everything and still run out of memory
+            verdict = self.fit_check(node, model, status, alone=True)
             if verdict.verdict == NO_FIT:
-                message = (
-                    f"{canonical_name(model)} {no_fit_text(verdict)} on {node}; nothing was loaded "
-                    f"(force_gpu {canonical_name(model)} --force tries anyway)"
-                )
+                message = f"{canonical_name(model)} on {node} {no_fit_text(verdict)}; --force tries anyway"
                 return MoveResult(False, message, Reason.DOES_NOT_FIT, row.get("location") if row else None)
         if target == "GPU" and state.gpu == gs.GPU_YES and not dry_run:
             return self.move(node, model, target, cancel=cancel, source="user")
@@ -1045,8 +1055,8 @@ class OllamaLoadBalancer:
         if endpoint is not None and seconds is not None:
             self.stats.observe_request(endpoint, seconds, failed=error is not None)
         agent = self._agent(node)
-        if agent is not None:
-            agent.request_finished(error, model)
+        if agent is not None and agent.request_finished(error, model):
+            self._optimizer.model_idle(node)  # a pass that waited for it gets its turn now
         self.request_stats.end(node)
         if error is not None:
             self.request_stats.failed(node, error)
@@ -1131,6 +1141,14 @@ def check_evict_to(value: str) -> str:
     if value not in ("unload", "cpu"):
         raise ValueError(f"evict_to must be 'unload' or 'cpu', not {value!r}")
     return value
+
+
+def _usual_context(models: Iterable[dict]) -> int:
+    """The context a node gives its models (the most common among those loaded, embedding models' small
+    ones aside), else Ollama's smallest default: what a model never loaded there would get."""
+    contexts = [m.get("context_length") for m in models]
+    usual = Counter(c for c in contexts if isinstance(c, int) and c >= MIN_USUAL_CONTEXT).most_common(1)
+    return usual[0][0] if usual else DEFAULT_ESTIMATE_CTX
 
 
 def _held_mb(models: Iterable[dict]) -> float:

@@ -23,7 +23,7 @@ from flockparse import planner, room
 from flockparse.events import Event
 from flockparse.planner import PASS_ASKED, PASS_INTERVAL, PASS_NODE, Action, Backoff
 from flockparse.results import MoveResult
-from flockparse.rules import model_key, outranks, priority_patterns, priority_rank
+from flockparse.rules import LOCATION_GPU, model_key, outranks, priority_patterns, priority_rank
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class GPUOptimizer:
         self._pins: set[tuple[str, str]] = set()
         self._backoff: dict[tuple[str, str], Backoff] = {}
         self._no_room: set[tuple[str, str]] = set()  # said once (a `no_room` event) until it moves
+        self._busy_wait: set[str] = set()  # nodes where a move waits for a model serving requests
 
     # ------------------------------------------------------------------ thread control
     @property
@@ -360,6 +361,7 @@ class GPUOptimizer:
         where = {model_key(m["name"]): m.get("location") for m in status["models"]}
         with self._lock:
             pins, backoffs = set(self._pins), dict(self._backoff)
+        planned = list(status["models"])  # what the node would hold after the moves planned so far
         for name in [*wanted.off_gpu, *wanted.absent]:
             key = (url, name)
             skip = planner.decide(
@@ -368,10 +370,13 @@ class GPUOptimizer:
             if skip is not None:
                 actions.append(skip)
                 continue
-            plan = self._room_for(url, name, status)
+            plan = self._room_for(url, name, status, planned)
             if plan.action in (room.NO_ROOM, room.BUSY):
                 actions.append(Action(url, name, "skipped", plan.action, f"{name} on {url}: {plan.message}"))
                 continue
+            gone = {v.name for v in plan.victims} | {name}
+            planned = [m for m in planned if model_key(m["name"]) not in gone]
+            planned.append({"name": name, "vram_mb": plan.fit.need_mb or 0.0, "location": LOCATION_GPU})
             actions += [
                 Action(url, v.name, "would_evict", "would_evict", f"would {self._eviction_text(v, name)}")
                 for v in plan.victims
@@ -421,6 +426,7 @@ class GPUOptimizer:
                 "failed": sum(a.action == "failed" for a in done),
                 "skipped": sum(a.action == "skipped" for a in done),
                 "evicted": sum(a.action == "evicted" for a in done),
+                "undone": sum(a.action == "undone" for a in done),
                 "checked_nodes": checked,
                 "duration_s": round(time.monotonic() - t0, 3),
                 "scope": scope,
@@ -615,10 +621,10 @@ class GPUOptimizer:
         result = self._cluster.move(url, name, "GPU", cancel=cancel, source="optimizer")
         reason, message = str(result.reason), result.message
         if not result.success:
-            self._load_back(url, evicted)
+            message += self._load_back(url, evicted, name, status)
             skipped = self._record_outcome(url, name, reason)
-            if skipped is not None:
-                message = f"{message} (backed off for {skipped} pass(es))"
+            if skipped:
+                message = f"{message}; backed off for {skipped} pass(es)"
             return Action(url, name, "failed", reason, message)
         self._seen_on_gpu(url, name)  # a failure back-off ends with a move that worked
         if reason == "already":
@@ -639,9 +645,12 @@ class GPUOptimizer:
         return Action(url, name, "moved", reason, message)
 
     # ------------------------------------------------------------------ room on the GPU (room.py)
-    def _room_for(self, url: str, name: str, status: dict) -> room.RoomPlan:
-        """The room planner's verdict for `name` on `url`, from the status just read (I/O only to estimate
-        the size of a model never seen loaded)."""
+    def _room_for(
+        self, url: str, name: str, status: dict, planned: list[dict] | None = None
+    ) -> room.RoomPlan:
+        """The room planner's verdict for `name` on `url`, from the status just read, or (a dry run) what
+        the node would hold after the moves `planned` before it (I/O: the exporter's figures, and the size
+        of a model never seen loaded)."""
         cluster = self._cluster
         patterns = priority_patterns(cluster.gpu_priority_models)
         state = cluster.node_state(url)
@@ -654,7 +663,7 @@ class GPUOptimizer:
                 busy.get(model_key(m["name"]), 0) > 0,
                 str(m.get("expires_at") or ""),
             )
-            for m in status["models"]
+            for m in (status["models"] if planned is None else planned)
             if not m.get("stopping")
         ]
         need = cluster.model_need_mb(url, name)
@@ -666,6 +675,8 @@ class GPUOptimizer:
         one every pass); said again only after it has moved or left."""
         key = (url, name)
         with self._lock:
+            if action.reason == room.BUSY:
+                self._busy_wait.add(url)
             new = action.reason == room.NO_ROOM and key not in self._no_room
             if action.reason == room.NO_ROOM:
                 self._no_room.add(key)
@@ -674,13 +685,21 @@ class GPUOptimizer:
         if new:
             self._emit("no_room", action.message, {"reason": action.reason}, node=url, model=name)
 
+    def model_idle(self, node: str) -> None:
+        """The last routed request on a model of `node` ended: a move that waited for it is tried now."""
+        with self._lock:
+            waiting = node in self._busy_wait
+            self._busy_wait.discard(node)
+        if waiting:
+            self.trigger(node)
+
     def _eviction_text(self, victim: room.Resident, name: str, done: bool = False) -> str:
         """`unload X (3.2 GB of VRAM, not a priority model, idle) to make room for Y`, or in the past."""
         to_cpu = self._cluster.evict_to == "cpu"
         how = ("moved to CPU" if to_cpu else "unloaded") if done else ("move to CPU" if to_cpu else "unload")
-        what = "not a priority model" if victim.rank is None else f"priority {victim.rank + 1}"
+        what = "not a priority" if victim.rank is None else f"priority {victim.rank + 1}"
         held = f"{victim.vram_mb / 1024:.1f} GB of VRAM"
-        return f"{how} {victim.name} ({held}, {what}, idle) to make room for {name}"
+        return f"{how} {victim.name}, {held}, idle, {what}, to make room for {name}"
 
     def _evict(
         self,
@@ -695,16 +714,15 @@ class GPUOptimizer:
         done: list[room.Resident] = []
         for victim in victims:
             if cancel.is_set():
-                self._load_back(url, done)
-                return Action(url, name, "skipped", "cancelled", f"making room for {name} on {url} cancelled")
+                message = f"making room for {name} on {url} cancelled{self._load_back(url, done)}"
+                return Action(url, name, "skipped", "cancelled", message)
             if self._cluster.evict_to == "cpu":
                 result = self._cluster.move(url, victim.name, "CPU", cancel=cancel, source="optimizer")
             else:
                 result = self._cluster.unload(url, victim.name, cancel=cancel, source="optimizer")
             if not result.success:
-                self._load_back(url, done)
                 message = f"could not make room for {name} on {url}: {result.message}"
-                return Action(url, name, "failed", str(result.reason), message)
+                return Action(url, name, "failed", str(result.reason), message + self._load_back(url, done))
             done.append(victim)
             text = self._eviction_text(victim, name, done=True)
             add(Action(url, victim.name, "evicted", "evicted", text))
@@ -712,13 +730,26 @@ class GPUOptimizer:
             self._emit("model_evicted", f"{url}: {text}", data, node=url, model=victim.name)
         return done
 
-    def _load_back(self, url: str, evicted: Iterable[room.Resident]) -> None:
-        """The move they made room for failed: the evicted models go back where they were."""
+    def _load_back(
+        self, url: str, evicted: list[room.Resident], name: str = "", status: dict | None = None
+    ) -> str:
+        """The move they made room for failed: the evicted models go back where they were, and `name`
+        stays loaded (a load needing VRAM makes Ollama unload any idle model, even one in RAM: it is put
+        back in RAM then, where a load evicts nothing). What happened, as a message tail."""
+        said = []
         for victim in evicted:
             if self._cluster.evict_to == "cpu":
-                self._cluster.move(url, victim.name, "GPU", source="optimizer")
+                back = self._cluster.move(url, victim.name, "GPU", source="optimizer")
             else:
-                self._cluster.load_back(url, victim.name)
+                back = self._cluster.load_back(url, victim.name)
+            said.append(f"{victim.name} loaded back" if back.success else f"{victim.name} not loaded back")
+        before = next((m for m in (status or {}).get("models", []) if model_key(m["name"]) == name), None)
+        if evicted and before is not None:
+            now = self._cluster.read_status(url)
+            if "error" not in now and not any(model_key(m["name"]) == name for m in now["models"]):
+                again = self._cluster.load_back(url, name, on_cpu=True)
+                said.append(f"{name} back in RAM" if again.success else f"{name} lost: {again.message}")
+        return "".join(f"; {part}" for part in said)
 
     def _outranking(self, name: str, displaced: Iterable[str]) -> list[str]:
         """The displaced models ranked above `name`: a lower priority never pushes out a higher one."""
@@ -750,7 +781,7 @@ class GPUOptimizer:
         )
         message += f"; {', '.join(restored)} back on GPU" if restored else ""
         message += f"; not restored yet: {', '.join(missing)}" if missing else ""
-        return Action(url, name, "failed", room.NO_ROOM, message)
+        return Action(url, name, "undone", room.NO_ROOM, message)
 
     def _to_cpu(self, url: str, name: str, evicted: Iterable[str], cancel: threading.Event) -> None:
         """With evict_to = cpu, models Ollama unloaded to load `name` go to RAM instead of away."""

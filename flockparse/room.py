@@ -174,6 +174,11 @@ def plan_room(model: str, rank: int | None, need_mb: float | None, residents: It
         return RoomPlan(NO_ROOM, now, message=_no_room_text(now, [r for r in others if r not in lower]))
     if after.verdict == UNKNOWN and busy:
         return RoomPlan(BUSY, now, message=_busy_text(busy))
+    if after.verdict == FITS:  # the greedy order may have taken one too many: keep what is not needed
+        for victim in list(victims):
+            spared = [v for v in victims if v is not victim]
+            if fit_without(spared).verdict == FITS:
+                victims = spared
     return RoomPlan(EVICT, now, tuple(victims))
 
 
@@ -185,8 +190,8 @@ def _busy_text(busy: list[Resident]) -> str:
 def _no_room_text(result: Fit, kept: list[Resident]) -> str:
     text = no_fit_text(result)
     if kept:
-        holders = ", ".join(f"{r.name} ({r.vram_mb / MB_PER_GB:.1f} GB)" for r in sorted(kept, key=_by_rank))
-        text += f"; the VRAM is held by models of equal or higher priority: {holders}"
+        holders = ", ".join(f"{r.name} {r.vram_mb / MB_PER_GB:.1f} GB" for r in sorted(kept, key=_by_rank))
+        text += f"; held by {holders}, not of lower priority"
     return text
 
 

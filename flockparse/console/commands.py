@@ -769,7 +769,7 @@ OPTIMIZER_SUBCOMMANDS = {"on": (), "off": (), "status": (), "now": (), "interval
 
 @command(
     "optimizer",
-    "the background optimizer: start, stop, status, one pass now, interval",
+    "the background optimizer: start, stop, status, one pass now (--dry-run: what it would do), interval",
     subcommands=OPTIMIZER_SUBCOMMANDS,
     needs_nodes=lambda args: args[:1] == ["now"],
     options=("--dry-run",),
@@ -809,7 +809,7 @@ PRIORITY_SUBCOMMANDS = {"list": (), "add": ("MODEL",), "remove": ("MODEL",)}
 
 @command(
     "priority",
-    "the models the optimizer keeps on GPU (names, globs, `*`)",
+    "the models the optimizer keeps on GPU (names, globs, `*`), highest priority first",
     subcommands=PRIORITY_SUBCOMMANDS,
     needs_nodes=lambda args: args[:1] == ["add"],  # add suggests a known name for a typo
     complete_as={"remove": "PRIORITY"},

@@ -602,7 +602,7 @@ def _without_parens(text: str) -> str:
     return re.sub(r"\s+([;,:])", r"\1", re.sub(r"\s{2,}", " ", "".join(out))).strip()
 
 
-def short_message(message: str, node: str | None, limit: int = 100) -> str:
+def short_message(message: str, node: str | None, limit: int = 140) -> str:
     """A failure as one short phrase: the node's name (already at the line's start) and raw texts left out."""
     text = clean(message)
     if node:
@@ -637,6 +637,9 @@ def move_results(
             line.append(f"{word}: {where}", style="green")
             if result.get("vram_mb"):
                 line.append(f"  {human_mb(result['vram_mb'])} VRAM", style="dim")
+            if result.get("evicted"):
+                gone = ", ".join(clean(name) for name in result["evicted"])
+                line.append(f"  Ollama unloaded {gone} to make room", style="yellow")
         else:
             shown = clean(message).replace("http://", "") if verbose else short_message(message, node)
             line.append(f"failed ({reason or 'error'}): {shown}", style="red")
@@ -651,6 +654,7 @@ def move_results(
 ACTION_STYLE = {
     "moved": "green",
     "evicted": "yellow",
+    "undone": "yellow",
     "failed": "red",
     "skipped": "dim",
     "would_move": "cyan",
@@ -672,8 +676,10 @@ def cleanup_results(results: Iterable[Mapping[str, Any]], verbose: bool = False)
             line.append(shown, style="cyan")
         elif result.get("success"):
             line.append("unloaded", style="green")
-        elif reason in ("busy", "offline"):
-            line.append(f"left ({reason}): {shown}", style="dim")
+        elif reason == "offline":
+            line.append("skipped: offline", style="dim")
+        elif reason == "busy":
+            line.append(f"left (busy): {shown}", style="dim")
         else:
             line.append(f"failed ({reason or 'error'}): {shown}", style="red")
         lines.append(line)
@@ -692,7 +698,7 @@ def pass_actions(
         node = action.get("node")
         message = str(action.get("message", ""))
         shown = clean(message).replace("http://", "") if verbose else short_message(message, node)
-        line = Text(f"  {kind:<10}", style=ACTION_STYLE.get(kind, ""), overflow="fold")
+        line = Text(f"  {kind:<11}", style=ACTION_STYLE.get(kind, ""), overflow="fold")
         line.append(f" {short_url(node)}  {clean(action.get('model') or '')}  {shown}".rstrip())
         lines.append(line)
     return Group(Text(title, style="bold"), *(lines or [Text("  nothing to do", style="dim")]))
@@ -743,7 +749,7 @@ def worth_showing(event: Any) -> bool:
     if kind in ("pass_started", "placements_changed"):  # placements: for history, not a line each
         return False
     if kind == "pass_finished":
-        return bool(data.get("moved") or data.get("failed"))
+        return bool(data.get("moved") or data.get("failed") or data.get("undone"))
     return True
 
 
@@ -761,6 +767,7 @@ def _event_message(event: Any, nodes_total: int | None = None, verbose: bool = F
         duration = data.get("duration_s")
         took = f" in {duration:.2f} s" if isinstance(duration, int | float) else ""
         evicted = f", {data['evicted']} evicted to make room" if data.get("evicted") else ""
+        evicted += f", {data['undone']} undone: no room" if data.get("undone") else ""
         return (
             f"GPU pass finished{took}{over}: {data.get('moved', 0)} moved, {data.get('failed', 0)} failed, "
             f"{data.get('skipped', 0)} skipped{evicted}"

@@ -185,7 +185,7 @@ const fullReads = new Throttle(1000, fullRefresh);
 function onEvent(event) {
   if (typeof event !== "object" || event === null) return;
   if (typeof event.seq === "number") state.lastSeq = Math.max(state.lastSeq, event.seq);
-  if (!QUIET_KINDS.has(event.kind) && !(event.kind === "pass_finished" && !event.data?.moved && !event.data?.failed)) {
+  if (!QUIET_KINDS.has(event.kind) && !(event.kind === "pass_finished" && !event.data?.moved && !event.data?.failed && !event.data?.undone)) {
     state.events.unshift(event);
     state.events.length = Math.min(state.events.length, EVENTS_KEPT);
     dirty("events");
