@@ -44,6 +44,7 @@ INTERNAL_FIELDS = (  # bookkeeping, not for users
     "installed_known",
     "cpu_landings",
     "vram_bounds",
+    "gpu_oom_at",
     "model_sizes_mb",
     "in_flight_models",
 )
@@ -80,6 +81,8 @@ class NodeState:
     vram_bounds: VramBounds = field(default_factory=VramBounds)  # what its GPU holds at least / at most
     model_sizes_mb: dict[str, float] = field(default_factory=dict)  # model key -> its size when last loaded
     in_flight_models: dict[str, int] = field(default_factory=dict)  # model key -> routed requests running
+    gpu_oom_at: dict[str, float] = field(default_factory=dict)  # model key -> time.monotonic() a load to GPU
+    # ran out of memory (Ollama had unloaded every other model for its retry: it did not fit even alone)
 
     @property
     def reports_estimates(self) -> bool:
@@ -149,6 +152,7 @@ class NodeAgent:
                 unmovable={k: dict(v) for k, v in state.unmovable.items()},
                 model_sizes_mb=dict(state.model_sizes_mb),
                 in_flight_models=dict(state.in_flight_models),
+                gpu_oom_at=dict(state.gpu_oom_at),
             )
 
     @property
@@ -432,7 +436,9 @@ class NodeAgent:
             _reset_gpu_evidence(state, gs.EVIDENCE_RESTARTED)
 
     # ------------------------------------------------------------------ evidence from moves and probes
-    def record_move(self, model: str, result: MoveResult, exporter_gpus: int | None = None) -> list[Event]:
+    def record_move(
+        self, model: str, result: MoveResult, exporter_gpus: int | None = None, target: str = "GPU"
+    ) -> list[Event]:
         """Moves are evidence: a load in VRAM proves a GPU; an all-layers load in RAM proves none, or that
         the GPU was lost when one was seen before (or the node's exporter lists one: `exporter_gpus`).
         Modelfile pins and MLX models are remembered."""
@@ -445,6 +451,10 @@ class NodeAgent:
             elif result.success and result.location == LOCATION_GPU and result.reason != Reason.ALREADY:
                 events = _note_gpu_seen(state, gs.EVIDENCE_LOAD_VRAM)
             key = model_key(model)
+            if result.reason == Reason.OUT_OF_MEMORY and target == "GPU":
+                state.gpu_oom_at[key] = time.monotonic()
+            elif result.success and result.location == LOCATION_GPU:
+                state.gpu_oom_at.pop(key, None)
             if result.success and result.evicted:
                 _learn_ceiling(state, key, result)
             if result.reason in UNMOVABLE_REASONS:

@@ -53,6 +53,7 @@ from gpu_controller import DEFAULT_ESTIMATE_CTX, GPUController, NodeError
 
 __all__ = ["AllNodesFailedError", "NodeState", "OllamaLoadBalancer", "RequestRejectedError"]
 
+OOM_REMEMBERED_S = 600.0  # a load to GPU that ran out of memory alone: force_gpu refuses it again this long
 MIN_USUAL_CONTEXT = 2048  # contexts below this are embedding models' own: not what a chat model gets
 
 logger = logging.getLogger(__name__)
@@ -927,6 +928,14 @@ class OllamaLoadBalancer:
         if target == "GPU" and not force and (row is None or row.get("location") != LOCATION_GPU):
             # Ollama unloads other models for a forced load by itself: refused only what cannot fit even
             # alone, where the load would unload everything and still run out of memory
+            failed_at = state.gpu_oom_at.get(model_key(model))
+            if failed_at is not None and time.monotonic() - failed_at < OOM_REMEMBERED_S:
+                ago = _ago(time.monotonic() - failed_at)
+                message = (
+                    f"{canonical_name(model)} on {node} does not fit: its load {ago} ago ran out of memory "
+                    "with every other model unloaded; --force tries again"
+                )
+                return MoveResult(False, message, Reason.DOES_NOT_FIT, row.get("location") if row else None)
             verdict = self.fit_check(node, model, status, alone=True)
             if verdict.verdict == NO_FIT:
                 message = f"{canonical_name(model)} on {node} {no_fit_text(verdict)}; --force tries anyway"
@@ -970,7 +979,7 @@ class OllamaLoadBalancer:
             except Exception as error:  # the controller promises not to raise; report it as a failed move
                 logger.exception("move of %s on %s failed", name, node)
                 result = MoveResult(False, str(error), Reason.ERROR)
-            self._emit_all(agent.record_move(name, result, self._exporter_gpus(node)))
+            self._emit_all(agent.record_move(name, result, self._exporter_gpus(node), target))
             data.update(location=result.location, reason=str(result.reason), vram_mb=result.vram_mb)
             kind = "move_finished" if result.success else "move_failed"
             self.events.emit(Event(kind, node=node, model=name, data=data, message=result.message))
@@ -1141,6 +1150,10 @@ def check_evict_to(value: str) -> str:
     if value not in ("unload", "cpu"):
         raise ValueError(f"evict_to must be 'unload' or 'cpu', not {value!r}")
     return value
+
+
+def _ago(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _usual_context(models: Iterable[dict]) -> int:

@@ -413,3 +413,24 @@ def test_room_is_judged_on_figures_read_now_not_at_the_last_scrape(sim_node, exp
 
     [entry] = balancer.force_gpu_all_nodes("llama3.1")
     assert entry["result"]["reason"] == "moved" and on_gpu(node, LLAMA)
+
+
+def test_a_load_that_ran_out_of_memory_alone_is_not_tried_blindly_again(sim_node, make_balancer) -> None:
+    """No exporter: the first force_gpu of a model too big for the GPU is the blind attempt (Ollama unloads
+    llama3.1, runs out of memory, llama3.1 is put back); the next one says why instead of repeating it."""
+    node = sim_node(vram_gb=8, preload=[("llama3.1", "gpu")])
+    balancer = make_balancer([node.url])
+    wait_until(lambda: balancer.node_state(node.url).online, "the node checked")
+    [first] = balancer.force_gpu_all_nodes("llama3.1:70b")
+    assert first["result"]["reason"] == "out_of_memory" and on_gpu(node, LLAMA)
+    sent = loads(node)
+
+    [second] = balancer.force_gpu_all_nodes("llama3.1:70b")
+
+    assert second["result"]["reason"] == "does_not_fit" and loads(node) == sent
+    assert (
+        "ran out of memory with every other model unloaded; --force tries again"
+        in second["result"]["message"]
+    )
+    [forced] = balancer.force_gpu_all_nodes("llama3.1:70b", force=True)
+    assert forced["result"]["reason"] == "out_of_memory" and loads(node) > sent
