@@ -47,6 +47,7 @@ from flockparse.console.commands import (
 from flockparse.console.config import Config, ConfigError, apply_flags, config_dir, load_config
 from flockparse.console.names import is_glob, same_name
 from flockparse.console.tty import unbuffered_keys
+from flockparse.dashboard import dashboard_url
 from flockparse.remote import TOKEN_ENV, RemoteCluster, RemoteError
 from flockparse.routing import STRATEGIES
 from flockparse.serve.registry import DEFAULT_SERVE_URL, ServeInfo, serves_managing
@@ -127,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--token",
         metavar="TOKEN",
-        help=f"the serve's token (default: ${TOKEN_ENV}): with --connect, sent to it; with `serve`, what "
-        "clients must send as `Authorization: Bearer TOKEN` (required to listen beyond loopback)",
+        help=f"the serve's token (default: ${TOKEN_ENV}): with --connect, sent to it; with `serve` and "
+        "--dashboard, what clients must send as `Authorization: Bearer TOKEN` (required beyond loopback)",
     )
     parser.add_argument(
         "--own-optimizer",
@@ -139,12 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--node",
         action="append",
         metavar="URL",
-        help="force_gpu/force_cpu/unload: only this node (repeatable)",
+        help="force_gpu/force_cpu/unload/cleanup: only this node (repeatable)",
     )
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="force_*/unload/optimizer now: say what would be done, change nothing",
+        help="force_*/unload/cleanup/optimizer now: say what would be done, change nothing",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="force_gpu: load even where the model does not fit (see README: Room on the GPU)",
     )
     parser.add_argument(
         "--since", metavar="DURATION", help="history: the window, e.g. 30m, 24h (default), 7d"
@@ -153,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics",
         metavar="[HOST:]PORT",
         help="the interactive console serves Prometheus metrics at http://HOST:PORT/metrics (host 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--dashboard",
+        metavar="[HOST:]PORT",
+        help="the interactive console serves the live dashboard at http://HOST:PORT/flockparse/dashboard/ "
+        "(host 127.0.0.1; beyond loopback only with --token)",
     )
     parser.add_argument(
         "--config", metavar="FILE", help="TOML config file (default: <config dir>/config.toml)"
@@ -212,6 +224,7 @@ def make_balancer(config: Config, optimize: bool) -> OllamaLoadBalancer:
         remedy_timeout=config.remedy_timeout,
         gpu_metrics={node: url for node, url in config.gpu_metrics.items() if node in config.nodes},
         routing=config.routing,
+        evict_to=config.evict_to,
         request_timeout=config.load_timeout,  # a routed request may wait for a model load
     )
 
@@ -444,6 +457,8 @@ def interactive(
     verbose: bool = False,
     optimizer_guard: Any = None,
     metrics_address: tuple[str, int] | None = None,
+    dashboard_address: tuple[str, int] | None = None,
+    dashboard_token: str | None = None,
 ) -> int:
     """The prompt_toolkit loop; background lines appear above the prompt, the typed line stays intact.
 
@@ -452,6 +467,8 @@ def interactive(
     `balancer` may be a RemoteCluster (`--connect`): the serve's events, and no optimizer of our own.
     `optimizer_guard()` says why this console must not start an optimizer (a serve manages its nodes).
     `metrics_address`: serve Prometheus metrics there (`--metrics`).
+    `dashboard_address`: serve the dashboard and the control API there (`--dashboard`), `dashboard_token`
+    required by its control API (and for its reads beyond loopback); a failure to listen is one line.
     """
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
@@ -498,6 +515,8 @@ def interactive(
     if services.metrics is not None:
         host, port = services.metrics.address
         console.print(Text(f"Prometheus metrics at http://{host}:{port}/metrics", style="dim"))
+    if dashboard_address is not None:
+        start_dashboard(console, balancer, services, dashboard_address, dashboard_token)
     session: PromptSession[str] = PromptSession(
         history=open_history(files_dir, tell),
         completer=ConsoleCompleter(
@@ -550,6 +569,24 @@ def interactive(
         printer.close()
         refresher.stop()
     return 0
+
+
+def start_dashboard(
+    console: Console, balancer: Any, services: Any, address: tuple[str, int], token: str | None
+) -> None:
+    """`--dashboard`: the page and the control API over this console's balancer, from a thread of their
+    own (flockparse/dashboard/server.py). A port in use is one line; the console carries on without it."""
+    from flockparse.dashboard.server import start_dashboard as serve_dashboard
+
+    host, port = address
+    try:
+        services.dashboard = serve_dashboard(balancer, address, token, services)
+    except (OSError, ValueError) as exc:  # ValueError: beyond loopback without a token (checked at start)
+        why = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else str(exc)
+        console.print(render.error_line(f"--dashboard: cannot listen on {host}:{port} ({why}); no dashboard"))
+        return
+    guard = "the token is required" if token else "no token: loopback only"
+    console.print(Text(f"dashboard at {services.dashboard.url}; {guard}", style="dim"))
 
 
 def run_script(
@@ -695,15 +732,19 @@ def _main(argv: Sequence[str] | None) -> int:
     words = list(args.command)
     script = not words and not sys.stdin.isatty()
     reporter = Reporter(args.json, json_lines=script)
-    if (args.node or args.dry_run or args.since) and not words:
+    if (args.node or args.dry_run or args.since or args.force) and not words:
         return reporter.error(
-            "--node, --dry-run and --since go with a command (e.g. `force_gpu MODEL --dry-run`, "
+            "--node, --dry-run, --force and --since go with a command (e.g. `force_gpu MODEL --dry-run`, "
             "`history --since 7d`)",
             EXIT_USAGE,
         )
     if args.metrics and (words or script):
         return reporter.error(
             "--metrics goes with the interactive console (no COMMAND, no stdin)", EXIT_USAGE
+        )
+    if args.dashboard and (words or script):
+        return reporter.error(
+            "--dashboard goes with the interactive console (no COMMAND, no stdin)", EXIT_USAGE
         )
     metrics_address = None
     if args.metrics:
@@ -713,8 +754,14 @@ def _main(argv: Sequence[str] | None) -> int:
             metrics_address = parse_address(args.metrics)
         except ValueError as exc:
             return reporter.error(str(exc), EXIT_USAGE)
+    dashboard_address = None
+    if args.dashboard and not args.connect:  # attached: the serve serves it already
+        problem, dashboard_address = dashboard_usage(args.dashboard, args.token or os.environ.get(TOKEN_ENV))
+        if problem:
+            return reporter.error(problem, EXIT_USAGE)
     words += [word for node in args.node or () for word in ("--node", node)]
     words += ["--dry-run"] if args.dry_run else []
+    words += ["--force"] if args.force else []
     words += ["--since", args.since] if args.since else []
     if args.watch is not None:
         if words[:1] != ["vram_report"]:
@@ -794,6 +841,8 @@ def _main(argv: Sequence[str] | None) -> int:
             demo_script=demo_script,
             optimizer_guard=guard,
             metrics_address=metrics_address,
+            dashboard_address=dashboard_address,
+            dashboard_token=args.token or os.environ.get(TOKEN_ENV) or None,
         )
     finally:
         if demo_script is not None:
@@ -805,6 +854,19 @@ def _main(argv: Sequence[str] | None) -> int:
             from flockparse.console.demo import remove_demo_files
 
             remove_demo_files(files_dir)
+
+
+def dashboard_usage(text: str, token: str | None) -> tuple[str | None, tuple[str, int] | None]:
+    """(problem, None) or (None, (host, port)): the address, and a token when it is beyond loopback."""
+    from flockparse.dashboard.server import parse_dashboard_address
+    from flockparse.serve.runner import check_listen
+
+    try:
+        host, port = parse_dashboard_address(text)
+        check_listen(host, token)
+    except ValueError as exc:
+        return f"--dashboard: {exc}" if not str(exc).startswith("--dashboard") else str(exc), None
+    return None, (host, port)
 
 
 SERVE_ONLY_FLAGS = ("listen", "grace")
@@ -825,8 +887,8 @@ def serve_usage_problem(args: argparse.Namespace, words: list[str]) -> str | Non
         return (
             "serve runs in front of real nodes: drop --demo (`python3 -m ollama_sim` starts a simulated node)"
         )
-    if args.json or args.watch is not None or args.node or args.dry_run:
-        return "serve takes no --json, --watch, --node or --dry-run"
+    if args.json or args.watch is not None or args.node or args.dry_run or args.force:
+        return "serve takes no --json, --watch, --node, --dry-run or --force"
     if args.connect:
         return "serve runs a cluster; --connect attaches a console to one: use one or the other"
     return None
@@ -930,19 +992,27 @@ def run_attached(args: argparse.Namespace, words: list[str], script: bool, repor
             return run_one_shot(remote, config, words, reporter, args.verbose)
         if script:
             return run_script(remote, config, reporter, args.verbose)
-        return interactive(remote, config, attached_banner(remote), verbose=args.verbose)
+        return interactive(
+            remote, config, attached_banner(remote, bool(args.dashboard)), verbose=args.verbose
+        )
     except RemoteError as exc:  # the serve could not be read at start
         return reporter.error(str(exc), 1)
     finally:
         remote.close()
 
 
-def attached_banner(remote: RemoteCluster) -> str:
+def attached_banner(remote: RemoteCluster, dashboard: bool = False) -> str:
+    """What an attached console says first; with --dashboard, where the serve's dashboard is (one per
+    cluster: the serve's, not a second one here)."""
     state = "on" if remote.optimization_running else "off"
-    return (
+    banner = (
         f"attached to the serve at {remote.url} (flockparse {remote.version}, {len(remote.nodes)} node(s), "
         f"optimizer {state}): commands run there, its events show here; this console runs no optimizer"
     )
+    if dashboard:
+        page = dashboard_url(remote.url)
+        banner += f"\n--dashboard: the serve already serves the dashboard at {page} (no second one here)"
+    return banner
 
 
 def run_one_shot(

@@ -45,6 +45,8 @@ MIB = 1024 * 1024
 MAX_VERSION_CHARS = 40  # "0.33.0-rc2" and the like; a node sending more is not shown more
 FOREVER_AFTER = timedelta(days=365 * 20)  # `ollama ps` shows "Forever" beyond 20 years
 ALL_LAYERS_FALLBACK = 999  # llama.cpp clamps an explicit layer count to the model's layers
+DEFAULT_ESTIMATE_CTX = 4096  # a model never seen loaded is estimated for Ollama's smallest default context
+ESTIMATE_GRAPH_BYTES = 256 * MIB  # compute buffers on top of weights and KV cache (an estimate)
 POLLER_GRACE_S = 1.0  # a read through the poller is waited for this long past its deadline, at most
 POLL_INTERVAL = 0.025  # seconds between /api/ps polls while verifying a placement
 MIN_KEEP_ALIVE_S = 30  # a model moved with seconds left must live long enough to be verified
@@ -241,6 +243,7 @@ class _ModelInfo:
     trained_context: int | None = None
     format: str = ""
     modelfile: dict[str, str] = field(default_factory=dict)  # PARAMETER lines: they apply to every request
+    kv_bytes_per_token: int | None = None  # f16 K and V of every layer (None: /api/show did not say)
 
 
 def parse_parameters(text: Any) -> dict[str, str]:
@@ -480,13 +483,33 @@ class GPUController:
         block_count = info.get(f"{arch}.block_count") if isinstance(arch, str) else None
         trained = info.get(f"{arch}.context_length") if isinstance(arch, str) else None
         all_layers = block_count + 1 if _is_int(block_count) and block_count > 0 else ALL_LAYERS_FALLBACK
+        kv = _kv_bytes_per_token(info, arch, block_count)
         return _ModelInfo(
             embedding_only=embedding_only,
             all_layers=all_layers,
             trained_context=trained if _is_int(trained) and trained > 0 else None,
             format=details.get("format") if isinstance(details.get("format"), str) else "",
             modelfile=parse_parameters(body.get("parameters")),
+            kv_bytes_per_token=kv,
         )
+
+    def estimate_vram_mb(
+        self, node_url: str, model_name: str, num_ctx: int = DEFAULT_ESTIMATE_CTX
+    ) -> float | None:
+        """A model never seen loaded: the VRAM it would need, as Ollama predicts it (llama_server.go
+        PredictServerVRAM: the file's size plus an f16 KV cache for `num_ctx`, plus compute buffers), from
+        /api/tags and /api/show. None when the node cannot say. Never raises."""
+        node_url, model = _node_key(node_url), canonical_name(model_name)
+        try:
+            sizes = {name: size for name, size, _ in self._installed_sizes(node_url)}
+            info = self._show(node_url, model)
+        except NodeError:
+            return None
+        if model not in sizes:
+            return None
+        context = min(num_ctx, info.trained_context or num_ctx)
+        kv = (info.kv_bytes_per_token or 0) * context
+        return (sizes[model] + kv + ESTIMATE_GRAPH_BYTES) / MIB
 
     def version(self, node_url: str) -> str | None:
         """The node's Ollama version (/api/version), None when it does not say."""
@@ -741,10 +764,13 @@ class GPUController:
             now = self._ps(node_url)
         except NodeError:
             return
-        gone = [e.name for e in others if _find(now, e.name, include_stopping=False) is None]
+        gone = [e for e in others if _find(now, e.name, include_stopping=False) is None]
         if gone:
-            result.evicted = gone
-            result.message += f"; Ollama unloaded {', '.join(gone)} to make room"
+            result.evicted = [e.name for e in gone]
+            result.held_before_mb = sum(e.size_vram for e in others) / MIB
+            result.evicted_vram_mb = [e.size_vram / MIB for e in gone]
+            result.in_vram_before = [e.name for e in others if e.size_vram > 0]
+            result.message += f"; Ollama unloaded {', '.join(result.evicted)} to make room"
 
     @staticmethod
     def _num_gpu_for(info: _ModelInfo, target: str) -> int | MoveResult:
@@ -998,6 +1024,26 @@ class GPUController:
         listed = self._wait_listed(node_url, model, threading.Event())
         return listed if isinstance(listed, _Loaded) else listed.message
 
+    def load_back(self, node_url: str, model_name: str, on_cpu: bool = False) -> dict:
+        """Load a model this tool unloaded to make room back as Ollama places it (automatic; num_gpu 0 for
+        one that was in RAM), verified: {'success', 'message', 'location'}. Never raises."""
+        node_url, model = _node_key(node_url), canonical_name(model_name)
+        done = self._claim_move(node_url, model)
+        if done is None:
+            return {"success": False, "message": f"{model} is being moved on {node_url}", "location": None}
+        try:
+            back = self._reload(node_url, model, 0 if on_cpu else None, None, None)
+        finally:
+            self._end_move(node_url, model, done)
+        if isinstance(back, _Loaded):
+            location = _model_row(back)["location"]
+            return {"success": True, "message": f"{model} loaded back ({location})", "location": location}
+        return {
+            "success": False,
+            "message": f"could not load {model} back on {node_url}: {back}",
+            "location": None,
+        }
+
     def _restore_evicted(
         self, node_url: str, before_all: list[_Loaded], exclude: str, result: MoveResult
     ) -> None:
@@ -1039,6 +1085,17 @@ class GPUController:
         if missing:
             result.restored_others = brought_back
             result.message += f"; reloaded {len(brought_back)} of {len(missing)} models it evicted"
+
+
+def _kv_bytes_per_token(info: dict, arch: Any, block_count: Any) -> int | None:
+    """2 (K and V) x layers x KV heads x head size x 2 bytes (f16), from the GGUF keys /api/show lists."""
+    if not isinstance(arch, str) or not _is_int(block_count):
+        return None
+    heads, kv_heads = info.get(f"{arch}.attention.head_count"), info.get(f"{arch}.attention.head_count_kv")
+    width = info.get(f"{arch}.embedding_length")
+    if not all(_is_int(v) and v > 0 for v in (heads, kv_heads, width)):
+        return None
+    return 2 * block_count * kv_heads * (width // heads) * 2
 
 
 def _num_ctx_to_keep(info: _ModelInfo, before: _Loaded | None) -> int | None:

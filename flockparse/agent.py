@@ -31,6 +31,7 @@ from typing import Any
 from flockparse import gpu_state as gs
 from flockparse.events import Event
 from flockparse.results import MoveResult, Reason
+from flockparse.room import VramBounds
 from flockparse.rules import LOCATION_GPU, is_off_gpu, matches_priority, model_key, parse_expires_at
 from gpu_controller import RawStatus
 
@@ -38,7 +39,15 @@ RESTART_MARGIN_S = 10.0  # models gone this long before their expiry did not exp
 INSTALLED_REFRESH_SECONDS = 180.0  # how often the monitor re-reads /api/tags (for completion only)
 UNMOVABLE_REASONS = frozenset({"pinned_by_modelfile", "not_controllable"})
 USER_PRIORITY, OPTIMIZER_PRIORITY = 0, 1  # lane order: a user's move goes before queued optimizer moves
-INTERNAL_FIELDS = ("vram_when_lost", "installed_known", "cpu_landings")  # bookkeeping, not for users
+INTERNAL_FIELDS = (  # bookkeeping, not for users
+    "vram_when_lost",
+    "installed_known",
+    "cpu_landings",
+    "vram_bounds",
+    "gpu_oom_at",
+    "model_sizes_mb",
+    "in_flight_models",
+)
 _RECORDED: dict = {}  # fold_if_unchanged(status=False): recorded, no status built
 
 
@@ -69,6 +78,11 @@ class NodeState:
     models: list[dict] = field(default_factory=list)
     installed: list[str] = field(default_factory=list)
     installed_known: bool = False  # /api/tags was read successfully at least once
+    vram_bounds: VramBounds = field(default_factory=VramBounds)  # what its GPU holds at least / at most
+    model_sizes_mb: dict[str, float] = field(default_factory=dict)  # model key -> its size when last loaded
+    in_flight_models: dict[str, int] = field(default_factory=dict)  # model key -> routed requests running
+    gpu_oom_at: dict[str, float] = field(default_factory=dict)  # model key -> time.monotonic() a load to GPU
+    # ran out of memory (Ollama had unloaded every other model for its retry: it did not fit even alone)
 
     @property
     def reports_estimates(self) -> bool:
@@ -136,6 +150,9 @@ class NodeAgent:
                 previous_gpu_models=list(state.previous_gpu_models),
                 vram_when_lost=list(state.vram_when_lost),
                 unmovable={k: dict(v) for k, v in state.unmovable.items()},
+                model_sizes_mb=dict(state.model_sizes_mb),
+                in_flight_models=dict(state.in_flight_models),
+                gpu_oom_at=dict(state.gpu_oom_at),
             )
 
     @property
@@ -370,6 +387,7 @@ class NodeAgent:
         state.last_seen = time.time()
         state.latency_ms = status.get("latency_ms", state.latency_ms)
         state.models = [dict(m) for m in status.get("models", [])]
+        _note_sizes(state)
         # every model gone before its time: a restart no health check saw (or all unloaded by hand); our own
         # moves and unloads make models vanish too, so they do not count
         restarted = (
@@ -418,7 +436,9 @@ class NodeAgent:
             _reset_gpu_evidence(state, gs.EVIDENCE_RESTARTED)
 
     # ------------------------------------------------------------------ evidence from moves and probes
-    def record_move(self, model: str, result: MoveResult, exporter_gpus: int | None = None) -> list[Event]:
+    def record_move(
+        self, model: str, result: MoveResult, exporter_gpus: int | None = None, target: str = "GPU"
+    ) -> list[Event]:
         """Moves are evidence: a load in VRAM proves a GPU; an all-layers load in RAM proves none, or that
         the GPU was lost when one was seen before (or the node's exporter lists one: `exporter_gpus`).
         Modelfile pins and MLX models are remembered."""
@@ -431,6 +451,12 @@ class NodeAgent:
             elif result.success and result.location == LOCATION_GPU and result.reason != Reason.ALREADY:
                 events = _note_gpu_seen(state, gs.EVIDENCE_LOAD_VRAM)
             key = model_key(model)
+            if result.reason == Reason.OUT_OF_MEMORY and target == "GPU":
+                state.gpu_oom_at[key] = time.monotonic()
+            elif result.success and result.location == LOCATION_GPU:
+                state.gpu_oom_at.pop(key, None)
+            if result.success and result.evicted:
+                _learn_ceiling(state, key, result)
             if result.reason in UNMOVABLE_REASONS:
                 state.unmovable[key] = {"reason": str(result.reason), "message": result.message}
             elif result.success:
@@ -452,19 +478,33 @@ class NodeAgent:
             return _note_exporter(self._state, gpu_count)
 
     # ------------------------------------------------------------------ routed requests
-    def request_started(self) -> bool:
+    def request_started(self, model: str | None = None) -> bool:
+        """A routed request began; with its model, that model counts as busy (never evicted meanwhile)."""
         with self._lock:
             self._state.requests += 1
             self._state.in_flight += 1
+            if model:
+                key = model_key(model)
+                self._state.in_flight_models[key] = self._state.in_flight_models.get(key, 0) + 1
             return True
 
-    def request_finished(self, node_error: str | None) -> None:
-        """A node's own failure counts as an error; a caller's rejected request (4xx) does not."""
+    def request_finished(self, node_error: str | None, model: str | None = None) -> bool:
+        """A node's own failure counts as an error; a caller's rejected request (4xx) does not. True when
+        that was the last request running on `model` (it may be evicted again)."""
+        idle = False
         with self._lock:
             self._state.in_flight -= 1
+            if model:
+                key, busy = model_key(model), self._state.in_flight_models
+                idle = busy.get(key, 0) <= 1
+                if idle:
+                    busy.pop(key, None)
+                else:
+                    busy[key] -= 1
             if node_error is not None:
                 self._state.errors += 1
                 self._state.last_error = node_error
+        return idle
 
     def close(self) -> None:
         self.lane.close()
@@ -643,6 +683,31 @@ def _mark_lost(state: NodeState, evidence: str) -> list[Event]:
     )
     message = f"{state.url} lost its GPU: {what}. {remedy}"
     return [Event("gpu_lost", node=state.url, message=message, data={"remedy": remedy})]
+
+
+def _note_sizes(state: NodeState) -> None:
+    """Lock held. What the loaded models hold now is VRAM the GPU has (the floor), and each model's size is
+    what it will need again (room.py)."""
+    held, on_gpu = 0.0, []
+    for m in state.models:
+        size = m.get("size_mb")
+        if isinstance(size, (int, float)) and size > 0:
+            state.model_sizes_mb[model_key(m["name"])] = float(size)
+        if not m.get("stopping"):
+            held += float(m.get("vram_mb") or 0.0)
+            if m.get("location") == LOCATION_GPU:
+                on_gpu.append(model_key(m["name"]))
+    state.vram_bounds = state.vram_bounds.seen(held, on_gpu)
+
+
+def _learn_ceiling(state: NodeState, key: str, result: MoveResult) -> None:
+    """Lock held. Ollama unloaded models to load `key`: what was held before, plus what it needs, was more
+    than the GPU takes (room.VramBounds.evicted)."""
+    need = float(result.vram_mb or state.model_sizes_mb.get(key) or 0.0)
+    if need > 0 and result.evicted_vram_mb:
+        together = [key, *(model_key(name) for name in result.in_vram_before or ())]
+        bounds = state.vram_bounds.evicted(result.held_before_mb, need, result.evicted_vram_mb, together)
+        state.vram_bounds = bounds
 
 
 def _looks_restarted(previous: list[dict], now: list[dict]) -> bool:

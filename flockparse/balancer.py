@@ -16,6 +16,7 @@ import heapq
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, wait
 from typing import Any
@@ -36,12 +37,24 @@ from flockparse.limits import FdBudget, fd_budget
 from flockparse.optimizer import GPUOptimizer
 from flockparse.request_stats import RequestStats, Sample, eval_metrics
 from flockparse.results import MoveResult, Reason, skipped
-from flockparse.rules import LOCATION_CPU, LOCATION_GPU, canonical_name, model_key, normalize_url, same_model
+from flockparse.room import NO_FIT, Fit, VramBounds, fit, no_fit_text
+from flockparse.rules import (
+    LOCATION_CPU,
+    LOCATION_GPU,
+    canonical_name,
+    matches_priority,
+    model_key,
+    normalize_url,
+    same_model,
+)
 from flockparse.stats import ClusterStats
 from flockparse.workers import ElasticPool
-from gpu_controller import GPUController, NodeError
+from gpu_controller import DEFAULT_ESTIMATE_CTX, GPUController, NodeError
 
 __all__ = ["AllNodesFailedError", "NodeState", "OllamaLoadBalancer", "RequestRejectedError"]
+
+OOM_REMEMBERED_S = 600.0  # a load to GPU that ran out of memory alone: force_gpu refuses it again this long
+MIN_USUAL_CONTEXT = 2048  # contexts below this are embedding models' own: not what a chat model gets
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +108,10 @@ class OllamaLoadBalancer:
         gpu_metrics: Mapping[str, str] | None = None,
         gpu_metrics_interval: float = SCRAPE_INTERVAL_S,
         routing: str = routes.DEFAULT_STRATEGY,
+        evict_to: str = "unload",
     ) -> None:
         self.events = EventBus()
+        self.evict_to = check_evict_to(evict_to)  # how the optimizer makes room: "unload" or "cpu"
         self.stats = ClusterStats()  # passes, moves, request latencies: for metrics (flockparse/metrics.py)
         self.events.subscribe(self.stats.on_event)
         self._routing = routes.check_strategy(routing)  # how pick_node chooses (flockparse/routing.py)
@@ -676,15 +691,17 @@ class OllamaLoadBalancer:
         cancel: threading.Event | None = None,
         nodes: Iterable[str] | None = None,
         dry_run: bool = False,
+        force: bool = False,
     ) -> list[dict]:
         """Move `model` to GPU on every node (concurrently), or on `nodes`; lifts a CPU pin and any back-off.
 
-        `dry_run`: say per node what would be done (`would_move`, `would_probe`, `already`, or a skip),
-        changing nothing and sending nothing but status reads.
+        A node where it cannot fit (room.py: its size against the most VRAM seen free there) is refused with
+        reason `does_not_fit` before any load, unless `force`. `dry_run`: say per node what would be done
+        (`would_move`, `would_probe`, `already`, or a skip), changing nothing and sending nothing but reads.
         """
         if not dry_run:
             self._optimizer.release_model(model)
-        return self._force_all_nodes(model, "GPU", cancel, nodes, dry_run)
+        return self._force_all_nodes(model, "GPU", cancel, nodes, dry_run, force)
 
     def force_cpu_all_nodes(
         self,
@@ -734,7 +751,9 @@ class OllamaLoadBalancer:
             {"node": node, "result": f.result().as_dict()} for node, f in zip(targets, futures, strict=True)
         ]
 
-    def unload(self, node: str, model: str, cancel: threading.Event | None = None) -> MoveResult:
+    def unload(
+        self, node: str, model: str, cancel: threading.Event | None = None, source: str = "user"
+    ) -> MoveResult:
         """One verified unload in the node's lane, with a `model_unloaded` (or `move_failed`) event."""
         agent = self._agent(node)
         if agent is None:
@@ -746,16 +765,114 @@ class OllamaLoadBalancer:
             reason = Reason(reply["reason"])
             result = MoveResult(bool(reply["success"]), str(reply["message"]), reason)
             kind = "model_unloaded" if result.success else "move_failed"
-            data = {"target": "unload", "reason": str(reason), "source": "user"}
+            data = {"target": "unload", "reason": str(reason), "source": source}
             self.events.emit(Event(kind, node=node, model=name, message=result.message, data=data))
             return result
 
-        return agent.lane.submit(run, cancel, USER_PRIORITY).result()
+        priority = USER_PRIORITY if source == "user" else OPTIMIZER_PRIORITY
+        return agent.lane.submit(run, cancel, priority).result()
+
+    def cleanup(
+        self, cancel: threading.Event | None = None, nodes: Iterable[str] | None = None, dry_run: bool = False
+    ) -> list[dict]:
+        """Unload every model that is not a priority model from VRAM, on every node (or `nodes`), verified:
+        [{'node', 'model', 'result'}]. A model serving requests routed here is left (reason `busy`); models
+        in RAM only hold no VRAM and are left too. `dry_run`: `would_unload` for each, nothing sent."""
+        patterns = self._patterns()
+
+        def one(node: str) -> list[tuple[str | None, MoveResult]]:
+            status = self.read_status(node)
+            if "error" in status:
+                return [(None, skipped(Reason.OFFLINE, f"skipped {node}: {status['error']}"))]
+            state = self.node_state(node)
+            busy = state.in_flight_models if state is not None else {}
+            done: list[tuple[str | None, MoveResult]] = []
+            for row in status["models"]:
+                name = row["name"]
+                if row.get("stopping") or not row.get("vram_mb") or matches_priority(name, patterns):
+                    continue
+                if busy.get(model_key(name)):
+                    message = f"{name} on {node} is serving requests: left loaded"
+                    done.append((name, MoveResult(False, message, Reason.BUSY, row.get("location"))))
+                elif dry_run:
+                    message = f"would unload {name} ({row['vram_mb'] / 1024:.1f} GB of VRAM)"
+                    done.append((name, MoveResult(True, message, Reason.WOULD_UNLOAD, dry_run=True)))
+                else:
+                    done.append((name, self.unload(node, name, cancel, source="cleanup")))
+            return done
+
+        targets = self._targets(nodes)
+        futures = [run_daemon(lambda n=node: one(n), "cleanup") for node in targets]
+        return [
+            {"node": node, "model": model, "result": result.as_dict()}
+            for node, future in zip(targets, futures, strict=True)
+            for model, result in future.result()
+        ]
+
+    # ------------------------------------------------------------------ room on the GPU (room.py)
+    def load_back(self, node: str, model: str, on_cpu: bool = False) -> MoveResult:
+        """Load back, in the node's lane, a model the optimizer unloaded for room (automatic placement)."""
+        agent = self._agent(node)
+        if agent is None:
+            return skipped(Reason.REMOVED, f"{node} was removed from the cluster")
+
+        def run(stop: threading.Event) -> MoveResult:
+            reply = self.controller.load_back(node, model, on_cpu)
+            reason = Reason.MOVED if reply["success"] else Reason.ERROR
+            return MoveResult(bool(reply["success"]), str(reply["message"]), reason, reply["location"])
+
+        return agent.lane.submit(run, None, OPTIMIZER_PRIORITY).result()
+
+    def vram_bounds(self, node: str, models: list[dict] | None = None) -> VramBounds:
+        """What the node's GPU can hold for Ollama's models: from its exporter (what the models hold plus
+        the driver's free VRAM, read again now: I/O), else as far as seen (the most held;
+        a learned ceiling)."""
+        state = self.node_state(node)
+        if state is None:
+            return VramBounds()
+        memory = self.gpu_metrics.fresh(normalize_url(node))
+        if memory is not None and memory.known and not memory.stale and memory.free_mb is not None:
+            rows = state.models if models is None else models
+            capacity = _held_mb(rows) + memory.free_mb
+            return VramBounds(capacity, capacity)
+        return state.vram_bounds
+
+    def model_need_mb(self, node: str, model: str, estimate: bool = True) -> float | None:
+        """The VRAM `model` needs fully on the GPU: its size when this node last held it; else, with
+        `estimate`, the controller's estimate from /api/tags and /api/show (I/O) for the context this node
+        gives its models (another node's figure would not do: Ollama's default context follows each node's
+        VRAM); else None."""
+        key = model_key(model)
+        state = self.node_state(node)
+        if state is None:
+            return None
+        if state.model_sizes_mb.get(key):
+            return state.model_sizes_mb[key]
+        if not estimate:
+            return None
+        return self.controller.estimate_vram_mb(node, model, _usual_context(state.models))
+
+    def fit_check(self, node: str, model: str, status: dict | None = None, alone: bool = False) -> Fit:
+        """Whether `model` fits fully on `node`'s GPU next to the other models loaded there (room.fit), or
+        with every other model unloaded (`alone`). ValueError for a node not in the cluster."""
+        [node] = self._targets([node])
+        status = status if status is not None else self.read_status(node)
+        others = [
+            m
+            for m in status.get("models", [])
+            if not alone and not same_model(m["name"], model) and not m.get("stopping") and m.get("vram_mb")
+        ]
+        bounds = self.vram_bounds(node, status.get("models"))
+        names = [model_key(m["name"]) for m in others]
+        return fit(self.model_need_mb(node, model), _held_mb(others), bounds, model_key(model), names)
 
     def _targets(self, nodes: Iterable[str] | None) -> list[str]:
-        """All nodes, or the ones asked for (normalised; a node not in the cluster is a ValueError)."""
+        """All nodes, or the ones asked for (normalised; a node not in the cluster is a ValueError); one
+        address alone is one node."""
         if nodes is None:
             return self.nodes
+        if isinstance(nodes, str):
+            nodes = [nodes]
         known, wanted = self.nodes, [normalize_url(node) for node in nodes]
         missing = [node for node in wanted if node not in known]
         if missing:
@@ -771,11 +888,12 @@ class OllamaLoadBalancer:
         cancel: threading.Event | None,
         nodes: Iterable[str] | None = None,
         dry_run: bool = False,
+        force: bool = False,
     ) -> list[dict]:
         """Every node at once, each on a thread of its own: 200 nodes take about one load, not four rounds."""
         nodes = self._targets(nodes)
         futures = [
-            run_daemon(lambda n=node: self._force_one(n, model, target, cancel, dry_run), "force")
+            run_daemon(lambda n=node: self._force_one(n, model, target, cancel, dry_run, force), "force")
             for node in nodes
         ]
         return [
@@ -784,9 +902,16 @@ class OllamaLoadBalancer:
         ]
 
     def _force_one(
-        self, node: str, model: str, target: str, cancel: threading.Event | None, dry_run: bool = False
+        self,
+        node: str,
+        model: str,
+        target: str,
+        cancel: threading.Event | None,
+        dry_run: bool = False,
+        force: bool = False,
     ) -> MoveResult:
-        """Do no harm: a model is loaded where it was not only onto a GPU known, declared or probed."""
+        """Do no harm: a model is loaded where it was not only onto a GPU known, declared or probed, and
+        not onto one it cannot fit (unless `force`)."""
         state = self.node_state(node)
         if state is None:
             return skipped(Reason.REMOVED, f"{node} was removed from the cluster")
@@ -796,12 +921,27 @@ class OllamaLoadBalancer:
             return skipped(Reason.GPU_LOST, f"skipped {node}: its GPU is lost. {gs.lost_remedy_text(node)}")
         if target == "GPU" and state.gpu == gs.GPU_NO:
             return skipped(Reason.NO_GPU, f"skipped {node}: no GPU ({state.gpu_evidence})")
-        if target == "GPU" and state.gpu == gs.GPU_YES and not dry_run:
-            return self.move(node, model, target, cancel=cancel, source="user")
         status = self.read_status(node)
         if "error" in status:
             return skipped(Reason.OFFLINE, f"skipped {node}: {status['error']}")
         row = next((m for m in status["models"] if same_model(m["name"], model)), None)
+        if target == "GPU" and not force and (row is None or row.get("location") != LOCATION_GPU):
+            # Ollama unloads other models for a forced load by itself: refused only what cannot fit even
+            # alone, where the load would unload everything and still run out of memory
+            failed_at = state.gpu_oom_at.get(model_key(model))
+            if failed_at is not None and time.monotonic() - failed_at < OOM_REMEMBERED_S:
+                ago = _ago(time.monotonic() - failed_at)
+                message = (
+                    f"{canonical_name(model)} on {node} does not fit: its load {ago} ago ran out of memory "
+                    "with every other model unloaded; --force tries again"
+                )
+                return MoveResult(False, message, Reason.DOES_NOT_FIT, row.get("location") if row else None)
+            verdict = self.fit_check(node, model, status, alone=True)
+            if verdict.verdict == NO_FIT:
+                message = f"{canonical_name(model)} on {node} {no_fit_text(verdict)}; --force tries anyway"
+                return MoveResult(False, message, Reason.DOES_NOT_FIT, row.get("location") if row else None)
+        if target == "GPU" and state.gpu == gs.GPU_YES and not dry_run:
+            return self.move(node, model, target, cancel=cancel, source="user")
         if dry_run:
             return _dry_run(node, model, target, row, state.gpu)
         if row is None:
@@ -839,7 +979,7 @@ class OllamaLoadBalancer:
             except Exception as error:  # the controller promises not to raise; report it as a failed move
                 logger.exception("move of %s on %s failed", name, node)
                 result = MoveResult(False, str(error), Reason.ERROR)
-            self._emit_all(agent.record_move(name, result, self._exporter_gpus(node)))
+            self._emit_all(agent.record_move(name, result, self._exporter_gpus(node), target))
             data.update(location=result.location, reason=str(result.reason), vram_mb=result.vram_mb)
             kind = "move_finished" if result.success else "move_failed"
             self.events.emit(Event(kind, node=node, model=name, data=data, message=result.message))
@@ -897,12 +1037,13 @@ class OllamaLoadBalancer:
             "nodes": [ranked.as_dict() for ranked in order],
         }
 
-    def request_started(self, node: str) -> bool:
-        """Count a routed request on `node` (requests, in flight); False if the node is not in the cluster."""
+    def request_started(self, node: str, model: str | None = None) -> bool:
+        """Count a routed request on `node` (requests, in flight; its `model` is busy, never evicted, until
+        request_finished names it too); False if the node is not in the cluster."""
         agent = self._agent(node)
         if agent is None:
             return False
-        agent.request_started()
+        agent.request_started(model)
         self.request_stats.begin(node)
         return True
 
@@ -914,6 +1055,7 @@ class OllamaLoadBalancer:
         *,
         endpoint: str | None = None,
         seconds: float | None = None,
+        model: str | None = None,
     ) -> None:
         """End a routed request. `error`: the node failed it (counted, the node cools down and its health is
         checked now rather than in `health_interval`); `sample`: what the answer took (lb_stats); neither:
@@ -922,8 +1064,8 @@ class OllamaLoadBalancer:
         if endpoint is not None and seconds is not None:
             self.stats.observe_request(endpoint, seconds, failed=error is not None)
         agent = self._agent(node)
-        if agent is not None:
-            agent.request_finished(error)
+        if agent is not None and agent.request_finished(error, model):
+            self._optimizer.model_idle(node)  # a pass that waited for it gets its turn now
         self.request_stats.end(node)
         if error is not None:
             self.request_stats.failed(node, error)
@@ -960,7 +1102,8 @@ class OllamaLoadBalancer:
     def _post_once(self, node: str, path: str, body: dict) -> tuple[dict, str | None]:
         """One attempt; returns (reply, None) or ({}, reason to fail over). 4xx other than 404 raises and
         is not counted against the node: another node would say the same about the caller's request."""
-        if not self.request_started(node):
+        model = str(body.get("model") or "")
+        if not self.request_started(node, model):
             return {}, "removed from the cluster"
         node_error: str | None = None
         sent = time.monotonic()
@@ -970,7 +1113,7 @@ class OllamaLoadBalancer:
             node_error = exc.message
         else:
             if 400 <= answer.status < 500 and answer.status != 404:
-                self.request_finished(node, endpoint=path, seconds=time.monotonic() - sent)
+                self.request_finished(node, endpoint=path, seconds=time.monotonic() - sent, model=model)
                 raise RequestRejectedError(node, answer.status, answer.error_text())
             if answer.status != 200:
                 node_error = f"HTTP {answer.status}: {answer.error_text()}"
@@ -978,11 +1121,11 @@ class OllamaLoadBalancer:
                 node_error = "reply is not a JSON object"
         seconds = time.monotonic() - sent
         if node_error is not None:
-            self.request_finished(node, node_error, endpoint=path, seconds=seconds)
+            self.request_finished(node, node_error, endpoint=path, seconds=seconds, model=model)
             return {}, node_error
         count, duration = eval_metrics(answer.body)
         sample = Sample(seconds, None, count, duration)
-        self.request_finished(node, sample=sample, endpoint=path, seconds=seconds)
+        self.request_finished(node, sample=sample, endpoint=path, seconds=seconds, model=model)
         return answer.body, None
 
 
@@ -1000,6 +1143,30 @@ def _dry_run(node: str, model: str, target: str, row: dict | None, gpu: str) -> 
         return MoveResult(True, message, Reason.WOULD_PROBE, dry_run=True)
     message = f"would move {name} to {target} (now {location or 'not loaded'})"
     return MoveResult(True, message, Reason.WOULD_MOVE, location, dry_run=True)
+
+
+def check_evict_to(value: str) -> str:
+    """How the optimizer makes room: "unload" (frees the memory) or "cpu" (keeps the model, in RAM)."""
+    if value not in ("unload", "cpu"):
+        raise ValueError(f"evict_to must be 'unload' or 'cpu', not {value!r}")
+    return value
+
+
+def _ago(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _usual_context(models: Iterable[dict]) -> int:
+    """The context a node gives its models (the most common among those loaded, embedding models' small
+    ones aside), else Ollama's smallest default: what a model never loaded there would get."""
+    contexts = [m.get("context_length") for m in models]
+    usual = Counter(c for c in contexts if isinstance(c, int) and c >= MIN_USUAL_CONTEXT).most_common(1)
+    return usual[0][0] if usual else DEFAULT_ESTIMATE_CTX
+
+
+def _held_mb(models: Iterable[dict]) -> float:
+    """The VRAM the models hold (MB), leaving out those being unloaded."""
+    return sum(float(m.get("vram_mb") or 0.0) for m in models if not m.get("stopping"))
 
 
 def _gpu_fields(state: NodeState) -> dict[str, Any]:

@@ -23,6 +23,8 @@ EVENT_KINDS = (
     "node_restarted",
     "models_restored",
     "model_unloaded",
+    "model_evicted",  # the optimizer made room for a higher priority model (flockparse/room.py)
+    "no_room",  # a priority model is kept off the GPU by models of equal or higher priority (once)
     "gpu_lost",
     "gpu_back",
     "remedy_started",

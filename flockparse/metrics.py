@@ -258,26 +258,26 @@ def metrics_text(balancer: Any, history: Any = None, alerter: Any = None) -> str
     return generate_latest(registry_for(balancer, history, alerter)).decode("utf-8")
 
 
-def parse_address(text: str) -> tuple[str, int]:
+def parse_address(text: str, flag: str = "--metrics") -> tuple[str, int]:
     """`9101` -> 127.0.0.1:9101 (loopback unless a host is named); `0.0.0.0:9101`; `[::1]:9101`.
-    A ValueError says what is wrong in one line."""
+    A ValueError says what is wrong in one line, naming `flag` (also `--dashboard`'s syntax)."""
     value = text.strip()
     host, port_text = DEFAULT_HOST, value
     if value.startswith("["):
         inner, sep, rest = value[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise ValueError(f"--metrics {text}: expected [IPv6]:PORT")
+            raise ValueError(f"{flag} {text}: expected [IPv6]:PORT")
         host, port_text = inner, rest[1:]
     elif ":" in value:
         host, _, port_text = value.rpartition(":")
     if not host or any(c.isspace() for c in host):
-        raise ValueError(f"--metrics {text}: no host before the port")
+        raise ValueError(f"{flag} {text}: no host before the port")
     try:
         port = int(port_text)
     except ValueError:
-        raise ValueError(f"--metrics {text}: `{port_text}` is not a port number") from None
+        raise ValueError(f"{flag} {text}: `{port_text}` is not a port number") from None
     if not 1 <= port <= 65535:
-        raise ValueError(f"--metrics {text}: port must be 1 to 65535")
+        raise ValueError(f"{flag} {text}: port must be 1 to 65535")
     return host, port
 
 

@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
 from typing import Any, Protocol
 
-from flockparse import planner
+from flockparse import planner, room
 from flockparse.events import Event
 from flockparse.planner import PASS_ASKED, PASS_INTERVAL, PASS_NODE, Action, Backoff
 from flockparse.results import MoveResult
-from flockparse.rules import model_key, priority_patterns
+from flockparse.rules import LOCATION_GPU, model_key, outranks, priority_patterns, priority_rank
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,7 @@ class Cluster(Protocol):
 
     events: Any
     gpu_priority_models: list[str]
+    evict_to: str  # how room is made: "unload" or "cpu"
 
     @property
     def nodes(self) -> list[str]: ...
@@ -51,6 +52,12 @@ class Cluster(Protocol):
     def move(
         self, node: str, model: str, target: str, cancel: threading.Event | None = None, source: str = "user"
     ) -> MoveResult: ...
+    def unload(
+        self, node: str, model: str, cancel: threading.Event | None = None, source: str = "user"
+    ) -> MoveResult: ...
+    def load_back(self, node: str, model: str, on_cpu: bool = False) -> MoveResult: ...
+    def vram_bounds(self, node: str, models: list[dict] | None = None) -> room.VramBounds: ...
+    def model_need_mb(self, node: str, model: str, estimate: bool = True) -> float | None: ...
 
 
 class GPUOptimizer:
@@ -72,6 +79,8 @@ class GPUOptimizer:
         self._last_pass: dict | None = None
         self._pins: set[tuple[str, str]] = set()
         self._backoff: dict[tuple[str, str], Backoff] = {}
+        self._no_room: set[tuple[str, str]] = set()  # said once (a `no_room` event) until it moves
+        self._busy_wait: set[str] = set()  # nodes where a move waits for a model serving requests
 
     # ------------------------------------------------------------------ thread control
     @property
@@ -264,8 +273,10 @@ class GPUOptimizer:
             return backoff.passes_to_skip
 
     def _seen_on_gpu(self, node: str, model: str) -> None:
-        """A failure back-off ends once the model is seen on GPU (or moved there); churn only counts down."""
+        """A failure back-off ends once the model is seen on GPU (or moved there); churn only counts down.
+        A `no_room` said about it may be said again if it is kept off the GPU later."""
         with self._lock:
+            self._no_room.discard((node, model))
             if planner.ends_on_gpu(self._backoff.get((node, model))):
                 del self._backoff[(node, model)]
 
@@ -350,14 +361,29 @@ class GPUOptimizer:
         where = {model_key(m["name"]): m.get("location") for m in status["models"]}
         with self._lock:
             pins, backoffs = set(self._pins), dict(self._backoff)
+        planned = list(status["models"])  # what the node would hold after the moves planned so far
         for name in [*wanted.off_gpu, *wanted.absent]:
             key = (url, name)
             skip = planner.decide(
                 url, name, key in pins, state.unmovable.get(name), backoffs.get(key), PASS_ASKED
             )
+            if skip is not None:
+                actions.append(skip)
+                continue
+            plan = self._room_for(url, name, status, planned)
+            if plan.action in (room.NO_ROOM, room.BUSY):
+                actions.append(Action(url, name, "skipped", plan.action, f"{name} on {url}: {plan.message}"))
+                continue
+            gone = {v.name for v in plan.victims} | {name}
+            planned = [m for m in planned if model_key(m["name"]) not in gone]
+            planned.append({"name": name, "vram_mb": plan.fit.need_mb or 0.0, "location": LOCATION_GPU})
+            actions += [
+                Action(url, v.name, "would_evict", "would_evict", f"would {self._eviction_text(v, name)}")
+                for v in plan.victims
+            ]
             now = where.get(name) or "not loaded: warm-up"
             actions.append(
-                skip or Action(url, name, "would_move", "would_move", f"would move {name} to GPU (now {now})")
+                Action(url, name, "would_move", "would_move", f"would move {name} to GPU (now {now})")
             )
         return actions
 
@@ -399,6 +425,8 @@ class GPUOptimizer:
                 "moved": sum(a.action == "moved" for a in done),
                 "failed": sum(a.action == "failed" for a in done),
                 "skipped": sum(a.action == "skipped" for a in done),
+                "evicted": sum(a.action == "evicted" for a in done),
+                "undone": sum(a.action == "undone" for a in done),
                 "checked_nodes": checked,
                 "duration_s": round(time.monotonic() - t0, 3),
                 "scope": scope,
@@ -555,13 +583,17 @@ class GPUOptimizer:
             if cancel.is_set():
                 break
             action = self._consider_move(
-                url, name, frozenset(on_gpu), state.unmovable.get(name), cancel, kind
+                url, name, frozenset(on_gpu), state.unmovable.get(name), cancel, kind, status, add
             )
             add(action)
+            self._say_no_room(url, name, action)
             if action.reason == "no_gpu":
                 break  # the node just proved it has no GPU: reloading the others would land in RAM too
             if action.action == "moved":
                 on_gpu.add(name)
+            if action.action != "skipped":  # the next model's room is judged on what is loaded now
+                fresh = cluster.read_status(url)
+                status = status if "error" in fresh else fresh
         return True
 
     def _consider_move(
@@ -572,28 +604,190 @@ class GPUOptimizer:
         unmovable: dict | None,
         cancel: threading.Event,
         kind: str,
+        status: dict | None = None,
+        add: Callable[[Action], None] | None = None,
     ) -> Action:
-        """Move one priority model to GPU unless the planner says skip; back off on failure or churn."""
+        """Move one priority model to GPU unless the planner says skip, making room first when lower ones
+        hold the VRAM it needs (room.py); back off on failure or churn."""
         skip = self._decide(url, name, unmovable, kind)
         if skip is not None:
             return skip
+        plan = self._room_for(url, name, status) if status is not None else None
+        if plan is not None and plan.action in (room.NO_ROOM, room.BUSY):
+            return Action(url, name, "skipped", plan.action, f"{name} on {url}: {plan.message}")
+        evicted = self._evict(url, name, plan.victims if plan else (), cancel, add or (lambda _: None))
+        if isinstance(evicted, Action):
+            return evicted
         result = self._cluster.move(url, name, "GPU", cancel=cancel, source="optimizer")
         reason, message = str(result.reason), result.message
         if not result.success:
+            message += self._load_back(url, evicted, name, status)
             skipped = self._record_outcome(url, name, reason)
-            if skipped is not None:
-                message = f"{message} (backed off for {skipped} pass(es))"
+            if skipped:
+                message = f"{message}; backed off for {skipped} pass(es)"
             return Action(url, name, "failed", reason, message)
         self._seen_on_gpu(url, name)  # a failure back-off ends with a move that worked
         if reason == "already":
             return Action(url, name, "skipped", "already", message)
         displaced = self._displaced_after_move(url, priority_on_gpu)
-        if displaced:
+        higher = self._outranking(name, displaced)
+        if higher:
+            was_loaded = any(model_key(m["name"]) == name for m in (status or {}).get("models", []))
+            return self._undo_move(url, name, higher, cancel, was_loaded)
+        if result.evicted and self._cluster.evict_to == "cpu":
+            self._to_cpu(url, name, result.evicted, cancel)
+        peers = self._same_rank(name, displaced)
+        if peers:  # a model of its own rank: neither may count on the other's place, so no ping-pong
             skipped = self._record_outcome(url, name, planner.DISPLACED)
-            message = (
-                f"{message}; it displaced {', '.join(sorted(displaced))} (backed off for {skipped} pass(es))"
-            )
+            message = f"{message}; it displaced {', '.join(peers)} (backed off for {skipped} pass(es))"
+        elif displaced:
+            message = f"{message}; it displaced {', '.join(sorted(displaced))} (lower priority)"
         return Action(url, name, "moved", reason, message)
+
+    # ------------------------------------------------------------------ room on the GPU (room.py)
+    def _room_for(
+        self, url: str, name: str, status: dict, planned: list[dict] | None = None
+    ) -> room.RoomPlan:
+        """The room planner's verdict for `name` on `url`, from the status just read, or (a dry run) what
+        the node would hold after the moves `planned` before it (I/O: the exporter's figures, and the size
+        of a model never seen loaded)."""
+        cluster = self._cluster
+        patterns = priority_patterns(cluster.gpu_priority_models)
+        state = cluster.node_state(url)
+        busy = state.in_flight_models if state is not None else {}
+        residents = [
+            room.Resident(
+                model_key(m["name"]),
+                float(m.get("vram_mb") or 0.0),
+                priority_rank(m["name"], patterns),
+                busy.get(model_key(m["name"]), 0) > 0,
+                str(m.get("expires_at") or ""),
+            )
+            for m in (status["models"] if planned is None else planned)
+            if not m.get("stopping")
+        ]
+        need = cluster.model_need_mb(url, name)
+        bounds = cluster.vram_bounds(url, status["models"])
+        return room.plan_room(name, priority_rank(name, patterns), need, residents, bounds)
+
+    def _say_no_room(self, url: str, name: str, action: Action) -> None:
+        """One `no_room` event when a priority model starts being kept off the GPU for want of room (not
+        one every pass); said again only after it has moved or left."""
+        key = (url, name)
+        with self._lock:
+            if action.reason == room.BUSY:
+                self._busy_wait.add(url)
+            new = action.reason == room.NO_ROOM and key not in self._no_room
+            if action.reason == room.NO_ROOM:
+                self._no_room.add(key)
+            elif action.action != "skipped" or action.reason == "already":
+                self._no_room.discard(key)
+        if new:
+            self._emit("no_room", action.message, {"reason": action.reason}, node=url, model=name)
+
+    def model_idle(self, node: str) -> None:
+        """The last routed request on a model of `node` ended: a move that waited for it is tried now."""
+        with self._lock:
+            waiting = node in self._busy_wait
+            self._busy_wait.discard(node)
+        if waiting:
+            self.trigger(node)
+
+    def _eviction_text(self, victim: room.Resident, name: str, done: bool = False) -> str:
+        """`unload X (3.2 GB of VRAM, not a priority model, idle) to make room for Y`, or in the past."""
+        to_cpu = self._cluster.evict_to == "cpu"
+        how = ("moved to CPU" if to_cpu else "unloaded") if done else ("move to CPU" if to_cpu else "unload")
+        what = "not a priority" if victim.rank is None else f"priority {victim.rank + 1}"
+        held = f"{victim.vram_mb / 1024:.1f} GB of VRAM"
+        return f"{how} {victim.name}, {held}, idle, {what}, to make room for {name}"
+
+    def _evict(
+        self,
+        url: str,
+        name: str,
+        victims: Iterable[room.Resident],
+        cancel: threading.Event,
+        add: Callable[[Action], None],
+    ) -> list[room.Resident] | Action:
+        """Unload (or move to CPU) the victims in order; what was evicted, or a failed Action after loading
+        back what had been evicted already (a failed eviction never costs a model)."""
+        done: list[room.Resident] = []
+        for victim in victims:
+            if cancel.is_set():
+                message = f"making room for {name} on {url} cancelled{self._load_back(url, done)}"
+                return Action(url, name, "skipped", "cancelled", message)
+            if self._cluster.evict_to == "cpu":
+                result = self._cluster.move(url, victim.name, "CPU", cancel=cancel, source="optimizer")
+            else:
+                result = self._cluster.unload(url, victim.name, cancel=cancel, source="optimizer")
+            if not result.success:
+                message = f"could not make room for {name} on {url}: {result.message}"
+                return Action(url, name, "failed", str(result.reason), message + self._load_back(url, done))
+            done.append(victim)
+            text = self._eviction_text(victim, name, done=True)
+            add(Action(url, victim.name, "evicted", "evicted", text))
+            data = {"for": name, "vram_mb": victim.vram_mb, "to": self._cluster.evict_to}
+            self._emit("model_evicted", f"{url}: {text}", data, node=url, model=victim.name)
+        return done
+
+    def _load_back(
+        self, url: str, evicted: list[room.Resident], name: str = "", status: dict | None = None
+    ) -> str:
+        """The move they made room for failed: the evicted models go back where they were, and `name`
+        stays loaded (a load needing VRAM makes Ollama unload any idle model, even one in RAM: it is put
+        back in RAM then, where a load evicts nothing). What happened, as a message tail."""
+        said = []
+        for victim in evicted:
+            if self._cluster.evict_to == "cpu":
+                back = self._cluster.move(url, victim.name, "GPU", source="optimizer")
+            else:
+                back = self._cluster.load_back(url, victim.name)
+            said.append(f"{victim.name} loaded back" if back.success else f"{victim.name} not loaded back")
+        before = next((m for m in (status or {}).get("models", []) if model_key(m["name"]) == name), None)
+        if evicted and before is not None:
+            now = self._cluster.read_status(url)
+            if "error" not in now and not any(model_key(m["name"]) == name for m in now["models"]):
+                again = self._cluster.load_back(url, name, on_cpu=True)
+                said.append(f"{name} back in RAM" if again.success else f"{name} lost: {again.message}")
+        return "".join(f"; {part}" for part in said)
+
+    def _outranking(self, name: str, displaced: Iterable[str]) -> list[str]:
+        """The displaced models ranked above `name`: a lower priority never pushes out a higher one."""
+        patterns = priority_patterns(self._cluster.gpu_priority_models)
+        rank = priority_rank(name, patterns)
+        return sorted(d for d in displaced if outranks(priority_rank(d, patterns), rank))
+
+    def _same_rank(self, name: str, displaced: Iterable[str]) -> list[str]:
+        patterns = priority_patterns(self._cluster.gpu_priority_models)
+        rank = priority_rank(name, patterns)
+        return sorted(d for d in displaced if priority_rank(d, patterns) == rank)
+
+    def _undo_move(
+        self, url: str, name: str, higher: list[str], cancel: threading.Event, was_loaded: bool
+    ) -> Action:
+        """Ollama made room for `name` by unloading higher priority models: put `name` back in RAM (or
+        away, if a warm-up loaded it) and those back on the GPU. The node's owner has learned the VRAM it
+        has (room.VramBounds.evicted), so the next pass finds no room instead of swapping again."""
+        if was_loaded:
+            back = self._cluster.move(url, name, "CPU", cancel=cancel, source="optimizer")
+        else:
+            back = self._cluster.unload(url, name, cancel=cancel, source="optimizer")
+        where = "is back on CPU" if was_loaded else "is unloaded again"
+        restored = [h for h in higher if self._cluster.move(url, h, "GPU", source="optimizer").success]
+        missing = [h for h in higher if h not in restored]
+        message = (
+            f"{name} on {url} went to GPU but Ollama unloaded {', '.join(higher)} (higher priority) for it: "
+            f"{name} {where if back.success else 'could not be moved back: ' + back.message}"
+        )
+        message += f"; {', '.join(restored)} back on GPU" if restored else ""
+        message += f"; not restored yet: {', '.join(missing)}" if missing else ""
+        return Action(url, name, "undone", room.NO_ROOM, message)
+
+    def _to_cpu(self, url: str, name: str, evicted: Iterable[str], cancel: threading.Event) -> None:
+        """With evict_to = cpu, models Ollama unloaded to load `name` go to RAM instead of away."""
+        for model in evicted:
+            if not cancel.is_set():
+                self._cluster.move(url, model, "CPU", cancel=cancel, source="optimizer")
 
     def _displaced_after_move(self, url: str, priority_on_gpu: frozenset[str]) -> set[str]:
         """Priority models that were on GPU before a move and are not any more (churn guard)."""
@@ -606,9 +800,14 @@ class GPUOptimizer:
         return set(priority_on_gpu) - now_on_gpu
 
     def _emit(
-        self, kind: str, message: str, data: dict[str, Any] | None = None, node: str | None = None
+        self,
+        kind: str,
+        message: str,
+        data: dict[str, Any] | None = None,
+        node: str | None = None,
+        model: str | None = None,
     ) -> None:
-        self._cluster.events.emit(Event(kind, node=node, message=message, data=data or {}))
+        self._cluster.events.emit(Event(kind, node=node, model=model, message=message, data=data or {}))
 
 
 def _read_result(url: str, read: Future) -> dict:

@@ -288,8 +288,12 @@ class RemoteCluster:
         cancel: threading.Event | None = None,
         nodes: Iterable[str] | None = None,
         dry_run: bool = False,
+        force: bool = False,
     ) -> list[dict]:
-        return self._operation("/force_gpu", _move_body(model, nodes, dry_run), cancel)
+        body = _move_body(model, nodes, dry_run)
+        if force:
+            body["force"] = True
+        return self._operation("/force_gpu", body, cancel)
 
     def force_cpu_all_nodes(
         self,
@@ -308,6 +312,14 @@ class RemoteCluster:
         dry_run: bool = False,
     ) -> list[dict]:
         return self._operation("/unload", _move_body(model, nodes, dry_run), cancel)
+
+    def cleanup(
+        self, cancel: threading.Event | None = None, nodes: Iterable[str] | None = None, dry_run: bool = False
+    ) -> list[dict]:
+        body: dict[str, Any] = {"dry_run": dry_run}
+        if nodes is not None:
+            body["nodes"] = list(nodes)
+        return self._operation("/cleanup", body, cancel)
 
     def optimize_gpu_once(self, cancel: threading.Event | None = None, dry_run: bool = False) -> list[dict]:
         return self._operation("/optimizer/now", {"dry_run": dry_run}, cancel)

@@ -34,6 +34,12 @@ class Reason(StrEnum):
     WOULD_MOVE = "would_move"
     WOULD_PROBE = "would_probe"
     WOULD_UNLOAD = "would_unload"
+    WOULD_EVICT = "would_evict"
+    # room on the GPU (flockparse/room.py)
+    DOES_NOT_FIT = "does_not_fit"  # a force to GPU refused before any load: the model cannot fit there
+    NO_ROOM = "no_room"  # only models of equal or higher priority hold the VRAM it needs
+    BUSY = "busy"  # making room would unload a model serving requests: wait for the next pass
+    EVICTED = "evicted"  # unloaded (or moved to CPU) to make room for a higher priority model
 
 
 @dataclass
@@ -49,6 +55,10 @@ class MoveResult:
     restored_others: list[str] | None = None  # models Ollama evicted for the attempt, loaded back
     not_restored: list[str] | None = None  # ... and those that could not be loaded back yet
     evicted: list[str] | None = None  # a move that worked: the models Ollama unloaded to make room
+    # ... and what the other models held before it, and each evicted one's VRAM (MB): room.py learns from it
+    held_before_mb: float = 0.0
+    evicted_vram_mb: list[float] | None = None
+    in_vram_before: list[str] | None = None  # the other models that held VRAM before the move
     modelfile_num_gpu: int | None = None  # with PINNED_BY_MODELFILE: the Modelfile's value
     skipped: bool = False  # decided without contacting the node (offline, no GPU, ...)
     dry_run: bool = False  # only said what would be done

@@ -174,20 +174,31 @@ def matches_priority(model_name: str, patterns: list[str]) -> bool:
     (`llama3*`, `*:70b`) are matched against the whole canonical name, and a glob without a tag also
     against the name without its tag; `"*"` matches every model.
     """
+    return priority_rank(model_name, patterns) is not None
+
+
+def priority_rank(model_name: str, patterns: list[str]) -> int | None:
+    """The index of the first pattern `model_name` matches (0 = the highest priority), None when it is not
+    a priority model. The list's order is the ranking: a higher one may displace a lower one on a GPU."""
     canonical = model_key(model_name)
     base, _ = split_tag(canonical)
-    for raw in patterns:
+    for rank, raw in enumerate(patterns):
         pattern = raw.strip().lower()
         if not pattern:
             continue
         if not is_glob(pattern):
             if model_key(pattern) == canonical:
-                return True
+                return rank
         elif fnmatchcase(canonical, pattern) or (
             split_tag(pattern)[1] is None and fnmatchcase(base, pattern)
         ):
-            return True
-    return False
+            return rank
+    return None
+
+
+def outranks(rank: int | None, other: int | None) -> bool:
+    """True when a model of `rank` may displace one of `other` (lower, or not a priority at all)."""
+    return rank is not None and (other is None or rank < other)
 
 
 def priority_patterns(value: str | list[str] | tuple[str, ...]) -> list[str]:

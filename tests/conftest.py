@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -105,3 +106,39 @@ def served() -> Iterator[Callable[..., str]]:
     yield serve
     for app in apps:
         app.stop()
+
+
+@pytest.fixture
+def stop_at_end() -> Iterator[list[Any]]:
+    """Servers and services to stop at the end, servers first."""
+    from serve_support import ServeThread
+
+    things: list[Any] = []
+    yield things
+    for thing in things:
+        thing.stop() if isinstance(thing, ServeThread) else thing.close()
+
+
+@pytest.fixture
+def serve_over(make_balancer, stop_at_end, tmp_path: Path) -> Callable[..., Any]:
+    """`serve_over(nodes, token=None, reads_need_token=False)`: a serve (with history) over those nodes,
+    once every node has been checked (the dashboard's tests)."""
+    from serve_support import ServeThread
+
+    from flockparse.console.config import Config
+    from flockparse.console.services import start_services
+
+    def serve(nodes: list[Any], token: str | None = None, reads_need_token: bool = False) -> Any:
+        urls = [node.url for node in nodes]
+        balancer = make_balancer(urls, start=False, gpu_priority_models=["llama3.1"])
+        services = start_services(balancer, Config(nodes=urls, path=tmp_path / "c.toml"), tmp_path, None)
+        stop_at_end.append(services)
+        balancer.start()
+        wait_until(lambda: all(s.online and s.ollama_version for s in balancer.node_states()), "first checks")
+        server = ServeThread(
+            balancer, token=token, services=services, control_reads_need_token=reads_need_token
+        )
+        stop_at_end.insert(0, server.start())
+        return server
+
+    return serve

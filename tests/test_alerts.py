@@ -192,8 +192,9 @@ def test_a_flapping_node_on_the_simulator_sends_a_handful_of_messages(
     receiver, the rest is held back by the cool-down."""
     target = receiver()
     node = sim_node(vram_gb=24)
-    lb = make_balancer([node.url], health_interval=0.05)
-    events = Recorder(lb)
+    lb = make_balancer([node.url], health_interval=0.05, start=False)
+    events = Recorder(lb)  # listening before the first check: its node_up is never missed
+    lb.start()
     events.wait("node_up")
     alerter = Alerter([WebhookChannel(target.url, "json")], cooldown_s=60, retry=FAST_RETRY).attach(lb)
     watched_from = len(events.events)

@@ -134,3 +134,21 @@ def test_small_console_rules_from_a_try_out() -> None:
     assert watch_args([]) == (2.0, None)
     with pytest.raises(UsageError, match="empty"):
         cmd_vram_report(None, [" "])
+
+
+def test_cleanup_unloads_what_is_not_a_priority_and_says_so(two_gpu_nodes) -> None:
+    """Node 2 holds mxbai-embed-large in VRAM and llama3.1 in RAM; priority llama3.1: only the embedding
+    model's VRAM is taken back (a model in RAM holds none)."""
+    cluster, ctx, buffer = two_gpu_nodes
+    ctx.balancer.gpu_priority_models = ["llama3.1"]
+
+    ok, shown = run(ctx, buffer, "cleanup --dry-run")
+    assert ok and "would unload mxbai-embed-large:latest" in shown and loaded(cluster.nodes[1], EMBED)
+
+    ok, shown = run(ctx, buffer, "cleanup")
+    assert ok and "mxbai-embed-large:latest  unloaded" in shown
+    assert loaded(cluster.nodes[1], EMBED) is None and on_cpu(cluster.nodes[1], LLAMA)
+    ok, shown = run(ctx, buffer, "cleanup")
+    assert ok and "nothing to unload" in shown
+    ok, shown = run(ctx, buffer, "cleanup now")
+    assert not ok and "extra argument" in shown

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import pytest
-from helpers import LLAMA, on_cpu, on_gpu, posts
+from helpers import LLAMA, loaded, on_cpu, on_gpu, posts
 from serving import ServedApp, control_app
 
 from flockparse.remote import (
@@ -301,3 +301,17 @@ def test_routing_and_route_go_to_the_serve(node: SimNode, lb, served) -> None:
     with pytest.raises(ValueError, match="routing"):
         remote.routing = "fastest"
     assert lb.routing == "round_robin"
+
+
+def test_cleanup_and_a_forced_move_through_the_api(node: SimNode, lb, served) -> None:
+    remote = RemoteCluster(served(lb, TOKEN), token=TOKEN)
+    remote.connect()
+    [dry] = remote.cleanup(dry_run=True)  # priority: mxbai-embed-large; llama3.1 holds VRAM
+    assert (dry["model"], dry["result"]["reason"]) == ("llama3.1:latest", "would_unload")
+    [done] = remote.cleanup()
+    assert done["result"]["reason"] == "unloaded" and loaded(node, "llama3.1:latest") is None
+    [moved] = remote.force_gpu_all_nodes("llama3.1", force=True)
+    assert moved["result"]["reason"] == "moved" and on_gpu(node, "llama3.1:latest")
+    status, body = raw(remote.url, "POST", "/force_cpu", b'{"model": "llama3.1", "force": true}',
+                       {"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+    assert status == 400 and "force" in body["error"]

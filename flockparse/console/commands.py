@@ -653,6 +653,7 @@ def _act_on_model(ctx: Context, model: str, what: str) -> Outcome:
         "unload": ctx.balancer.unload_all_nodes,
     }[what]
     nodes, dry_run = _chosen_nodes(ctx), bool(ctx.options.get("dry_run"))
+    extra = {"force": True} if ctx.options.get("force") else {}
     where = f"{len(nodes)} node(s)" if nodes else "all nodes"
     doing = {
         "GPU": f"forcing {model} to GPU",
@@ -664,7 +665,7 @@ def _act_on_model(ctx: Context, model: str, what: str) -> Outcome:
     try:
         with _muted(ctx, "user"):
             results = ctx.run_cancellable(
-                lambda cancel: method(model, cancel=cancel, nodes=nodes, dry_run=dry_run)
+                lambda cancel: method(model, cancel=cancel, nodes=nodes, dry_run=dry_run, **extra)
             )
     except ValueError as exc:  # a --node that is not in the cluster
         raise UsageError(str(exc)) from None
@@ -679,10 +680,36 @@ MOVE_OPTIONS = ("--node URL", "--dry-run")
 
 
 @command(
-    "force_gpu", "load MODEL fully on GPU on every GPU node, verified", args=("MODEL",), options=MOVE_OPTIONS
+    "force_gpu",
+    "load MODEL fully on GPU on every GPU node, verified; --force tries even where it does not fit",
+    args=("MODEL",),
+    options=(*MOVE_OPTIONS, "--force"),
 )
 def cmd_force_gpu(ctx: Context, args: list[str]) -> Outcome:
     return _act_on_model(ctx, args[0], "GPU")
+
+
+@command(
+    "cleanup",
+    "unload every model that is not a priority model from VRAM, on every node (or --node), verified",
+    options=MOVE_OPTIONS,
+)
+def cmd_cleanup(ctx: Context, args: list[str]) -> Outcome:
+    nodes, dry_run = _chosen_nodes(ctx), bool(ctx.options.get("dry_run"))
+    where = f"{len(nodes)} node(s)" if nodes else "all nodes"
+    tail = ": what would be done (nothing is changed)" if dry_run else "... (Ctrl-C cancels)"
+    ctx.note(f"unloading every non-priority model from VRAM on {where}{tail}")
+    try:
+        with _muted(ctx, "user"):
+            results = ctx.run_cancellable(
+                lambda cancel: ctx.balancer.cleanup(cancel=cancel, nodes=nodes, dry_run=dry_run)
+            )
+    except ValueError as exc:  # a --node that is not in the cluster
+        raise UsageError(str(exc)) from None
+    failed = any(not r["result"].get("success") and r["result"].get("reason") != "busy" for r in results)
+    return Outcome(
+        data=results, renderable=render.cleanup_results(results, verbose=ctx.verbose), ok=not failed
+    )
 
 
 @command(
@@ -742,7 +769,7 @@ OPTIMIZER_SUBCOMMANDS = {"on": (), "off": (), "status": (), "now": (), "interval
 
 @command(
     "optimizer",
-    "the background optimizer: start, stop, status, one pass now, interval",
+    "the background optimizer: start, stop, status, one pass now (--dry-run: what it would do), interval",
     subcommands=OPTIMIZER_SUBCOMMANDS,
     needs_nodes=lambda args: args[:1] == ["now"],
     options=("--dry-run",),
@@ -782,7 +809,7 @@ PRIORITY_SUBCOMMANDS = {"list": (), "add": ("MODEL",), "remove": ("MODEL",)}
 
 @command(
     "priority",
-    "the models the optimizer keeps on GPU (names, globs, `*`)",
+    "the models the optimizer keeps on GPU (names, globs, `*`), highest priority first",
     subcommands=PRIORITY_SUBCOMMANDS,
     needs_nodes=lambda args: args[:1] == ["add"],  # add suggests a known name for a typo
     complete_as={"remove": "PRIORITY"},

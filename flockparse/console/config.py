@@ -11,6 +11,7 @@ Precedence is flags > config file > $OLLAMA_HOST > http://localhost:11434. The f
     on_gpu_lost = "ssh {host} sudo systemctl restart ollama"   # remedy when a node loses its GPU (off)
     remedy_timeout = 120    # seconds the remedy may run
     routing = "adaptive"    # how requests are routed (adaptive, round_robin, least_loaded, lowest_latency)
+    evict_to = "unload"     # room for a priority model: unload lower ones, or move them to "cpu"
     history_days = 30       # placement history kept in history.sqlite (0 = none recorded)
 
     [gpu]                   # declared GPU capability per node; absent = detect
@@ -79,6 +80,7 @@ KNOWN_KEYS = (
     "remedy_timeout",
     "load_timeout",
     "routing",
+    "evict_to",
     "gpu_metrics",
     "history_days",
     "alerts",
@@ -118,6 +120,7 @@ NEW_FILE_HEADER = """\
 # on_gpu_lost = "ssh {host} sudo systemctl restart ollama"  # run once when a node loses its GPU (off)
 # remedy_timeout = 120    # seconds the remedy may run (1 .. 3600)
 # routing = "adaptive"    # how requests are routed: adaptive, round_robin, least_loaded, lowest_latency
+# evict_to = "unload"     # room for a priority model: unload lower ones ("unload") or move them to "cpu"
 # history_days = 30       # days of placement history kept in history.sqlite (0 = none recorded)
 #
 # [gpu]                   # declare a node's GPU instead of detecting it
@@ -162,6 +165,7 @@ class Config:
     remedy_timeout: float = DEFAULT_REMEDY_TIMEOUT
     load_timeout: float = DEFAULT_LOAD_TIMEOUT
     routing: str = DEFAULT_STRATEGY  # flockparse/routing.py
+    evict_to: str = "unload"  # how the optimizer makes room (flockparse/room.py): "unload" or "cpu"
     gpu_metrics: dict[str, str] = field(default_factory=dict)  # node URL -> its GPU exporter's URL
     history_days: float = DEFAULT_RETENTION_DAYS  # 0: no history recorded
     alerts: AlertSettings = field(default_factory=AlertSettings)
@@ -425,6 +429,10 @@ def apply_table(config: Config, table: dict[str, Any], source: str) -> None:
         config.on_gpu_lost = table["on_gpu_lost"]
     if "routing" in table:
         config.routing = check_routing(table["routing"], f"{source}: routing")
+    if "evict_to" in table:
+        if table["evict_to"] not in ("unload", "cpu"):
+            raise ConfigError(f'{source}: evict_to must be "unload" or "cpu"')
+        config.evict_to = table["evict_to"]
     if "history_days" in table:
         config.history_days = check_history_days(table["history_days"], f"{source}: history_days")
     if "alerts" in table:

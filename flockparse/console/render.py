@@ -29,6 +29,8 @@ EVENT_STYLE = {
     "node_restarted": ("node", "yellow"),
     "models_restored": ("move", "green"),
     "model_unloaded": ("move", "cyan"),
+    "model_evicted": ("room", "yellow"),
+    "no_room": ("room", "yellow"),
     "move_started": ("move", "yellow"),
     "move_finished": ("move", "green"),
     "move_failed": ("move", "red"),
@@ -600,7 +602,7 @@ def _without_parens(text: str) -> str:
     return re.sub(r"\s+([;,:])", r"\1", re.sub(r"\s{2,}", " ", "".join(out))).strip()
 
 
-def short_message(message: str, node: str | None, limit: int = 100) -> str:
+def short_message(message: str, node: str | None, limit: int = 140) -> str:
     """A failure as one short phrase: the node's name (already at the line's start) and raw texts left out."""
     text = clean(message)
     if node:
@@ -635,6 +637,9 @@ def move_results(
             line.append(f"{word}: {where}", style="green")
             if result.get("vram_mb"):
                 line.append(f"  {human_mb(result['vram_mb'])} VRAM", style="dim")
+            if result.get("evicted"):
+                gone = ", ".join(clean(name) for name in result["evicted"])
+                line.append(f"  Ollama unloaded {gone} to make room", style="yellow")
         else:
             shown = clean(message).replace("http://", "") if verbose else short_message(message, node)
             line.append(f"failed ({reason or 'error'}): {shown}", style="red")
@@ -648,11 +653,39 @@ def move_results(
 
 ACTION_STYLE = {
     "moved": "green",
+    "evicted": "yellow",
+    "undone": "yellow",
     "failed": "red",
     "skipped": "dim",
     "would_move": "cyan",
     "would_probe": "cyan",
+    "would_evict": "cyan",
 }
+
+
+def cleanup_results(results: Iterable[Mapping[str, Any]], verbose: bool = False) -> RenderableType:
+    """`cleanup`: one line per model taken out of VRAM (or left: serving requests, node offline)."""
+    lines = [Text("cleanup: models that are not a priority, out of VRAM", style="bold")]
+    for item in results:
+        result = item.get("result") or {}
+        node, reason = item.get("node"), clean(result.get("reason", ""))
+        message = str(result.get("message", ""))
+        shown = clean(message).replace("http://", "") if verbose else short_message(message, node)
+        line = Text(f"  {short_url(node)}  {clean(item.get('model') or '')}  ".replace("    ", "  "))
+        if result.get("dry_run"):
+            line.append(shown, style="cyan")
+        elif result.get("success"):
+            line.append("unloaded", style="green")
+        elif reason == "offline":
+            line.append("skipped: offline", style="dim")
+        elif reason == "busy":
+            line.append(f"left (busy): {shown}", style="dim")
+        else:
+            line.append(f"failed ({reason or 'error'}): {shown}", style="red")
+        lines.append(line)
+    if len(lines) == 1:
+        lines.append(Text("  nothing to unload: every model in VRAM is a priority model", style="dim"))
+    return Group(*lines)
 
 
 def pass_actions(
@@ -665,7 +698,7 @@ def pass_actions(
         node = action.get("node")
         message = str(action.get("message", ""))
         shown = clean(message).replace("http://", "") if verbose else short_message(message, node)
-        line = Text(f"  {kind:<10}", style=ACTION_STYLE.get(kind, ""), overflow="fold")
+        line = Text(f"  {kind:<11}", style=ACTION_STYLE.get(kind, ""), overflow="fold")
         line.append(f" {short_url(node)}  {clean(action.get('model') or '')}  {shown}".rstrip())
         lines.append(line)
     return Group(Text(title, style="bold"), *(lines or [Text("  nothing to do", style="dim")]))
@@ -716,7 +749,7 @@ def worth_showing(event: Any) -> bool:
     if kind in ("pass_started", "placements_changed"):  # placements: for history, not a line each
         return False
     if kind == "pass_finished":
-        return bool(data.get("moved") or data.get("failed"))
+        return bool(data.get("moved") or data.get("failed") or data.get("undone"))
     return True
 
 
@@ -733,9 +766,11 @@ def _event_message(event: Any, nodes_total: int | None = None, verbose: bool = F
         over = f" over {nodes_total} node(s)" if nodes_total else ""
         duration = data.get("duration_s")
         took = f" in {duration:.2f} s" if isinstance(duration, int | float) else ""
+        evicted = f", {data['evicted']} evicted to make room" if data.get("evicted") else ""
+        evicted += f", {data['undone']} undone: no room" if data.get("undone") else ""
         return (
             f"GPU pass finished{took}{over}: {data.get('moved', 0)} moved, {data.get('failed', 0)} failed, "
-            f"{data.get('skipped', 0)} skipped"
+            f"{data.get('skipped', 0)} skipped{evicted}"
         )
     if kind == "move_failed" and not verbose:  # the node's raw error text only with --verbose
         return f"{clean(model)} on {node}: {short_message(getattr(event, 'message', ''), event.node)}"

@@ -1,4 +1,5 @@
-"""What the interactive console runs beside the prompt: the history recorder, the alerter and `--metrics`.
+"""What the interactive console runs beside the prompt: the history recorder, the alerter, `--metrics` and
+`--dashboard` (started by flockparsecli.py once the others run: its history read needs the recorder).
 
 Each is a core module (flockparse/history.py, alerts.py, metrics.py) the console only wires to its
 balancer and config: started before the balancer's first health check (so its node_up and placements are
@@ -23,8 +24,11 @@ class Services:
     history: History | None = None
     alerter: Alerter | None = None
     metrics: Any = None  # flockparse.metrics.MetricsServer (imported only when --metrics is given)
+    dashboard: Any = None  # flockparse.dashboard.server.DashboardServer (--dashboard; it reads `history`)
 
     def close(self) -> None:
+        if self.dashboard is not None:
+            self.dashboard.close()
         if self.metrics is not None:
             self.metrics.close()
         if self.alerter is not None:

@@ -196,6 +196,17 @@ class GpuMetricsScraper:
             target = self._targets.get(node)
             return None if target is None else self._snapshot(node, target)
 
+    def fresh(self, node: str) -> GpuMemory | None:
+        """The node's figures read now, on the caller's thread (within the timeout): for a decision that
+        must not rest on figures from before a change (room on the GPU: a job that ended a moment ago
+        freed its VRAM). On a failed read, the last figures marked stale. None: no exporter."""
+        with self._lock:
+            if node not in self._targets:
+                return None
+        if not self._closed.is_set():
+            self._scrape(node)
+        return self.memory(node)
+
     def wait_first(self, nodes: Iterable[str], timeout: float) -> None:
         """Wait (at most `timeout` in all) until each node's first scrape has ended, well or not; one not
         begun yet (the loop is not started: a one-shot `vram_report`) is begun now. So a report right after

@@ -18,7 +18,8 @@ What each path does (README "serve" says the same for users):
   sent on to a node. Paths under CONTROL_PREFIX are the control API's (serve/control.py, added by
   `build_app`), which checks its token itself and ends its event streams at shutdown; they are not counted
   among the requests the shutdown's grace period waits for. `/metrics` (serve/observe.py) follows the
-  control API's read rule: it needs the token only beyond loopback.
+  control API's read rule: it needs the token only beyond loopback. The dashboard's page and assets
+  (`/flockparse/dashboard/`, flockparse/dashboard/) hold no data and need no token.
 
 The balancer's core is synchronous and thread-based; handlers call only its lock-only methods (pick_node,
 request_started/finished, node_states) directly; every node call is asynchronous (serve/upstream.py).
@@ -37,6 +38,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from flockparse.dashboard.routes import add_dashboard_routes
 from flockparse.request_stats import Sample, eval_metrics
 from flockparse.rules import canonical_name
 from flockparse.serve import cluster, upstream
@@ -217,7 +219,7 @@ class Proxy:
             if node is None:
                 break
             tried.append(node)
-            outcome = await self._attempt(request, node, body, headers)
+            outcome = await self._attempt(request, node, model, body, headers)
             if not isinstance(outcome, Failed):
                 return outcome
             failures.append((node, outcome))
@@ -235,11 +237,11 @@ class Proxy:
         )
 
     async def _attempt(
-        self, request: web.Request, node: str, body: bytes | None, headers: dict[str, str]
+        self, request: web.Request, node: str, model: str | None, body: bytes | None, headers: dict[str, str]
     ) -> web.StreamResponse | Failed:
         assert self.session is not None
         path = request.path
-        if not self.balancer.request_started(node):
+        if not self.balancer.request_started(node, model):
             return Failed(f"{node} was removed from the cluster")
         loop = asyncio.get_running_loop()
         sent = loop.time()
@@ -249,43 +251,49 @@ class Proxy:
                 connect_timeout=self.connect_timeout, timeout=self.request_timeout,
             )  # fmt: skip
         except NodeError as exc:
-            self._finished(node, path, sent, exc.message)
+            self._finished(node, model, path, sent, exc.message)
             return Failed(exc.message)
         except asyncio.CancelledError:  # cut at shutdown: neither an answer nor the node's failure
-            self.balancer.request_finished(node)
+            self.balancer.request_finished(node, model=model)
             raise
         try:
             if response.status != 200:
-                return await self._not_ok(response, node, path, sent)
+                return await self._not_ok(response, node, model, path, sent)
             if response.content_type == "application/x-ndjson":
-                return await self._relay(request, response, node, path, sent)
+                return await self._relay(request, response, node, model, path, sent)
             left = max(0.0, sent + self.request_timeout - loop.time())
             raw = await upstream.read_whole(response, node, path, left, reply_limit(path))
             reply = await _parsed(raw)
             if not isinstance(reply, dict):  # Ollama's replies are JSON objects: this node is broken
                 raise NodeError("error", f"{node}: {path} failed (the reply is not a JSON object)")
         except NodeError as exc:
-            self._finished(node, path, sent, exc.message)
+            self._finished(node, model, path, sent, exc.message)
             return Failed(exc.message)
         except asyncio.CancelledError:
             response.close()
-            self.balancer.request_finished(node)
+            self.balancer.request_finished(node, model=model)
             raise
         finally:
             response.release()
         count, duration = eval_metrics(reply)
-        self._finished(node, path, sent, sample=Sample(loop.time() - sent, None, count, duration))
+        self._finished(node, model, path, sent, sample=Sample(loop.time() - sent, None, count, duration))
         return web.Response(status=200, body=raw, headers={"Content-Type": _content_type(response)})
 
     def _finished(
-        self, node: str, path: str, sent: float, error: str | None = None, sample: Sample | None = None
+        self,
+        node: str,
+        model: str | None,
+        path: str,
+        sent: float,
+        error: str | None = None,
+        sample: Sample | None = None,
     ) -> None:
         """The node answered or failed: counted for lb_stats and the metrics' per-endpoint histogram."""
         seconds = asyncio.get_running_loop().time() - sent
-        self.balancer.request_finished(node, error, sample, endpoint=path, seconds=seconds)
+        self.balancer.request_finished(node, error, sample, endpoint=path, seconds=seconds, model=model)
 
     async def _not_ok(
-        self, response: aiohttp.ClientResponse, node: str, path: str, sent: float
+        self, response: aiohttp.ClientResponse, node: str, model: str | None, path: str, sent: float
     ) -> web.Response | Failed:
         """A node's error reply: 404 (not there) and 5xx (its own failure) go to the next node; any other
         4xx is the caller's mistake, handed back as the node said it."""
@@ -293,9 +301,9 @@ class Proxy:
         status = response.status
         if status == 404 or status >= 500:
             error = None if status == 404 else f"HTTP {status}: {upstream.as_text(raw)}"
-            self._finished(node, path, sent, error)
+            self._finished(node, model, path, sent, error)
             return Failed(f"{node}: HTTP {status}: {upstream.as_text(raw)}", status, raw)
-        self._finished(node, path, sent)
+        self._finished(node, model, path, sent)
         return web.Response(status=status, body=raw, headers={"Content-Type": _content_type(response)})
 
     async def _relay(
@@ -303,6 +311,7 @@ class Proxy:
         request: web.Request,
         response: aiohttp.ClientResponse,
         node: str,
+        model: str | None,
         path: str,
         sent: float,
     ) -> web.StreamResponse:
@@ -331,11 +340,11 @@ class Proxy:
             await _write_quietly(out, _error_line(error))
         except ConnectionError:  # the client went away: close the node's stream so it stops generating
             response.close()
-            self.balancer.request_finished(node)
+            self.balancer.request_finished(node, model=model)
             return out
         except asyncio.CancelledError:
             response.close()
-            self.balancer.request_finished(node)
+            self.balancer.request_finished(node, model=model)
             if not self.cut_here():
                 raise
             await _write_quietly(out, _error_line("flockparse serve is shutting down: stream cut"))
@@ -344,10 +353,11 @@ class Proxy:
             return out
         if error is not None:
             response.close()
-            self._finished(node, path, sent, error)
+            self._finished(node, model, path, sent, error)
         else:
             count, duration = eval_metrics(final)
-            self._finished(node, path, sent, sample=Sample(loop.time() - sent, first_byte, count, duration))
+            sample = Sample(loop.time() - sent, first_byte, count, duration)
+            self._finished(node, model, path, sent, sample=sample)
         with contextlib.suppress(ConnectionError):
             await out.write_eof()
         return out
@@ -402,6 +412,7 @@ def build_app(
     # the control API (issue 10 items 5-6) on the same app, under CONTROL_PREFIX; it checks its own token
     add_control_routes(app, balancer, token, require_token_for_reads=control_reads_need_token)
     add_observe_routes(app, services)  # /metrics and /flockparse/v1/history, the control API's token rule
+    add_dashboard_routes(app)  # the page at /flockparse/dashboard/, a client of the control API (issue 12)
     return app
 
 

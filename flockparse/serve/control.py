@@ -99,6 +99,7 @@ def add_control_routes(
         ("POST", "/force_gpu", functools.partial(control.move, "GPU")),
         ("POST", "/force_cpu", functools.partial(control.move, "CPU")),
         ("POST", "/unload", functools.partial(control.move, "unload")),
+        ("POST", "/cleanup", control.cleanup),
         ("POST", "/optimizer/on", control.optimizer_on),
         ("POST", "/optimizer/off", control.optimizer_off),
         ("POST", "/optimizer/now", control.optimizer_now),
@@ -402,13 +403,15 @@ class Control:
 
     # ------------------------------------------------------------------ actions
     async def move(self, target: str, request: web.Request) -> list:
-        """force_gpu / force_cpu / unload: {"model", "nodes"?, "dry_run"?, "operation"?}."""
-        body = await _body(request, {"model": str, "nodes": list, "dry_run": bool, "operation": str})
+        """force_gpu / force_cpu / unload: {"model", "nodes"?, "dry_run"?, "force"? (GPU), "operation"?}."""
+        fields = {"model": str, "nodes": list, "dry_run": bool, "operation": str}
+        body = await _body(request, {**fields, "force": bool} if target == "GPU" else fields)
         if "model" not in body:
             raise BadRequest("missing field `model`")
         model = _model_name(body["model"])
         nodes = _strings(body, "nodes")
         dry_run = bool(body.get("dry_run", False))
+        extra = {"force": True} if body.get("force") else {}
         method = {
             "GPU": self.balancer.force_gpu_all_nodes,
             "CPU": self.balancer.force_cpu_all_nodes,
@@ -419,7 +422,22 @@ class Control:
             raise BadRequest(f"unknown model {model}: no node has it", 404)
         with self._operation(body.get("operation")) as cancel:
             try:
-                return await self.call(lambda: method(model, cancel=cancel, nodes=nodes, dry_run=dry_run))
+                return await self.call(
+                    lambda: method(model, cancel=cancel, nodes=nodes, dry_run=dry_run, **extra)
+                )
+            except ValueError as exc:  # a node not in the cluster
+                raise BadRequest(str(exc), 404) from None
+
+    async def cleanup(self, request: web.Request) -> list:
+        """Every non-priority model out of VRAM: {"nodes"?, "dry_run"?, "operation"?}."""
+        body = await _body(request, {"nodes": list, "dry_run": bool, "operation": str})
+        nodes = _strings(body, "nodes")
+        dry_run = bool(body.get("dry_run", False))
+        with self._operation(body.get("operation")) as cancel:
+            try:
+                return await self.call(
+                    lambda: self.balancer.cleanup(cancel=cancel, nodes=nodes, dry_run=dry_run)
+                )
             except ValueError as exc:  # a node not in the cluster
                 raise BadRequest(str(exc), 404) from None
 

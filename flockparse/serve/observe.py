@@ -2,8 +2,9 @@
 
 - `GET /metrics`: flockparse/metrics.py's text exposition (prometheus_client's content type), with the
   control API's read rule for the token (required beyond loopback), so a scraper on loopback needs none.
-- `GET /flockparse/v1/history?since=24h&target=MODEL|NODE`: `History.summary(...).as_dict()`, the same
-  figures as the console's `history --json`; 404 when serve records no history (history_days = 0).
+- `GET /flockparse/v1/history?since=24h&target=MODEL|NODE&buckets=24`: `History.summary(...).as_dict()`,
+  the same figures as the console's `history --json` (the dashboard's charts ask for finer `buckets`);
+  404 when serve records no history (history_days = 0).
 
 The collector and the SQLite read are blocking: both run on the control API's thread pool, never on the
 event loop.
@@ -28,6 +29,7 @@ METRICS_PATH = "/metrics"
 HISTORY_DEFAULT_S = 86400.0
 HISTORY_RANGE_S = (60.0, 3650 * 86400.0)  # as the console's `history --since`
 HISTORY_BUCKETS = 24  # as the console's sparkline
+HISTORY_BUCKETS_MAX = 480  # the dashboard's chart asks for 96 (15 minutes a cell over a day)
 
 
 def add_observe_routes(app: web.Application, services: Any = None) -> None:
@@ -50,9 +52,10 @@ def add_observe_routes(app: web.Application, services: Any = None) -> None:
             raise BadRequest("this serve records no placement history (history_days = 0)", 404)
         seconds = _window(request.query.get("since"))
         node, model = _target(control, request.query.get("target"))
+        buckets = _buckets(request.query.get("buckets"))
         try:
             summary = await control.call(
-                lambda: history.summary(since_s=seconds, node=node, model=model, buckets=HISTORY_BUCKETS)
+                lambda: history.summary(since_s=seconds, node=node, model=model, buckets=buckets)
             )
         except HistoryError as exc:  # an unreadable file: said in one line, serve carries on
             raise BadRequest(str(exc), 503) from None
@@ -73,6 +76,14 @@ def _window(since: str | None) -> float:
     if not low <= seconds <= high:
         raise BadRequest("since must be between 1m and 3650d")
     return seconds
+
+
+def _buckets(text: str | None) -> int:
+    if text is None:
+        return HISTORY_BUCKETS
+    if not text.isdigit() or not 1 <= int(text) <= HISTORY_BUCKETS_MAX:
+        raise BadRequest(f"buckets must be a whole number from 1 to {HISTORY_BUCKETS_MAX}")
+    return int(text)
 
 
 def _target(control: Control, target: str | None) -> tuple[str | None, str | None]:

@@ -36,6 +36,7 @@ from aiohttp import web
 from flockparse.console import render
 from flockparse.console.config import Config
 from flockparse.console.services import Services, start_services
+from flockparse.dashboard import dashboard_url
 from flockparse.serve.app import PROXY_KEY, build_app
 from flockparse.serve.registry import register_serve, unregister_serve
 from flockparse.serve.state import StateError, StateKeeper, state_path
@@ -215,6 +216,7 @@ async def _serve(
         f"listening on {url} for {nodes} node(s); routing {balancer.routing}; "
         f"optimizer {'on' if balancer.auto_optimize_gpu else 'off'}; {guard}"
     )
+    log.line(f"dashboard at {dashboard_url(url)}")
     registered = None
     if state_dir is not None:
         try:
