@@ -33,7 +33,7 @@ from flockparse.gpu_metrics import (
     vram_fields,
 )
 from flockparse.gpu_metrics.scraper import SCRAPE_INTERVAL_S
-from flockparse.limits import FdBudget, fd_budget
+from flockparse.limits import FdBudget, fd_budget, relax_gc
 from flockparse.optimizer import GPUOptimizer
 from flockparse.request_stats import RequestStats, Sample, eval_metrics
 from flockparse.results import MoveResult, Reason, skipped
@@ -169,6 +169,7 @@ class OllamaLoadBalancer:
             return
         self._started = True
         self._check_fd_budget()
+        relax_gc(len(self.nodes))  # a large cluster's passes would otherwise set off full collections
         if self._auto_optimize_gpu:  # first, so that it hears the node_up of the first health checks
             self._start_gpu_optimization()
         self._monitor_stop.clear()

@@ -10,6 +10,7 @@ even the hard limit is too small it says so once, with how many nodes can be che
 from __future__ import annotations
 
 import contextlib
+import gc
 import resource
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ DESCRIPTORS_PER_NODE = 3  # the poller's kept connection (checks, reports, passe
 # overlaps a check, and the transport's kept one for /api/tags, /api/version and moves
 RESERVED_DESCRIPTORS = 64  # standard streams, logs, history, the console's terminal, a remedy's pipes ...
 UNLIMITED_TARGET = 1 << 20  # what an "unlimited" hard limit is raised to (the kernel's nr_open default)
+GC_LARGE_CLUSTER = 1_000  # nodes from which the collector's young generation is enlarged (relax_gc)
+GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections then (CPython's default is 700)
 
 
 @dataclass(frozen=True)
@@ -78,3 +81,18 @@ def fd_budget(nodes: int) -> FdBudget:
         hard=unlimited if hard == resource.RLIM_INFINITY else hard,
         nodes=nodes,
     )
+
+
+def relax_gc(nodes: int) -> int:
+    """Enlarge the cyclic collector's young generation for a large cluster; returns its threshold after.
+
+    Why (issue 8, scale, measured with bench/scale.py): a steady pass over 5,000 nodes keeps thousands of
+    reads, their futures and statuses alive for a second or two. With CPython's default threshold (700)
+    they are promoted into the old generation and set off two or three full collections per pass, each
+    walking every node's state with the interpreter lock held: 0.3 to 0.9 s of a 1.7 to 4 s pass. With
+    50,000 they mostly die young; a pass then meets two or three young collections of about 0.05 s.
+    Process-wide, like the descriptor limit; never lowered; below GC_LARGE_CLUSTER nodes left alone."""
+    threshold, older, oldest = gc.get_threshold()
+    if nodes >= GC_LARGE_CLUSTER and threshold < GC_YOUNG_THRESHOLD:
+        gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+    return gc.get_threshold()[0]

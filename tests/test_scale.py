@@ -120,6 +120,37 @@ def test_summary_counts_nodes_without_copying_their_state(sim_node, make_balance
     assert (state["nodes_total"], state["nodes_online"], state["nodes_gpu"]) == (3, 2, 1)
 
 
+# ------------------------------------------------------------------------------ the collector
+@pytest.fixture
+def gc_thresholds(monkeypatch) -> list[int]:
+    """The collector's thresholds, faked: a test never changes the real ones of the test process."""
+    thresholds = [700, 10, 10]
+    monkeypatch.setattr(limits.gc, "get_threshold", lambda: tuple(thresholds))
+
+    def set_threshold(*values: int) -> None:
+        thresholds[:] = values
+
+    monkeypatch.setattr(limits.gc, "set_threshold", set_threshold)
+    return thresholds
+
+
+def test_a_large_cluster_enlarges_the_young_generation_and_a_small_one_is_left_alone(gc_thresholds) -> None:
+    assert limits.relax_gc(limits.GC_LARGE_CLUSTER - 1) == 700 and gc_thresholds == [700, 10, 10]
+    assert limits.relax_gc(5000) == limits.GC_YOUNG_THRESHOLD
+    assert gc_thresholds == [limits.GC_YOUNG_THRESHOLD, 10, 10]  # the older generations as they were
+    gc_thresholds[0] = 200_000  # someone chose more: never lowered
+    assert limits.relax_gc(5000) == 200_000
+
+
+def test_the_balancer_relaxes_the_collector_at_start_for_its_node_count(monkeypatch, make_balancer, sim_node):
+    seen: list[int] = []
+    monkeypatch.setattr("flockparse.balancer.relax_gc", seen.append)
+    balancer = make_balancer([sim_node().url, sim_node().url], start=False)
+    assert seen == []
+    balancer.start()
+    assert seen == [2]
+
+
 # ------------------------------------------------------------------------------ descriptors
 def test_the_soft_fd_limit_is_raised_to_the_hard_one(monkeypatch) -> None:
     limit = [256, 4096]
