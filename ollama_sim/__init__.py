@@ -11,6 +11,7 @@ Reading order (each module depends only on the ones before it):
   wire.py       Go's texts: durations, keep_alive, JSON errors, timestamps, request and option decoding
   scheduler.py  Scheduler: runners, needsReload, placement, eviction, OOM retry, expiry, restart (no sockets)
   replies.py    the JSON bodies of /api/ps, /api/tags, /api/show, and fake inference
+  engine.py     the process's HTTP serving: one event loop for every node's sockets, workers for waits
   server.py     SimNode (a Scheduler on a socket, faults, scenarios), the HTTP handler, SimCluster
   cli.py        `python3 -m ollama_sim --port 11434 ...`
 
