@@ -85,6 +85,7 @@ class _Conn:
     """One accepted connection: bytes in, the reply bytes waiting to go out, and whose turn it is."""
 
     __slots__ = (
+        "advancing",
         "busy",
         "closed",
         "closing",
@@ -113,6 +114,7 @@ class _Conn:
         self.mask = 0
         self.eof = False  # the peer sent FIN
         self.busy = False  # a request is being answered (inline, on a timer or on a worker)
+        self.advancing = False  # _advance is running for it (a request answered inline returns to it)
         self.head_done = False  # the current request's head is parsed; its body is awaited
         self.closing = False  # close once the reply is out
         self.closed = False
@@ -344,7 +346,18 @@ class Engine:
             self._watch(conn, self._want(conn))
 
     def _advance(self, conn: _Conn) -> None:
-        """Frame and start the next request of this connection, if it is its turn and it is all here."""
+        """Frame and start the next request of this connection, if it is its turn and it is all here. A
+        request answered at once (inline, no latency) lets this loop take the next one: no recursion
+        through _finish, however many requests are pipelined."""
+        if conn.advancing:
+            return
+        conn.advancing = True
+        try:
+            self._take_requests(conn)
+        finally:
+            conn.advancing = False
+
+    def _take_requests(self, conn: _Conn) -> None:
         handler = conn.handler
         while not conn.busy and not conn.closing and not conn.closed:
             if not conn.head_done:

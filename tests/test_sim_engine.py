@@ -64,6 +64,17 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection(node):
     ]
 
 
+def test_hundreds_of_pipelined_requests_answered_at_once_are_all_served(sim_node):
+    node = sim_node(vram_gb=24)  # no latency: each is answered on the loop as soon as it is read
+    count = 1500
+    with connect(node) as sock:
+        sock.sendall(b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n" * count)
+        buffered = bytearray()
+        replies = [read_reply(sock, buffered) for _ in range(count)]
+    assert all(r.startswith(b"HTTP/1.1 200 OK") and r.endswith(b'"}') for r in replies)
+    assert len(node.request_log) == count
+
+
 def test_a_bad_request_line_gets_http_servers_error_and_the_connection_closes(node):
     with connect(node) as sock:
         sock.sendall(b"GARBAGE\r\n\r\n" + PS)
