@@ -179,7 +179,7 @@ def test_force_prints_one_line_per_node_and_the_raw_error_only_when_verbose(
         buffer.seek(0)
         buffer.truncate()
         ctx.verbose = True
-        run_line(ctx, "force_gpu llama3.1:70b")
+        run_line(ctx, "force_gpu llama3.1:70b --force")  # --force: an out-of-memory load is not refused again
         assert buffer.getvalue().count("cudaMalloc failed: out of memory") == 2  # once per node, no more
     finally:
         printer.close()
