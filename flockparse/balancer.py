@@ -394,6 +394,17 @@ class OllamaLoadBalancer:
         if soonest:
             self._monitor_wake.set()
 
+    def _postpone(self, urls: list[str], due: float) -> None:
+        """These nodes are being read now, and a read is recorded as a check (the same fold, up or down):
+        their next monitor check moves to `due` instead of asking them twice in one health interval. A
+        5,000-node pass then adds 5,000 reads, not 5,000 on top of the monitor's."""
+        with self._due_lock:
+            for url in urls:
+                planned = self._due.get(url)
+                if planned is not None and planned < due:
+                    self._due[url] = due
+                    heapq.heappush(self._due_heap, (due, url))
+
     def _take_due(self, now: float) -> list[NodeAgent]:
         """The agents due by `now`; each gets its next due time one interval on (fixed rate, no catch-up
         burst after a stall). A node's second check comes a fraction of an interval after its first (golden
@@ -497,6 +508,7 @@ class OllamaLoadBalancer:
         costs no parsing and no thread; a changed one is parsed and recorded on a reader worker."""
         patterns = self._patterns()
         futures: dict[str, Future] = {}
+        read: list[str] = []
         for url in nodes:
             agent = self._agent(url)
             future: Future = Future()
@@ -505,6 +517,8 @@ class OllamaLoadBalancer:
                 future.set_result({"node_url": url, "models": [], "error": f"{url} is not in the cluster"})
                 continue
             agent.fetch(functools.partial(self._on_read, agent, future, patterns))
+            read.append(url)
+        self._postpone(read, time.monotonic() + self.health_interval)
         return futures
 
     def _on_read(

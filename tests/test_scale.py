@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 
 import pytest
 from helpers import Recorder, wait_until
@@ -208,3 +209,18 @@ def test_the_hot_get_path_reads_every_body_framing(behaviour) -> None:
             reply = transport.call(node.url, "GET", "/api/ps", timeout=2.0)
             assert reply.status == 200 and reply.body == {"models": []}
     transport.close()
+
+
+def test_a_read_by_a_pass_counts_as_the_nodes_health_check(sim_node, make_balancer) -> None:
+    """A pass reads every node, and each read is recorded as a check would be: the monitor's next check of
+    a node just read moves a whole interval on, so 5,000 nodes cost 5,000 reads per pass, not 5,000 more
+    than the monitor's (bench/scale.py counts them)."""
+    node = sim_node(vram_gb=24)
+    balancer = make_balancer([node.url], health_interval=30.0)
+    wait_until(lambda: balancer.node_state(node.url).online, "the first check")
+    before = time.monotonic()
+
+    [read] = balancer.read_statuses([node.url]).values()
+
+    assert "error" not in read.result(timeout=10)
+    assert balancer._due[node.url] >= before + 30.0  # the scheduling rule, read where it lives
