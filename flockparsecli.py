@@ -456,6 +456,7 @@ def interactive(
     files_dir: Path | None = None,
     verbose: bool = False,
     optimizer_guard: Any = None,
+    serve_of_nodes: Any = None,
     metrics_address: tuple[str, int] | None = None,
     dashboard_address: tuple[str, int] | None = None,
     dashboard_token: str | None = None,
@@ -490,6 +491,7 @@ def interactive(
         flush_events=lambda: printer.drain(EVENT_DRAIN_S),
         attached=attached,
         optimizer_guard=optimizer_guard,
+        serve_of_nodes=serve_of_nodes,
     )
     unsubscribe = balancer.subscribe(printer)
     refresher = ModelNameRefresher(balancer.known_models).start()
@@ -596,11 +598,12 @@ def run_script(
     verbose: bool,
     lines: Any = None,
     files_dir: Path | None = None,
+    serve_of: Any = None,
 ) -> int:
     """stdin is not a terminal: run each line as a command (like `sqlite3 < file`), no prompt, no
     optimizer thread, no escape codes into a pipe. Blank lines and `#` comments are skipped. Exit code:
     the highest of the lines' (0 all ok, 1 a command failed, 2 a usage error); 130 at once on Ctrl-C."""
-    ctx = batch_context(balancer, config, reporter, verbose, files_dir)
+    ctx = batch_context(balancer, config, reporter, verbose, files_dir, serve_of)
     started = False
     worst = 0
     for raw in sys.stdin if lines is None else lines:
@@ -652,6 +655,14 @@ def optimizer_refusal(
     directory, or the default address asked with a short deadline): how to attach instead."""
     found = serves_managing(nodes, config_dir(), probe_url, token)
     return refusal_line(*found[0]) if found else None
+
+
+def serve_of_nodes(
+    nodes: list[str], token: str | None, probe_url: str | None = DEFAULT_SERVE_URL
+) -> str | None:
+    """The address of a serve this machine can see that manages any of `nodes`, else None."""
+    found = serves_managing(nodes, config_dir(), probe_url, token)
+    return found[0][0].url if found else None
 
 
 def refusal_line(info: ServeInfo, shared: list[str]) -> str:
@@ -823,15 +834,18 @@ def _main(argv: Sequence[str] | None) -> int:
         return serve(args, config, reporter)
     interactive_mode = not words and not script
     balancer = make_balancer(config, optimize=interactive_mode and not args.no_optimizer)
-    guard = None
+    guard = serve_of = None
     if not (args.demo or args.own_optimizer):  # --demo's nodes are its own
         token = args.token or os.environ.get(TOKEN_ENV) or None
         guard = functools.partial(optimizer_refusal, list(config.nodes), token)
+        serve_of = functools.partial(serve_of_nodes, list(config.nodes), token)
     try:
         if words:
-            return run_one_shot(balancer, config, words, reporter, args.verbose, files_dir)
+            return run_one_shot(balancer, config, words, reporter, args.verbose, files_dir, serve_of)
         if script:
-            return run_script(balancer, config, reporter, args.verbose, files_dir=files_dir)
+            return run_script(
+                balancer, config, reporter, args.verbose, files_dir=files_dir, serve_of=serve_of
+            )
         return interactive(
             balancer,
             config,
@@ -840,6 +854,7 @@ def _main(argv: Sequence[str] | None) -> int:
             verbose=args.verbose,
             demo_script=demo_script,
             optimizer_guard=guard,
+            serve_of_nodes=serve_of,
             metrics_address=metrics_address,
             dashboard_address=dashboard_address,
             dashboard_token=args.token or os.environ.get(TOKEN_ENV) or None,
@@ -943,9 +958,11 @@ def batch_context(
     reporter: Reporter,
     verbose: bool,
     files_dir: Path | None = None,
+    serve_of: Any = None,
 ) -> Context:
     """The context of one-shot and stdin modes: plain output, progress on stderr; history is read from
-    `files_dir` (the config directory unless --demo), never recorded."""
+    `files_dir` (the config directory unless --demo), never recorded. `serve_of()`: a serve managing these
+    nodes (cleanup refuses to act behind its back)."""
     from flockparse.console.services import history_reader
 
     return Context(
@@ -956,6 +973,7 @@ def batch_context(
         verbose=verbose,
         history=history_reader(config, files_dir or config_dir()),
         attached=attached_to(balancer),
+        serve_of_nodes=serve_of,
     )
 
 
@@ -1022,6 +1040,7 @@ def run_one_shot(
     reporter: Reporter,
     verbose: bool = False,
     files_dir: Path | None = None,
+    serve_of: Any = None,
 ) -> int:
     """No optimizer thread; the health monitor and its first round (bounded) only if the command needs it."""
     try:  # a mistyped command is told at once, before any node is contacted
@@ -1029,7 +1048,7 @@ def run_one_shot(
         check_arity(cmd, words[1:])
     except CommandError as exc:
         return reporter.error(str(exc), exc.exit_code)
-    ctx = batch_context(balancer, config, reporter, verbose, files_dir)
+    ctx = batch_context(balancer, config, reporter, verbose, files_dir, serve_of)
     if cmd.wants_nodes(words[1:]):
         start_and_check(balancer, config, reporter)
     return one_shot(ctx, words, reporter)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import EMBED, LLAMA, Recorder, on_cpu, on_gpu, wait_until
+from helpers import EMBED, LLAMA, Recorder, loaded, on_cpu, on_gpu, wait_until
 from prompt_toolkit.application import create_app_session
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
@@ -241,3 +241,24 @@ def test_a_local_console_in_a_terminal_says_how_to_attach(home: Path, node: SimN
         term.type("exit\r")
         assert term.wait_for_exit() == 0
     assert path.exists()
+
+
+def test_a_local_cleanup_does_not_act_behind_a_serves_back(
+    home: Path, node: SimNode, lb, served, capsys
+) -> None:
+    """Only the serve sees the requests streaming through it: a local `cleanup` of its nodes is refused
+    with where to run it (a dry run, which changes nothing, is answered)."""
+    url = served(lb)
+    register_serve(home, url, lb.nodes)  # what the serve does when it starts
+
+    code = flockparsecli.main(["--nodes", node.url, "--priority", "mxbai-embed-large", "cleanup"])
+
+    said = " ".join((capsys.readouterr().err).split())
+    assert code == 1 and f"cleanup: the serve at {url} runs these nodes" in said
+    assert f"`flockparsecli.py --connect {url} cleanup`" in said
+    assert loaded(node, LLAMA) is not None  # the serve's non-priority model was left alone
+    assert (
+        flockparsecli.main(["--nodes", node.url, "--priority", "mxbai-embed-large", "cleanup", "--dry-run"])
+        == 0
+    )
+    assert "would unload llama3.1:latest" in capsys.readouterr().out

@@ -88,6 +88,7 @@ class Context:
     options: dict[str, Any] = field(default_factory=dict)  # this call's --node / --dry-run
     attached: str | None = None  # the serve's URL when the console is attached to one (--connect)
     optimizer_guard: Callable[[], str | None] | None = None  # why this console must not start an optimizer
+    serve_of_nodes: Callable[[], str | None] | None = None  # the address of a serve managing these nodes
     history: Any = None  # flockparse.history.History (None: history is off)
     alerter: Any = None  # the running flockparse.alerts.Alerter (interactive console only)
 
@@ -696,6 +697,12 @@ def cmd_force_gpu(ctx: Context, args: list[str]) -> Outcome:
 )
 def cmd_cleanup(ctx: Context, args: list[str]) -> Outcome:
     nodes, dry_run = _chosen_nodes(ctx), bool(ctx.options.get("dry_run"))
+    serve = ctx.serve_of_nodes() if ctx.serve_of_nodes and not ctx.attached and not dry_run else None
+    if serve:  # only the serve sees the requests streaming through it: from here they would be unloaded
+        raise CommandError(
+            f"cleanup: the serve at {serve} runs these nodes and sees the requests streaming through it; "
+            f"run it there: `flockparsecli.py --connect {serve} cleanup`"
+        )
     where = f"{len(nodes)} node(s)" if nodes else "all nodes"
     tail = ": what would be done (nothing is changed)" if dry_run else "... (Ctrl-C cancels)"
     ctx.note(f"unloading every non-priority model from VRAM on {where}{tail}")
