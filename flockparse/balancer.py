@@ -157,6 +157,10 @@ class OllamaLoadBalancer:
             emit=self.events.emit,
         )
         self._held_off = HeldOffTracker()
+        # each node's models when its exporter was last read: the report pairs figures taken together
+        self._models_at_scrape: dict[str, list[dict]] = {}  # guarded by _lock
+        self._rescrape: set[str] = set()  # nodes scraped again after their models changed; guarded by _lock
+        self.events.subscribe(self._scrape_after_change)
         for url, exporter in (gpu_metrics or {}).items():
             self.set_gpu_exporter(url, exporter)
         if start:
@@ -330,6 +334,8 @@ class OllamaLoadBalancer:
         self._route_views = (float("-inf"), [])
         self._optimizer.forget_node(node, keep_pins=False)
         self.gpu_metrics.set_exporter(node, None)
+        with self._lock:
+            self._models_at_scrape.pop(node, None)
         self._held_off.forget(node)
         self.events.emit(Event("node_removed", node=node, message=f"removed node {node}"))
         return True
@@ -608,8 +614,24 @@ class OllamaLoadBalancer:
         return None if memory is None else memory.gpu_count
 
     def _vram_fields(self, state: NodeState) -> dict[str, Any]:
+        """The exporter's figures with what Ollama held when they were read: a fresh /api/ps beside
+        figures a few seconds old would count a model just moved twice (or as another program's)."""
         memory = self.gpu_metrics.memory(state.url)
-        return {} if memory is None else vram_fields(memory, state.models)
+        if memory is None:
+            return {}
+        with self._lock:
+            models = self._models_at_scrape.get(state.url, state.models)
+        return vram_fields(memory, models)
+
+    def _scrape_after_change(self, event: Event) -> None:
+        """A node's models changed: read its exporter again now, not at the next interval; a
+        `vram_measured` event says when the new figures are in (the dashboard reads them then)."""
+        node = event.node
+        if event.kind != "placements_changed" or node is None or node not in self.gpu_metrics.nodes:
+            return
+        with self._lock:
+            self._rescrape.add(node)
+        self.gpu_metrics.scrape_soon(node)
 
     def _on_gpu_memory(self, node: str, memory: GpuMemory) -> None:
         """After each scrape (on a scrape thread): the GPUs listed are verdict evidence, and VRAM held by
@@ -619,6 +641,12 @@ class OllamaLoadBalancer:
             return
         self._emit_all(agent.record_exporter(len(memory.gpus)))
         state = agent.snapshot()
+        with self._lock:
+            self._models_at_scrape[node] = state.models
+            asked = node in self._rescrape
+            self._rescrape.discard(node)
+        if asked:
+            self.events.emit(Event("vram_measured", node=node, message=f"{node}: VRAM figures read again"))
         if not state.online:
             return  # its models are the last known ones: they say nothing about now
         held = []

@@ -25,6 +25,7 @@ EVENT_KINDS = (
     "model_unloaded",
     "model_evicted",  # the optimizer made room for a higher priority model (flockparse/room.py)
     "no_room",  # a priority model is kept off the GPU by models of equal or higher priority (once)
+    "vram_measured",  # a node's exporter read again after its models changed (quiet: for live views)
     "gpu_lost",
     "gpu_back",
     "remedy_started",

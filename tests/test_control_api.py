@@ -315,3 +315,15 @@ def test_cleanup_and_a_forced_move_through_the_api(node: SimNode, lb, served) ->
     status, body = raw(remote.url, "POST", "/force_cpu", b'{"model": "llama3.1", "force": true}',
                        {"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
     assert status == 400 and "force" in body["error"]
+
+
+def test_a_wrong_token_is_refused_even_on_an_open_read(lb, served) -> None:
+    """Reads are open on loopback, but a client that sends a token learns at once that it is wrong (the
+    dashboard's token form says so instead of keeping it)."""
+    url = served(lb, TOKEN)
+    assert raw(url, "GET", "/status")[0] == 200
+    assert raw(url, "GET", "/status", headers={"Authorization": "Bearer nope"}) == (
+        401,
+        {"error": "wrong token"},
+    )
+    assert raw(url, "GET", "/status", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200

@@ -256,6 +256,23 @@ def test_free_vram_unloads_what_is_not_a_priority_on_that_node(sim_node, serve_o
     wait_until(lambda: row_class(page, node.url, small) is None, "the row of the unloaded model gone")
 
 
+def test_the_statistics_follow_requests_that_make_no_event(sim_node, serve_over, page) -> None:
+    """Requests routed through the serve change no placement and send no event: the statistics are read
+    again every few seconds while the page is shown."""
+    node = sim_node(vram_gb=24, preload=[("llama3.1", "gpu")])
+    server = serve_over([node])
+    open_page(page, server)
+    requests_cell = f'#stats tr[data-node="{node.url}"] td'
+    wait_until(lambda: text_of(page, requests_cell) == "0", "the statistics shown")
+
+    for _ in range(3):
+        body = {"model": "llama3.1", "prompt": "hi", "stream": False}
+        requests.post(server.url + "/api/generate", json=body, timeout=30).raise_for_status()
+
+    wait_until(lambda: text_of(page, requests_cell) == "3", "three requests counted on the page", timeout=15)
+    assert js(page, "return window.__sameDocument;") == "yes"
+
+
 def test_the_token_form_on_a_serve_that_wants_a_token(sim_node, serve_over, page) -> None:
     node = sim_node(vram_gb=24, preload=[("llama3.1", "gpu")])
     server = serve_over([node], token=TOKEN, reads_need_token=True)

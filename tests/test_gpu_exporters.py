@@ -376,3 +376,25 @@ def test_vram_held_by_others_keeping_a_priority_model_off_the_gpu_is_an_event_th
     [resolved] = events.wait("vram_held_by_others_resolved")
     assert (resolved.node, resolved.model) == (node.url, LLAMA)
     assert len(events.of("vram_held_by_others")) == 1
+
+
+def test_a_move_gets_its_exporter_read_again_and_the_figures_stay_paired(
+    sim_node, make_balancer, exporter
+) -> None:
+    """Right after an unload, a fresh /api/ps beside figures read before it would count the model as another
+    program's VRAM: the report pairs the figures with what Ollama held when they were read, and the change
+    has the exporter read again at once (a `vram_measured` event), not at the next interval."""
+    node = sim_node(vram_gb=24, preload=[("llama3.1", "gpu")])
+    page = exporter(node, format="dcgm")
+    balancer = make_balancer([node.url], gpu_metrics={node.url: page.url}, gpu_metrics_interval=3600)
+    scraped(balancer, node.url)
+    events = Recorder(balancer)
+
+    [done] = balancer.unload_all_nodes("llama3.1")
+
+    assert done["result"]["reason"] == "unloaded"
+    events.wait("vram_measured")
+    [entry] = balancer.vram_report()
+    assert entry["vram_ollama_mb"] == 0 and entry["models"] == []
+    assert entry["vram_other_mb"] < 1.0  # the unloaded model is nobody's VRAM now, not "other"
+    assert entry["vram_free_mb"] == pytest.approx(24 * 1024, abs=1.0)

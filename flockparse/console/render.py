@@ -746,7 +746,7 @@ def error_line(message: str) -> Text:
 def worth_showing(event: Any) -> bool:
     """Quiet passes stay quiet (the toolbar shows the countdown); anything that changed gets a line."""
     kind, data = getattr(event, "kind", ""), getattr(event, "data", None) or {}
-    if kind in ("pass_started", "placements_changed"):  # placements: for history, not a line each
+    if kind in ("pass_started", "placements_changed", "vram_measured"):  # for history and live views
         return False
     if kind == "pass_finished":
         return bool(data.get("moved") or data.get("failed") or data.get("undone"))

@@ -196,6 +196,16 @@ class GpuMetricsScraper:
             target = self._targets.get(node)
             return None if target is None else self._snapshot(node, target)
 
+    def scrape_soon(self, node: str) -> None:
+        """Scrape `node`'s exporter at once, on the scrape threads (its models changed: the last figures
+        describe the GPU before that)."""
+        with self._lock:
+            target = self._targets.get(node)
+            if target is None or target.in_flight:
+                return
+            target.due = 0.0
+        self._wake.set()
+
     def fresh(self, node: str) -> GpuMemory | None:
         """The node's figures read now, on the caller's thread (within the timeout): for a decision that
         must not rest on figures from before a change (room on the GPU: a job that ended a moment ago

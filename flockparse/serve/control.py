@@ -336,10 +336,14 @@ class Control:
         return self._refuse(request, mutating=False)
 
     def _refuse(self, request: web.Request, mutating: bool) -> web.Response | None:
-        """401 when a token is set and this call needs it but does not carry it."""
-        if self.token is None or not (mutating or self.require_token_for_reads):
+        """401 when a token is set and this call needs it but does not carry it, or carries a wrong one (an
+        open read too: a client, e.g. the dashboard's token form, learns at once that its token is wrong)."""
+        if self.token is None:
             return None
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        header = request.headers.get("Authorization", "")
+        if not (mutating or self.require_token_for_reads or header):
+            return None
+        scheme, _, given = header.partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode()):
             return None
         message = "a token is needed: Authorization: Bearer TOKEN" if not given else "wrong token"

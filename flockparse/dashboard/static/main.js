@@ -11,6 +11,9 @@ import { byModel, legend, modelChart, modelFacts } from "./chart.js";
 import { clock, duration, fill, h, mb, ms, shortUrl } from "./dom.js";
 
 const FULL_REFRESH_MS = 30000;
+const STATS_POLL_MS = 5000; // requests make no events: the statistics are read this often while shown
+const STATS_POLL_MAX_NODES = 500; // beyond, an lb_stats reply is large: the 30 s refresh only
+const RESULT_SHOWN_MS = 60000; // a button's result stays this long, then the row speaks for itself
 const NODE_GAP_MS = 250;
 const NODES_PER_READ = 40; // more nodes waiting than this: one whole vram_report instead
 const STATS_GAP_MS = 2000;
@@ -25,7 +28,7 @@ const ACTIONS = [
   ["force_cpu", "CPU", "moving to CPU…"],
   ["unload", "Unload", "unloading…"],
 ];
-const QUIET_KINDS = new Set(["pass_started", "placements_changed"]);
+const QUIET_KINDS = new Set(["pass_started", "placements_changed", "vram_measured"]);
 const NODE_KINDS = new Set(["node_up", "node_down", "node_restarted", "gpu_lost", "gpu_back", "node_added", "node_removed"]);
 const MOVE_KINDS = new Set(["move_finished", "move_failed", "model_unloaded", "models_restored", "pass_finished"]);
 
@@ -201,6 +204,11 @@ function onEvent(event) {
 
 function onHello(hello) {
   const sameRun = hello.instance === state.instance;
+  if (!sameRun && state.instance) {
+    // the serve restarted: the events shown are the old run's
+    state.events = [{ kind: "serve_restarted", time: Date.now() / 1000, message: "the serve restarted: events from here on are its new run's" }];
+    dirty("events");
+  }
   if (!sameRun || hello.seq !== state.lastSeq) {
     // another run of the serve, or events we will never get: what we show may be wrong, read it all
     state.instance = hello.instance;
@@ -232,13 +240,31 @@ async function act(node, model, action) {
     });
     const entry = (Array.isArray(reply) && (reply.find((r) => r.node === node) || reply[0])) || null;
     const result = entry && entry.result ? entry.result : {};
-    state.actions.set(key, { message: String(result.message ?? "done"), ok: result.success === true });
+    state.actions.set(key, { message: String(result.message ?? "done"), ok: result.success === true, at: performance.now() });
   } catch (error) {
     if (error instanceof AuthNeeded) askToken(error.message);
-    state.actions.set(key, { message: error.message, ok: false });
+    state.actions.set(key, { message: error.message, ok: false, at: performance.now() });
   }
   dirtyNode(node);
   refreshNode(node);
+}
+
+/** Results older than RESULT_SHOWN_MS go: a row's placement then speaks for itself (a model unloaded from
+ * the page keeps its "not loaded" row, without the old message). */
+function forgetOldResults() {
+  const now = performance.now();
+  for (const [key, action] of state.actions) {
+    if (!action.running && action.at !== undefined && now - action.at > RESULT_SHOWN_MS && action.message) {
+      state.actions.set(key, { ok: action.ok, at: action.at, message: "" });
+      dirtyNode(key.split("\n")[0]);
+    }
+  }
+  for (const [node, done] of state.cleanups) {
+    if (!done.running && done.at !== undefined && now - done.at > RESULT_SHOWN_MS) {
+      state.cleanups.delete(node);
+      dirtyNode(node);
+    }
+  }
 }
 
 async function cleanup(node) {
@@ -252,10 +278,10 @@ async function cleanup(node) {
     const done = rows.filter((r) => r.result?.success).map((r) => r.model);
     const left = rows.filter((r) => !r.result?.success).map((r) => String(r.result?.message ?? r.model));
     const said = done.length ? `unloaded ${done.join(", ")}` : left.length ? "" : "nothing to unload: every model in VRAM is a priority";
-    state.cleanups.set(node, { message: [said, ...left].filter(Boolean).join("; "), ok: left.length === 0 });
+    state.cleanups.set(node, { message: [said, ...left].filter(Boolean).join("; "), ok: left.length === 0, at: performance.now() });
   } catch (error) {
     if (error instanceof AuthNeeded) askToken(error.message);
-    state.cleanups.set(node, { message: error.message, ok: false });
+    state.cleanups.set(node, { message: error.message, ok: false, at: performance.now() });
   }
   dirtyNode(node);
   refreshNode(node);
@@ -550,7 +576,7 @@ function modelRow(url, model) {
           label,
         ),
       ),
-      action ? h("span", { class: ["result", action.running ? "running" : action.ok ? "ok" : "failed"], role: "status" }, action.message) : null,
+      action?.message ? h("span", { class: ["result", action.running ? "running" : action.ok ? "ok" : "failed"], role: "status" }, action.message) : null,
     ),
   );
 }
@@ -738,10 +764,11 @@ async function start() {
   stream.lastId = `${state.instance}-${first}`;
   stream.start();
   setInterval(() => {
-    if (document.visibilityState === "visible" && performance.now() - state.lastFull >= FULL_REFRESH_MS) {
-      fullReads.request();
-    }
-  }, 5000);
+    if (document.visibilityState !== "visible") return;
+    if (performance.now() - state.lastFull >= FULL_REFRESH_MS) fullReads.request();
+    else if (state.order.length <= STATS_POLL_MAX_NODES) statsReads.request();
+    forgetOldResults();
+  }, STATS_POLL_MS);
   setInterval(() => {
     const el = document.getElementById("next-pass");
     if (el) el.textContent = nextPassText();
