@@ -216,7 +216,10 @@ async def _serve(
         f"listening on {url} for {nodes} node(s); routing {balancer.routing}; "
         f"optimizer {'on' if balancer.auto_optimize_gpu else 'off'}; {guard}"
     )
-    log.line(f"dashboard at {dashboard_url(url)}")
+    page = dashboard_url(url)
+    if str(address[0]) in ("0.0.0.0", "::"):  # every address: a browser needs one of them, the host's name
+        page = dashboard_url(f"http://{socket.gethostname()}:{address[1]}") + " (on every address)"
+    log.line(f"dashboard at {page}")
     registered = None
     if state_dir is not None:
         try:

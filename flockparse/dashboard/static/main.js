@@ -440,7 +440,7 @@ function nodeCard(url) {
       h("span", { class: ["badge", online] }, online),
       entry.online !== null ? gpuBadge(entry) : null,
       entry.ollama_version ? h("span", { class: "badge version", title: "Ollama version" }, `Ollama ${entry.ollama_version}`) : null,
-      typeof entry.latency_ms === "number" ? h("span", { class: "badge dim" }, ms(entry.latency_ms)) : null,
+      typeof entry.latency_ms === "number" && entry.online === true ? h("span", { class: "badge dim" }, ms(entry.latency_ms)) : null,
       entry.stale ? h("span", { class: "badge warn", title: "the last check did not answer in time" }, "stale") : null,
     ),
     entry.error ? h("p", { class: "node-error" }, entry.error) : null,
