@@ -880,9 +880,9 @@ class OllamaLoadBalancer:
             return VramBounds(capacity, capacity)
         return state.vram_bounds
 
-    def model_need_mb(self, node: str, model: str, estimate: bool = True) -> float | None:
-        """The VRAM `model` needs fully on the GPU: its size when this node last held it; else, with
-        `estimate`, the controller's estimate from /api/tags and /api/show (I/O) for the context this node
+    def model_need_mb(self, node: str, model: str) -> float | None:
+        """The VRAM `model` needs fully on the GPU: its size when this node last held it; else the
+        controller's estimate from /api/tags and /api/show (I/O) for the context this node
         gives its models (another node's figure would not do: Ollama's default context follows each node's
         VRAM); else None."""
         key = model_key(model)
@@ -891,8 +891,6 @@ class OllamaLoadBalancer:
             return None
         if state.model_sizes_mb.get(key):
             return state.model_sizes_mb[key]
-        if not estimate:
-            return None
         return self.controller.estimate_vram_mb(node, model, _usual_context(state.models))
 
     def fit_check(self, node: str, model: str, status: dict | None = None, alone: bool = False) -> Fit:

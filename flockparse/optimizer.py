@@ -57,7 +57,7 @@ class Cluster(Protocol):
     ) -> MoveResult: ...
     def load_back(self, node: str, model: str, on_cpu: bool = False) -> MoveResult: ...
     def vram_bounds(self, node: str, models: list[dict] | None = None) -> room.VramBounds: ...
-    def model_need_mb(self, node: str, model: str, estimate: bool = True) -> float | None: ...
+    def model_need_mb(self, node: str, model: str) -> float | None: ...
 
 
 class GPUOptimizer:
@@ -604,18 +604,18 @@ class GPUOptimizer:
         unmovable: dict | None,
         cancel: threading.Event,
         kind: str,
-        status: dict | None = None,
-        add: Callable[[Action], None] | None = None,
+        status: dict,
+        add: Callable[[Action], None],
     ) -> Action:
         """Move one priority model to GPU unless the planner says skip, making room first when lower ones
         hold the VRAM it needs (room.py); back off on failure or churn."""
         skip = self._decide(url, name, unmovable, kind)
         if skip is not None:
             return skip
-        plan = self._room_for(url, name, status) if status is not None else None
-        if plan is not None and plan.action in (room.NO_ROOM, room.BUSY):
+        plan = self._room_for(url, name, status)
+        if plan.action in (room.NO_ROOM, room.BUSY):
             return Action(url, name, "skipped", plan.action, f"{name} on {url}: {plan.message}")
-        evicted = self._evict(url, name, plan.victims if plan else (), cancel, add or (lambda _: None))
+        evicted = self._evict(url, name, plan.victims, cancel, add)
         if isinstance(evicted, Action):
             return evicted
         result = self._cluster.move(url, name, "GPU", cancel=cancel, source="optimizer")
@@ -630,13 +630,12 @@ class GPUOptimizer:
         if reason == "already":
             return Action(url, name, "skipped", "already", message)
         displaced = self._displaced_after_move(url, priority_on_gpu)
-        higher = self._outranking(name, displaced)
+        higher, peers = self._ranked_against(name, displaced)
         if higher:
-            was_loaded = any(model_key(m["name"]) == name for m in (status or {}).get("models", []))
+            was_loaded = any(model_key(m["name"]) == name for m in status["models"])
             return self._undo_move(url, name, higher, cancel, was_loaded)
         if result.evicted and self._cluster.evict_to == "cpu":
             self._to_cpu(url, name, result.evicted, cancel)
-        peers = self._same_rank(name, displaced)
         if peers:  # a model of its own rank: neither may count on the other's place, so no ping-pong
             skipped = self._record_outcome(url, name, planner.DISPLACED)
             message = f"{message}; it displaced {', '.join(peers)} (backed off for {skipped} pass(es))"
@@ -751,16 +750,14 @@ class GPUOptimizer:
                 said.append(f"{name} back in RAM" if again.success else f"{name} lost: {again.message}")
         return "".join(f"; {part}" for part in said)
 
-    def _outranking(self, name: str, displaced: Iterable[str]) -> list[str]:
-        """The displaced models ranked above `name`: a lower priority never pushes out a higher one."""
+    def _ranked_against(self, name: str, displaced: Iterable[str]) -> tuple[list[str], list[str]]:
+        """The displaced models ranked above `name` (a lower priority never pushes out a higher one), and
+        those of its own rank (neither may count on the other's place)."""
         patterns = priority_patterns(self._cluster.gpu_priority_models)
         rank = priority_rank(name, patterns)
-        return sorted(d for d in displaced if outranks(priority_rank(d, patterns), rank))
-
-    def _same_rank(self, name: str, displaced: Iterable[str]) -> list[str]:
-        patterns = priority_patterns(self._cluster.gpu_priority_models)
-        rank = priority_rank(name, patterns)
-        return sorted(d for d in displaced if priority_rank(d, patterns) == rank)
+        ranks = {d: priority_rank(d, patterns) for d in displaced}
+        higher = sorted(d for d, r in ranks.items() if outranks(r, rank))
+        return higher, sorted(d for d, r in ranks.items() if r == rank)
 
     def _undo_move(
         self, url: str, name: str, higher: list[str], cancel: threading.Event, was_loaded: bool
